@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m sparsek.bench.<name>`; each prints a table last."""

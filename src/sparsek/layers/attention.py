@@ -1,0 +1,93 @@
+"""SparseKAttention: a drop-in causal self-attention layer with learned sparse selection plus a window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.attention import sparsek_attention
+from ..ops.attention.interface import GATES
+from .rotary import RotaryEmbedding
+from .scorer import Scorer
+
+
+@dataclass
+class SparseKConfig:
+    """Hyperparameters of one SparseK attention layer.
+
+    d_model: model width. n_heads: query heads. n_kv_heads: key/value heads (GQA; default n_heads).
+    head_dim: default d_model // n_heads. topk: selected keys per query. window: sliding-window width.
+    gate: "kv", "v" or "none" (see `sparsek_attention`). slope: recency bias added to the scores per position.
+    rope / rope_theta: rotary embedding of q and k. bias: biases in the projections.
+    """
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    topk: int = 64
+    window: int = 64
+    gate: str = "kv"
+    slope: float = 0.01
+    rope: bool = True
+    rope_theta: float = 10000.0
+    bias: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                                 "or head_dim given")
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.topk < 0 or self.window < 0 or self.topk + self.window == 0:
+            raise ValueError(f"need topk >= 0, window >= 0 and not both 0, got {self.topk}, {self.window}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+
+
+def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Positions that restart at 0 in each packed sequence: [N + 1] offsets -> [total] int64."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+class SparseKAttention(nn.Module):
+    """Causal self-attention whose keys are a learned top-k selection plus a sliding window.
+
+    forward(x [B, T, d_model], positions=None, cu_seqlens=None) -> [B, T, d_model].
+    """
+
+    def __init__(self, config: SparseKConfig):
+        super().__init__()
+        self.config = c = config
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=c.bias)
+        self.scorer = Scorer(c.d_model, c.n_kv_heads, c.slope)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta) if c.rope else None
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """x [B, T, d_model]; positions [T] or [B, T] (default 0..T-1, or restarting per packed sequence);
+        cu_seqlens [N + 1] for B = 1 packed sequences."""
+        c = self.config
+        batch, t_len, _ = x.shape
+        if positions is None:
+            positions = (positions_from_cu_seqlens(cu_seqlens, t_len) if cu_seqlens is not None
+                         else torch.arange(t_len, device=x.device))
+        q = self.q_proj(x).view(batch, t_len, c.n_heads, c.head_dim)
+        k = self.k_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        scores = self.scorer(x, positions)                                   # [B, T, Hk] float32
+        out = sparsek_attention(q, k, v, scores, topk=c.topk, window=c.window, gate=c.gate,
+                                cu_seqlens=cu_seqlens)                        # [B, T, Hq, D]
+        return self.o_proj(out.reshape(batch, t_len, c.n_heads * c.head_dim))

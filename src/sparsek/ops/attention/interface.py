@@ -1,0 +1,112 @@
+"""Public entry point of SparseK attention: validates inputs, handles packed batches, picks a backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import sparsek_attention_reference
+
+GATES = ("kv", "v", "none")
+BACKENDS = ("auto", "reference")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gate, scale, backend) -> None:
+    for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("scores", scores, 3)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != ndim:
+            layout = "[B, T, H, D]" if ndim == 4 else "[B, T, H_kv]"
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+    batch, t_len, n_q_heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[1] != t_len or k.shape[3] != head_dim:
+        raise ValueError(f"k and v must be [B, T, H_kv, D] = [{batch}, {t_len}, H_kv, {head_dim}] "
+                         f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    n_kv_heads = k.shape[2]
+    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
+        raise ValueError(f"query heads ({n_q_heads}) must be a multiple of KV heads ({n_kv_heads})")
+    if scores.shape != (batch, t_len, n_kv_heads):
+        raise ValueError(f"scores must be [B, T, H_kv] = {(batch, t_len, n_kv_heads)}, got {tuple(scores.shape)}")
+    if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"scores must be float32 or float64 (keep the scorer in float32), got {scores.dtype}")
+    if not (q.device == k.device == v.device == scores.device):
+        raise ValueError(f"q, k, v, scores must be on one device, got {q.device}, {k.device}, {v.device}, "
+                         f"{scores.device}")
+    _check_int("topk", topk)
+    _check_int("window", window)
+    if topk == 0 and window == 0:
+        raise ValueError("topk and window are both 0: every query would attend to nothing")
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and scale != float("inf")):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _validate_cu_seqlens(cu_seqlens: Tensor, q: Tensor) -> list[int]:
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() \
+            or cu_seqlens.dtype == torch.bool:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1]")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed into B = 1, got B = {q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold at least one sequence, got {bounds[:4]}...")
+    if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError("cu_seqlens must be sorted (non-decreasing)")
+    if bounds[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens must end at the packed length T = {q.shape[1]}, got {bounds[-1]}")
+    return bounds
+
+
+def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
+                      gate: str = "kv", scale: float | None = None, cu_seqlens: Tensor | None = None,
+                      backend: str = "auto") -> Tensor:
+    """Causal SparseK attention (arXiv 2406.16747; SPEC section 3).
+
+    Query i attends to its sliding window W_i = {i - window < j <= i} with weight 1 and to the `topk` best
+    earlier keys S_i (by score, ties to the newer key) among C_i = {j <= i - window}, weighted by the SPARSEK
+    mask m_ij = clip(u_j - tau_i, 0, 1) of C_i.
+
+    Args:
+        q: [B, T, Hq, D] queries.
+        k, v: [B, T, Hk, D] keys and values; Hq must be a multiple of Hk (query head h uses KV head
+            h // (Hq // Hk), grouped-query attention).
+        scores: [B, T, Hk] float32 or float64 key scores u (e.g. from `sparsek.layers.Scorer`).
+        topk: selected keys per query (>= 0); topk >= T gives full causal attention.
+        window: sliding-window width (>= 0); not both 0.
+        gate: "kv" (default, the paper's K^ = m K, V^ = m V: logits scale * m_ij * q.k_j, values m_ij v_j),
+            "v" (logits unscaled, values m_ij v_j) or "none" (hard top-k; no gradient reaches the scores).
+        scale: softmax scale, default D ** -0.5.
+        cu_seqlens: optional [N + 1] integer offsets of N sequences packed along T (B must be 1), as in
+            flash-attention; each sequence restarts at position 0 and attends only within itself.
+        backend: "auto" or "reference" (exact PyTorch, O(T log T) selection and chunked O(T^2) attention).
+
+    Returns:
+        [B, T, Hq, D] in q's dtype. Gradients reach q, k, v and scores (through m and through tau).
+    """
+    _validate(q, k, v, scores, topk, window, gate, scale, backend)
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+
+    if q.shape[1] == 0:
+        return q.new_zeros(q.shape)
+
+    def attend(q_, k_, v_, s_):
+        return sparsek_attention_reference(q_, k_, v_, s_, topk=topk, window=window, gate=gate, scale=scale)
+
+    if cu_seqlens is None:
+        return attend(q, k, v, scores)
+    bounds = _validate_cu_seqlens(cu_seqlens, q)
+    pieces = [attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(pieces, dim=1) if pieces else q.new_zeros(q.shape)

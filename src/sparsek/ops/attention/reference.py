@@ -1,0 +1,89 @@
+"""Reference SparseK attention in PyTorch: exact to SPEC section 3, any float dtype, CPU or GPU.
+
+Shape legend: B batch, T sequence, Hq query heads, Hk KV heads, G = Hq // Hk query heads per KV head,
+D head dim; a chunk of Q queries attends to the N = (last query of the chunk + 1) keys before it.
+
+Selection comes from `prefix_selection` in O(T log T); the attention itself is dense per query chunk and
+masked, so it costs O(T^2) time but only O(chunk * T) memory: each chunk is recomputed in the backward pass
+(activation checkpointing) instead of keeping its probabilities alive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..select import prefix_selection
+
+# Elements of one chunk's [B, Hk, G, Q, N] logits; a few times this many bytes are live at once.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
+                  q_start: int, window: int, gate: str, scale: float) -> Tensor:
+    """Attention of queries [q_start, q_start + Q) over keys [0, N).
+
+    q [B, Q, Hk, G, D]; k, v [B, N, Hk, D]; u, start, end [B, N, Hk]; tau [B, Q, Hk] -> [B, Q, Hk, G, D].
+    """
+    n_q, n_k = q.shape[1], k.shape[1]
+    i = torch.arange(q_start, q_start + n_q, device=q.device).view(1, 1, n_q, 1)   # [1, 1, Q, 1]
+    j = torch.arange(n_k, device=q.device).view(1, 1, 1, n_k)                      # [1, 1, 1, N]
+    in_window = (j <= i) & (j > i - window)                                        # [1, 1, Q, N]
+    start_j, end_j = start.permute(0, 2, 1).unsqueeze(2), end.permute(0, 2, 1).unsqueeze(2)  # [B, Hk, 1, N]
+    selected = (start_j <= i) & (i < end_j)                                        # [B, Hk, Q, N]
+    attended = (in_window | selected).unsqueeze(2)                                 # [B, Hk, 1, Q, N]
+
+    logits = torch.einsum("bqhgd,bnhd->bhgqn", q, k) * scale                       # [B, Hk, G, Q, N]
+    if gate == "none":
+        weight = None
+    else:
+        u_j = u.permute(0, 2, 1).unsqueeze(2)                                     # [B, Hk, 1, N]
+        tau_i = tau.permute(0, 2, 1).unsqueeze(3)                                 # [B, Hk, Q, 1]
+        # m_ij = clip(u_j - tau_i, 0, 1) where selected, 1 in the window (unused elsewhere). u is finite, so a
+        # tau_i of -inf gives gap +inf, clipped to 1 with zero gradient: no NaN reaches the backward.
+        gap = (u_j - tau_i).clamp(0, 1)
+        weight = torch.where(selected, gap, 1.0).to(q.dtype).unsqueeze(2)          # [B, Hk, 1, Q, N]
+    if gate == "kv":
+        logits = logits * weight
+    logits = logits.masked_fill(~attended, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if weight is not None:
+        probs = probs * weight
+    return torch.einsum("bhgqn,bnhd->bqhgd", probs, v)
+
+
+def sparsek_attention_reference(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
+                                gate: str = "kv", scale: float | None = None) -> Tensor:
+    """SparseK attention of one padded batch (inputs already validated; see `sparsek_attention`).
+
+    q [B, T, Hq, D], k and v [B, T, Hk, D], scores [B, T, Hk] -> [B, T, Hq, D] in q's dtype.
+    Half-precision inputs are computed in float32; float32 and float64 in their own precision.
+    """
+    batch, t_len, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    group = n_q_heads // n_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    cdtype = _compute_dtype(q.dtype)
+    score_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+
+    u = scores.to(score_dtype)
+    selection = prefix_selection(u, topk, window)
+    tau = selection.tau if gate != "none" else selection.tau.detach()
+    q_c = q.to(cdtype).view(batch, t_len, n_kv_heads, group, head_dim)
+    k_c, v_c = k.to(cdtype), v.to(cdtype)
+
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * n_q_heads * t_len))
+    use_checkpoint = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, scores))
+    out = []
+    for q_start in range(0, t_len, chunk):
+        q_end = min(q_start + chunk, t_len)
+        args = (q_c[:, q_start:q_end], k_c[:, :q_end], v_c[:, :q_end], u[:, :q_end], tau[:, q_start:q_end],
+                selection.start[:, :q_end], selection.end[:, :q_end], q_start, window, gate, scale)
+        out.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if use_checkpoint
+                   else _attend_chunk(*args))
+    return torch.cat(out, dim=1).reshape(batch, t_len, n_q_heads, head_dim).to(q.dtype)

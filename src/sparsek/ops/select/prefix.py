@@ -1,0 +1,201 @@
+"""Causal prefix selection: every query's SPARSEK threshold and every key's selection range, in O(T log T).
+
+Shape legend: B batch, T sequence, H KV heads; internally R = B * H independent rows of length T.
+
+For query i the candidates are the prefix C_i = {j <= i - w} (SPEC section 3), so everything is a question
+about the prefixes of one row:
+
+* Thresholds. tau(c) solves sum_{l < c} clip(u_l - tau, 0, 1) = topk. The function f_c(t) on the left is
+  piecewise linear with breakpoints {u_l} and {u_l - 1}. Rank all 2T breakpoints of the row once (one sort);
+  element l then owns two ranks, p_l (of u_l) and q_l (of u_l - 1). At the breakpoint t of rank b,
+
+      f_c(t) = N_q(>= b) + S_p(>= b) - S_q(>= b) - t * (N_p(>= b) - N_q(>= b)),
+
+  N and S counting / summing u over the first c elements whose p (or q) rank is >= b. Two wavelet matrices,
+  over the p ranks and the q ranks, give those counts for every prefix c at once. A binary descent over the
+  rank bits, in lockstep in both matrices, keeps the counts of all ranks above the current node and finds the
+  last breakpoint with f_c >= topk in nbits = log2(2T) steps of O(1) work per query: O(T log T) per row,
+  with O(T) memory because levels are built on the fly. tau then comes from the closed form of section 1.
+
+* Selection ranges. Rank keys best-first under the total order (higher score, ties to the newer key). Key j
+  drops out of the top-k once the prefix holds its k-th beater, the k-th smallest position among keys ranked
+  above it: one k-th-smallest query on a wavelet matrix of positions in rank order, O(T log T) per row. So j
+  is selected by queries [j + w, max(j, kth beater) + w), clipped to T.
+
+* Threshold gradient. d tau_i / d u_l = 1 / |F_i| for the fractional entries F_i = {l in C_i : tau_i < u_l <
+  tau_i + 1}. tau is non-decreasing in i, so the queries for which u_l is fractional form one range found by
+  two binary searches; the backward is then prefix sums over queries: O(T log T), no T x T buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
+
+__all__ = ["Selection", "prefix_selection"]
+
+
+@dataclass
+class Selection:
+    """Result of `prefix_selection`, all [B, T, H]."""
+
+    tau: Tensor    # threshold of each query (dtype of the scores), -inf while |C_i| <= topk; differentiable
+    start: Tensor  # int64, first query that may select key j: min(j + window, T)
+    end: Tensor    # int64, first query at or after start that no longer selects key j (<= T)
+
+
+def _prefix_thresholds(u: Tensor, topk: int) -> Tensor:
+    """tau of every prefix: u [R, T] float64 -> [R, T] float64, entry c - 1 for the prefix of length c."""
+    rows, t_len = u.shape
+    n_breaks = 2 * t_len
+    breaks_unsorted = torch.cat([u, u - 1], dim=1)                        # [R, 2T]
+    order = torch.argsort(breaks_unsorted, dim=1, stable=True)
+    breaks = breaks_unsorted.gather(1, order)                             # ascending
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_breaks, device=u.device).expand_as(order))
+    rank_p, rank_q = rank[:, :t_len], rank[:, t_len:]                     # ranks of u_l and of u_l - 1
+
+    nbits = bits_needed(n_breaks)
+    prefix_len = torch.arange(1, t_len + 1, device=u.device).expand(rows, t_len)
+    zeros_i = torch.zeros_like(prefix_len)
+    lo_p, hi_p, lo_q, hi_q = zeros_i, prefix_len, zeros_i, prefix_len
+    node = zeros_i                                                        # lowest rank of the current node
+    n_p, n_q = zeros_i, zeros_i                                           # counts of ranks >= node end
+    s_p = s_q = torch.zeros_like(u)                                       # sums of u over those
+
+    for level, (lev_p, lev_q) in enumerate(zip(wavelet_levels(rank_p, nbits, u), wavelet_levels(rank_q, nbits, u))):
+        half = 1 << (nbits - 1 - level)
+        zp_lo, zp_hi, ones_p = lev_p.count(lo_p, hi_p)
+        zq_lo, zq_hi, ones_q = lev_q.count(lo_q, hi_q)
+        # Counts of ranks >= mid (the upper child of the current node): what is above the node plus that child.
+        up_n_p, up_n_q = n_p + ones_p, n_q + ones_q
+        up_s_p, up_s_q = s_p + lev_p.ones_weight(lo_p, hi_p), s_q + lev_q.ones_weight(lo_q, hi_q)
+        mid = node + half
+        t = breaks.gather(1, mid.clamp(max=n_breaks - 1))
+        f_mid = up_n_q + (up_s_p - up_s_q) - t * (up_n_p - up_n_q)
+        go_up = (f_mid >= topk) & (mid < n_breaks)
+
+        node = torch.where(go_up, mid, node)
+        n_p, n_q = torch.where(go_up, n_p, up_n_p), torch.where(go_up, n_q, up_n_q)
+        s_p, s_q = torch.where(go_up, s_p, up_s_p), torch.where(go_up, s_q, up_s_q)
+        one_lo, one_hi = lev_p.to_ones(lo_p, hi_p, zp_lo, zp_hi)
+        lo_p, hi_p = torch.where(go_up, one_lo, zp_lo), torch.where(go_up, one_hi, zp_hi)
+        one_lo, one_hi = lev_q.to_ones(lo_q, hi_q, zq_lo, zq_hi)
+        lo_q, hi_q = torch.where(go_up, one_lo, zq_lo), torch.where(go_up, one_hi, zq_hi)
+
+    # tau lies strictly above the found breakpoint: U = n_q entries clipped to 1, n_p - n_q fractional ones.
+    tau = (s_p - s_q + n_q - topk) / (n_p - n_q).clamp(min=1)
+    # No fractional entry means f == topk on a whole interval (a gap of >= 1 below the k-th best, theta):
+    # take its right end theta - 1, the largest solution, as SPEC's theta - 1 <= tau < theta demands.
+    # Rounding in f decides which breakpoint of a flat stretch the descent stops at, so do not trust tau there.
+    by_rank, rank = _best_first(u)
+    kth_rank = kth_smallest_in_prefix(rank, bits_needed(t_len), prefix_len, topk).clamp(max=t_len - 1)
+    theta = u.gather(1, by_rank.gather(1, kth_rank))
+    tau = torch.where(n_p > n_q, tau.clamp(min=theta - 1), theta - 1)
+    tau = torch.where(prefix_len > topk, tau, -torch.inf)
+    return torch.cummax(tau, dim=1).values  # mathematically non-decreasing; remove rounding wiggles
+
+
+def _query_thresholds(u: Tensor, topk: int, window: int) -> Tensor:
+    """tau_i for every query, u [R, T] float64 -> [R, T] float64: the prefix of length i - window + 1."""
+    t_len = u.shape[1]
+    tau = torch.full_like(u, -torch.inf)
+    if window < t_len:
+        tau[:, window:] = _prefix_thresholds(u[:, : t_len - window], topk)
+    return tau
+
+
+def _fractional_query_ranges(u: Tensor, tau: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """For each key l, the queries [lo_l, hi_l) for which l is a candidate with tau_i < u_l < tau_i + 1."""
+    t_len = u.shape[1]
+    tau = tau.contiguous()
+    hi = torch.searchsorted(tau, u.contiguous(), right=False)               # tau_i < u_l  <=>  i < hi
+    lo = torch.searchsorted(tau, (u - 1).contiguous(), right=True)          # tau_i > u_l - 1  <=>  i >= lo
+    lo = torch.maximum(lo, torch.arange(t_len, device=u.device) + window).clamp(max=t_len)
+    return lo, torch.maximum(hi, lo)
+
+
+class _QueryThresholds(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: Tensor, topk: int, window: int) -> Tensor:
+        tau = _query_thresholds(u, topk, window)
+        ctx.save_for_backward(u, tau)
+        ctx.window = window
+        return tau
+
+    @staticmethod
+    def backward(ctx, grad_tau: Tensor):
+        u, tau = ctx.saved_tensors
+        lo, hi = _fractional_query_ranges(u, tau, ctx.window)
+        # |F_i| = how many ranges cover query i, by a difference array.
+        t_len = u.shape[1]
+        cover = torch.zeros(u.shape[0], t_len + 1, dtype=torch.int64, device=u.device)
+        cover.scatter_add_(1, lo, torch.ones_like(lo)).scatter_add_(1, hi, -torch.ones_like(hi))
+        n_frac = torch.cumsum(cover, dim=1)[:, :t_len]
+        share = torch.where(n_frac > 0, grad_tau / n_frac.clamp(min=1), 0)
+        share_before = torch.nn.functional.pad(torch.cumsum(share, dim=1), (1, 0))
+        return share_before.gather(1, hi) - share_before.gather(1, lo), None, None
+
+
+def _best_first(u: Tensor) -> tuple[Tensor, Tensor]:
+    """Rank keys under the total order (higher score, ties to the newer key), u [R, T] ->
+    (by_rank: position of the rank-r key, rank: rank of the key at each position), both [R, T] int64."""
+    t_len = u.shape[1]
+    newest_first = torch.argsort(u.flip(1), dim=1, descending=True, stable=True)  # stable: newer wins ties
+    by_rank = (t_len - 1) - newest_first
+    positions = torch.arange(t_len, device=u.device).expand_as(by_rank)
+    return by_rank, torch.empty_like(by_rank).scatter_(1, by_rank, positions)
+
+
+def _key_ranges(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor]:
+    """start_j and end_j for every key, u [R, T] -> two [R, T] int64."""
+    rows, t_len = u.shape
+    positions = torch.arange(t_len, device=u.device).expand(rows, t_len)
+    start = (positions + window).clamp(max=t_len)
+    if topk == 0:
+        return start, start
+    by_rank, rank = _best_first(u)
+    kth_beater = kth_smallest_in_prefix(by_rank, bits_needed(t_len), rank, topk)
+    end = torch.where(rank >= topk, torch.maximum(kth_beater, positions) + window, t_len)
+    return start, torch.maximum(end.clamp(max=t_len), start)
+
+
+def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
+    """Thresholds and selection ranges of causal SparseK attention (SPEC section 3).
+
+    Args:
+        scores: [B, T, H] float32 or float64, finite; one score per key and KV head.
+        topk: number of selected keys per query (>= 0).
+        window: sliding-window width w (>= 0); the candidates of query i are the keys j <= i - w.
+
+    Returns:
+        Selection with tau, start, end as [B, T, H]: key j is selected by exactly the queries
+        start_j <= i < end_j, and m_ij = clip(u_j - tau_i, 0, 1) there. tau carries the gradient of the
+        threshold w.r.t. the scores (the tau path of SPEC section 3b).
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [B, T, H], got shape {tuple(scores.shape)}")
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"scores must be float32 or float64, got {scores.dtype}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores must be finite (found NaN or inf)")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+        raise ValueError(f"topk must be an int >= 0, got {topk!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+
+    batch, t_len, heads = scores.shape
+    rows = scores.permute(0, 2, 1).reshape(batch * heads, t_len)         # [R, T]
+    if t_len == 0 or topk == 0:
+        tau_rows = torch.full_like(rows, -torch.inf)
+    else:
+        tau_rows = _QueryThresholds.apply(rows.double(), topk, window).to(scores.dtype)
+    start, end = _key_ranges(rows.detach(), topk, window)
+
+    def to_bth(x: Tensor) -> Tensor:
+        return x.reshape(batch, heads, t_len).permute(0, 2, 1)
+
+    return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))

@@ -1,0 +1,168 @@
+"""The SPARSEK operator in PyTorch: the Euclidean projection onto the capped simplex.
+
+    SPARSEK(z, k) = argmin_p ||p - z||^2  s.t.  0 <= p_i <= 1, sum_i p_i = k
+                  = clip(z - tau, 0, 1),  tau solving  f(tau) = sum_i clip(z_i - tau, 0, 1) = k
+
+f is continuous, non-increasing and piecewise linear with breakpoints {z_i} and {z_i - 1}. We sort z once,
+evaluate f at all 2n breakpoints with prefix sums and binary searches, take the linear piece where f crosses
+k, and solve it in closed form: tau = (sum of z_i strictly inside (tau, tau + 1) + U - k) / (W - U), U the
+entries clipped to 1 and W the entries above tau. Cost O(n log n) per row, memory O(n).
+
+Shapes: the operator works along `dim` of any tensor; below the working dim is always the last one, [..., n].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sparsek", "sparsek_threshold"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision cannot resolve tau between close scores; do the projection in float32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _prepare(z: Tensor, k, dim: int) -> tuple[Tensor, Tensor, int]:
+    """Validate, move `dim` last and return (z [..., n], k [...], dim) in the compute dtype."""
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise ValueError(f"z must be a floating-point tensor, got {type(z).__name__} "
+                         f"{getattr(z, 'dtype', '')}")
+    if z.dim() == 0:
+        raise ValueError("z must have at least one dimension (dim)")
+    if not -z.dim() <= dim < z.dim():
+        raise ValueError(f"dim={dim} is out of range for z with {z.dim()} dimensions")
+    dim = dim % z.dim()
+    if z.shape[dim] == 0:
+        raise ValueError(f"z has an empty dimension dim={dim}; SPARSEK needs at least one entry")
+    if torch.isnan(z).any():
+        raise ValueError("z contains NaN")
+    if torch.isposinf(z).any():
+        raise ValueError("z contains +inf; entries must be finite or -inf")
+
+    cdtype = _compute_dtype(z.dtype)
+    z_last = z.detach().movedim(dim, -1).to(cdtype)
+    k_t = torch.as_tensor(k, dtype=cdtype, device=z.device).detach()
+    if torch.isnan(k_t).any() or (k_t <= 0).any():
+        raise ValueError(f"k must be > 0 everywhere, got {k if k_t.numel() == 1 else 'a tensor with k <= 0'}")
+    try:
+        k_t = torch.broadcast_to(k_t, z_last.shape[:-1])
+    except RuntimeError as err:
+        raise ValueError(f"k of shape {tuple(k_t.shape)} does not broadcast to z's shape without dim, "
+                         f"{tuple(z_last.shape[:-1])}") from err
+    return z_last.contiguous(), k_t, dim
+
+
+def _threshold_last(z: Tensor, k: Tensor) -> Tensor:
+    """tau for z [..., n] and k [...] (validated, compute dtype) -> [...]; -inf where k >= #finite."""
+    n = z.shape[-1]
+    finite = z > -torch.inf
+    n_finite = finite.sum(-1)
+
+    z_sorted = torch.sort(z, dim=-1).values                               # ascending, -inf first
+    csum = torch.cumsum(torch.where(z_sorted > -torch.inf, z_sorted, 0), dim=-1)
+    csum = torch.nn.functional.pad(csum, (1, 0))                          # csum[..., r] = sum of r smallest
+
+    def count_le(t: Tensor) -> Tensor:
+        return torch.searchsorted(z_sorted, t.contiguous(), right=True)  # #{z_i <= t}
+
+    def count_lt(t: Tensor) -> Tensor:
+        return torch.searchsorted(z_sorted, t.contiguous(), right=False)  # #{z_i < t}
+
+    # f at every breakpoint t: #{z >= t + 1} + sum over t < z < t + 1 of (z - t).
+    breaks = torch.sort(torch.cat([z, z - 1], dim=-1), dim=-1).values   # [..., 2n]
+    lo, hi = count_le(breaks), count_lt(breaks + 1)
+    f = (n - hi) + (csum.gather(-1, hi) - csum.gather(-1, lo)) - breaks * (hi - lo)
+    f = torch.where(breaks > -torch.inf, f, n_finite.unsqueeze(-1).to(f.dtype))
+
+    # f is non-increasing along the sorted breakpoints: the crossing lies after the last one with f >= k.
+    j = (f >= k.unsqueeze(-1)).sum(-1, keepdim=True).clamp(1, 2 * n - 1)
+    t_a, t_b = breaks.gather(-1, j - 1), breaks.gather(-1, j)
+    mid = 0.5 * (t_a + t_b)                                               # strictly inside the linear piece
+    n_above = n - count_le(mid)                                           # W = #{z > tau}
+    n_ones = n - count_lt(mid + 1)                                        # U = #{z >= tau + 1}
+    inside = (z > mid) & (z < mid + 1)
+    s_inside = torch.where(inside, z, 0).sum(-1)
+    width = (n_above - n_ones).squeeze(-1)
+    tau = (s_inside + n_ones.squeeze(-1) - k) / width.clamp(min=1)
+    # An empty piece means f == k on a whole interval (integer k, a gap of >= 1 below the k-th largest
+    # value theta); rounding decides where in it the search stopped. Take the right end, theta - 1, the
+    # largest solution, so that theta - 1 <= tau < theta always holds.
+    kth_index = (n - k.round().long()).clamp(0, n - 1).unsqueeze(-1)
+    theta = z_sorted.gather(-1, kth_index).squeeze(-1)
+    tau = torch.where(width > 0, tau, theta - 1)
+    return torch.where(k >= n_finite, torch.full_like(tau, -torch.inf), tau)
+
+
+def _mask_from_threshold(z: Tensor, tau: Tensor) -> Tensor:
+    p = (z - tau.unsqueeze(-1)).clamp(0, 1)
+    return torch.where(z > -torch.inf, p, 0)  # -inf - (-inf) is NaN; such entries get no mass
+
+
+class _SparseKFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, k: Tensor) -> Tensor:
+        p = _mask_from_threshold(z, _threshold_last(z, k))
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p: Tensor):
+        (p,) = ctx.saved_tensors
+        free = ((p > 0) & (p < 1)).to(grad_p.dtype)                      # S: the unclipped entries
+        n_free = free.sum(-1, keepdim=True).clamp(min=1)
+        mean_free = (grad_p * free).sum(-1, keepdim=True) / n_free
+        return free * (grad_p - mean_free), None
+
+
+class _ThresholdFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, k: Tensor) -> Tensor:
+        tau = _threshold_last(z, k)
+        ctx.save_for_backward(z, tau)
+        return tau
+
+    @staticmethod
+    def backward(ctx, grad_tau: Tensor):
+        z, tau = ctx.saved_tensors
+        shifted = z - tau.unsqueeze(-1)
+        free = ((shifted > 0) & (shifted < 1)).to(grad_tau.dtype)
+        n_free = free.sum(-1, keepdim=True).clamp(min=1)
+        return free * (grad_tau.unsqueeze(-1) / n_free), None
+
+
+def sparsek(z: Tensor, k, dim: int = -1) -> Tensor:
+    """SPARSEK mask: the projection of z onto {p : 0 <= p <= 1, sum p = k} along `dim`.
+
+    Args:
+        z: scores, any shape [..., n, ...] with n along `dim`; float16/bfloat16 are computed in float32.
+            -inf entries are allowed and get 0; NaN and +inf are errors.
+        k: budget, a positive Python number or a tensor broadcastable to z's shape without `dim`.
+            Non-integer k is allowed; k >= (number of finite entries) gives all ones.
+        dim: the dimension to project along.
+
+    Returns:
+        p, same shape and dtype as z, with values in [0, 1] summing to min(k, #finite) along `dim`.
+        Its gradient is the closed form 1_S * (g - mean_S(g)), S = {i : 0 < p_i < 1}; k gets no gradient.
+    """
+    z_last, k_t, dim = _prepare(z, k, dim)
+    if z.requires_grad:
+        z_last = z.movedim(dim, -1).to(z_last.dtype)
+    p = _SparseKFunction.apply(z_last, k_t)
+    return p.movedim(-1, dim).to(z.dtype)
+
+
+def sparsek_threshold(z: Tensor, k, dim: int = -1) -> Tensor:
+    """The SPARSEK threshold tau with sparsek(z, k) = clip(z - tau, 0, 1).
+
+    Args: as for `sparsek`.
+
+    Returns:
+        tau, z's shape with `dim` removed, z's dtype; -inf where k >= the number of finite entries.
+        Its gradient w.r.t. z is 1_S / |S| (the free entries share a unit shift equally).
+    """
+    z_last, k_t, dim = _prepare(z, k, dim)
+    if z.requires_grad:
+        z_last = z.movedim(dim, -1).to(z_last.dtype)
+    return _ThresholdFunction.apply(z_last, k_t).to(z.dtype)
