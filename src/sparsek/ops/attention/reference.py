@@ -44,9 +44,13 @@ def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     else:
         u_j = u.permute(0, 2, 1).unsqueeze(2)                                     # [B, Hk, 1, N]
         tau_i = tau.permute(0, 2, 1).unsqueeze(3)                                 # [B, Hk, Q, 1]
-        # m_ij = clip(u_j - tau_i, 0, 1) where selected, 1 in the window (unused elsewhere). u is finite, so a
-        # tau_i of -inf gives gap +inf, clipped to 1 with zero gradient: no NaN reaches the backward.
-        gap = (u_j - tau_i).clamp(0, 1)
+        # m_ij = clip(u_j - tau_i, 0, 1) where selected, 1 in the window (unused elsewhere). Its gradient flows
+        # only strictly inside (0, 1), as SPARSEK's does: an entry sitting exactly at 1 (tau = theta - 1 when
+        # the k-th best is a gap of 1 above the rest) is clipped. u is finite, so a tau_i of -inf gives +inf,
+        # clipped to 1 with zero gradient: no NaN reaches the backward.
+        gap = u_j - tau_i
+        free = (gap > 0) & (gap < 1)
+        gap = torch.where(free, gap, gap.detach().clamp(0, 1))
         weight = torch.where(selected, gap, 1.0).to(q.dtype).unsqueeze(2)          # [B, Hk, 1, Q, N]
     if gate == "kv":
         logits = logits * weight

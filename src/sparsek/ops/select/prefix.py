@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
-__all__ = ["Selection", "prefix_selection"]
+__all__ = ["Selection", "prefix_selection", "select_rows", "threshold_backward"]
 
 
 @dataclass
@@ -118,6 +118,22 @@ def _fractional_query_ranges(u: Tensor, tau: Tensor, window: int) -> tuple[Tenso
     return lo, torch.maximum(hi, lo)
 
 
+def threshold_backward(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor) -> Tensor:
+    """Gradient of the scores through the thresholds: u, tau, grad_tau [R, T] -> [R, T].
+
+    Each fractional entry l of query i receives grad_tau_i / |F_i|; the queries for which l is fractional
+    form one range, so this is a difference of prefix sums over queries.
+    """
+    lo, hi = _fractional_query_ranges(u, tau, window)
+    t_len = u.shape[1]
+    cover = torch.zeros(u.shape[0], t_len + 1, dtype=torch.int64, device=u.device)
+    cover.scatter_add_(1, lo, torch.ones_like(lo)).scatter_add_(1, hi, -torch.ones_like(hi))
+    n_frac = torch.cumsum(cover, dim=1)[:, :t_len]                        # |F_i|: ranges covering query i
+    share = torch.where(n_frac > 0, grad_tau / n_frac.clamp(min=1), 0)
+    share_before = torch.nn.functional.pad(torch.cumsum(share, dim=1), (1, 0))
+    return share_before.gather(1, hi) - share_before.gather(1, lo)
+
+
 class _QueryThresholds(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, topk: int, window: int) -> Tensor:
@@ -129,15 +145,7 @@ class _QueryThresholds(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tau: Tensor):
         u, tau = ctx.saved_tensors
-        lo, hi = _fractional_query_ranges(u, tau, ctx.window)
-        # |F_i| = how many ranges cover query i, by a difference array.
-        t_len = u.shape[1]
-        cover = torch.zeros(u.shape[0], t_len + 1, dtype=torch.int64, device=u.device)
-        cover.scatter_add_(1, lo, torch.ones_like(lo)).scatter_add_(1, hi, -torch.ones_like(hi))
-        n_frac = torch.cumsum(cover, dim=1)[:, :t_len]
-        share = torch.where(n_frac > 0, grad_tau / n_frac.clamp(min=1), 0)
-        share_before = torch.nn.functional.pad(torch.cumsum(share, dim=1), (1, 0))
-        return share_before.gather(1, hi) - share_before.gather(1, lo), None, None
+        return threshold_backward(u, tau, ctx.window, grad_tau), None, None
 
 
 def _best_first(u: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,3 +207,18 @@ def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
         return x.reshape(batch, heads, t_len).permute(0, 2, 1)
 
     return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))
+
+
+@torch.no_grad()
+def select_rows(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`prefix_selection` on rows, without autograd: u [R, T] float -> tau [R, T] float64, start, end int64.
+
+    For the fused kernels, which apply `threshold_backward` themselves.
+    """
+    u = u.double()
+    if u.shape[1] == 0 or topk == 0:
+        tau = torch.full_like(u, -torch.inf)
+    else:
+        tau = _query_thresholds(u, topk, window)
+    start, end = _key_ranges(u, topk, window)
+    return tau, start, end

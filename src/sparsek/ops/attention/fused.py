@@ -1,0 +1,152 @@
+"""Host side of fused SparseK attention: selection on the device, tile sizes, kernel launches, autograd.
+
+Shape legend: B batch, T sequence, Hq / Hk query / KV heads, G = Hq // Hk, D head dim, R = B * Hk.
+Saved for backward: q, k, v, o, the log-sum-exp [B * Hq, T] and per-key / per-query vectors (u, tau,
+start, end: [R, T]); the block lists are rebuilt in the backward rather than kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from ..select.blocks import block_key_lists
+from ..select.prefix import select_rows, threshold_backward
+from . import kernels
+
+GATE_IDS = {"kv": 0, "v": 1, "none": 2}
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(q: Tensor) -> bool:
+    """Whether the fused kernels can run on q (device, head dim)."""
+    head_dim = q.shape[-1]
+    on_device = q.is_cuda or (interpreting() and q.device.type == "cpu")
+    return on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
+
+
+def _forward_tiles(head_dim: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+
+
+def _backward_tiles(head_dim: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+
+
+def _strides(*tensors: Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[B, T, H] -> [B * H, T] contiguous."""
+    batch, t_len, heads = x.shape
+    return x.permute(0, 2, 1).reshape(batch * heads, t_len).contiguous()
+
+
+def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
+                  topk: int, window: int, gate: str, scale: float) -> tuple[Tensor, Tensor]:
+    """o [B, T, Hq, D] and lse [B * Hq, T] (log2 units). u, tau float32 and start, end int32, all [R, T]."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    group = n_q_heads // k.shape[2]
+    tiles = _forward_tiles(head_dim)
+    lists = block_key_lists(start, end, topk, tiles["BLOCK_M"])
+    n_blocks, n_slots = lists.shape[1], lists.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
+    grid = (n_blocks, batch * n_q_heads)
+    kernels.sparsek_fwd_kernel[grid](
+        q, k, v, u, tau, start, end, lists, o, lse, *_strides(q, k, v, o),
+        t_len, n_slots, n_blocks, window, n_q_heads, group, scale * LOG2E,
+        GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+    return o, lse
+
+
+def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor, tau: Tensor,
+                   start: Tensor, end: Tensor, topk: int, window: int, gate: str,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32)."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    group = n_q_heads // n_kv_heads
+    tiles = _backward_tiles(head_dim)
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    lists = block_key_lists(start, end, topk, block_m)
+    n_blocks, n_slots = lists.shape[1], lists.shape[2]
+    delta = _rows((do.float() * o.float()).sum(-1))                       # [B * Hq, T]
+
+    dq = torch.empty_like(q)
+    dtau = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
+    kernels.sparsek_bwd_dq_kernel[(n_blocks, batch * n_q_heads)](
+        q, k, v, u, tau, start, end, lists, do, lse, delta, dq, dtau, *_strides(q, k, v, do),
+        t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
+        GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+
+    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    du = torch.empty(batch * n_kv_heads, t_len, dtype=torch.float32, device=k.device)
+    kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, block_n), batch * n_kv_heads)](
+        q, k, v, u, tau, start, end, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
+        t_len, n_blocks, window, n_q_heads, group, scale,
+        GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+
+    if topk > 0:
+        slot_tiles = triton.cdiv(n_slots, block_n)
+        # Enough programs to fill the GPU; each flushes a key's sums once per run of blocks it covers.
+        programs_wanted = 1 if interpreting() else 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
+        blocks_per_program = triton.cdiv(n_blocks, chunks)
+        kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, triton.cdiv(n_blocks, blocks_per_program))](
+            q, k, v, u, tau, end, lists, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
+            t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
+            GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), du, dtau
+
+
+class FusedSparseKAttention(torch.autograd.Function):
+    """Selection plus fused kernels; one gradient per input (q, k, v, scores)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
+                scale: float) -> Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        u = _rows(scores.detach()).float()
+        tau64, start, end = select_rows(u, topk, window)
+        tau, start, end = tau64.float(), start.int(), end.int()
+        o, lse = fused_forward(q, k, v, u, tau, start, end, topk, window, gate, scale)
+        ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end)
+        ctx.config = (topk, window, gate, scale, scores.dtype)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse, u, tau, start, end = ctx.saved_tensors
+        topk, window, gate, scale, score_dtype = ctx.config
+        dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end,
+                                              topk, window, gate, scale)
+        dscores = None
+        if gate != "none" and ctx.needs_input_grad[3]:
+            batch, t_len, n_q_heads, _ = q.shape
+            n_kv_heads = k.shape[2]
+            dtau_kv = dtau.view(batch, n_kv_heads, n_q_heads // n_kv_heads, t_len).sum(2)
+            du = du + threshold_backward(u.double(), tau.double(), window, dtau_kv.reshape_as(du).double()).float()
+            dscores = du.view(batch, n_kv_heads, t_len).permute(0, 2, 1).to(score_dtype)
+        return dq, dk, dv, dscores, None, None, None, None
+
+
+def sparsek_attention_fused(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
+                            gate: str = "kv", scale: float | None = None) -> Tensor:
+    """Fused Triton SparseK attention of one padded batch; same contract as `sparsek_attention_reference`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return FusedSparseKAttention.apply(q, k, v, scores, topk, window, gate, scale)

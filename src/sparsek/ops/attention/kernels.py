@@ -1,0 +1,364 @@
+"""Triton kernels of fused SparseK attention: forward, and the three passes of the backward.
+
+Shape legend: B batch, T sequence, Hq / Hk query / KV heads, GROUP = Hq // Hk, D head dim (HEAD_DIM);
+R = B * Hk selection rows; NB query blocks of BLOCK_M queries; K = N_SLOTS slots per block list.
+q, k, v, o, do, dq: [B, T, H, D] with a unit last stride. Per-key and per-query vectors of a selection row
+(u, tau, start, end, du) are [R, T]; lse and delta are [B * Hq, T]; lists are [R, NB, K] int32.
+
+The keys of query block [i0, i0 + BLOCK_M) are visited in two phases that never overlap:
+  1. the list: the keys selected by query i0 (slot array of block b, see ops/select/blocks.py); query i keeps
+     key j while i < end_j;
+  2. the band (i0 - w, i0 + BLOCK_M): the sliding windows of the block's queries plus the keys that became
+     candidates inside the block; pair (i, j) counts if j is in i's window or selected by i.
+The mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window) is computed on the fly; nothing of size T x T or
+T x topk per query exists. Softmax runs in base 2 (lse in log2 units).
+
+Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases; dk, dv
+and the direct score gradient du from two key-major passes: the band pass walks each key tile over the query
+blocks whose band contains it, the list pass walks each tile of slots through the blocks, flushing a slot's
+sums with atomic adds when its key changes (each key lives in one slot for one run of blocks).
+
+GATE: 0 = "kv" (logits scaled by m, values by m), 1 = "v" (values by m), 2 = "none" (hard selection).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr):
+    """One online-softmax step over a tile of keys; qk_scale2 = scale * log2(e)."""
+    qk = tl.dot(q, tl.trans(kt))
+    if GATE == 0:
+        s = qk * (weight * qk_scale2)
+    else:
+        s = qk * qk_scale2
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if GATE != 2:
+        p = p * weight
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.constexpr):
+    """Recompute one tile and return (p * m, dlogit * m * scale, dm): the factors of dv, of dq / dk, and
+    the gradient of the mask (zero for gate "none")."""
+    qk = tl.dot(q, tl.trans(kt))
+    if GATE == 0:
+        logit = qk * (weight * scale)
+    else:
+        logit = qk * scale
+    p = tl.where(allowed, tl.exp2(logit * 1.4426950408889634 - lse2[:, None]), 0.0)  # 1.44... = log2(e)
+    a = tl.dot(do, tl.trans(vt))                                      # dO_i . v_j
+    if GATE == 2:
+        dlogit = p * (a - delta[:, None])
+        return p, dlogit * scale, tl.zeros_like(p)
+    dlogit = p * (weight * a - delta[:, None])
+    if GATE == 0:
+        dm = p * a + dlogit * scale * qk
+        return p * weight, dlogit * (weight * scale), dm
+    return p * weight, dlogit * scale, p * a
+
+
+@triton.jit
+def sparsek_fwd_kernel(
+    Q, K, V, U, TAU, START, END, LISTS, OUT, LSE,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
+    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    hq = pid_bh % H_Q
+    hk = hq // GROUP
+    row = b * (H_Q // GROUP) + hk
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    tau = tl.load(TAU + row.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    u_row = U + row.to(tl.int64) * T
+    start_row = START + row.to(tl.int64) * T
+    end_row = END + row.to(tl.int64) * T
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile must not give NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Phase 1: the keys selected by the block's first query.
+    list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + pid_m) * N_SLOTS
+    for s0 in range(0, N_SLOTS, BLOCK_N):
+        offs_s = s0 + tl.arange(0, BLOCK_N)
+        keys = tl.load(list_base + offs_s, mask=offs_s < N_SLOTS, other=-1)
+        key_ok = keys >= 0
+        keys = tl.where(key_ok, keys, 0).to(tl.int64)
+        kt = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        vt = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        u_j = tl.load(u_row + keys, mask=key_ok, other=0.0)
+        end_j = tl.load(end_row + keys, mask=key_ok, other=0)
+        allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+        weight = tl.minimum(tl.maximum(u_j[None, :] - tau[:, None], 0.0), 1.0)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE)
+
+    # Phase 2: the band (i0 - w, i0 + BLOCK_M): windows and keys that became candidates in the block.
+    band_lo = tl.maximum(i0 - WINDOW + 1, 0)
+    band_hi = tl.minimum(i0 + BLOCK_M, T)
+    for j0 in range(band_lo, band_hi, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < band_hi
+        kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=key_ok[:, None],
+                     other=0.0)
+        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=key_ok[:, None],
+                     other=0.0)
+        u_j = tl.load(u_row + offs_n, mask=key_ok, other=0.0)
+        start_j = tl.load(start_row + offs_n, mask=key_ok, other=0)
+        end_j = tl.load(end_row + offs_n, mask=key_ok, other=0)
+        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+        allowed = key_ok[None, :] & (in_window | selected)
+        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(u_j[None, :] - tau[:, None], 0.0), 1.0))
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(OUT + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
+             + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def sparsek_bwd_dq_kernel(
+    Q, K, V, U, TAU, START, END, LISTS, DO, LSE, DELTA, DQ, DTAU,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
+    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """dq [B, T, Hq, D] (strides of do) and dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    hq = pid_bh % H_Q
+    hk = hq // GROUP
+    row = b * (H_Q // GROUP) + hk
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do_offs = b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
+    do = tl.load(DO + do_offs, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + row.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    u_row = U + row.to(tl.int64) * T
+    start_row = START + row.to(tl.int64) * T
+    end_row = END + row.to(tl.int64) * T
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dtau = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + pid_m) * N_SLOTS
+    for s0 in range(0, N_SLOTS, BLOCK_N):
+        offs_s = s0 + tl.arange(0, BLOCK_N)
+        keys = tl.load(list_base + offs_s, mask=offs_s < N_SLOTS, other=-1)
+        key_ok = keys >= 0
+        keys = tl.where(key_ok, keys, 0).to(tl.int64)
+        kt = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        vt = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        u_j = tl.load(u_row + keys, mask=key_ok, other=0.0)
+        end_j = tl.load(end_row + keys, mask=key_ok, other=0)
+        allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+        gap = u_j[None, :] - tau[:, None]
+        weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
+        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
+        dq += tl.dot(ds.to(kt.dtype), kt)
+        dtau -= tl.sum(tl.where(allowed & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
+
+    band_lo = tl.maximum(i0 - WINDOW + 1, 0)
+    band_hi = tl.minimum(i0 + BLOCK_M, T)
+    for j0 in range(band_lo, band_hi, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < band_hi
+        kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=key_ok[:, None],
+                     other=0.0)
+        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=key_ok[:, None],
+                     other=0.0)
+        u_j = tl.load(u_row + offs_n, mask=key_ok, other=0.0)
+        start_j = tl.load(start_row + offs_n, mask=key_ok, other=0)
+        end_j = tl.load(end_row + offs_n, mask=key_ok, other=0)
+        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :]) & key_ok[None, :]
+        allowed = key_ok[None, :] & (in_window | selected)
+        gap = u_j[None, :] - tau[:, None]
+        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
+        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
+        dq += tl.dot(ds.to(kt.dtype), kt)
+        dtau -= tl.sum(tl.where(selected & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
+
+    tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DTAU + pid_bh.to(tl.int64) * T + offs_m, dtau, mask=row_ok)
+
+
+@triton.jit
+def sparsek_bwd_band_kernel(
+    Q, K, V, U, TAU, START, END, DO, LSE, DELTA, DK, DV, DU,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
+    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Band-phase dk, dv (float32, [B, T, Hk, D] with the strides of k) and du ([R, T]), stored (not added)."""
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    h_k = H_Q // GROUP
+    b = pid_r // h_k
+    hk = pid_r % h_k
+    j0 = pid_n * BLOCK_N
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+
+    kv_offs = b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    kt = tl.load(K + kv_offs, mask=key_ok[:, None], other=0.0)
+    vt = tl.load(V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
+                 + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    u_j = tl.load(U + pid_r.to(tl.int64) * T + offs_n, mask=key_ok, other=0.0)
+    start_j = tl.load(START + pid_r.to(tl.int64) * T + offs_n, mask=key_ok, other=0)
+    end_j = tl.load(END + pid_r.to(tl.int64) * T + offs_n, mask=key_ok, other=0)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    du = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    # Query blocks whose band (i0 - w, i0 + BLOCK_M) meets this key tile.
+    blk_lo = j0 // BLOCK_M
+    blk_hi = tl.minimum((j0 + BLOCK_N + WINDOW - 2) // BLOCK_M + 1, N_BLOCKS)
+    for blk in range(blk_lo, blk_hi):
+        i0 = blk * BLOCK_M
+        offs_m = i0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        in_band = (offs_n > i0 - WINDOW) & (offs_n < i0 + BLOCK_M) & key_ok
+        tau = tl.load(TAU + pid_r.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
+        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+        allowed = row_ok[:, None] & in_band[None, :] & (in_window | selected)
+        gap = u_j[None, :] - tau[:, None]
+        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
+        frac = allowed & selected & (gap > 0.0) & (gap < 1.0)
+        for g in range(0, GROUP):
+            hq = hk * GROUP + g
+            bh = b * H_Q + hq
+            q_offs = b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+            q = tl.load(Q + q_offs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
+                         + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
+            dv += tl.dot(tl.trans(pw).to(do.dtype), do)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            du += tl.sum(tl.where(frac, dm, 0.0), 0)
+
+    tl.store(DK + kv_offs, dk, mask=key_ok[:, None])
+    tl.store(DV + kv_offs, dv, mask=key_ok[:, None])
+    tl.store(DU + pid_r.to(tl.int64) * T + offs_n, du, mask=key_ok)
+
+
+@triton.jit
+def _flush_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_kt, offs_d):
+    keys = tl.where(flush, keys, 0).to(tl.int64)
+    offs = dkv_base + keys[:, None] * stride_kt + offs_d[None, :]
+    tl.atomic_add(DK + offs, dk, mask=flush[:, None])
+    tl.atomic_add(DV + offs, dv, mask=flush[:, None])
+    tl.atomic_add(DU + du_base + keys, du, mask=flush)
+
+
+@triton.jit
+def sparsek_bwd_list_kernel(
+    Q, K, V, U, TAU, END, LISTS, DO, LSE, DELTA, DK, DV, DU,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, H_Q, GROUP, scale,
+    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """List-phase dk, dv, du, atomically added to the float32 buffers the band pass wrote."""
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    h_k = H_Q // GROUP
+    b = pid_r // h_k
+    hk = pid_r % h_k
+    offs_s = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    slot_ok = offs_s < N_SLOTS
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    dkv_base = b.to(tl.int64) * stride_kb + hk * stride_kh
+    du_base = pid_r.to(tl.int64) * T
+    list_row = LISTS + pid_r.to(tl.int64) * N_BLOCKS * N_SLOTS
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    du = tl.zeros([BLOCK_N], dtype=tl.float32)
+    held = tl.full([BLOCK_N], -1, dtype=tl.int32)      # the key each slot currently accumulates for
+
+    blk_lo = pid_c * BLOCKS_PER_PROGRAM
+    blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROGRAM, N_BLOCKS)
+    for blk in range(blk_lo, blk_hi):
+        keys = tl.load(list_row + blk * N_SLOTS + offs_s, mask=slot_ok, other=-1)
+        changed = keys != held
+        _flush_slots(DK, DV, DU, held, dk, dv, du, changed & (held >= 0), dkv_base, du_base, stride_kt, offs_d)
+        dk = tl.where(changed[:, None], 0.0, dk)
+        dv = tl.where(changed[:, None], 0.0, dv)
+        du = tl.where(changed, 0.0, du)
+        held = keys
+
+        key_ok = keys >= 0
+        keys64 = tl.where(key_ok, keys, 0).to(tl.int64)
+        kt = tl.load(k_base + keys64[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        vt = tl.load(v_base + keys64[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        u_j = tl.load(U + du_base + keys64, mask=key_ok, other=0.0)
+        end_j = tl.load(END + du_base + keys64, mask=key_ok, other=0)
+
+        i0 = blk * BLOCK_M
+        offs_m = i0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        tau = tl.load(TAU + du_base + offs_m, mask=row_ok, other=float("-inf"))
+        allowed = row_ok[:, None] & key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+        gap = u_j[None, :] - tau[:, None]
+        weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
+        frac = allowed & (gap > 0.0) & (gap < 1.0)
+        for g in range(0, GROUP):
+            hq = hk * GROUP + g
+            bh = b * H_Q + hq
+            q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+                        + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
+                         + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
+            dv += tl.dot(tl.trans(pw).to(do.dtype), do)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            du += tl.sum(tl.where(frac, dm, 0.0), 0)
+
+    _flush_slots(DK, DV, DU, held, dk, dv, du, held >= 0, dkv_base, du_base, stride_kt, offs_d)
