@@ -20,6 +20,14 @@ from . import kernels
 
 GATE_IDS = {"kv": 0, "v": 1, "none": 2}
 LOG2E = 1.4426950408889634
+# Tests set this to fill kernel outputs with NaN before launch, so an element no program writes shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype: torch.dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def interpreting() -> bool:
@@ -63,13 +71,13 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     tiles = _forward_tiles(head_dim)
     lists = block_key_lists(start, end, topk, tiles["BLOCK_M"])
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
+    o = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
     grid = (n_blocks, batch * n_q_heads)
     kernels.sparsek_fwd_kernel[grid](
         q, k, v, u, tau, start, end, lists, o, lse, *_strides(q, k, v, o),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale * LOG2E,
-        GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
     return o, lse
 
 
@@ -86,20 +94,20 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     delta = _rows((do.float() * o.float()).sum(-1))                       # [B * Hq, T]
 
-    dq = torch.empty_like(q)
-    dtau = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
     kernels.sparsek_bwd_dq_kernel[(n_blocks, batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, do, lse, delta, dq, dtau, *_strides(q, k, v, do),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
 
-    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    du = torch.empty(batch * n_kv_heads, t_len, dtype=torch.float32, device=k.device)
+    dk = _empty(k.shape, torch.float32, k.device)
+    dv = _empty(k.shape, torch.float32, k.device)
+    du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
     kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, block_n), batch * n_kv_heads)](
         q, k, v, u, tau, start, end, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
         t_len, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
 
     if topk > 0:
         slot_tiles = triton.cdiv(n_slots, block_n)
@@ -110,8 +118,63 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
         kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, triton.cdiv(n_blocks, blocks_per_program))](
             q, k, v, u, tau, end, lists, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
             t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
-            GATE=GATE_IDS[gate], HEAD_DIM=head_dim, **tiles)
+            GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
     return dq, dk.to(k.dtype), dv.to(v.dtype), du, dtau
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# torch.library custom ops: torch.compile sees two opaque ops with fake (shape-only) versions, so a model
+# with SparseK layers compiles without a graph break at the attention call.
+@torch.library.custom_op("sparsek::attention_forward", mutates_args=())
+def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> o [B, T, Hq, D], lse [B * Hq, T], u, tau (float32), start, end (int32), all [R, T]."""
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    u = _rows(scores.detach()).to(torch.float32, copy=True)  # an op output must not alias its input
+    tau64, start, end = select_rows(u, topk, window)
+    tau, start, end = tau64.float(), start.int(), end.int()
+    o, lse = fused_forward(q, k, v, u, tau, start, end, topk, window, gate, scale)
+    return o, lse, u, tau, start, end
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, scores, topk, window, gate, scale):
+    batch, t_len, n_q_heads, _ = q.shape
+    rows = batch * k.shape[2]
+    vec = q.new_empty(rows, t_len, dtype=torch.float32)
+    idx = q.new_empty(rows, t_len, dtype=torch.int32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,
+            torch.empty_like(idx))
+
+
+@torch.library.custom_op("sparsek::attention_backward", mutates_args=())
+def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor,
+                          tau: Tensor, start: Tensor, end: Tensor, topk: int, window: int, gate: str,
+                          scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv and dscores [B, T, Hk] float32 (zeros for gate "none"), the tau path included."""
+    dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end,
+                                          topk, window, gate, scale)
+    batch, t_len, n_q_heads, _ = q.shape
+    n_kv_heads = k.shape[2]
+    if gate == "none":
+        du = torch.zeros_like(du)
+    else:
+        dtau_kv = dtau.view(batch, n_kv_heads, n_q_heads // n_kv_heads, t_len).sum(2).reshape_as(du)
+        du = du + threshold_backward(u.double(), tau.double(), window, dtau_kv.double()).float()
+    return dq, dk, dv, du.view(batch, n_kv_heads, t_len).permute(0, 2, 1).contiguous()
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, u, tau, start, end, topk, window, gate, scale):
+    batch, t_len = q.shape[:2]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(batch, t_len, k.shape[2], dtype=torch.float32))
 
 
 class FusedSparseKAttention(torch.autograd.Function):
@@ -120,28 +183,16 @@ class FusedSparseKAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
                 scale: float) -> Tensor:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        u = _rows(scores.detach()).float()
-        tau64, start, end = select_rows(u, topk, window)
-        tau, start, end = tau64.float(), start.int(), end.int()
-        o, lse = fused_forward(q, k, v, u, tau, start, end, topk, window, gate, scale)
+        o, lse, u, tau, start, end = attention_forward_op(q, k, v, scores, topk, window, gate, scale)
         ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end)
         ctx.config = (topk, window, gate, scale, scores.dtype)
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        q, k, v, o, lse, u, tau, start, end = ctx.saved_tensors
         topk, window, gate, scale, score_dtype = ctx.config
-        dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end,
-                                              topk, window, gate, scale)
-        dscores = None
-        if gate != "none" and ctx.needs_input_grad[3]:
-            batch, t_len, n_q_heads, _ = q.shape
-            n_kv_heads = k.shape[2]
-            dtau_kv = dtau.view(batch, n_kv_heads, n_q_heads // n_kv_heads, t_len).sum(2)
-            du = du + threshold_backward(u.double(), tau.double(), window, dtau_kv.reshape_as(du).double()).float()
-            dscores = du.view(batch, n_kv_heads, t_len).permute(0, 2, 1).to(score_dtype)
+        dq, dk, dv, dscores = attention_backward_op(do, *ctx.saved_tensors, topk, window, gate, scale)
+        dscores = dscores.to(score_dtype) if gate != "none" else None
         return dq, dk, dv, dscores, None, None, None, None
 
 
@@ -149,4 +200,4 @@ def sparsek_attention_fused(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, 
                             gate: str = "kv", scale: float | None = None) -> Tensor:
     """Fused Triton SparseK attention of one padded batch; same contract as `sparsek_attention_reference`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return FusedSparseKAttention.apply(q, k, v, scores, topk, window, gate, scale)
+    return FusedSparseKAttention.apply(q, k, v, scores, topk, window, gate, float(scale))

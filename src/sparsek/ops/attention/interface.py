@@ -7,8 +7,30 @@ from torch import Tensor
 
 from .reference import sparsek_attention_reference
 
+# Imported up front when triton is installed, not inside the call: torch.compile then traces the dispatch
+# without meeting an import statement.
+try:
+    from . import fused
+except ImportError:  # triton is an optional extra
+    fused = None
+
+
+def _fused_if_available(q: Tensor, required: bool):
+    """The fused Triton function if triton imports and the kernels support q, else None (or an error)."""
+    if fused is None:
+        if required:
+            raise ValueError("backend='triton' needs the triton package: pip install 'sparsek[triton]'")
+        return None
+    if not fused.supports(q):
+        if required:
+            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and a "
+                             f"power-of-two head dim in [16, 256], got {q.device} and D={q.shape[-1]}")
+        return None
+    return fused.sparsek_attention_fused
+
+
 GATES = ("kv", "v", "none")
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "triton", "reference")
 
 
 def _check_int(name: str, value) -> None:
@@ -90,20 +112,26 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
         scale: softmax scale, default D ** -0.5.
         cu_seqlens: optional [N + 1] integer offsets of N sequences packed along T (B must be 1), as in
             flash-attention; each sequence restarts at position 0 and attends only within itself.
-        backend: "auto" or "reference" (exact PyTorch, O(T log T) selection and chunked O(T^2) attention).
+        backend: "triton" (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1), "reference" (exact
+            PyTorch: O(T log T) selection, chunked O(T^2) attention) or "auto" (triton on CUDA when available).
 
     Returns:
         [B, T, Hq, D] in q's dtype. Gradients reach q, k, v and scores (through m and through tau).
     """
     _validate(q, k, v, scores, topk, window, gate, scale, backend)
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or inf")
+    if not torch.compiler.is_compiling() and not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")  # under torch.compile the selection op checks instead
 
     if q.shape[1] == 0:
         return q.new_zeros(q.shape)
 
+    attention = None
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        attention = _fused_if_available(q, required=backend == "triton")
+    attention = attention or sparsek_attention_reference
+
     def attend(q_, k_, v_, s_):
-        return sparsek_attention_reference(q_, k_, v_, s_, topk=topk, window=window, gate=gate, scale=scale)
+        return attention(q_, k_, v_, s_, topk=topk, window=window, gate=gate, scale=scale)
 
     if cu_seqlens is None:
         return attend(q, k, v, scores)

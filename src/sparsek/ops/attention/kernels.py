@@ -19,6 +19,7 @@ blocks whose band contains it, the list pass walks each tile of slots through th
 sums with atomic adds when its key changes (each key lives in one slot for one run of blocks).
 
 GATE: 0 = "kv" (logits scaled by m, values by m), 1 = "v" (values by m), 2 = "none" (hard selection).
+DOT: tl.dot input precision, "ieee" for float32 inputs (no silent tf32), "tf32" (ignored) for 16-bit inputs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr, DOT: tl.constexpr):
     """One online-softmax step over a tile of keys; qk_scale2 = scale * log2(e)."""
-    qk = tl.dot(q, tl.trans(kt))
+    qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
     if GATE == 0:
         s = qk * (weight * qk_scale2)
     else:
@@ -42,21 +43,21 @@ def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.con
     l_i = l_i * alpha + tl.sum(p, 1)
     if GATE != 2:
         p = p * weight
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.constexpr):
+def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.constexpr, DOT: tl.constexpr):
     """Recompute one tile and return (p * m, dlogit * m * scale, dm): the factors of dv, of dq / dk, and
     the gradient of the mask (zero for gate "none")."""
-    qk = tl.dot(q, tl.trans(kt))
+    qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
     if GATE == 0:
         logit = qk * (weight * scale)
     else:
         logit = qk * scale
     p = tl.where(allowed, tl.exp2(logit * 1.4426950408889634 - lse2[:, None]), 0.0)  # 1.44... = log2(e)
-    a = tl.dot(do, tl.trans(vt))                                      # dO_i . v_j
+    a = tl.dot(do, tl.trans(vt), input_precision=DOT)                                      # dO_i . v_j
     if GATE == 2:
         dlogit = p * (a - delta[:, None])
         return p, dlogit * scale, tl.zeros_like(p)
@@ -73,7 +74,7 @@ def sparsek_fwd_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
-    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -112,7 +113,7 @@ def sparsek_fwd_kernel(
         end_j = tl.load(end_row + keys, mask=key_ok, other=0)
         allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
         weight = tl.minimum(tl.maximum(u_j[None, :] - tau[:, None], 0.0), 1.0)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
 
     # Phase 2: the band (i0 - w, i0 + BLOCK_M): windows and keys that became candidates in the block.
     band_lo = tl.maximum(i0 - WINDOW + 1, 0)
@@ -131,7 +132,7 @@ def sparsek_fwd_kernel(
         selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
         allowed = key_ok[None, :] & (in_window | selected)
         weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(u_j[None, :] - tau[:, None], 0.0), 1.0))
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -146,7 +147,7 @@ def sparsek_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
-    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """dq [B, T, Hq, D] (strides of do) and dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j."""
     pid_m = tl.program_id(0)
@@ -189,8 +190,8 @@ def sparsek_bwd_dq_kernel(
         allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
         gap = u_j[None, :] - tau[:, None]
         weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
-        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
-        dq += tl.dot(ds.to(kt.dtype), kt)
+        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(allowed & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
 
     band_lo = tl.maximum(i0 - WINDOW + 1, 0)
@@ -210,8 +211,8 @@ def sparsek_bwd_dq_kernel(
         allowed = key_ok[None, :] & (in_window | selected)
         gap = u_j[None, :] - tau[:, None]
         weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
-        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
-        dq += tl.dot(ds.to(kt.dtype), kt)
+        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(selected & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
 
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -224,7 +225,7 @@ def sparsek_bwd_band_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
-    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Band-phase dk, dv (float32, [B, T, Hk, D] with the strides of k) and du ([R, T]), stored (not added)."""
     pid_n = tl.program_id(0)
@@ -273,9 +274,9 @@ def sparsek_bwd_band_kernel(
                          + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
-            dv += tl.dot(tl.trans(pw).to(do.dtype), do)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+            dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
             du += tl.sum(tl.where(frac, dm, 0.0), 0)
 
     tl.store(DK + kv_offs, dk, mask=key_ok[:, None])
@@ -298,7 +299,7 @@ def sparsek_bwd_list_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, H_Q, GROUP, scale,
-    GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """List-phase dk, dv, du, atomically added to the float32 buffers the band pass wrote."""
     pid_s = tl.program_id(0)
@@ -356,9 +357,9 @@ def sparsek_bwd_list_kernel(
                          + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE)
-            dv += tl.dot(tl.trans(pw).to(do.dtype), do)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+            dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
             du += tl.sum(tl.where(frac, dm, 0.0), 0)
 
     _flush_slots(DK, DV, DU, held, dk, dv, du, held >= 0, dkv_base, du_base, stride_kt, offs_d)

@@ -88,13 +88,17 @@ def _prefix_thresholds(u: Tensor, topk: int) -> Tensor:
 
     # tau lies strictly above the found breakpoint: U = n_q entries clipped to 1, n_p - n_q fractional ones.
     tau = (s_p - s_q + n_q - topk) / (n_p - n_q).clamp(min=1)
-    # No fractional entry means f == topk on a whole interval (a gap of >= 1 below the k-th best, theta):
-    # take its right end theta - 1, the largest solution, as SPEC's theta - 1 <= tau < theta demands.
-    # Rounding in f decides which breakpoint of a flat stretch the descent stops at, so do not trust tau there.
+    # A gap of >= 1 below the k-th best value theta makes f == topk on the whole interval [u_(k+1), theta - 1];
+    # rounding in f decides where in it the descent stopped. Take the midpoint, as the SPARSEK operator does:
+    # every entry then sits clearly at 0 or 1 and gets no gradient.
     by_rank, rank = _best_first(u)
-    kth_rank = kth_smallest_in_prefix(rank, bits_needed(t_len), prefix_len, topk).clamp(max=t_len - 1)
-    theta = u.gather(1, by_rank.gather(1, kth_rank))
-    tau = torch.where(n_p > n_q, tau.clamp(min=theta - 1), theta - 1)
+
+    def best_in_prefix(kth: int) -> Tensor:  # the kth best value of every prefix (valid where c >= kth)
+        kth_rank = kth_smallest_in_prefix(rank, bits_needed(t_len), prefix_len, kth).clamp(max=t_len - 1)
+        return u.gather(1, by_rank.gather(1, kth_rank))
+
+    theta, below = best_in_prefix(topk), best_in_prefix(topk + 1)
+    tau = torch.where(theta - below >= 1, 0.5 * (below + theta - 1), tau.clamp(min=theta - 1))
     tau = torch.where(prefix_len > topk, tau, -torch.inf)
     return torch.cummax(tau, dim=1).values  # mathematically non-decreasing; remove rounding wiggles
 

@@ -60,7 +60,7 @@ def _threshold_last(z: Tensor, k: Tensor) -> Tensor:
     finite = z > -torch.inf
     n_finite = finite.sum(-1)
 
-    z_sorted = torch.sort(z, dim=-1).values                               # ascending, -inf first
+    z_sorted = torch.sort(z, dim=-1).values.contiguous()                  # ascending, -inf first
     csum = torch.cumsum(torch.where(z_sorted > -torch.inf, z_sorted, 0), dim=-1)
     csum = torch.nn.functional.pad(csum, (1, 0))                          # csum[..., r] = sum of r smallest
 
@@ -86,12 +86,14 @@ def _threshold_last(z: Tensor, k: Tensor) -> Tensor:
     s_inside = torch.where(inside, z, 0).sum(-1)
     width = (n_above - n_ones).squeeze(-1)
     tau = (s_inside + n_ones.squeeze(-1) - k) / width.clamp(min=1)
-    # An empty piece means f == k on a whole interval (integer k, a gap of >= 1 below the k-th largest
-    # value theta); rounding decides where in it the search stopped. Take the right end, theta - 1, the
-    # largest solution, so that theta - 1 <= tau < theta always holds.
+    # With integer k and a gap of >= 1 below the k-th largest value theta, f == k on the whole interval
+    # [z_(k+1), theta - 1] and the search may stop anywhere in it. Take its midpoint: every entry then sits
+    # clearly at 0 or 1, so the backward never mistakes a clipped entry for a free one.
     kth_index = (n - k.round().long()).clamp(0, n - 1).unsqueeze(-1)
     theta = z_sorted.gather(-1, kth_index).squeeze(-1)
-    tau = torch.where(width > 0, tau, theta - 1)
+    below = z_sorted.gather(-1, (kth_index - 1).clamp(min=0)).squeeze(-1)
+    flat = (k == k.round()) & (theta - below >= 1)
+    tau = torch.where(flat, 0.5 * (below + theta - 1), tau)
     return torch.where(k >= n_finite, torch.full_like(tau, -torch.inf), tau)
 
 
