@@ -24,7 +24,7 @@ from sparsek.ops.attention.reference import sparsek_attention_reference  # noqa:
 def run(fn, inputs, cotangent, **kwargs):
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
     out = fn(*inputs, **kwargs)
-    grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype))
+    grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype), allow_unused=True)
     return [out, *grads]
 
 

@@ -11,7 +11,7 @@ L2 cache flushed before each call, --rep ms of repeats).
 
 * sparsek: `sparsek_attention_fused`, forward under no_grad, and forward+backward (q, k, v and the scores
   require grad; o.backward with a fixed random output gradient).
-* selection: select_rows + block_key_lists(block 128), what the fused forward runs before its kernel. The
+* selection: thresholds, key ranges and block-128 key lists, what the fused forward runs before its kernel. The
   share is selection ms / sparsek forward+backward ms. It counts the selection once: the backward's rebuild
   of the lists (block 64) and the threshold backward are inside the fwd+bwd time but not in the numerator.
 * sdpa: F.scaled_dot_product_attention(is_causal=True) on [B, H, T, D] with GQA through enable_gqa=True (k
@@ -47,15 +47,12 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from sparsek.ops.attention.fused import sparsek_attention_fused
-from sparsek.ops.select.blocks import block_key_lists
-from sparsek.ops.select.prefix import select_rows
+from sparsek.ops.attention.fused import forward_selection, forward_tiles, sparsek_attention_fused
 
 DEFAULT_SEQ_LENS = [4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_SEQ_LENS = [4096, 8192]
-FORWARD_BLOCK = 128        # query block of the fused forward's key lists
 FLEX_BLOCK = 128           # FlexAttention's default sparse block size
-BWD_FLOP_FACTOR = 2.5      # backward FLOPs per forward FLOP (FlashAttention's convention)
+FWDBWD_FLOP_FACTOR = 2.5   # forward + backward FLOPs per forward FLOP, as the kernel issue counts them
 SDPA_BACKENDS = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
 CHECK_MAX_ELEMENTS = 1 << 30  # largest B * Hq * T * T for the dense-mask check of the flex baseline
 
@@ -108,6 +105,9 @@ def first_line(err: Exception) -> str:
 # sparsek
 
 
+FORWARD_BLOCK = forward_tiles(128)["BLOCK_M"]  # query block of the fused forward's key lists
+
+
 def selection(scores: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
     """What the fused forward runs before its kernel: ranges, then block-128 key lists -> start, end, lists.
 
@@ -115,9 +115,8 @@ def selection(scores: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, T
     """
     batch, t_len, n_kv_heads = scores.shape
     u = scores.detach().permute(0, 2, 1).reshape(batch * n_kv_heads, t_len).float()
-    _, start, end = select_rows(u, topk, window)
-    start, end = start.int(), end.int()
-    return start, end, block_key_lists(start, end, topk, FORWARD_BLOCK)
+    _, start, end, lists = forward_selection((u.contiguous(),), (topk, window, FORWARD_BLOCK))
+    return start, end, lists
 
 
 def bench_sparsek(q, k, v, scores, grad, args, label: str, check: bool) -> dict:
@@ -376,7 +375,7 @@ def bench_row(t_len: int, n_q_heads: int, n_kv_heads: int, args, check: bool) ->
     sk_fwd, sk_fwdbwd = row["sparsek_fwd_ms"], row["sparsek_fwdbwd_ms"]
     row.update(
         sparsek_fwd_tflops=flops / sk_fwd * 1e-9,
-        sparsek_fwdbwd_tflops=(1 + BWD_FLOP_FACTOR) * flops / sk_fwdbwd * 1e-9,
+        sparsek_fwdbwd_tflops=FWDBWD_FLOP_FACTOR * flops / sk_fwdbwd * 1e-9,
         selection_share=row["selection_ms"] / sk_fwdbwd,
         speedup_sdpa_fwd=ratio(row["sdpa_fwd_ms"], sk_fwd),
         speedup_sdpa_fwdbwd=ratio(row["sdpa_fwdbwd_ms"], sk_fwdbwd),
@@ -500,7 +499,8 @@ def main() -> None:
     args.device = torch.device(args.device)
     if args.device.type != "cuda" or not torch.cuda.is_available():
         raise SystemExit(f"this benchmark needs a CUDA GPU, got --device {args.device}")
-    torch.cuda.set_device(args.device)
+    if args.device.index is not None:
+        torch.cuda.set_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(gpu=torch.cuda.get_device_name(args.device), torch=torch.__version__, triton=triton.__version__)
     print(f"GPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)

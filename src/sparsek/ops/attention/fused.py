@@ -14,7 +14,9 @@ import torch
 import triton
 from torch import Tensor
 
+from ..graphs import GraphedFunction
 from ..select.blocks import block_key_lists
+from ..select.fused import block_key_lists_triton, select_rows_triton
 from ..select.prefix import select_rows, threshold_backward
 from . import kernels
 
@@ -41,16 +43,53 @@ def supports(q: Tensor) -> bool:
     return on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
 
 
-def _forward_tiles(head_dim: int) -> dict:
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+def select_on_device(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    # The PyTorch selection is exact too but launches thousands of small kernels; on CPU (tests) it is faster.
+    return select_rows_triton(u, topk, window) if u.is_cuda else select_rows(u, topk, window)
 
 
-def _backward_tiles(head_dim: int) -> dict:
+def block_lists_on_device(start: Tensor, end: Tensor, topk: int, block: int, window: int) -> Tensor:
+    return block_key_lists_triton(start, end, topk, block, window) if start.is_cuda else \
+        block_key_lists(start.long(), end.long(), topk, block)
+
+
+def _forward_selection(u: Tensor, topk: int, window: int, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """u [R, T] -> tau (float32), start, end (int32) [R, T] and the block key lists [R, NB, K]."""
+    tau, start, end = select_on_device(u, topk, window)
+    start, end = start.int(), end.int()
+    return tau.float(), start, end, block_lists_on_device(start, end, topk, block, window)
+
+
+def _backward_lists(start: Tensor, end: Tensor, topk: int, block: int, window: int) -> tuple[Tensor]:
+    return (block_lists_on_device(start, end, topk, block, window),)
+
+
+def _threshold_backward(u: Tensor, tau: Tensor, grad_tau: Tensor, window: int) -> tuple[Tensor]:
+    return (threshold_backward(u.double(), tau.double(), window, grad_tau.double()).float(),)
+
+
+# Up to 2^19 scores (16 heads x 32k tokens) the selection is launch-bound: replay it as a CUDA graph.
+GRAPH_MAX_ELEMENTS = 1 << 19
+forward_selection = GraphedFunction(_forward_selection, GRAPH_MAX_ELEMENTS)
+backward_lists = GraphedFunction(_backward_lists, GRAPH_MAX_ELEMENTS)
+graphed_threshold_backward = GraphedFunction(_threshold_backward, GRAPH_MAX_ELEMENTS)
+
+
+def forward_tiles(head_dim: int) -> dict:
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+    # Picked by a sweep on an H100 (T = 32k, D = 128, bf16): see docs/kernels.md.
+    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def backward_tiles(head_dim: int) -> dict[str, dict]:
+    """Tiles of the dq, band and list passes. All three share BLOCK_M: it fixes which (query, key) pairs
+    belong to the band and which to the lists, and the passes must split the pairs the same way."""
+    if interpreting():
+        tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(dq=tile, band=tile, list=dict(tile, SUB_M=8))
+    tile = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(dq=tile, band=tile, list=dict(BLOCK_M=64, BLOCK_N=32, SUB_M=32, num_warps=4, num_stages=2))
 
 
 def _strides(*tensors: Tensor) -> list[int]:
@@ -64,12 +103,12 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
-                  topk: int, window: int, gate: str, scale: float) -> tuple[Tensor, Tensor]:
-    """o [B, T, Hq, D] and lse [B * Hq, T] (log2 units). u, tau float32 and start, end int32, all [R, T]."""
+                  lists: Tensor, window: int, gate: str, scale: float) -> tuple[Tensor, Tensor]:
+    """o [B, T, Hq, D] and lse [B * Hq, T] (log2 units). u, tau float32 and start, end int32, all [R, T];
+    lists [R, NB, K] from block_lists_on_device with the forward's BLOCK_M."""
     batch, t_len, n_q_heads, head_dim = q.shape
     group = n_q_heads // k.shape[2]
-    tiles = _forward_tiles(head_dim)
-    lists = block_key_lists(start, end, topk, tiles["BLOCK_M"])
+    tiles = forward_tiles(head_dim)
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
@@ -88,9 +127,9 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     batch, t_len, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     group = n_q_heads // n_kv_heads
-    tiles = _backward_tiles(head_dim)
-    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
-    lists = block_key_lists(start, end, topk, block_m)
+    tiles = backward_tiles(head_dim)
+    block_m = tiles["dq"]["BLOCK_M"]
+    (lists,) = backward_lists((start, end), (topk, block_m, window))
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     delta = _rows((do.float() * o.float()).sum(-1))                       # [B * Hq, T]
 
@@ -99,26 +138,30 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     kernels.sparsek_bwd_dq_kernel[(n_blocks, batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, do, lse, delta, dq, dtau, *_strides(q, k, v, do),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles["dq"])
 
     dk = _empty(k.shape, torch.float32, k.device)
     dv = _empty(k.shape, torch.float32, k.device)
     du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
-    kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, block_n), batch * n_kv_heads)](
+    kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, u, tau, start, end, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
         t_len, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles["band"])
 
     if topk > 0:
-        slot_tiles = triton.cdiv(n_slots, block_n)
-        # Enough programs to fill the GPU; each flushes a key's sums once per run of blocks it covers.
-        programs_wanted = 1 if interpreting() else 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
+        # One program per slot tile walks all blocks and adds each key's sums once, without atomics. When
+        # that leaves the GPU idle, the blocks are split in chunks whose programs add atomically. (Under the
+        # interpreter the threshold is 2 so that the tests see both paths.)
+        programs_wanted = 2 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
         chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
         blocks_per_program = triton.cdiv(n_blocks, chunks)
-        kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, triton.cdiv(n_blocks, blocks_per_program))](
+        chunks = triton.cdiv(n_blocks, blocks_per_program)
+        kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
             q, k, v, u, tau, end, lists, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
             t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
-            GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
+            GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
+            **tiles["list"])
     return dq, dk.to(k.dtype), dv.to(v.dtype), du, dtau
 
 
@@ -136,9 +179,8 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
         raise ValueError("scores contain NaN or inf")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     u = _rows(scores.detach()).to(torch.float32, copy=True)  # an op output must not alias its input
-    tau64, start, end = select_rows(u, topk, window)
-    tau, start, end = tau64.float(), start.int(), end.int()
-    o, lse = fused_forward(q, k, v, u, tau, start, end, topk, window, gate, scale)
+    tau, start, end, lists = forward_selection((u,), (topk, window, forward_tiles(q.shape[-1])["BLOCK_M"]))
+    o, lse = fused_forward(q, k, v, u, tau, start, end, lists, window, gate, scale)
     return o, lse, u, tau, start, end
 
 
@@ -166,7 +208,7 @@ def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor
         du = torch.zeros_like(du)
     else:
         dtau_kv = dtau.view(batch, n_kv_heads, n_q_heads // n_kv_heads, t_len).sum(2).reshape_as(du)
-        du = du + threshold_backward(u.double(), tau.double(), window, dtau_kv.double()).float()
+        du = du + graphed_threshold_backward((u, tau, dtau_kv.contiguous()), (window,))[0]
     return dq, dk, dv, du.view(batch, n_kv_heads, t_len).permute(0, 2, 1).contiguous()
 
 

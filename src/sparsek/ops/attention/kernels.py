@@ -285,12 +285,20 @@ def sparsek_bwd_band_kernel(
 
 
 @triton.jit
-def _flush_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_kt, offs_d):
-    keys = tl.where(flush, keys, 0).to(tl.int64)
-    offs = dkv_base + keys[:, None] * stride_kt + offs_d[None, :]
-    tl.atomic_add(DK + offs, dk, mask=flush[:, None])
-    tl.atomic_add(DV + offs, dv, mask=flush[:, None])
-    tl.atomic_add(DU + du_base + keys, du, mask=flush)
+def _flush_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_kt, offs_d, ATOMIC: tl.constexpr):
+    """Add the slots' sums to their keys' rows of the band pass's dk, dv, du. Atomic only when several
+    programs share a slot tile (a key's run of blocks may then be split between them)."""
+    if tl.sum(flush.to(tl.int32), 0) > 0:
+        rows = tl.where(flush, keys, 0).to(tl.int64)
+        offs = dkv_base + rows[:, None] * stride_kt + offs_d[None, :]
+        if ATOMIC:
+            tl.atomic_add(DK + offs, dk, mask=flush[:, None])
+            tl.atomic_add(DV + offs, dv, mask=flush[:, None])
+            tl.atomic_add(DU + du_base + rows, du, mask=flush)
+        else:
+            tl.store(DK + offs, tl.load(DK + offs, mask=flush[:, None], other=0.0) + dk, mask=flush[:, None])
+            tl.store(DV + offs, tl.load(DV + offs, mask=flush[:, None], other=0.0) + dv, mask=flush[:, None])
+            tl.store(DU + du_base + rows, tl.load(DU + du_base + rows, mask=flush, other=0.0) + du, mask=flush)
 
 
 @triton.jit
@@ -300,8 +308,9 @@ def sparsek_bwd_list_kernel(
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SUB_M: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """List-phase dk, dv, du, atomically added to the float32 buffers the band pass wrote."""
+    """List-phase dk, dv, du, added to the float32 buffers the band pass wrote."""
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -327,7 +336,8 @@ def sparsek_bwd_list_kernel(
     for blk in range(blk_lo, blk_hi):
         keys = tl.load(list_row + blk * N_SLOTS + offs_s, mask=slot_ok, other=-1)
         changed = keys != held
-        _flush_slots(DK, DV, DU, held, dk, dv, du, changed & (held >= 0), dkv_base, du_base, stride_kt, offs_d)
+        _flush_slots(DK, DV, DU, held, dk, dv, du, changed & (held >= 0), dkv_base, du_base, stride_kt, offs_d,
+                     ATOMIC)
         dk = tl.where(changed[:, None], 0.0, dk)
         dv = tl.where(changed[:, None], 0.0, dv)
         du = tl.where(changed, 0.0, du)
@@ -340,26 +350,28 @@ def sparsek_bwd_list_kernel(
         u_j = tl.load(U + du_base + keys64, mask=key_ok, other=0.0)
         end_j = tl.load(END + du_base + keys64, mask=key_ok, other=0)
 
-        i0 = blk * BLOCK_M
-        offs_m = i0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < T
-        tau = tl.load(TAU + du_base + offs_m, mask=row_ok, other=float("-inf"))
-        allowed = row_ok[:, None] & key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
-        gap = u_j[None, :] - tau[:, None]
-        weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
-        frac = allowed & (gap > 0.0) & (gap < 1.0)
-        for g in range(0, GROUP):
-            hq = hk * GROUP + g
-            bh = b * H_Q + hq
-            q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
-                        + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
-                         + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
-            dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
-            du += tl.sum(tl.where(frac, dm, 0.0), 0)
+        # The block's queries in sub-tiles of SUB_M: a wide slot tile (many keys sharing each q / do load)
+        # then still fits in registers.
+        for sub in range(0, BLOCK_M, SUB_M):
+            offs_m = blk * BLOCK_M + sub + tl.arange(0, SUB_M)
+            row_ok = offs_m < T
+            tau = tl.load(TAU + du_base + offs_m, mask=row_ok, other=float("-inf"))
+            allowed = row_ok[:, None] & key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+            gap = u_j[None, :] - tau[:, None]
+            weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
+            frac = allowed & (gap > 0.0) & (gap < 1.0)
+            for g in range(0, GROUP):
+                hq = hk * GROUP + g
+                bh = b * H_Q + hq
+                q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+                            + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                do = tl.load(DO + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
+                             + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+                pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+                dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
+                du += tl.sum(tl.where(frac, dm, 0.0), 0)
 
-    _flush_slots(DK, DV, DU, held, dk, dv, du, held >= 0, dkv_base, du_base, stride_kt, offs_d)
+    _flush_slots(DK, DV, DU, held, dk, dv, du, held >= 0, dkv_base, du_base, stride_kt, offs_d, ATOMIC)

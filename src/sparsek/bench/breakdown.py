@@ -1,0 +1,86 @@
+"""Where the time of fused SparseK attention goes: each stage timed alone on one GPU.
+
+    python -m sparsek.bench.breakdown                      # T = 4k, 32k, 128k; 16 heads, D = 128, bf16
+    python -m sparsek.bench.breakdown --seq-lens 32768 --heads 8
+
+Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
+kernel, and the backward's dq, band and list passes, the list rebuild and the threshold backward. Medians of
+triton.testing.do_bench in ms; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from sparsek.ops.attention import fused, kernels
+from sparsek.ops.select.fused import block_key_lists_triton, select_rows_triton
+from sparsek.ops.select.prefix import threshold_backward
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=20, rep=100, return_mode="median")
+
+
+def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> dict:
+    q, k, v = (torch.randn(1, t_len, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scores = torch.randn(1, t_len, heads, device="cuda")
+    u = fused._rows(scores)
+    scale = head_dim ** -0.5
+    row = dict(T=t_len)
+    row["select"] = ms(lambda: select_rows_triton(u, topk, window))
+    row["select+lists (graphed)"] = ms(lambda: fused.forward_selection((u,), (topk, window, 128)))
+    tau, start, end, lists = fused.forward_selection((u,), (topk, window, fused.forward_tiles(head_dim)["BLOCK_M"]))
+
+    row["fwd kernel"] = ms(lambda: fused.fused_forward(q, k, v, u, tau, start, end, lists, window, "kv", scale))
+    out, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, window, "kv", scale)
+    grad_out = torch.randn_like(q)
+    delta = fused._rows((grad_out.float() * out.float()).sum(-1))
+    tiles = fused.backward_tiles(head_dim)
+    block_m = tiles["dq"]["BLOCK_M"]
+    bwd_lists = block_key_lists_triton(start, end, topk, block_m, window)
+    n_blocks, n_slots = bwd_lists.shape[1], bwd_lists.shape[2]
+    dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
+    dk = torch.zeros(k.shape, device="cuda")
+    dv, du = torch.zeros_like(dk), torch.zeros(heads, t_len, device="cuda")
+    strides = fused._strides(q, k, v, grad_out)
+    common = dict(GATE=0, DOT="tf32", HEAD_DIM=head_dim)
+    row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_blocks, heads)](
+        q, k, v, u, tau, start, end, bwd_lists, grad_out, lse, delta, dq, dtau, *strides,
+        t_len, n_slots, n_blocks, window, heads, 1, scale, **common, **tiles["dq"]))
+    row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
+        (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), heads)](
+        q, k, v, u, tau, start, end, grad_out, lse, delta, dk, dv, du, *strides,
+        t_len, n_blocks, window, heads, 1, scale, **common, **tiles["band"]))
+    slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
+    row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, heads, 1)](
+        q, k, v, u, tau, end, bwd_lists, grad_out, lse, delta, dk, dv, du, *strides,
+        t_len, n_slots, n_blocks, n_blocks, heads, 1, scale, ATOMIC=False, **common, **tiles["list"]))
+    row["bwd list rebuild"] = ms(lambda: fused.backward_lists((start, end), (topk, block_m, window)))
+    row["threshold bwd"] = ms(lambda: threshold_backward(u.double(), tau.double(), window, dtau.double()))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=512)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = [breakdown(t, args.heads, args.head_dim, args.topk, args.window) for t in args.seq_lens]
+    print(f"{torch.cuda.get_device_name()}, heads={args.heads}, D={args.head_dim}, topk={args.topk}, "
+          f"window={args.window}, bf16, median ms")
+    names = list(rows[0])
+    print("  ".join(f"{n:>12}" if n == "T" else f"{n:>{max(len(n), 8)}}" for n in names))
+    for row in rows:
+        print("  ".join(f"{row[n]:>12}" if n == "T" else f"{row[n]:>{max(len(n), 8)}.3f}" for n in names))
+
+
+if __name__ == "__main__":
+    main()

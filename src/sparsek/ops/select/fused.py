@@ -1,0 +1,117 @@
+"""Host side of the Triton selection: the same results as `prefix.select_rows` and `blocks.block_key_lists`,
+in a few dozen launches instead of thousands of small PyTorch operations.
+
+Shape legend: R rows, T keys per row, L = T - window candidate positions, M = 3R stacked wavelet rows.
+Memory: every wavelet level is kept for the single descent kernel, nbits(2L) x M x (L + 1) x 12 bytes
+(about 1.4 GB for 16 rows of 128k), freed on return.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from . import kernels
+from .blocks import selection_slots
+from .prefix import _best_first, _key_ranges
+from .wavelet import bits_needed
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if _interpreting():
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, Tensor]:
+    """All levels of the wavelet matrices of vals [M, L] (int32) with weights [M, L] (float64):
+    zeros_before [nbits, M, L + 1] int32 and ones_weight_before [nbits, M, L + 1] float64."""
+    rows, n = vals.shape
+    chunk = 32 if _interpreting() else 1024
+    n_seg = max(1, min(triton.cdiv(n, chunk), triton.cdiv(_programs_wanted(vals.device), rows)))
+    seg_len = triton.cdiv(triton.cdiv(n, n_seg), chunk) * chunk
+    n_seg = triton.cdiv(n, seg_len)
+    zeros_before = torch.empty(nbits, rows, n + 1, dtype=torch.int32, device=vals.device)
+    ones_weight_before = torch.empty(nbits, rows, n + 1, dtype=torch.float64, device=vals.device)
+    seg_zeros = torch.empty(rows, n_seg, dtype=torch.int32, device=vals.device)
+    seg_weight = torch.empty(rows, n_seg, dtype=torch.float64, device=vals.device)
+    cur_vals, next_vals = vals.clone(), torch.empty_like(vals)
+    cur_w, next_w = weights.clone(), torch.empty_like(weights)
+    for level in range(nbits):
+        shift = nbits - 1 - level
+        kernels.wavelet_count_kernel[(rows, n_seg)](cur_vals, cur_w, seg_zeros, seg_weight, n, seg_len, n_seg, shift,
+                                                    CHUNK=chunk)
+        kernels.wavelet_write_kernel[(rows, n_seg)](
+            cur_vals, cur_w, next_vals, next_w, zeros_before[level], ones_weight_before[level], seg_zeros,
+            seg_weight, n, seg_len, n_seg, shift, CHUNK=chunk, SEG_POW2=triton.next_power_of_2(n_seg))
+        cur_vals, next_vals = next_vals, cur_vals
+        cur_w, next_w = next_w, cur_w
+    return zeros_before, ones_weight_before
+
+
+@torch.no_grad()
+def select_rows_triton(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton twin of `prefix.select_rows`: u [R, T] -> tau [R, T] float64, start, end [R, T] int64."""
+    rows, t_len = u.shape
+    n = t_len - window                                                    # candidate positions
+    if n <= 0 or topk == 0:
+        start, end = _key_ranges(u, topk, window)
+        return torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device), start, end
+    uc = u[:, :n].double().contiguous()
+    breaks_unsorted = torch.cat([uc, uc - 1], dim=1)                      # [R, 2L]
+    order = torch.argsort(breaks_unsorted, dim=1, stable=True)
+    breaks = breaks_unsorted.gather(1, order).contiguous()
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(2 * n, device=u.device).expand_as(order))
+    by_rank, rank_best = _best_first(uc)
+    vals = torch.cat([rank[:, :n], rank[:, n:], rank_best]).int().contiguous()       # [3R, L]
+    weights = torch.cat([uc, uc, torch.zeros_like(uc)]).contiguous()
+    nbits = bits_needed(2 * n)
+    zeros_before, ones_weight_before = _wavelet_levels(vals, weights, nbits)
+
+    tau_raw = torch.empty(rows, n, dtype=torch.float64, device=u.device)
+    kth = torch.empty(rows, n, dtype=torch.int32, device=u.device)
+    kth_next = torch.empty_like(kth)
+    block = 64 if _interpreting() else 256
+    kernels.prefix_descend_kernel[(rows, triton.cdiv(n, block))](
+        zeros_before, ones_weight_before, breaks, tau_raw, kth, kth_next, rows, n, 2 * n, nbits,
+        zeros_before.stride(0), topk, BLOCK=block)
+
+    # Finish as prefix.py does: the flat case takes the midpoint, short prefixes have no threshold.
+    prefix_len = torch.arange(1, n + 1, device=u.device)
+    theta = uc.gather(1, by_rank.gather(1, kth.long().clamp(max=n - 1)))
+    below = uc.gather(1, by_rank.gather(1, kth_next.long().clamp(max=n - 1)))
+    tau = torch.where(theta - below >= 1, 0.5 * (below + theta - 1), tau_raw.clamp(min=theta - 1))
+    tau = torch.cummax(torch.where(prefix_len > topk, tau, -torch.inf), dim=1).values
+    tau_query = torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device)
+    tau_query[:, window:] = tau
+
+    # Key j leaves the top-k at the first prefix whose k-th best ranks above it (that rank only improves).
+    kth_rank = torch.where(prefix_len >= topk, kth.long(), n)             # no eviction before topk candidates
+    first_beaten = torch.searchsorted((-kth_rank).contiguous(), (-rank_best).contiguous(), right=True)
+    positions = torch.arange(t_len, device=u.device)
+    start = (positions + window).clamp(max=t_len).expand(rows, t_len).contiguous()
+    end = start.clone()
+    end[:, :n] = torch.maximum(first_beaten, positions[:n]) + window
+    return tau_query, start, end.clamp(max=t_len)
+
+
+def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int, window: int) -> Tensor:
+    """Triton twin of `blocks.block_key_lists` (start_j must be j + window): -> [R, NB, K] int32."""
+    rows, t_len = start.shape
+    n_blocks = triton.cdiv(t_len, block)
+    n_slots = max(1, min(topk, t_len))
+    lists = torch.empty(rows, n_blocks, n_slots, dtype=torch.int32, device=start.device)
+    if topk == 0 or t_len == 0:
+        return lists.fill_(-1)
+    slot = selection_slots(start.long(), end.long(), topk).int().contiguous()
+    slot_tile = 16 if _interpreting() else 64
+    kernels.block_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
+        slot, lists, t_len, n_blocks, n_slots, window, BLOCK=block, SLOT_TILE=slot_tile)
+    return lists

@@ -1,0 +1,181 @@
+"""Triton kernels of the selection: wavelet-matrix levels, the threshold descent, and block key lists.
+
+Shape legend: R selection rows, L = T - window candidate positions per row, M = 3R wavelet rows (the p-rank,
+q-rank and best-first-rank sequences of every row, stacked), NB query blocks, K slots.
+
+The algorithm is the one of prefix.py (read it first); here it is split for a GPU:
+  * wavelet_count_kernel / wavelet_write_kernel build one level of all M wavelet matrices: a segment of a row
+    per program, counting its zeros first, then writing prefix counts (zeros_before, and the weight of the
+    ones before each position) and the stably partitioned sequence of the next level. Every level is kept,
+    so the descent needs no state in memory between levels.
+  * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
+    p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
+  * block_lists_kernel writes each query block's slot array (see blocks.py) by walking the blocks in order:
+    a slot's occupant at block b is the newest key given that slot whose start is at or before b's first query.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wavelet_count_kernel(VALS, W, SEG_ZEROS, SEG_WEIGHT, N, SEG_LEN, N_SEG, shift, CHUNK: tl.constexpr):
+    """Zeros of bit `shift` and the weight of its ones in each segment: -> SEG_ZEROS, SEG_WEIGHT [M, N_SEG]."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    base = row.to(tl.int64) * N
+    lo = seg * SEG_LEN
+    hi = tl.minimum(lo + SEG_LEN, N)
+    n_zeros = tl.zeros([CHUNK], dtype=tl.int32)
+    ones_weight = tl.zeros([CHUNK], dtype=tl.float64)
+    for c0 in range(lo, hi, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        inside = offs < hi
+        vals = tl.load(VALS + base + offs, mask=inside, other=0)
+        weight = tl.load(W + base + offs, mask=inside, other=0.0)
+        bit = (vals >> shift) & 1
+        n_zeros += tl.where(inside & (bit == 0), 1, 0)
+        ones_weight += tl.where(inside & (bit == 1), weight, 0.0)
+    tl.store(SEG_ZEROS + row * N_SEG + seg, tl.sum(n_zeros, 0))
+    tl.store(SEG_WEIGHT + row * N_SEG + seg, tl.sum(ones_weight, 0))
+
+
+@triton.jit
+def wavelet_write_kernel(VALS, W, NEXT_VALS, NEXT_W, ZEROS_BEFORE, ONES_WEIGHT_BEFORE, SEG_ZEROS, SEG_WEIGHT,
+                         N, SEG_LEN, N_SEG, shift, CHUNK: tl.constexpr, SEG_POW2: tl.constexpr):
+    """One level: prefix counts [M, N + 1] of this level and the partitioned sequence of the next."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    base = row.to(tl.int64) * N
+    prefix_base = row.to(tl.int64) * (N + 1)
+    segs = tl.arange(0, SEG_POW2)
+    seg_zeros = tl.load(SEG_ZEROS + row * N_SEG + segs, mask=segs < N_SEG, other=0)
+    seg_weight = tl.load(SEG_WEIGHT + row * N_SEG + segs, mask=segs < N_SEG, other=0.0)
+    zeros_before = tl.sum(tl.where(segs < seg, seg_zeros, 0), 0)
+    weight_before = tl.sum(tl.where(segs < seg, seg_weight, 0.0), 0)
+    total_zeros = tl.sum(seg_zeros, 0)
+
+    lo = seg * SEG_LEN
+    hi = tl.minimum(lo + SEG_LEN, N)
+    for c0 in range(lo, hi, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        inside = offs < hi
+        vals = tl.load(VALS + base + offs, mask=inside, other=0)
+        weight = tl.load(W + base + offs, mask=inside, other=0.0)
+        bit = (vals >> shift) & 1
+        is_zero = tl.where(inside & (bit == 0), 1, 0)
+        one_weight = tl.where(inside & (bit == 1), weight, 0.0)
+        z_before = zeros_before + tl.cumsum(is_zero, 0) - is_zero
+        w_before = weight_before + tl.cumsum(one_weight, 0) - one_weight
+        tl.store(ZEROS_BEFORE + prefix_base + offs, z_before, mask=inside)
+        tl.store(ONES_WEIGHT_BEFORE + prefix_base + offs, w_before, mask=inside)
+        dest = tl.where(bit == 0, z_before, total_zeros + offs - z_before)
+        tl.store(NEXT_VALS + base + dest, vals, mask=inside)
+        tl.store(NEXT_W + base + dest, weight, mask=inside)
+        zeros_before += tl.sum(is_zero, 0)
+        weight_before += tl.sum(one_weight, 0)
+    if seg == N_SEG - 1:
+        tl.store(ZEROS_BEFORE + prefix_base + N, total_zeros)
+        tl.store(ONES_WEIGHT_BEFORE + prefix_base + N, weight_before)
+
+
+@triton.jit
+def _kth_step(zeros_before, n_zeros, lo, hi, rank, answer):
+    """One level of a k-th smallest descent on the range [lo, hi)."""
+    z_lo = tl.load(zeros_before + lo)
+    z_hi = tl.load(zeros_before + hi)
+    zeros = z_hi - z_lo
+    go_ones = rank > zeros
+    rank = tl.where(go_ones, rank - zeros, rank)
+    lo = tl.where(go_ones, n_zeros + lo - z_lo, z_lo)
+    hi = tl.where(go_ones, n_zeros + hi - z_hi, z_hi)
+    return lo, hi, rank, 2 * answer + go_ones.to(tl.int32)
+
+
+@triton.jit
+def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KTH_NEXT,
+                          R, N, N_BREAKS, NBITS, LEVEL_STRIDE, topk, BLOCK: tl.constexpr):
+    """For every prefix length c = 1..N of row r: the closed-form tau of the last breakpoint with
+    f_c >= topk (TAU), and the best-first ranks of the topk-th and (topk+1)-th best keys (KTH, KTH_NEXT)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    prefix_len = tl.where(inside, offs + 1, 0)
+    p_row = row.to(tl.int64) * (N + 1)      # the p, q and rank matrices of this row are rows r, R + r, 2R + r
+    q_row = (row + R).to(tl.int64) * (N + 1)
+    r_row = (row + 2 * R).to(tl.int64) * (N + 1)
+
+    lo_p = tl.zeros([BLOCK], dtype=tl.int32)
+    hi_p = prefix_len
+    lo_q = lo_p
+    hi_q = prefix_len
+    node = lo_p
+    n_p = lo_p                                   # counts of p / q ranks at or above the current node's end
+    n_q = lo_p
+    s_p = tl.zeros([BLOCK], dtype=tl.float64)    # and the sums of u over them
+    s_q = s_p
+    lo_1 = lo_p
+    hi_1 = prefix_len
+    rank_1 = tl.zeros([BLOCK], dtype=tl.int32) + topk
+    ans_1 = lo_p
+    lo_2 = lo_p
+    hi_2 = prefix_len
+    rank_2 = rank_1 + 1
+    ans_2 = lo_p
+    for level in range(NBITS):
+        zb = ZEROS_BEFORE + level * LEVEL_STRIDE
+        wb = ONES_WEIGHT_BEFORE + level * LEVEL_STRIDE
+        half = 1 << (NBITS - 1 - level)
+        zp_lo = tl.load(zb + p_row + lo_p)
+        zp_hi = tl.load(zb + p_row + hi_p)
+        zq_lo = tl.load(zb + q_row + lo_q)
+        zq_hi = tl.load(zb + q_row + hi_q)
+        up_n_p = n_p + (hi_p - lo_p) - (zp_hi - zp_lo)
+        up_n_q = n_q + (hi_q - lo_q) - (zq_hi - zq_lo)
+        up_s_p = s_p + tl.load(wb + p_row + hi_p) - tl.load(wb + p_row + lo_p)
+        up_s_q = s_q + tl.load(wb + q_row + hi_q) - tl.load(wb + q_row + lo_q)
+        mid = node + half
+        t = tl.load(BREAKS + row.to(tl.int64) * N_BREAKS + tl.minimum(mid, N_BREAKS - 1))
+        f_mid = up_n_q + (up_s_p - up_s_q) - t * (up_n_p - up_n_q)
+        go_up = (f_mid >= topk) & (mid < N_BREAKS)
+        node = tl.where(go_up, mid, node)
+        n_p = tl.where(go_up, n_p, up_n_p)
+        n_q = tl.where(go_up, n_q, up_n_q)
+        s_p = tl.where(go_up, s_p, up_s_p)
+        s_q = tl.where(go_up, s_q, up_s_q)
+        nz_p = tl.load(zb + p_row + N)
+        nz_q = tl.load(zb + q_row + N)
+        lo_p = tl.where(go_up, nz_p + lo_p - zp_lo, zp_lo)
+        hi_p = tl.where(go_up, nz_p + hi_p - zp_hi, zp_hi)
+        lo_q = tl.where(go_up, nz_q + lo_q - zq_lo, zq_lo)
+        hi_q = tl.where(go_up, nz_q + hi_q - zq_hi, zq_hi)
+
+        nz_r = tl.load(zb + r_row + N)
+        lo_1, hi_1, rank_1, ans_1 = _kth_step(zb + r_row, nz_r, lo_1, hi_1, rank_1, ans_1)
+        lo_2, hi_2, rank_2, ans_2 = _kth_step(zb + r_row, nz_r, lo_2, hi_2, rank_2, ans_2)
+
+    tau = (s_p - s_q + n_q - topk) / tl.maximum(n_p - n_q, 1).to(tl.float64)
+    out = row.to(tl.int64) * N + offs
+    tl.store(TAU + out, tau, mask=inside)
+    tl.store(KTH + out, ans_1, mask=inside)
+    tl.store(KTH_NEXT + out, ans_2, mask=inside)
+
+
+@triton.jit
+def block_lists_kernel(SLOT, LISTS, T, N_BLOCKS, N_SLOTS, WINDOW, BLOCK: tl.constexpr, SLOT_TILE: tl.constexpr):
+    """LISTS [R, NB, K]: the key in each slot at the first query of each block (-1 if none yet)."""
+    row = tl.program_id(0)
+    offs_s = tl.program_id(1) * SLOT_TILE + tl.arange(0, SLOT_TILE)
+    held = tl.full([SLOT_TILE], -1, dtype=tl.int32)
+    slot_row = SLOT + row.to(tl.int64) * T
+    list_row = LISTS + row.to(tl.int64) * N_BLOCKS * N_SLOTS
+    for blk in range(N_BLOCKS):
+        # Keys whose start j + WINDOW falls in (i0 - BLOCK, i0]: the only ones that can change a slot.
+        offs_j = blk * BLOCK - BLOCK + 1 - WINDOW + tl.arange(0, BLOCK)
+        slot = tl.load(slot_row + offs_j, mask=(offs_j >= 0) & (offs_j < T), other=-1)
+        match = slot[:, None] == offs_s[None, :]
+        newest = tl.max(tl.where(match, offs_j[:, None], -1), 0)
+        held = tl.where(newest >= 0, newest, held)
+        tl.store(list_row + blk * N_SLOTS + offs_s, held, mask=offs_s < N_SLOTS)

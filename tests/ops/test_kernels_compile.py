@@ -1,0 +1,86 @@
+"""Every Triton kernel compiles for an H100 (sm_90) with the tiles the host code uses, without a GPU.
+
+The interpreter (which runs the other kernel tests on CPU) accepts code that the GPU compiler rejects, such
+as a variable changing type inside an `if`. triton.compile with a CUDA target catches those in CI. It runs
+in a subprocess because the interpreter setting in conftest changes what `triton.jit` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsek.ops.attention import fused, kernels as attn
+    from sparsek.ops.select import kernels as sel
+
+    def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = pointers[name]
+            else:
+                signature[name] = "fp32" if name in floats else "i32"
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+        print("compiled", fn.__name__, constexprs, flush=True)
+
+    def split(tiles):
+        tiles = dict(tiles)
+        return tiles, tiles.pop("num_warps"), tiles.pop("num_stages")
+
+    # One representative configuration per kernel (compiling every variant costs minutes of CI time).
+    dtype = sys.argv[1]
+    x = "*" + dtype
+    common = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32")
+    dot = "ieee" if dtype == "fp32" else "tf32"
+    head_dim = 128 if dtype == "bf16" else 64
+    tiles, warps, stages = split(fused.forward_tiles(head_dim))
+    compile_kernel(attn.sparsek_fwd_kernel, dict(common, OUT=x, LSE="*fp32"),
+                   dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, **tiles), ("qk_scale2",), warps, stages)
+    if dtype == "bf16":
+        backward = fused.backward_tiles(head_dim)
+        grads = dict(DO=x, LSE="*fp32", DELTA="*fp32")
+        tiles, warps, stages = split(backward["dq"])
+        compile_kernel(attn.sparsek_bwd_dq_kernel, dict(common, **grads, DQ=x, DTAU="*fp32"),
+                       dict(GATE=1, DOT=dot, HEAD_DIM=head_dim, **tiles), ("scale",), warps, stages)
+        tiles, warps, stages = split(backward["band"])
+        compile_kernel(attn.sparsek_bwd_band_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
+                       dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, **tiles), ("scale",), warps, stages)
+        tiles, warps, stages = split(backward["list"])
+        compile_kernel(attn.sparsek_bwd_list_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
+                       dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, **tiles), ("scale",), warps, stages)
+    if dtype == "bf16":
+        compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", SEG_ZEROS="*i32", SEG_WEIGHT="*fp64"),
+                       dict(CHUNK=1024))
+        compile_kernel(sel.wavelet_write_kernel,
+                       dict(VALS="*i32", W="*fp64", NEXT_VALS="*i32", NEXT_W="*fp64", ZEROS_BEFORE="*i32",
+                            ONES_WEIGHT_BEFORE="*fp64", SEG_ZEROS="*i32", SEG_WEIGHT="*fp64"),
+                       dict(CHUNK=1024, SEG_POW2=8))
+        compile_kernel(sel.prefix_descend_kernel,
+                       dict(ZEROS_BEFORE="*i32", ONES_WEIGHT_BEFORE="*fp64", BREAKS="*fp64", TAU="*fp64", KTH="*i32",
+                            KTH_NEXT="*i32"), dict(BLOCK=256))
+        compile_kernel(sel.block_lists_kernel, dict(SLOT="*i32", LISTS="*i32"), dict(BLOCK=128, SLOT_TILE=64))
+''')
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_sm90(dtype):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, dtype], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

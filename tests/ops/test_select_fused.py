@@ -1,0 +1,45 @@
+"""The Triton selection (thresholds, key ranges, block lists) against the PyTorch selection.
+
+The PyTorch selection is itself checked against brute force in test_select.py. On CPU these kernels run
+under TRITON_INTERPRET=1 (slow, so few small cases); on a GPU they run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sparsek.ops.select.blocks import block_key_lists  # noqa: E402
+from sparsek.ops.select.fused import block_key_lists_triton, select_rows_triton  # noqa: E402
+from sparsek.ops.select.prefix import select_rows  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("selection kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.mark.parametrize("t_len,topk,window,kind", [
+    (1, 1, 0, "randn"), (37, 5, 3, "randn"), (50, 7, 0, "ties"), (41, 3, 6, "gaps"), (20, 30, 2, "randn"),
+    (33, 4, 40, "randn"), (29, 0, 3, "randn"), (64, 1, 1, "ties"),
+])
+def test_triton_selection_matches_pytorch(t_len, topk, window, kind):
+    torch.manual_seed(t_len * 31 + topk)
+    if kind == "ties":
+        u = torch.randint(0, 4, (3, t_len), device=DEVICE).float()
+    elif kind == "gaps":  # spread > 1 apart: flat thresholds everywhere
+        u = torch.randn(3, t_len, device=DEVICE) * 10
+    else:
+        u = torch.randn(3, t_len, device=DEVICE) * 2
+    tau, start, end = select_rows_triton(u, topk, window)
+    tau_ref, start_ref, end_ref = select_rows(u, topk, window)
+    assert torch.equal(start, start_ref) and torch.equal(end, end_ref)
+    assert torch.equal(torch.isinf(tau), torch.isinf(tau_ref))
+    finite = torch.isfinite(tau_ref)
+    torch.testing.assert_close(tau[finite], tau_ref[finite], atol=1e-9, rtol=1e-9)
+    for block in (1, 4, 16):
+        lists = block_key_lists_triton(start, end, topk, block, window)
+        assert torch.equal(lists, block_key_lists(start_ref, end_ref, topk, block))
