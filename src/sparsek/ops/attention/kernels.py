@@ -69,6 +69,45 @@ def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.const
 
 
 @triton.jit
+def _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt, stride_vt, offs_m, offs_d, tau,
+               BLOCK_N: tl.constexpr):
+    """Slots [s0, s0 + BLOCK_N) of a block's list: k, v [BLOCK_N, D] gathered by key, and for the queries offs_m
+    which pairs attend (query i keeps key j while i < e_j), the mask m and the gap u_j - tau_i."""
+    offs_s = s0 + tl.arange(0, BLOCK_N)
+    keys = tl.load(list_base + offs_s, mask=offs_s < N_SLOTS, other=-1)
+    key_ok = keys >= 0
+    keys = tl.where(key_ok, keys, 0).to(tl.int64)
+    kt = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    vt = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    u_j = tl.load(u_row + keys, mask=key_ok, other=0.0)
+    end_j = tl.load(end_row + keys, mask=key_ok, other=0)
+    allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+    gap = u_j[None, :] - tau[:, None]
+    return kt, vt, allowed, tl.minimum(tl.maximum(gap, 0.0), 1.0), gap
+
+
+@triton.jit
+def _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt, stride_vt, offs_m, offs_d, tau,
+               WINDOW, BLOCK_N: tl.constexpr):
+    """Keys [j0, j0 + BLOCK_N) of a block's band: k, v [BLOCK_N, D], and for the queries offs_m which pairs
+    attend (window or selected), which are selected, the mask m (1 in the window) and the gap u_j - tau_i."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < band_hi
+    kv_offs = offs_n[:, None].to(tl.int64)
+    kt = tl.load(k_base + kv_offs * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    vt = tl.load(v_base + kv_offs * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    u_j = tl.load(u_row + offs_n, mask=key_ok, other=0.0)
+    start_j = tl.load(start_row + offs_n, mask=key_ok, other=0)
+    end_j = tl.load(end_row + offs_n, mask=key_ok, other=0)
+    in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+    selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :]) & key_ok[None, :]
+    allowed = key_ok[None, :] & (in_window | selected)
+    gap = u_j[None, :] - tau[:, None]
+    weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
+    return kt, vt, allowed, selected, weight, gap
+
+
+@triton.jit
 def sparsek_fwd_kernel(
     Q, K, V, U, TAU, START, END, LISTS, OUT, LSE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -103,35 +142,16 @@ def sparsek_fwd_kernel(
     # Phase 1: the keys selected by the block's first query.
     list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + pid_m) * N_SLOTS
     for s0 in range(0, N_SLOTS, BLOCK_N):
-        offs_s = s0 + tl.arange(0, BLOCK_N)
-        keys = tl.load(list_base + offs_s, mask=offs_s < N_SLOTS, other=-1)
-        key_ok = keys >= 0
-        keys = tl.where(key_ok, keys, 0).to(tl.int64)
-        kt = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        vt = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        u_j = tl.load(u_row + keys, mask=key_ok, other=0.0)
-        end_j = tl.load(end_row + keys, mask=key_ok, other=0)
-        allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
-        weight = tl.minimum(tl.maximum(u_j[None, :] - tau[:, None], 0.0), 1.0)
+        kt, vt, allowed, weight, _ = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
+                                                stride_vt, offs_m, offs_d, tau, BLOCK_N)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
 
     # Phase 2: the band (i0 - w, i0 + BLOCK_M): windows and keys that became candidates in the block.
     band_lo = tl.maximum(i0 - WINDOW + 1, 0)
     band_hi = tl.minimum(i0 + BLOCK_M, T)
     for j0 in range(band_lo, band_hi, BLOCK_N):
-        offs_n = j0 + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < band_hi
-        kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=key_ok[:, None],
-                     other=0.0)
-        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=key_ok[:, None],
-                     other=0.0)
-        u_j = tl.load(u_row + offs_n, mask=key_ok, other=0.0)
-        start_j = tl.load(start_row + offs_n, mask=key_ok, other=0)
-        end_j = tl.load(end_row + offs_n, mask=key_ok, other=0)
-        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
-        allowed = key_ok[None, :] & (in_window | selected)
-        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(u_j[None, :] - tau[:, None], 0.0), 1.0))
+        kt, vt, allowed, _, weight, _ = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt,
+                                                   stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -179,17 +199,8 @@ def sparsek_bwd_dq_kernel(
 
     list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + pid_m) * N_SLOTS
     for s0 in range(0, N_SLOTS, BLOCK_N):
-        offs_s = s0 + tl.arange(0, BLOCK_N)
-        keys = tl.load(list_base + offs_s, mask=offs_s < N_SLOTS, other=-1)
-        key_ok = keys >= 0
-        keys = tl.where(key_ok, keys, 0).to(tl.int64)
-        kt = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        vt = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        u_j = tl.load(u_row + keys, mask=key_ok, other=0.0)
-        end_j = tl.load(end_row + keys, mask=key_ok, other=0)
-        allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
-        gap = u_j[None, :] - tau[:, None]
-        weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
+        kt, vt, allowed, weight, gap = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
+                                                  stride_vt, offs_m, offs_d, tau, BLOCK_N)
         _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(allowed & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
@@ -197,20 +208,9 @@ def sparsek_bwd_dq_kernel(
     band_lo = tl.maximum(i0 - WINDOW + 1, 0)
     band_hi = tl.minimum(i0 + BLOCK_M, T)
     for j0 in range(band_lo, band_hi, BLOCK_N):
-        offs_n = j0 + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < band_hi
-        kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=key_ok[:, None],
-                     other=0.0)
-        vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=key_ok[:, None],
-                     other=0.0)
-        u_j = tl.load(u_row + offs_n, mask=key_ok, other=0.0)
-        start_j = tl.load(start_row + offs_n, mask=key_ok, other=0)
-        end_j = tl.load(end_row + offs_n, mask=key_ok, other=0)
-        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :]) & key_ok[None, :]
-        allowed = key_ok[None, :] & (in_window | selected)
-        gap = u_j[None, :] - tau[:, None]
-        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
+        kt, vt, allowed, selected, weight, gap = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row,
+                                                            stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW,
+                                                            BLOCK_N)
         _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(selected & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
