@@ -103,10 +103,12 @@ def test_fused_fp16_error_within_twice_pytorch_fp16(case):
         assert err <= 2 * err_half + 1e-3 * (1 + w.abs().max().item()), f"{name}: {err} vs PyTorch fp16 {err_half}"
 
 
-def test_fused_varlen_matches_reference():
+@pytest.mark.parametrize("bounds", [[0, 7, 7, 31, 60], [0, 1, 2, 3, 60]], ids=["padded-batch", "per-sequence"])
+def test_fused_varlen_matches_reference(bounds):
+    """Packed sequences run as one padded batch, or one by one when padding would more than double the work."""
     t_len, hq, hk, d = 60, 2, 1, 16
     inputs = make_inputs(1, t_len, hq, hk, d, torch.float32)
-    cu_seqlens = torch.tensor([0, 7, 7, 31, 60], device=DEVICE)
+    cu_seqlens = torch.tensor(bounds, device=DEVICE)
     kwargs = dict(topk=3, window=2, gate="kv", cu_seqlens=cu_seqlens)
     cotangent = torch.randn(1, t_len, hq, d, device=DEVICE)
     got = outputs_and_grads(lambda *a, **k: sparsek_attention(*a, backend="triton", **k), inputs, cotangent,
