@@ -1,5 +1,6 @@
 """sparsek: trainable sparse attention (SparseK, arXiv 2406.16747) for long-context decoder Transformers."""
 
+from .cache import SparseKCache
 from .layers import Scorer, SparseKAttention, SparseKConfig
 from .ops import Selection, prefix_selection, sparsek, sparsek_attention, sparsek_threshold
 
@@ -9,6 +10,7 @@ __all__ = [
     "Scorer",
     "Selection",
     "SparseKAttention",
+    "SparseKCache",
     "SparseKConfig",
     "prefix_selection",
     "sparsek",

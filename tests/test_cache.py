@@ -1,0 +1,55 @@
+"""SparseKCache: decoding token by token equals the parallel forward, with KV memory that does not grow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsek.cache import SparseKCache
+from tests.reference import naive_sparsek_attention
+
+
+def decode(q, k, v, scores, prompt_len, **kwargs):
+    """Prefill the first prompt_len tokens, then decode the rest one at a time -> outputs [B, T - P, Hq, D]."""
+    gate = kwargs.pop("gate", "kv")
+    cache = SparseKCache.prefill(k[:, :prompt_len], v[:, :prompt_len], scores[:, :prompt_len], **kwargs)
+    outs = [cache.step(q[:, t], k[:, t], v[:, t], scores[:, t], gate=gate) for t in range(prompt_len, q.shape[1])]
+    return torch.stack(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("gate", ["kv", "v", "none"])
+@pytest.mark.parametrize("topk,window,prompt_len", [
+    (4, 3, 0), (4, 3, 5), (4, 3, 20), (1, 0, 6), (6, 0, 0), (0, 5, 4), (3, 1, 11), (40, 2, 9), (3, 40, 9),
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_decode_equals_parallel(gate, topk, window, prompt_len, ties):
+    """Prompts shorter and longer than topk + window, windows 0 and > T, topk 0 and > T, GQA 2, tied scores."""
+    torch.manual_seed(topk * 100 + window * 10 + prompt_len)
+    batch, t_len, heads, group, dim = 2, 30, 2, 2, 8
+    q = torch.randn(batch, t_len, heads * group, dim, dtype=torch.float64)
+    k, v = (torch.randn(batch, t_len, heads, dim, dtype=torch.float64) for _ in range(2))
+    scores = torch.randint(0, 3, (batch, t_len, heads)).float() if ties else torch.randn(batch, t_len, heads) * 2
+    want = naive_sparsek_attention(q, k, v, scores.double(), topk=topk, window=window, gate=gate)
+    got, _ = decode(q, k, v, scores, prompt_len, topk=topk, window=window, gate=gate)
+    torch.testing.assert_close(got, want[:, prompt_len:], atol=1e-10, rtol=1e-10)
+
+
+def test_kv_memory_constant_past_the_budget():
+    """Measured from the cache's tensors while decoding to 4x past topk + window."""
+    topk, window, heads, dim = 8, 4, 2, 16
+    t_len = 4 * (topk + window) + 5
+    q = torch.randn(1, t_len, heads, dim)
+    k, v = (torch.randn(1, t_len, heads, dim) for _ in range(2))
+    scores = torch.randn(1, t_len, heads)
+    cache = SparseKCache.prefill(k[:, :0], v[:, :0], scores[:, :0], topk=topk, window=window)
+    sizes = []
+    for t in range(t_len):
+        cache.step(q[:, t], k[:, t], v[:, t], scores[:, t])
+        sizes.append(cache.kv_bytes())
+    assert len(set(sizes)) == 1
+    assert sizes[0] == 2 * heads * (topk + window) * dim * k.element_size()
+
+
+def test_rejects_empty_budget():
+    with pytest.raises(ValueError, match="not both 0"):
+        SparseKCache(1, 1, 4, topk=0, window=0, dtype=torch.float32)
