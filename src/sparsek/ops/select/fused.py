@@ -3,7 +3,7 @@ in a few dozen launches instead of thousands of small PyTorch operations.
 
 Shape legend: R rows, T keys per row, L = T - window candidate positions, M = 3R stacked wavelet rows.
 Memory: every wavelet level is kept for the single descent kernel, nbits(2L) x M x (L + 1) x 12 bytes
-(about 1.4 GB for 16 rows of 128k), freed on return.
+(about 1.4 GB for 16 rows of 128k), freed on return; more rows are processed in groups within 2 GiB.
 """
 
 from __future__ import annotations
@@ -56,9 +56,24 @@ def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, 
     return zeros_before, ones_weight_before
 
 
+# Scratch bytes per call, at most: rows are processed in groups that fit (the levels take 12 bytes per
+# position, per level, per wavelet row).
+MAX_SCRATCH_BYTES = 2 << 30
+
+
 @torch.no_grad()
 def select_rows_triton(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of `prefix.select_rows`: u [R, T] -> tau [R, T] float64, start, end [R, T] int64."""
+    rows, t_len = u.shape
+    n = max(1, t_len - window)
+    group = max(1, MAX_SCRATCH_BYTES // (bits_needed(2 * n) * 3 * (n + 1) * 12))
+    if rows > group:
+        parts = [_select_rows_group(u[r:r + group], topk, window) for r in range(0, rows, group)]
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return _select_rows_group(u, topk, window)
+
+
+def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
     rows, t_len = u.shape
     n = t_len - window                                                    # candidate positions
     if n <= 0 or topk == 0:

@@ -124,9 +124,9 @@ def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KT
     hi_2 = prefix_len
     rank_2 = rank_1 + 1
     ans_2 = lo_p
+    zb = ZEROS_BEFORE          # advanced by a pointer step per level: level * LEVEL_STRIDE could overflow int32
+    wb = ONES_WEIGHT_BEFORE
     for level in range(NBITS):
-        zb = ZEROS_BEFORE + level * LEVEL_STRIDE
-        wb = ONES_WEIGHT_BEFORE + level * LEVEL_STRIDE
         half = 1 << (NBITS - 1 - level)
         zp_lo = tl.load(zb + p_row + lo_p)
         zp_hi = tl.load(zb + p_row + hi_p)
@@ -155,6 +155,8 @@ def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KT
         nz_r = tl.load(zb + r_row + N)
         lo_1, hi_1, rank_1, ans_1 = _kth_step(zb + r_row, nz_r, lo_1, hi_1, rank_1, ans_1)
         lo_2, hi_2, rank_2, ans_2 = _kth_step(zb + r_row, nz_r, lo_2, hi_2, rank_2, ans_2)
+        zb += LEVEL_STRIDE
+        wb += LEVEL_STRIDE
 
     tau = (s_p - s_q + n_q - topk) / tl.maximum(n_p - n_q, 1).to(tl.float64)
     out = row.to(tl.int64) * N + offs
