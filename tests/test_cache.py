@@ -53,3 +53,11 @@ def test_kv_memory_constant_past_the_budget():
 def test_rejects_empty_budget():
     with pytest.raises(ValueError, match="not both 0"):
         SparseKCache(1, 1, 4, topk=0, window=0, dtype=torch.float32)
+
+
+def test_window_only_cache_keeps_no_scores():
+    """With topk = 0 nothing can be selected: the cache must not accumulate candidate scores either."""
+    cache = SparseKCache(1, 1, 4, topk=0, window=3, dtype=torch.float32)
+    for _ in range(50):
+        cache.step(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1))
+    assert cache.kept_u.numel() == 0

@@ -92,9 +92,9 @@ class SparseKCache:
 
     def _admit(self, k: Tensor, v: Tensor, u: Tensor, position: int) -> None:
         """A new candidate [B, H, D] / [B, H]: keep its score, and give it a slot if it makes the top-k."""
-        self.kept_u = torch.cat([self.kept_u, u.double()[..., None]], dim=-1)
-        if self.topk == 0:
+        if self.topk == 0:                   # window only: no threshold, nothing to keep
             return
+        self.kept_u = torch.cat([self.kept_u, u.double()[..., None]], dim=-1)
         if position < self.topk:                  # candidate j is the (j + 1)-th: slots still filling
             slot = torch.full(u.shape, position, dtype=torch.int64, device=u.device)
             take = torch.ones_like(u, dtype=torch.bool)

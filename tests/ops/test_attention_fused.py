@@ -133,3 +133,39 @@ def test_triton_backend_rejects_unsupported_head_dim():
     q, k, v, s = make_inputs(1, 8, 1, 1, 24, torch.float32)
     with pytest.raises(ValueError, match="head dim"):
         sparsek_attention(q, k, v, s, topk=2, window=2, backend="triton")
+
+
+def test_fused_accepts_views_of_a_fused_projection():
+    """q, k, v split from one tensor have a last stride of 1 but not contiguous rows; the backward writes
+    dk, dv with its own layout, so the inputs must be made contiguous first."""
+    qkv = torch.randn(2, 37, 3, 16, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+    scores = torch.randn(2, 37, 1, device=DEVICE, requires_grad=True)
+    cotangent = torch.randn(2, 37, 1, 16, device=DEVICE)
+    out = fused.sparsek_attention_fused(q, k, v, scores, topk=4, window=3)
+    grads = torch.autograd.grad(out, (qkv, scores), cotangent)
+    exact = [qkv.detach().double().requires_grad_(), scores.detach().double().requires_grad_()]
+    q2, k2, v2 = (x.unsqueeze(2) for x in exact[0].unbind(2))
+    want = sparsek_attention_reference(q2, k2, v2, exact[1], topk=4, window=3)
+    want_grads = torch.autograd.grad(want, exact, cotangent.double())
+    torch.testing.assert_close(out.double(), want, atol=2e-4, rtol=2e-4)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, atol=2e-4, rtol=2e-4)
+
+
+def test_fused_selects_on_float64_scores_exactly():
+    """Scores 1e-12 apart are distinct in float64 but tied in float32: the selection must see the difference."""
+    u = torch.tensor([1 + 1e-12, 1.0, -5.0, -5.0], dtype=torch.float64, device=DEVICE).view(1, 4, 1)
+    q, k, v = (torch.randn(1, 4, 1, 16, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    got = fused.sparsek_attention_fused(q, k, v, u, topk=1, window=1, gate="none")
+    want = sparsek_attention_reference(q, k, v, u, topk=1, window=1, gate="none")
+    torch.testing.assert_close(got, want)
+
+
+def test_varlen_with_many_empty_sequences():
+    q, k, v, s = make_inputs(1, 20, 2, 1, 16, torch.float32)
+    cu_seqlens = torch.tensor([0] * 50 + [20])
+    got = sparsek_attention(q, k, v, s, topk=3, window=2, backend="triton", cu_seqlens=cu_seqlens)
+    want = sparsek_attention(q, k, v, s, topk=3, window=2, backend="reference", cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)

@@ -53,6 +53,10 @@ class GraphedFunction:
                 and not torch.cuda.is_current_stream_capturing())
 
     def _capture(self, tensors: tuple[Tensor, ...], scalars: tuple):
+        with torch.cuda.device(tensors[0].device):
+            return self._capture_here(tensors, scalars)
+
+    def _capture_here(self, tensors: tuple[Tensor, ...], scalars: tuple):
         static_in = tuple(t.clone() for t in tensors)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -7,8 +7,8 @@ start, end: [R, T]); the block lists are rebuilt in the backward rather than kep
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 
 import torch
 import triton
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..graphs import GraphedFunction
 from ..select.blocks import block_key_lists
-from ..select.fused import block_key_lists_triton, select_rows_triton
+from ..select.fused import block_key_lists_triton, interpreting, select_rows_triton
 from ..select.prefix import select_rows, threshold_backward
 from . import kernels
 
@@ -32,8 +32,9 @@ def _empty(shape, dtype: torch.dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _on_device_of(x: Tensor):
+    """Launch on x's GPU, whatever the current device is (Triton launches on the current one)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def supports(q: Tensor) -> bool:
@@ -177,10 +178,14 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
     """-> o [B, T, Hq, D], lse [B * Hq, T], u, tau (float32), start, end (int32), all [R, T]."""
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    u = _rows(scores.detach()).to(torch.float32, copy=True)  # an op output must not alias its input
-    tau, start, end, lists = forward_selection((u,), (topk, window, forward_tiles(q.shape[-1])["BLOCK_M"]))
-    o, lse = fused_forward(q, k, v, u, tau, start, end, lists, window, gate, scale)
+    with _on_device_of(q):
+        # Select in the scores' own precision (float64 scores may differ in the last float32 bit); the kernels
+        # read them as float32.
+        u_exact = _rows(scores.detach())
+        block = forward_tiles(q.shape[-1])["BLOCK_M"]
+        tau, start, end, lists = forward_selection((u_exact,), (topk, window, block))
+        u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input
+        o, lse = fused_forward(q, k, v, u, tau, start, end, lists, window, gate, scale)
     return o, lse, u, tau, start, end
 
 
@@ -200,6 +205,11 @@ def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor
                           tau: Tensor, start: Tensor, end: Tensor, topk: int, window: int, gate: str,
                           scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv and dscores [B, T, Hk] float32 (zeros for gate "none"), the tau path included."""
+    with _on_device_of(q):
+        return _attention_backward(do, q, k, v, o, lse, u, tau, start, end, topk, window, gate, scale)
+
+
+def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, topk, window, gate, scale):
     dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end,
                                           topk, window, gate, scale)
     batch, t_len, n_q_heads, _ = q.shape
@@ -225,6 +235,9 @@ class FusedSparseKAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
                 scale: float) -> Tensor:
+        # The kernels need a unit last stride and write dk, dv with k's layout: keep contiguous copies (a no-op
+        # for contiguous inputs, a copy for views such as q, k, v split from one fused projection).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse, u, tau, start, end = attention_forward_op(q, k, v, scores, topk, window, gate, scale)
         ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end)
         ctx.config = (topk, window, gate, scale, scores.dtype)

@@ -136,9 +136,9 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     if cu_seqlens is None:
         return attend(q, k, v, scores)
     bounds = _validate_cu_seqlens(cu_seqlens, q)
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if attention is not sparsek_attention_reference and len(lengths) * max(lengths) <= 2 * q.shape[1]:
-        return _attend_padded(attend, q, k, v, scores, cu_seqlens, max(lengths))
+    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if attention is not sparsek_attention_reference and (len(bounds) - 1) * max_len <= 2 * q.shape[1]:
+        return _attend_padded(attend, q, k, v, scores, cu_seqlens.to(q.device), max_len)
     pieces = [attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(pieces, dim=1) if pieces else q.new_zeros(q.shape)
 
@@ -152,7 +152,7 @@ def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, cu_s
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     offsets = torch.arange(max_len, device=q.device)
     real = offsets < lengths[:, None]                                            # [N, max_len]
-    index = torch.where(real, starts[:, None] + offsets, 0)                       # [N, max_len] into total
+    index = torch.where(real, starts[:, None] + offsets, 0)                       # [N, max_len]; pads read token 0
 
     def batch(x: Tensor) -> Tensor:                                               # [1, total, ...] -> [N, L, ...]
         return x[0][index]

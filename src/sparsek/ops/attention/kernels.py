@@ -15,8 +15,9 @@ T x topk per query exists. Softmax runs in base 2 (lse in log2 units).
 
 Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases; dk, dv
 and the direct score gradient du from two key-major passes: the band pass walks each key tile over the query
-blocks whose band contains it, the list pass walks each tile of slots through the blocks, flushing a slot's
-sums with atomic adds when its key changes (each key lives in one slot for one run of blocks).
+blocks whose band contains it, the list pass walks each tile of slots through the blocks, adding a slot's sums
+to its key's rows when the key changes (each key lives in one slot for one run of blocks; the adds are atomic
+only when the blocks are split between programs).
 
 GATE: 0 = "kv" (logits scaled by m, values by m), 1 = "v" (values by m), 2 = "none" (hard selection).
 DOT: tl.dot input precision, "ieee" for float32 inputs (no silent tf32), "tf32" (ignored) for 16-bit inputs.

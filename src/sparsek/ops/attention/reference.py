@@ -15,13 +15,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..select import prefix_selection
+from ..sparsek.reference import _compute_dtype
 
 # Elements of one chunk's [B, Hk, G, Q, N] logits; a few times this many bytes are live at once.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,

@@ -3,7 +3,8 @@ in a few dozen launches instead of thousands of small PyTorch operations.
 
 Shape legend: R rows, T keys per row, L = T - window candidate positions, M = 3R stacked wavelet rows.
 Memory: every wavelet level is kept for the single descent kernel, nbits(2L) x M x (L + 1) x 12 bytes
-(about 1.4 GB for 16 rows of 128k), freed on return; more rows are processed in groups within 2 GiB.
+(about 1.4 GB for 16 rows of 128k), freed on return, unless the call is replayed as a CUDA graph (up to 2^19
+scores, see ops/graphs.py), whose memory pool keeps it; more rows are processed in groups within 2 GiB.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from .prefix import _best_first, _key_ranges
 from .wavelet import bits_needed
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _programs_wanted(device: torch.device) -> int:
-    if _interpreting():
+    if interpreting():
         return 1
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -34,7 +35,7 @@ def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, 
     """All levels of the wavelet matrices of vals [M, L] (int32) with weights [M, L] (float64):
     zeros_before [nbits, M, L + 1] int32 and ones_weight_before [nbits, M, L + 1] float64."""
     rows, n = vals.shape
-    chunk = 32 if _interpreting() else 1024
+    chunk = 32 if interpreting() else 1024
     n_seg = max(1, min(triton.cdiv(n, chunk), triton.cdiv(_programs_wanted(vals.device), rows)))
     seg_len = triton.cdiv(triton.cdiv(n, n_seg), chunk) * chunk
     n_seg = triton.cdiv(n, seg_len)
@@ -93,7 +94,7 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     tau_raw = torch.empty(rows, n, dtype=torch.float64, device=u.device)
     kth = torch.empty(rows, n, dtype=torch.int32, device=u.device)
     kth_next = torch.empty_like(kth)
-    block = 64 if _interpreting() else 256
+    block = 64 if interpreting() else 256
     kernels.prefix_descend_kernel[(rows, triton.cdiv(n, block))](
         zeros_before, ones_weight_before, breaks, tau_raw, kth, kth_next, rows, n, 2 * n, nbits,
         zeros_before.stride(0), topk, BLOCK=block)
@@ -126,7 +127,7 @@ def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int, wi
     if topk == 0 or t_len == 0:
         return lists.fill_(-1)
     slot = selection_slots(start.long(), end.long(), topk).int().contiguous()
-    slot_tile = 16 if _interpreting() else 64
+    slot_tile = 16 if interpreting() else 64
     kernels.block_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
         slot, lists, t_len, n_blocks, n_slots, window, BLOCK=block, SLOT_TILE=slot_tile)
     return lists
