@@ -15,20 +15,14 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # Small shapes everywhere: more threads only add overhead (and CI has 2 cores).
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-settings.register_profile(
-    "default",
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-settings.register_profile(
-    "thorough",
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
+for profile, examples in (("default", 40), ("thorough", 400)):
+    settings.register_profile(
+        profile,
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )
 settings.load_profile(os.environ.get("SPARSEK_HYPOTHESIS_PROFILE", "default"))
 
 HAS_CUDA = torch.cuda.is_available()

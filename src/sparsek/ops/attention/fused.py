@@ -90,7 +90,7 @@ def backward_tiles(head_dim: int) -> dict[str, dict]:
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(dq=tile, band=tile, list=dict(tile, SUB_M=8))
     tile = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(dq=tile, band=tile, list=dict(BLOCK_M=64, BLOCK_N=32, SUB_M=32, num_warps=4, num_stages=2))
+    return dict(dq=tile, band=tile, list=dict(tile, SUB_M=32))
 
 
 def _strides(*tensors: Tensor) -> list[int]:
