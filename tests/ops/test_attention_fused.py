@@ -157,10 +157,19 @@ def test_fused_accepts_views_of_a_fused_projection():
 def test_fused_selects_on_float64_scores_exactly():
     """Scores 1e-12 apart are distinct in float64 but tied in float32: the selection must see the difference."""
     u = torch.tensor([1 + 1e-12, 1.0, -5.0, -5.0], dtype=torch.float64, device=DEVICE).view(1, 4, 1)
-    q, k, v = (torch.randn(1, 4, 1, 16, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    q, k, v = (torch.randn(1, 4, 1, 16, device=DEVICE) for _ in range(3))
     got = fused.sparsek_attention_fused(q, k, v, u, topk=1, window=1, gate="none")
     want = sparsek_attention_reference(q, k, v, u, topk=1, window=1, gate="none")
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_float64_inputs_take_the_reference():
+    """The kernels have no float64 path: auto falls back to the reference, backend='triton' says why."""
+    q, k, v, s = make_inputs(1, 9, 2, 1, 16, torch.float64)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        sparsek_attention(q, k, v, s, topk=2, window=2, backend="triton")
+    got = sparsek_attention(q, k, v, s, topk=2, window=2, backend="auto")
+    torch.testing.assert_close(got, sparsek_attention_reference(q, k, v, s, topk=2, window=2))
 
 
 def test_varlen_with_many_empty_sequences():

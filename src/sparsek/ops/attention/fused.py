@@ -38,10 +38,11 @@ def _on_device_of(x: Tensor):
 
 
 def supports(q: Tensor) -> bool:
-    """Whether the fused kernels can run on q (device, head dim)."""
+    """Whether the fused kernels can run on q (device, dtype, head dim); float64 goes to the reference."""
     head_dim = q.shape[-1]
     on_device = q.is_cuda or (interpreting() and q.device.type == "cpu")
-    return on_device and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
+    kernel_dtype = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return on_device and kernel_dtype and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
 
 
 def select_on_device(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,8 +23,9 @@ def _fused_if_available(q: Tensor, required: bool):
         return None
     if not fused.supports(q):
         if required:
-            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and a "
-                             f"power-of-two head dim in [16, 256], got {q.device} and D={q.shape[-1]}")
+            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) in "
+                             "float16, bfloat16 or float32 and a power-of-two head dim in [16, 256], got "
+                             f"{q.device}, {q.dtype} and D={q.shape[-1]}")
         return None
     return fused.sparsek_attention_fused
 

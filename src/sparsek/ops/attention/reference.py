@@ -65,14 +65,15 @@ def sparsek_attention_reference(q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
     q [B, T, Hq, D], k and v [B, T, Hk, D], scores [B, T, Hk] -> [B, T, Hq, D] in q's dtype.
     Half-precision inputs are computed in float32 unless upcast=False (which gives the error of plain
     half-precision PyTorch, the yardstick for the kernels); float32 and float64 in their own precision.
-    The selection always runs on the scores in float32 (float64 for float64 inputs).
+    The selection runs on the scores in float32, or in float64 when the scores or the inputs are float64 (as
+    the fused path does: scores 1e-12 apart must not tie).
     """
     batch, t_len, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     group = n_q_heads // n_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     cdtype = _compute_dtype(q.dtype) if upcast else q.dtype
-    score_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    score_dtype = torch.float64 if torch.float64 in (q.dtype, scores.dtype) else torch.float32
 
     u = scores.to(score_dtype)
     selection = prefix_selection(u, topk, window)
