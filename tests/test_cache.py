@@ -61,3 +61,36 @@ def test_window_only_cache_keeps_no_scores():
     for _ in range(50):
         cache.step(torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1))
     assert cache.kept_u.numel() == 0
+
+
+@pytest.mark.parametrize("topk,window", [(4, 3), (3, 0), (0, 4), (20, 2)])
+def test_rows_of_different_lengths(topk, window):
+    """Left-padded prompts of lengths 0..T: every row decodes as if it were alone."""
+    torch.manual_seed(topk + window)
+    t_len, prompt_len, heads, dim = 26, 14, 2, 8
+    lengths = torch.tensor([14, 9, 1, 0])
+    q = torch.randn(4, t_len, heads * 2, dim, dtype=torch.float64)
+    k, v = (torch.randn(4, t_len, heads, dim, dtype=torch.float64) for _ in range(2))
+    scores = torch.randn(4, t_len, heads) * 2
+    cache = SparseKCache.prefill(k[:, :prompt_len], v[:, :prompt_len], scores[:, :prompt_len], topk=topk,
+                                 window=window, lengths=lengths)
+    got = torch.stack([cache.step(q[:, t], k[:, t], v[:, t], scores[:, t]) for t in range(prompt_len, t_len)], 1)
+    for row, n in enumerate(lengths.tolist()):
+        first = prompt_len - n                                         # where the row's real tokens begin
+        want = naive_sparsek_attention(q[row:row + 1, first:], k[row:row + 1, first:], v[row:row + 1, first:],
+                                       scores[row:row + 1, first:].double(), topk=topk, window=window)
+        torch.testing.assert_close(got[row], want[0, n:], atol=1e-10, rtol=1e-10)
+
+
+def test_select_rows_reorders_the_state():
+    k, v = (torch.randn(3, 9, 1, 4) for _ in range(2))
+    cache = SparseKCache.prefill(k, v, torch.randn(3, 9, 1), topk=2, window=2)
+    keys = cache.keys.clone()
+    cache.select_rows(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.keys, keys[[2, 2, 0]])
+
+
+def test_prefill_rejects_bad_lengths():
+    k = torch.randn(2, 5, 1, 4)
+    with pytest.raises(ValueError, match="lengths"):
+        SparseKCache.prefill(k, k, torch.randn(2, 5, 1), topk=2, window=2, lengths=torch.tensor([6, 1]))

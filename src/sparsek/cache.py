@@ -1,18 +1,18 @@
-"""Constant-memory KV cache of one SparseK attention layer, and exact token-by-token decoding (PyTorch).
+"""Constant-memory KV cache of one SparseK attention layer, and exact token-by-token decoding.
 
 Shape legend: B batch, H KV heads, Hq query heads (G = Hq // H per KV head), D head dim, k = topk slots,
-w = window, M scalar scores kept for the threshold.
+w = window, N = w + k cache entries, M scalar scores kept for the threshold.
 
-Per batch row and KV head the cache holds (SPEC section 4):
-  * the window: a ring of the w newest keys, values and scores;
-  * the selection: k slots of key, value, score and position, the top-k of all older tokens (the candidates);
+Per batch row and KV head the cache holds (SPEC section 4), in one buffer of N entries:
+  * entries [0, w): the window, a ring of the w newest keys and values (token p sits at p % w);
+  * entries [w, w + k): the selection, k slots holding the top-k of all older tokens (the candidates);
   * the candidate scores that can still move the threshold: a key leaves the top-k for good, and tau never
     falls below min(theta - 1, u_(k+1)) (theta the k-th best score, u_(k+1) the next), so scores below that
-    bound are dropped. They are scalars; the KV memory is (k + w) pairs whatever the context length.
+    bound are dropped. They are scalars; the KV memory is N pairs whatever the context length.
 Decoding one token: it enters the window; the token leaving the window becomes a candidate and, if it beats
 the worst selected key (ties go to the newer key), takes its slot; tau is the SPARSEK threshold of the kept
 scores; the query attends to the window (m = 1) and the slots (m = clip(u - tau, 0, 1)), as in the parallel
-forward. Not yet: batches whose rows are at different positions (left padding), a GPU decode kernel.
+forward. Rows may hold different numbers of tokens (prompts of different lengths, left padded).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops.attention.interface import GATES
+from .ops.decode import decode_attention
 from .ops.select import prefix_selection
 from .ops.sparsek.reference import _threshold_last
 
@@ -32,52 +32,86 @@ class SparseKCache:
                  device: torch.device | str = "cpu"):
         if topk < 0 or window < 0 or topk + window == 0:
             raise ValueError(f"need topk >= 0, window >= 0 and not both 0, got {topk}, {window}")
-        self.topk, self.window, self.position = topk, window, 0
-        shape = (batch, n_kv_heads)
-        self.window_k = torch.zeros(*shape, window, head_dim, dtype=dtype, device=device)
-        self.window_v = torch.zeros_like(self.window_k)
-        self.window_u = torch.zeros(*shape, window, dtype=torch.float32, device=device)
-        self.slot_k = torch.zeros(*shape, topk, head_dim, dtype=dtype, device=device)
-        self.slot_v = torch.zeros_like(self.slot_k)
-        self.slot_u = torch.zeros(*shape, topk, dtype=torch.float32, device=device)
-        self.slot_pos = torch.full((*shape, topk), -1, dtype=torch.int64, device=device)  # -1: empty
-        self.kept_u = torch.empty(*shape, 0, dtype=torch.float64, device=device)          # candidate scores
+        self.topk, self.window = topk, window
+        shape = (batch, n_kv_heads, window + topk)
+        self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.positions = torch.full(shape, -1, dtype=torch.int64, device=device)      # -1: empty entry
+        self.kept_u = torch.empty(batch, n_kv_heads, 0, dtype=torch.float64, device=device)  # -inf pads
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)            # tokens seen per row
 
     @property
-    def n_candidates(self) -> int:
-        return max(0, self.position - self.window)
+    def batch(self) -> int:
+        return self.keys.shape[0]
 
     def kv_bytes(self) -> int:
         """Bytes of cached keys and values (the part that scales with head_dim): constant in the context."""
-        return sum(t.numel() * t.element_size() for t in (self.window_k, self.window_v, self.slot_k, self.slot_v))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (the kept scalar scores included)."""
+        tensors = (self.keys, self.values, self.scores, self.positions, self.kept_u, self.lengths)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them)."""
+        for name in ("keys", "values", "scores", "positions", "kept_u", "lengths"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(self.keys.device)))
 
     @classmethod
-    def prefill(cls, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int) -> SparseKCache:
-        """The cache after a prompt: k, v [B, T, H, D], scores [B, T, H] (the same the parallel forward saw)."""
+    def prefill(cls, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
+                lengths: Tensor | None = None) -> SparseKCache:
+        """The cache after a prompt: k, v [B, T, H, D], scores [B, T, H] (the same the parallel forward saw).
+
+        lengths [B]: real tokens per row, right-aligned (row b's prompt is the last lengths[b] positions, the
+        rest is left padding); all T when None.
+        """
         batch, t_len, heads, head_dim = k.shape
         cache = cls(batch, heads, head_dim, topk, window, k.dtype, k.device)
-        cache.position = t_len
-        n_win = min(window, t_len)
-        if n_win:  # ring slot of position p is p % window
-            ring = torch.arange(t_len - n_win, t_len, device=k.device) % window
-            cache.window_k[:, :, ring] = k[:, t_len - n_win:].transpose(1, 2)
-            cache.window_v[:, :, ring] = v[:, t_len - n_win:].transpose(1, 2)
-            cache.window_u[:, :, ring] = scores[:, t_len - n_win:].transpose(1, 2).float()
-        n_cand = cache.n_candidates
-        if topk and n_cand:
-            sel = prefix_selection(scores.detach().float(), topk, window)
-            last = t_len - 1
-            selected = (sel.start <= last) & (last < sel.end)                              # [B, T, H]
-            order = torch.argsort(selected.transpose(1, 2).int(), dim=-1, descending=True, stable=True)
-            picked = order[..., : min(topk, n_cand)]                                       # [B, H, n]
-            n = picked.shape[-1]
-            cache.slot_k[:, :, :n] = k.transpose(1, 2).gather(2, picked[..., None].expand(-1, -1, -1, head_dim))
-            cache.slot_v[:, :, :n] = v.transpose(1, 2).gather(2, picked[..., None].expand(-1, -1, -1, head_dim))
-            cache.slot_u[:, :, :n] = scores.transpose(1, 2).float().gather(2, picked)
-            cache.slot_pos[:, :, :n] = picked
-            cache.kept_u = scores[:, :n_cand].transpose(1, 2).double().contiguous()
-            cache._prune()
+        if lengths is None:
+            lengths = torch.full((batch,), t_len, dtype=torch.int64)
+        lengths = lengths.to(torch.int64).cpu()
+        if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > t_len).any():
+            raise ValueError(f"lengths must be [B] = [{batch}] in [0, {t_len}], got {lengths.tolist()}")
+        kept = []
+        for b, n in enumerate(lengths.tolist()):  # once per prompt: a loop over rows keeps the indexing plain
+            kept.append(cache._fill_row(b, k[b, t_len - n:], v[b, t_len - n:], scores[b, t_len - n:]))
+        cache.lengths = lengths.to(k.device)
+        width = max([topk + 1] + [row.shape[-1] for row in kept])
+        cache.kept_u = torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-torch.inf)
+                                    for row in kept]) if topk else cache.kept_u
+        cache._prune()
         return cache
+
+    def _fill_row(self, b: int, k: Tensor, v: Tensor, u: Tensor) -> Tensor:
+        """Row b from its n real tokens k, v [n, H, D], u [n, H] -> its candidate scores [H, n - w] (float64)."""
+        n, w = k.shape[0], self.window
+        n_win = min(w, n)
+        if n_win:
+            pos = torch.arange(n - n_win, n, device=k.device)
+            self._write(b, pos % w, k[n - n_win:], v[n - n_win:], u[n - n_win:], pos)
+        n_cand = max(0, n - w)
+        if not (self.topk and n_cand):
+            return u.new_empty(u.shape[1], 0, dtype=torch.float64)
+        sel = prefix_selection(u[None].detach().float(), self.topk, w)
+        selected = ((sel.start <= n - 1) & (n - 1 < sel.end))[0].T                      # [H, n]
+        order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
+        picked = order[:, : min(self.topk, n_cand)]                                     # [H, s] positions
+        heads = torch.arange(k.shape[1], device=k.device)[:, None]
+        slots = w + torch.arange(picked.shape[1], device=k.device)
+        self.keys[b, heads, slots] = k[picked, heads]
+        self.values[b, heads, slots] = v[picked, heads]
+        self.scores[b, heads, slots] = u[picked, heads].float()
+        self.positions[b, heads, slots] = picked
+        return u[:n_cand].T.double()
+
+    def _write(self, b: int, entries: Tensor, k: Tensor, v: Tensor, u: Tensor, pos: Tensor) -> None:
+        """Row b's entries [n] take tokens k, v [n, H, D], u [n, H] at positions pos [n] (all heads)."""
+        self.keys[b, :, entries] = k.transpose(0, 1)
+        self.values[b, :, entries] = v.transpose(0, 1)
+        self.scores[b, :, entries] = u.T.float()
+        self.positions[b, :, entries] = pos
 
     def _prune(self) -> None:
         """Drop candidate scores below min(theta - 1, u_(k+1)): no later threshold can depend on them."""
@@ -90,74 +124,71 @@ class SparseKCache:
         width = max(self.topk + 1, int((ranked > -torch.inf).sum(-1).max()))
         self.kept_u = ranked[..., :width].contiguous()
 
-    def _admit(self, k: Tensor, v: Tensor, u: Tensor, position: int) -> None:
-        """A new candidate [B, H, D] / [B, H]: keep its score, and give it a slot if it makes the top-k."""
-        if self.topk == 0:                   # window only: no threshold, nothing to keep
+    def append(self, k: Tensor, v: Tensor, scores: Tensor) -> None:
+        """One new token per row: k, v [B, H, D], scores [B, H]."""
+        rows = torch.arange(self.batch, device=k.device)
+        t, w = self.lengths, self.window
+        if w:
+            ring = t % w                                       # the token at t - w, if any, leaves from here
+            leaving = (t >= w)[:, None]
+            self._admit(self.keys[rows, :, ring], self.values[rows, :, ring], self.scores[rows, :, ring],
+                        t - w, leaving)
+            self.keys[rows, :, ring], self.values[rows, :, ring] = k, v
+            self.scores[rows, :, ring] = scores.float()
+            self.positions[rows, :, ring] = t[:, None]
+        else:                                                  # no window: the new token is a candidate at once
+            self._admit(k, v, scores, t, torch.ones_like(t, dtype=torch.bool)[:, None])
+        self.lengths = t + 1
+        if self.kept_u.shape[-1] > 2 * (self.topk + 1):        # amortised: prune when the kept set doubles
+            self._prune()
+
+    def _admit(self, k: Tensor, v: Tensor, u: Tensor, position: Tensor, present: Tensor) -> None:
+        """Candidates k, v [B, H, D], u [B, H] at position [B] (where present [B, 1]): keep the score, and
+        give the key a slot if it makes the top-k."""
+        if self.topk == 0:                                     # window only: no threshold, nothing to keep
             return
-        self.kept_u = torch.cat([self.kept_u, u.double()[..., None]], dim=-1)
-        if position < self.topk:                  # candidate j is the (j + 1)-th: slots still filling
-            slot = torch.full(u.shape, position, dtype=torch.int64, device=u.device)
-            take = torch.ones_like(u, dtype=torch.bool)
-        else:
-            # Worst selected key: lowest score, ties to the older one (which the newer candidate then beats).
-            worst_u = self.slot_u.min(dim=-1).values
-            tied = self.slot_u == worst_u[..., None]
-            slot = torch.where(tied, self.slot_pos, torch.iinfo(torch.int64).max).argmin(-1)
-            take = u.float() >= worst_u
-        index = slot[..., None]
-        new_u = torch.where(take, u.float(), self.slot_u.gather(-1, index).squeeze(-1))
-        new_pos = torch.where(take, position, self.slot_pos.gather(-1, index).squeeze(-1))
-        self.slot_u.scatter_(-1, index, new_u[..., None])
-        self.slot_pos.scatter_(-1, index, new_pos[..., None])
-        rows = take[..., None, None]
-        d_index = index[..., None].expand(-1, -1, -1, k.shape[-1])
-        self.slot_k.scatter_(2, d_index, torch.where(rows, k[..., None, :], self.slot_k.gather(2, d_index)))
-        self.slot_v.scatter_(2, d_index, torch.where(rows, v[..., None, :], self.slot_v.gather(2, d_index)))
+        self.kept_u = torch.cat([self.kept_u, torch.where(present, u.double(), -torch.inf)[..., None]], dim=-1)
+        slot_u, slot_pos = self.scores[..., self.window:], self.positions[..., self.window:]
+        # Worst selected key: lowest score, ties to the older one (which the newer candidate then beats).
+        # Empty slots come first: while the slots fill, the (j + 1)-th candidate takes slot j.
+        filling = (position < self.topk)[:, None]
+        worst_u = torch.where(slot_pos >= 0, slot_u, -torch.inf).min(dim=-1).values
+        tied = torch.where(slot_pos >= 0, slot_u, -torch.inf) == worst_u[..., None]
+        worst = torch.where(tied, slot_pos, torch.iinfo(torch.int64).max).argmin(-1)
+        slot = torch.where(filling, position.clamp(0, self.topk - 1)[:, None], worst)
+        take = present & (filling | (u.float() >= worst_u))
+        entry = (self.window + slot)[..., None]                                        # [B, H, 1]
+        new_pos = torch.where(take, position[:, None], slot_pos.gather(-1, slot[..., None]).squeeze(-1))
+        self.positions.scatter_(-1, entry, new_pos[..., None])
+        new_u = torch.where(take, u.float(), self.scores.gather(-1, entry).squeeze(-1))
+        self.scores.scatter_(-1, entry, new_u[..., None])
+        d_entry = entry[..., None].expand(-1, -1, -1, k.shape[-1])
+        keep = take[..., None, None]
+        self.keys.scatter_(2, d_entry, torch.where(keep, k[..., None, :], self.keys.gather(2, d_entry)))
+        self.values.scatter_(2, d_entry, torch.where(keep, v[..., None, :], self.values.gather(2, d_entry)))
+
+    def threshold(self) -> Tensor:
+        """tau [B, H] (float64) of each row's candidates; -inf while at most k of them exist (all weigh 1)."""
+        n_cand = (self.lengths - self.window).clamp(min=0)[:, None]
+        if self.topk == 0 or self.kept_u.shape[-1] == 0:
+            return torch.full(self.kept_u.shape[:2], -torch.inf, dtype=torch.float64, device=self.keys.device)
+        k_t = torch.full(self.kept_u.shape[:-1], float(self.topk), dtype=torch.float64, device=self.keys.device)
+        tau = _threshold_last(self.kept_u, k_t)
+        return torch.where(n_cand > self.topk, tau, -torch.inf)
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """The mask m [B, H, N] (1 in the window, clip(u - tau, 0, 1) in the slots; float32, float64 for a
+        float64 cache) and which entries hold a token [B, H, N] (bool)."""
+        dtype = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
+        gap = (self.scores[..., self.window:].double() - self.threshold()[..., None]).clamp(0, 1).to(dtype)
+        weight = torch.cat([torch.ones_like(self.scores[..., :self.window], dtype=dtype), gap], dim=-1)
+        return weight, self.positions >= 0
 
     @torch.no_grad()
     def step(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, gate: str = "kv",
-             scale: float | None = None) -> Tensor:
-        """Decode one token: q [B, Hq, D], k, v [B, H, D], scores [B, H] -> output [B, Hq, D]."""
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        t, w = self.position, self.window
-        if w == 0:
-            self._admit(k, v, scores, t)              # with no window the new token is a candidate at once
-        elif t >= w:
-            ring = t % w                              # the token at t - w leaves the window
-            self._admit(self.window_k[:, :, ring], self.window_v[:, :, ring], self.window_u[:, :, ring], t - w)
-        if w:
-            self.window_k[:, :, t % w], self.window_v[:, :, t % w] = k, v
-            self.window_u[:, :, t % w] = scores.float()
-        self.position += 1
-
-        n_cand = self.n_candidates
-        if self.topk and n_cand > self.topk:
-            k_t = torch.full(self.kept_u.shape[:-1], float(self.topk), dtype=torch.float64, device=q.device)
-            tau = _threshold_last(self.kept_u, k_t)                                           # [B, H] float64
-        else:
-            tau = torch.full(scores.shape, -torch.inf, dtype=torch.float64, device=q.device)
-        self._prune()
-
-        n_win = min(w, self.position)
-        keys = torch.cat([self.window_k[:, :, :n_win], self.slot_k], dim=2)                   # [B, H, n_win + k, D]
-        values = torch.cat([self.window_v[:, :, :n_win], self.slot_v], dim=2)
-        cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        gap = (self.slot_u.double() - tau[..., None]).clamp(0, 1).to(cdtype)
-        weight = torch.cat([torch.ones_like(self.window_u[:, :, :n_win], dtype=cdtype), gap], dim=-1)  # m: [B, H, n]
-        attended = torch.cat([torch.ones_like(self.window_u[:, :, :n_win], dtype=torch.bool),
-                              self.slot_pos >= 0], dim=-1)
-
-        batch, n_q_heads, head_dim = q.shape
-        heads = k.shape[1]
-        scale = head_dim ** -0.5 if scale is None else scale
-        qg = q.view(batch, heads, n_q_heads // heads, head_dim)
-        logits = torch.einsum("bhgd,bhnd->bhgn", qg.to(cdtype), keys.to(cdtype)) * scale     # [B, H, G, n]
-        m = weight[:, :, None]
-        if gate == "kv":
-            logits = logits * m
-        probs = torch.softmax(logits.masked_fill(~attended[:, :, None], -torch.inf), dim=-1)
-        if gate != "none":
-            probs = probs * m
-        out = torch.einsum("bhgn,bhnd->bhgd", probs, values.to(cdtype))
-        return out.reshape(batch, n_q_heads, head_dim).to(q.dtype)
+             scale: float | None = None, backend: str = "auto") -> Tensor:
+        """Decode one token per row: q [B, Hq, D], k, v [B, H, D], scores [B, H] -> output [B, Hq, D]."""
+        self.append(k, v, scores)
+        weight, attended = self.weights()
+        return decode_attention(q, self.keys, self.values, weight, attended, gate=gate, scale=scale,
+                                backend=backend)

@@ -1,0 +1,1 @@
+"""Evaluation of trained and converted models: perplexity on held-out text."""

@@ -1,0 +1,257 @@
+"""SparseK attention inside Hugging Face transformers (5.x) models, without copying model code.
+
+`convert(model, topk=..., window=...)` gives every self-attention module a zero-initialised `Scorer` and
+switches the model to the "sparsek" attention implementation registered here:
+  * a forward pre-hook on each attention module computes the scores u = x . w + slope * position from the
+    module's input hidden states and hands them, with the layer's cache state, to the attention function;
+  * the attention function (transformers' AttentionInterface) runs `sparsek_attention` over a prompt (left
+    padding handled by packing the real tokens) and `SparseKCache.step` token by token when decoding;
+  * `SparseKHFCache` is a transformers `Cache` whose layers hold a constant-size `SparseKCache`; `generate()`
+    on a converted model uses it unless a cache is passed in.
+RoPE, GQA and the projections stay the model's own. Works for any model whose attention modules follow the
+transformers 5 pattern (q/k/v after RoPE -> ALL_ATTENTION_FUNCTIONS[config._attn_implementation]): Llama,
+Mistral, Qwen2/3, SmolLM2, GPT-NeoX/Pythia, among others.
+
+Shapes: B batch, T new tokens, Hq / H query / KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..cache import SparseKCache
+from ..layers.scorer import Scorer
+from ..ops.attention.interface import GATES, sparsek_attention
+
+IMPLEMENTATION = "sparsek"
+SETTINGS = ("topk", "window", "slope", "gate")
+
+
+class SparseKLayer(CacheLayerMixin):
+    """One layer of `SparseKHFCache`: transformers' bookkeeping around a `SparseKCache` (built at prefill)."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: SparseKCache | None = None
+        self.seen = 0  # tokens passed through, padding included: what transformers calls the sequence length
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Counts the new tokens; the SparseK state itself is updated by the attention function."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state, self.seen = None, 0
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        if self.state is not None:
+            self.state.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            rows = torch.arange(self.state.batch, device=self.state.keys.device)
+            self.state.select_rows(rows.repeat_interleave(repeats))
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a SparseK cache forgets evicted tokens for good: it cannot be rolled back")
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class SparseKHFCache(Cache):
+    """A transformers `Cache` for converted models: per layer, constant KV memory O(topk + window)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(layer_class_to_replicate=SparseKLayer)
+
+    def layer(self, layer_idx: int) -> SparseKLayer:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SparseKLayer())
+        return self.layers[layer_idx]
+
+    def kv_bytes(self) -> int:
+        """Bytes of cached keys and values over all layers."""
+        return sum(layer.state.kv_bytes() for layer in self.layers if layer.state is not None)
+
+
+def _padding_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """transformers builds this once per forward: SparseK needs only the 2D [B, kv_len] padding mask (bool)."""
+    return attention_mask
+
+
+def _left_padded_lengths(mask: Tensor | None, batch: int, t_len: int) -> Tensor | None:
+    """Real tokens per row [B] from the mask's last t_len columns; None when there is no padding."""
+    if mask is None:
+        return None
+    mask = mask[:, -t_len:].bool()
+    if mask.all():
+        return None
+    lengths = mask.sum(-1)
+    expected = torch.arange(t_len, device=mask.device) >= (t_len - lengths)[:, None]
+    if not torch.equal(mask, expected):
+        raise ValueError("SparseK attention supports left padding only (each row's real tokens last and "
+                         "contiguous); got an attention_mask with padding on the right or inside")
+    return lengths
+
+
+def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                              attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                              sparsek_scores: Tensor | None = None, sparsek_layer: SparseKLayer | None = None,
+                              **kwargs) -> tuple[Tensor, None]:
+    """transformers attention function: query [B, Hq, T, D], key, value [B, H, T, D] -> ([B, T, Hq, D], None).
+
+    sparsek_scores [B, T, H] and sparsek_layer come from the pre-hook `convert` installs.
+    """
+    if sparsek_scores is None:
+        raise ValueError(f"{type(module).__name__} has no SparseK scorer: build the model with sparsek's convert()")
+    settings = module.config.sparsek
+    topk, window, gate = settings["topk"], settings["window"], settings["gate"]
+    batch, _, t_len, _ = query.shape
+    if key.shape[2] != t_len:
+        raise ValueError("a converted SparseK model must decode with SparseKHFCache (generate() uses it by "
+                         f"default); got {key.shape[2]} cached keys for {t_len} queries from another cache")
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))          # [B, T, heads, D]
+    state = sparsek_layer.state if sparsek_layer is not None else None
+
+    if state is not None:                                              # decoding: one token at a time, exact
+        # Checked at the first layer only: the check waits for the GPU, and the mask is the same for all.
+        if module.layer_idx == 0 and _left_padded_lengths(attention_mask, batch, t_len) is not None:
+            raise ValueError("padding inside a decoded chunk: new tokens must all be real")
+        outs = [state.step(q[:, t], k[:, t], v[:, t], sparsek_scores[:, t], gate=gate, scale=scaling)
+                for t in range(t_len)]
+        return torch.stack(outs, dim=1), None
+
+    lengths = _left_padded_lengths(attention_mask, batch, t_len)
+    if lengths is None:
+        out = sparsek_attention(q, k, v, sparsek_scores, topk=topk, window=window, gate=gate, scale=scaling)
+    else:  # pack the real tokens (rows are left padded) and run them as varlen sequences
+        real = torch.arange(t_len, device=q.device) >= (t_len - lengths)[:, None]      # [B, T]
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        packed = sparsek_attention(q[real][None], k[real][None], v[real][None], sparsek_scores[real][None],
+                                   topk=topk, window=window, gate=gate, scale=scaling, cu_seqlens=cu_seqlens)
+        out = q.new_zeros(q.shape)
+        out[real] = packed[0]
+    if sparsek_layer is not None:
+        sparsek_layer.state = SparseKCache.prefill(k.detach(), v.detach(), sparsek_scores.detach(), topk=topk,
+                                                   window=window, lengths=lengths)
+    return out, None
+
+
+AttentionInterface.register(IMPLEMENTATION, sparsek_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
+
+
+def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Before each attention call: scores from the module's input, and its layer of the SparseK cache."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+    kwargs["sparsek_scores"] = module.sparsek_scorer(hidden, positions)               # [B, T, H] float32
+    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    kwargs["sparsek_layer"] = cache.layer(module.layer_idx) if isinstance(cache, SparseKHFCache) else None
+    return args, kwargs
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Self-attention modules of the transformers 5 kind: a layer_idx, a config, a name ending in Attention."""
+    found = [m for m in model.modules()
+             if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")]
+    if not found:
+        raise ValueError(f"no transformers attention modules found in {type(model).__name__}")
+    return found
+
+
+def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv"
+            ) -> PreTrainedModel:
+    """Turn a transformers causal LM into SparseK attention, in place; returns the model.
+
+    Each attention module gets a `sparsek_scorer` (float32, zero weight, so the model starts from pure recency:
+    with slope >= 1 the selection is the topk newest tokens before the window). The settings go into
+    `model.config.sparsek`, so `save_pretrained` records them; reload with `sparsek.integrations.hf.load`.
+    """
+    if isinstance(topk, bool) or not isinstance(topk, int) or isinstance(window, bool) or not isinstance(window, int) \
+            or topk < 0 or window < 0 or topk + window == 0:
+        raise ValueError(f"topk and window must be ints >= 0, not both 0; got {topk!r}, {window!r}")
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    config = model.config
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    device = next(model.parameters()).device
+    for module in _attention_modules(model):
+        if hasattr(module, "sparsek_scorer"):
+            raise ValueError("model is already converted to SparseK")
+        module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
+        module.register_forward_pre_hook(_score_hook, with_kwargs=True)
+    config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate}
+    model.set_attn_implementation(IMPLEMENTATION)
+    _default_generation_cache(model)
+    return model
+
+
+def _default_generation_cache(model: PreTrainedModel) -> None:
+    """generate() builds a SparseKHFCache when the caller passes none (instead of transformers' DynamicCache)."""
+    prepare = model._prepare_cache_for_generation
+
+    def prepare_sparsek(generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = SparseKHFCache()
+        return prepare(generation_config, model_kwargs, *args, **kwargs)
+
+    model._prepare_cache_for_generation = prepare_sparsek
+
+
+def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
+    """A converted model saved with `save_pretrained`: base weights, SparseK settings and scorer weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    settings = getattr(AutoConfig.from_pretrained(path), "sparsek", None)
+    if not settings:
+        raise ValueError(f"{path} holds no SparseK model (config.json has no 'sparsek' settings)")
+    from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")  # switched to sparsek by convert
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
+    convert(model, **{name: settings[name] for name in SETTINGS})
+    scorer_state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        scorer_state.update({k: t for k, t in load_file(file).items() if ".sparsek_scorer." in k})
+    wanted = {k for k in model.state_dict() if ".sparsek_scorer." in k}
+    if set(scorer_state) != wanted:
+        raise ValueError(f"{path}: scorer weights missing or unexpected: {sorted(wanted ^ set(scorer_state))[:4]}")
+    model.load_state_dict(scorer_state, strict=False)
+    unexplained = set(info["unexpected_keys"]) - wanted
+    if unexplained or info["missing_keys"]:
+        raise ValueError(f"{path}: weights do not match the model: missing {info['missing_keys'][:4]}, "
+                         f"unexpected {sorted(unexplained)[:4]}")
+    return model
+

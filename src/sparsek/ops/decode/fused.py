@@ -1,0 +1,105 @@
+"""Host side of the Triton decode attention: split count, tiles, launches.
+
+Shape legend: B batch, Hq query heads, H KV heads, G = Hq // H, N cache entries, D head dim, S splits.
+No host synchronisation and no data-dependent shapes: a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from ..attention.fused import GATE_IDS, LOG2E, supports
+from ..select.fused import interpreting
+from . import kernels
+
+__all__ = ["decode_attention_triton", "supports"]
+
+# Tests set this to fill kernel outputs (and partials) with NaN before launch, so an element no program
+# writes shows up.
+POISON_OUTPUTS = False
+# A split shorter than this costs more in the merge than it gains in parallelism (GPU; the interpreter uses
+# 2 tiles so that small test shapes are split too).
+MIN_SPLIT_LEN = 256
+MAX_SPLITS = 64
+
+
+def _empty(shape, dtype: torch.dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def decode_tiles(head_dim: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    # Not yet swept on a GPU: 64 entries x D <= 128 keeps a k and a v tile of one stage within 32 KiB.
+    return dict(BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits(batch_heads: int, n_entries: int, block_n: int, device: torch.device) -> int:
+    """Splits of the N entries: enough programs for about two per SM, each split at least MIN_SPLIT_LEN long."""
+    if interpreting():
+        programs, min_len = 4, 2 * block_n
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs, min_len = 2 * _sm_count(index), MIN_SPLIT_LEN
+    return max(1, min(triton.cdiv(programs, batch_heads), triton.cdiv(n_entries, min_len), MAX_SPLITS))
+
+
+def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, attended: Tensor,
+                            gate: str = "kv", scale: float | None = None, *, splits: int | None = None) -> Tensor:
+    """Triton twin of `decode_attention_reference` (inputs already validated; see `decode_attention`).
+
+    q [B, Hq, D], keys and values [B, H, N, D], weight [B, H, N] float32 or float64 (read as float32),
+    attended [B, H, N] bool -> [B, Hq, D] in q's dtype. splits: how many programs share one row's entries
+    (None: picked from B * H, N and the GPU; tests force 1 and several).
+    """
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads, n_entries = keys.shape[1], keys.shape[2]
+    group = n_q_heads // n_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = _empty((batch, n_q_heads, head_dim), q.dtype, q.device)
+    if batch == 0 or n_entries == 0:
+        return out.zero_()
+
+    # The kernel needs a unit last stride; a cache's buffers and q[:, t] slices already have one.
+    q, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, keys, values))
+    weight = weight.to(torch.float32).contiguous()
+    attended = attended.contiguous().view(torch.uint8)   # bool pointers are awkward in Triton; same bytes
+
+    tiles = decode_tiles(head_dim)
+    block_n = tiles["BLOCK_N"]
+    if splits is None:
+        splits = num_splits(batch * n_kv_heads, n_entries, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(n_entries, max(1, splits)), block_n) * block_n
+    splits = triton.cdiv(n_entries, split_len)           # no empty split
+    rows = batch * n_q_heads
+    if splits > 1:
+        m_part = _empty((rows, splits), torch.float32, q.device)
+        l_part = _empty((rows, splits), torch.float32, q.device)
+        acc_part = _empty((rows, splits, head_dim), torch.float32, q.device)
+    else:
+        m_part = l_part = acc_part = out                 # unused: FINAL writes out directly
+
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kernels.decode_fwd_kernel[(splits, batch * n_kv_heads)](
+            q, keys, values, weight, attended, out, m_part, l_part, acc_part,
+            q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3],
+            n_entries, n_kv_heads, group, split_len, splits, scale * LOG2E,
+            GATE=GATE_IDS[gate], DOT="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, FINAL=splits == 1, **tiles)
+        if splits > 1:
+            kernels.decode_combine_kernel[(rows,)](
+                m_part, l_part, acc_part, out, splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+                num_warps=1 if interpreting() else 4)
+    return out
