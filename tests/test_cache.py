@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -94,3 +96,54 @@ def test_prefill_rejects_bad_lengths():
     k = torch.randn(2, 5, 1, 4)
     with pytest.raises(ValueError, match="lengths"):
         SparseKCache.prefill(k, k, torch.randn(2, 5, 1), topk=2, window=2, lengths=torch.tensor([6, 1]))
+
+
+def test_long_decode_prunes_and_reserve_holds_the_buffer():
+    """Many more candidates than the kept-score buffer holds: pruning keeps decoding exact, and after
+    reserve(n) the next n steps leave the buffer (its address and size) alone."""
+    torch.manual_seed(3)
+    t_len, topk, window = 120, 2, 1
+    q = torch.randn(1, t_len, 2, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, t_len, 1, 8, dtype=torch.float64) for _ in range(2))
+    scores = torch.randint(0, 4, (1, t_len, 1)).float() * 0.5            # many near-ties: wide kept sets
+    want = naive_sparsek_attention(q, k, v, scores.double(), topk=topk, window=window)
+    got, cache = decode(q[:, :60], k[:, :60], v[:, :60], scores[:, :60], 5, topk=topk, window=window)
+    cache.reserve(60)
+    buffer = cache.kept_u
+    rest = [cache.step(q[:, t], k[:, t], v[:, t], scores[:, t]) for t in range(60, t_len)]
+    assert cache.kept_u is buffer
+    torch.testing.assert_close(torch.cat([got, torch.stack(rest, 1)], 1), want[:, 5:], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_replays_from_a_cuda_graph():
+    """After reserve(n) a step holds no host state: a captured step replayed n times decodes like eager steps."""
+    torch.manual_seed(0)
+    t_len, prompt_len, topk, window = 200, 40, 16, 8
+    q = torch.randn(2, t_len, 4, 64, device="cuda")
+    k, v = (torch.randn(2, t_len, 2, 64, device="cuda") for _ in range(2))
+    scores = torch.randn(2, t_len, 2, device="cuda")
+    eager, _ = decode(q, k, v, scores, prompt_len, topk=topk, window=window)
+    cache = SparseKCache.prefill(k[:, :prompt_len], v[:, :prompt_len], scores[:, :prompt_len], topk=topk,
+                                 window=window)
+    cache.reserve(t_len)
+    inputs = [x[:, prompt_len].clone() for x in (q, k, v, scores)]
+    snapshot = copy.deepcopy(cache)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cache.step(*inputs)                                         # warm-up: compiles the kernels
+    torch.cuda.current_stream().wait_stream(stream)
+    for name in ("keys", "values", "scores", "positions", "kept_u", "next_column", "lengths"):
+        getattr(cache, name).copy_(getattr(snapshot, name))         # undo the warm-up in place
+    cache.n_kept = snapshot.n_kept
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cache.step(*inputs)
+    replayed = []
+    for t in range(prompt_len, t_len):
+        for buffer, x in zip(inputs, (q, k, v, scores)):
+            buffer.copy_(x[:, t])
+        graph.replay()
+        replayed.append(out.clone())
+    torch.testing.assert_close(torch.stack(replayed, 1), eager, atol=1e-5, rtol=1e-5)

@@ -38,7 +38,12 @@ class SparseKCache:
         self.values = torch.zeros_like(self.keys)
         self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
         self.positions = torch.full(shape, -1, dtype=torch.int64, device=device)      # -1: empty entry
-        self.kept_u = torch.empty(batch, n_kv_heads, 0, dtype=torch.float64, device=device)  # -inf pads
+        # Kept candidate scores: a fixed-capacity buffer padded with -inf; new ones go to column next_column (a
+        # device counter, so a decode step holds no host state and can be captured in a CUDA graph).
+        self.kept_u = torch.full((batch, n_kv_heads, 4 * (topk + 1) if topk else 0), -torch.inf,
+                                 dtype=torch.float64, device=device)
+        self.next_column = torch.zeros(1, dtype=torch.int64, device=device)
+        self.n_kept = 0                                                                # host mirror
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)            # tokens seen per row
 
     @property
@@ -77,11 +82,12 @@ class SparseKCache:
         kept = []
         for b, n in enumerate(lengths.tolist()):  # once per prompt: a loop over rows keeps the indexing plain
             kept.append(cache._fill_row(b, k[b, t_len - n:], v[b, t_len - n:], scores[b, t_len - n:]))
-        cache.lengths = lengths.to(k.device)
-        width = max([topk + 1] + [row.shape[-1] for row in kept])
-        cache.kept_u = torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-torch.inf)
-                                    for row in kept]) if topk else cache.kept_u
-        cache._prune()
+        cache.lengths = lengths.to(k.device, copy=True)  # updated in place while decoding
+        if topk:
+            width = max(row.shape[-1] for row in kept)
+            cache._set_kept(torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-torch.inf)
+                                         for row in kept]))
+            cache._prune()
         return cache
 
     def _fill_row(self, b: int, k: Tensor, v: Tensor, u: Tensor) -> Tensor:
@@ -113,16 +119,31 @@ class SparseKCache:
         self.scores[b, :, entries] = u.T.float()
         self.positions[b, :, entries] = pos
 
+    def _set_kept(self, kept: Tensor, room: int = 0) -> None:
+        """kept [B, H, n] (-inf pads) becomes the kept scores, in a buffer with room for `room` more at least."""
+        n = kept.shape[-1]
+        capacity = max(self.kept_u.shape[-1], 4 * (self.topk + 1), 2 * n, n + room)
+        self.kept_u = torch.nn.functional.pad(kept, (0, capacity - n), value=-torch.inf)
+        self.n_kept = n
+        self.next_column.fill_(n)
+
     def _prune(self) -> None:
         """Drop candidate scores below min(theta - 1, u_(k+1)): no later threshold can depend on them."""
-        kept = self.kept_u
-        if kept.shape[-1] <= self.topk + 1:
+        if self.n_kept <= self.topk + 1:
             return
-        ranked = torch.sort(kept, dim=-1, descending=True).values
+        ranked = torch.sort(self.kept_u[..., :self.n_kept], dim=-1, descending=True).values
         bound = torch.minimum(ranked[..., self.topk - 1] - 1, ranked[..., self.topk])
         ranked = torch.where(ranked >= bound[..., None], ranked, -torch.inf)
-        width = max(self.topk + 1, int((ranked > -torch.inf).sum(-1).max()))
-        self.kept_u = ranked[..., :width].contiguous()
+        width = max(self.topk + 1, int((ranked > -torch.inf).sum(-1).max()))       # waits for the GPU
+        self._set_kept(ranked[..., :width])
+
+    def reserve(self, steps: int) -> None:
+        """Make room for `steps` more tokens: until then `append` and `step` do no host work (no pruning, no
+        reallocation, no synchronisation), so a decode step can be captured in a CUDA graph and replayed."""
+        if self.topk and self.n_kept + steps > self.kept_u.shape[-1]:
+            self._prune()
+            if self.n_kept + steps > self.kept_u.shape[-1]:
+                self._set_kept(self.kept_u[..., :self.n_kept], room=steps)
 
     def append(self, k: Tensor, v: Tensor, scores: Tensor) -> None:
         """One new token per row: k, v [B, H, D], scores [B, H]."""
@@ -138,16 +159,19 @@ class SparseKCache:
             self.positions[rows, :, ring] = t[:, None]
         else:                                                  # no window: the new token is a candidate at once
             self._admit(k, v, scores, t, torch.ones_like(t, dtype=torch.bool)[:, None])
-        self.lengths = t + 1
-        if self.kept_u.shape[-1] > 2 * (self.topk + 1):        # amortised: prune when the kept set doubles
-            self._prune()
+        self.lengths += 1                                      # in place: a captured graph keeps its address
 
     def _admit(self, k: Tensor, v: Tensor, u: Tensor, position: Tensor, present: Tensor) -> None:
         """Candidates k, v [B, H, D], u [B, H] at position [B] (where present [B, 1]): keep the score, and
         give the key a slot if it makes the top-k."""
         if self.topk == 0:                                     # window only: no threshold, nothing to keep
             return
-        self.kept_u = torch.cat([self.kept_u, torch.where(present, u.double(), -torch.inf)[..., None]], dim=-1)
+        if self.n_kept == self.kept_u.shape[-1]:               # full: prune (rare: the buffer holds 4(k + 1))
+            self.reserve(1)
+        column = self.next_column.view(1, 1, 1).expand(*u.shape, 1)
+        self.kept_u.scatter_(-1, column, torch.where(present, u.double(), -torch.inf)[..., None])
+        self.next_column += 1
+        self.n_kept += 1
         slot_u, slot_pos = self.scores[..., self.window:], self.positions[..., self.window:]
         # Worst selected key: lowest score, ties to the older one (which the newer candidate then beats).
         # Empty slots come first: while the slots fill, the (j + 1)-th candidate takes slot j.
@@ -170,7 +194,7 @@ class SparseKCache:
     def threshold(self) -> Tensor:
         """tau [B, H] (float64) of each row's candidates; -inf while at most k of them exist (all weigh 1)."""
         n_cand = (self.lengths - self.window).clamp(min=0)[:, None]
-        if self.topk == 0 or self.kept_u.shape[-1] == 0:
+        if self.topk == 0:
             return torch.full(self.kept_u.shape[:2], -torch.inf, dtype=torch.float64, device=self.keys.device)
         k_t = torch.full(self.kept_u.shape[:-1], float(self.topk), dtype=torch.float64, device=self.keys.device)
         tau = _threshold_last(self.kept_u, k_t)

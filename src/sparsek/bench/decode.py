@@ -5,9 +5,14 @@
 The model is a random LlamaForCausalLM of SmolLM2-135M's shape (30 layers, 9 query / 3 KV heads of dim 64) in
 bf16: decode speed does not depend on the weights. Both caches are filled with random states of the given
 context length instead of running a prefill (which would cost minutes at 128k x 16 and measures something
-else): the full cache is transformers' DynamicCache (what generate() uses) holding L keys and values per
-layer, attended with SDPA; the SparseK cache holds its constant window + slots + kept scores with the
-position counters at L. Each timed step decodes one token for every row (logits for that token only).
+else): the full cache holds L keys and values per layer, attended with SDPA; the SparseK cache holds its
+constant window + slots + kept scores with the position counters at L. Each timed step decodes one token for
+every row (logits for that token only). Two ways to run a step:
+  * eager, as generate() does: the full cache is transformers' DynamicCache;
+  * captured once in a CUDA graph and replayed: the full cache is transformers' StaticCache (attending over its
+    preallocated length, as its compiled decoding does), the SparseK cache after `reserve`.
+Eager decoding of a 135M model is bound by kernel launches on the host, which hides the attention's cost;
+the graphs remove that.
 """
 
 from __future__ import annotations
@@ -35,21 +40,23 @@ def _model(device: str):
     return model.to(device, torch.bfloat16).eval()
 
 
-def full_cache(model, batch: int, context: int):
-    """transformers' DynamicCache holding `context` random keys and values per layer."""
-    from transformers import DynamicCache
+def full_cache(model, batch: int, context: int, static: bool = False):
+    """A full cache holding `context` random keys and values per layer: transformers' DynamicCache (what
+    generate() uses), or a StaticCache with room for the timed steps (what its CUDA-graph decoding uses)."""
+    from transformers import DynamicCache, StaticCache
 
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    cache = DynamicCache(config=config)
+    cache = StaticCache(config=config, max_cache_len=context + 64) if static else DynamicCache(config=config)
+    positions = {"cache_position": torch.arange(context, device=model.device)}  # read by older StaticCaches
     for layer in range(config.num_hidden_layers):
         kv = torch.randn(2, batch, config.num_key_value_heads, context, head_dim, device=model.device,
                          dtype=torch.bfloat16)
-        cache.update(kv[0], kv[1], layer)
+        cache.update(kv[0], kv[1], layer, positions)
     return cache
 
 
-def sparsek_cache(model, batch: int, context: int):
+def sparsek_cache(model, batch: int, context: int, static: bool = False):
     """A SparseKHFCache in the state it has after `context` tokens (random keys, values and scores)."""
     from ..cache import SparseKCache
     from ..integrations.hf import SparseKHFCache
@@ -65,30 +72,51 @@ def sparsek_cache(model, batch: int, context: int):
         state.values.normal_()
         state.scores.normal_()
         state.positions.copy_(torch.arange(topk + window, device=model.device))  # every entry holds a token
-        state.kept_u = torch.randn(batch, config.num_key_value_heads, topk + 1, dtype=torch.float64,
-                                   device=model.device)
+        state._set_kept(torch.randn(batch, config.num_key_value_heads, topk + 1, dtype=torch.float64,
+                                    device=model.device))
         state.lengths.fill_(context)
+        state.reserve(64)
         layer = cache.layer(layer_idx)
         layer.state, layer.seen = state, context
     return cache
 
 
 @torch.no_grad()
-def time_decode(model, cache, batch: int, context: int, steps: int) -> list[float]:
-    """Milliseconds of each decode step after two warm-up steps."""
+def time_decode(model, cache, batch: int, context: int, steps: int, graphed: bool) -> list[float]:
+    """Milliseconds of each decode step after warm-up; graphed: the step captured once in a CUDA graph and
+    replayed (one launch per token instead of hundreds)."""
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
+    position = torch.full((batch, 1), context, device=model.device)
+
+    def step():
+        return model(token, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        for _ in range(2):
+            step()
+            position.add_(1)
+    torch.cuda.current_stream().wait_stream(warm)
+    run = step
+    if graphed:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
     times = []
-    for step in range(steps + 2):
-        position = torch.full((batch, 1), context + step, device=model.device)
+    for _ in range(steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model(token, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        run()
+        position.add_(1)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return times[2:]
+    return times
 
 
 def cache_bytes(cache) -> int:
+    """Bytes the cache holds (keys, values and, for SparseK, its scores and counters)."""
     from ..integrations.hf import SparseKHFCache
 
     if isinstance(cache, SparseKHFCache):
@@ -111,27 +139,34 @@ def main(argv: list[str] | None = None) -> None:
 
     full = _model("cuda")
     sparse = convert(_model("cuda"), topk=args.topk, window=args.window)
+    variants = (("full", full, full_cache, False), ("sparsek", sparse, sparsek_cache, False),
+                ("full_graph", full, full_cache, True), ("sparsek_graph", sparse, sparsek_cache, True))
     rows = []
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             row = {"batch": batch, "context": context}
-            for name, model, make in (("full", full, full_cache), ("sparsek", sparse, sparsek_cache)):
+            for name, model, make, graphed in variants:
+                cache = None
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    cache = make(model, batch, context)
-                    times = time_decode(model, cache, batch, context, args.steps)
-                    row[f"{name}_ms"] = statistics.median(times)
+                    cache = make(model, batch, context, static=graphed)
+                    row[f"{name}_ms"] = statistics.median(time_decode(model, cache, batch, context, args.steps,
+                                                                      graphed))
                     row[f"{name}_cache_gb"] = cache_bytes(cache) / 1e9
                     row[f"{name}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                except torch.cuda.OutOfMemoryError:
+                except Exception as error:  # noqa: BLE001 -- one failed variant must not hide the others
+                    print(f"  {name} B={batch} T={context}: {type(error).__name__}: {str(error)[:300]}", flush=True)
                     row[f"{name}_ms"] = row[f"{name}_cache_gb"] = row[f"{name}_peak_gb"] = float("nan")
                 cache = None
             row["speedup"] = row["full_ms"] / row["sparsek_ms"]
+            row["speedup_graph"] = row["full_graph_ms"] / row["sparsek_graph_ms"]
             rows.append(row)
-            print(f"B={batch:<3} T={context:>6}  full {row['full_ms']:7.2f} ms ({row['full_cache_gb']:6.2f} GB cache)"
-                  f"  sparsek {row['sparsek_ms']:6.2f} ms ({row['sparsek_cache_gb']:.3f} GB)"
-                  f"  x{row['speedup']:.2f}", flush=True)
+            print(f"B={batch:<3} T={context:>6}  eager: full {row['full_ms']:7.2f} ms  sparsek "
+                  f"{row['sparsek_ms']:7.2f} ms  x{row['speedup']:.2f} | graphs: full "
+                  f"{row['full_graph_ms']:7.2f} ms  sparsek "
+                  f"{row['sparsek_graph_ms']:6.2f} ms  x{row['speedup_graph']:.2f} | cache GB full "
+                  f"{row['full_cache_gb']:.2f} sparsek {row['sparsek_cache_gb']:.3f}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "topk": args.topk,
@@ -150,9 +185,10 @@ def _plot(rows: list[dict], path: Path, gpu: str) -> None:
     for batch in sorted({r["batch"] for r in rows}):
         sel = [r for r in rows if r["batch"] == batch]
         ctx = [r["context"] for r in sel]
-        for name, style in (("full", "--"), ("sparsek", "-")):
+        for name, style in (("full", "--"), ("sparsek", "-"), ("full_graph", ":"), ("sparsek_graph", "-.")):
             ax_t.plot(ctx, [r[f"{name}_ms"] for r in sel], style, marker="o", label=f"{name}, batch {batch}")
-            ax_m.plot(ctx, [r[f"{name}_cache_gb"] for r in sel], style, marker="o", label=f"{name}, batch {batch}")
+            if not name.endswith("graph"):
+                ax_m.plot(ctx, [r[f"{name}_cache_gb"] for r in sel], style, marker="o", label=f"{name}, batch {batch}")
     for ax, label in ((ax_t, "ms per decoded token (median)"), (ax_m, "KV cache GB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
