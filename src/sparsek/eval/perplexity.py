@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..data.text import load_text
+from ..data.text import heldout_tokens, load_text
 from ..integrations.hf import convert
 from ..integrations.pretrained import load_pretrained
 
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_pretrained(args.model)
     text = load_text(args.text)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, -args.tokens:]  # the end of the work: held out
-    print(f"{args.model} on the last {ids.shape[1]} tokens of {args.text}")
+    ids = heldout_tokens(tokenizer, text, args.tokens)                       # [1, T] from the work's last 10%
+    print(f"{args.model}: {ids.shape[1]} held-out tokens of {args.text}")
     print(f"{'attention':<26}{'perplexity':>12}")
     print(f"{'original (full)':<26}{perplexity(model, ids):>12.3f}", flush=True)
     for budget in args.budgets.split(","):
