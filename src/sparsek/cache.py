@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .ops.decode import decode_attention
+from .ops.decode.threshold import kept_threshold
 from .ops.select import prefix_selection
 from .ops.sparsek.reference import _threshold_last
 
@@ -196,8 +197,11 @@ class SparseKCache:
         n_cand = (self.lengths - self.window).clamp(min=0)[:, None]
         if self.topk == 0:
             return torch.full(self.kept_u.shape[:2], -torch.inf, dtype=torch.float64, device=self.keys.device)
-        k_t = torch.full(self.kept_u.shape[:-1], float(self.topk), dtype=torch.float64, device=self.keys.device)
-        tau = _threshold_last(self.kept_u, k_t)
+        if self.kept_u.is_cuda:  # one kernel instead of ~100 small launches (sorts, searches) per step
+            tau = kept_threshold(self.kept_u, self.topk)
+        else:
+            k_t = torch.full(self.kept_u.shape[:-1], float(self.topk), dtype=torch.float64, device=self.keys.device)
+            tau = _threshold_last(self.kept_u, k_t)
         return torch.where(n_cand > self.topk, tau, -torch.inf)
 
     def weights(self) -> tuple[Tensor, Tensor]:

@@ -196,6 +196,7 @@ def _plot(rows: list[dict], path: Path, gpu: str) -> None:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     ax_t.legend(fontsize=8)
+    ax_m.legend(fontsize=8)
     fig.suptitle(f"Decoding, SmolLM2-135M shape, bf16, {gpu}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
