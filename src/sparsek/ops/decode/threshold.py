@@ -12,7 +12,8 @@ p and the distances to the neighbouring breakpoints; so the root of each adjacen
 closed form, and when it falls inside its piece it is tau (certified, the loop ends). The next probe is that
 root (Newton on the current piece), a bisection midpoint if it leaves the bracket, and bisection only after
 NEWTON_ITERS probes, which bounds the work on adversarial rows: the bracket then halves down to adjacent
-doubles. A random row of thousands of scores needs about 5 probes, integer-valued scores 2 to 4.
+doubles. In a NumPy model of the kernel, 4100-entry rows of normal scores took about 5 probes (at most 9),
+integers 2 to 4, scores spread over 16 decades about 17.
 
 Where f is flat at k (integer k with a gap of at least 1 under the k-th largest value theta) every point of
 [z_(k+1), theta - 1] solves it; like the reference the kernel returns the midpoint, from the exact k-th and
