@@ -134,9 +134,7 @@ def test_step_replays_from_a_cuda_graph():
     with torch.cuda.stream(stream):
         cache.step(*inputs)                                         # warm-up: compiles the kernels
     torch.cuda.current_stream().wait_stream(stream)
-    for name in ("keys", "values", "scores", "positions", "kept_u", "next_column", "lengths"):
-        getattr(cache, name).copy_(getattr(snapshot, name))         # undo the warm-up in place
-    cache.n_kept = snapshot.n_kept
+    cache.copy_(snapshot)                                           # undo the warm-up in place
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = cache.step(*inputs)

@@ -60,6 +60,12 @@ class SparseKCache:
         tensors = (self.keys, self.values, self.scores, self.positions, self.kept_u, self.lengths)
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def copy_(self, other: SparseKCache) -> None:
+        """Take the state of a cache of the same shapes, in place (tensor addresses kept: CUDA-graph safe)."""
+        for name in ("keys", "values", "scores", "positions", "kept_u", "next_column", "lengths"):
+            getattr(self, name).copy_(getattr(other, name))
+        self.n_kept = other.n_kept
+
     def select_rows(self, index: Tensor) -> None:
         """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them)."""
         for name in ("keys", "values", "scores", "positions", "kept_u", "lengths"):

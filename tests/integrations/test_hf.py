@@ -178,3 +178,30 @@ def test_gpu_kernels_decode_equal_parallel():
     want = model(ids, use_cache=False).logits
     got, _ = logits_step_by_step(model, ids, 40)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_graphed_decoder_equals_eager_steps():
+    """Left-padded prompts, then 30 tokens replayed from a CUDA graph: the logits of eager decoding."""
+    from sparsek.integrations.hf import GraphedDecoder
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = convert(transformers.LlamaForCausalLM(config).cuda().eval(), topk=8, window=4, slope=0.05)
+    for name, p in model.named_parameters():
+        if "sparsek_scorer" in name:
+            p.normal_(0, 1.0)
+    ids = torch.randint(0, VOCAB, (2, 50), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0                                                    # row 1: 7 tokens of left padding
+    want, _ = logits_step_by_step(model, ids, 20, mask)
+    cache = SparseKHFCache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(ids[:, :20], attention_mask=mask[:, :20], position_ids=positions[:, :20], past_key_values=cache)
+    decoder = GraphedDecoder(model, cache, steps=30)
+    got = torch.stack([decoder(ids[:, t:t + 1]) for t in range(20, 50)], dim=1)
+    torch.testing.assert_close(got, want[:, 20:], atol=1e-3, rtol=1e-3)
+    with pytest.raises(RuntimeError, match="reserved steps"):
+        decoder(ids[:, :1])

@@ -17,6 +17,7 @@ Shapes: B batch, T new tokens, Hq / H query / KV heads, D head dim.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -255,3 +256,62 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
                          f"unexpected {sorted(unexplained)[:4]}")
     return model
 
+
+
+class GraphedDecoder:
+    """Decode steps of a converted model replayed from one CUDA graph: one launch per token instead of
+    hundreds, which is what makes decoding fast when the model is small (see `python -m sparsek.bench.decode`).
+
+        cache = SparseKHFCache()
+        model(prompt_ids, attention_mask=mask, past_key_values=cache)   # prefill, as usual
+        decoder = GraphedDecoder(model, cache, steps=256)
+        logits = decoder(next_ids)                                       # [B, 1] -> [B, vocab], `steps` times
+
+    Rows continue at their own positions (left padding allowed). The cache is reserved for `steps` tokens; a
+    call past them raises. Needs CUDA tensors.
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: SparseKHFCache, steps: int):
+        states = [layer.state for layer in cache.layers]
+        if not states or any(s is None for s in states) or not states[0].keys.is_cuda:
+            raise ValueError("GraphedDecoder needs a SparseKHFCache after a prefill on a CUDA device")
+        self.model, self.cache, self.remaining = model, cache, steps
+        for state in states:
+            state.reserve(steps + 1)                       # + 1: the warm-up step, undone below
+        self.tokens = torch.zeros(states[0].batch, 1, dtype=torch.long, device=states[0].keys.device)
+        self.positions = states[0].lengths[:, None].clone()
+        saved = [copy.deepcopy(state) for state in states]
+        seen = [layer.seen for layer in cache.layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():  # compiles kernels, allocates workspaces
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._restore(states, saved, seen)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self._step()
+        self._restore(states, saved, seen)                # capture ran no kernels but moved the host counters
+
+    def _step(self) -> Tensor:
+        out = self.model(self.tokens, position_ids=self.positions, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _restore(self, states, saved, seen) -> None:
+        for state, old, layer, n in zip(states, saved, self.cache.layers, seen):
+            state.copy_(old)
+            layer.seen = n
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """tokens [B, 1] (the newest token of each row) -> next-token logits [B, vocab] (a fresh tensor)."""
+        if self.remaining <= 0:
+            raise RuntimeError("GraphedDecoder: all reserved steps are used; build a new one to go on")
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.positions += 1
+        self.remaining -= 1
+        for layer in self.cache.layers:
+            layer.seen += 1
+            layer.state.n_kept += 1
+        return self.logits.clone()
