@@ -15,19 +15,19 @@ except ImportError:  # triton is an optional extra
     fused = None
 
 
-def _fused_if_available(q: Tensor, required: bool):
-    """The fused Triton function if triton imports and the kernels support q, else None (or an error)."""
-    if fused is None:
+def kernel_if_available(module, name: str, q: Tensor, required: bool):
+    """module.name if triton imported (module is not None) and module.supports(q), else None (or an error)."""
+    if module is None:
         if required:
             raise ValueError("backend='triton' needs the triton package: pip install 'sparsek[triton]'")
         return None
-    if not fused.supports(q):
+    if not module.supports(q):
         if required:
             raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) in "
                              "float16, bfloat16 or float32 and a power-of-two head dim in [16, 256], got "
                              f"{q.device}, {q.dtype} and D={q.shape[-1]}")
         return None
-    return fused.sparsek_attention_fused
+    return getattr(module, name)
 
 
 GATES = ("kv", "v", "none")
@@ -128,7 +128,7 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
 
     attention = None
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        attention = _fused_if_available(q, required=backend == "triton")
+        attention = kernel_if_available(fused, "sparsek_attention_fused", q, required=backend == "triton")
     attention = attention or sparsek_attention_reference
 
     def attend(q_, k_, v_, s_):

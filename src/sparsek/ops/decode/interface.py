@@ -5,28 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention.interface import BACKENDS, GATES
+from ..attention.interface import BACKENDS, GATES, kernel_if_available
 from .reference import decode_attention_reference
 
 try:
     from . import fused
 except ImportError:  # triton is an optional extra
     fused = None
-
-
-def _triton_if_available(q: Tensor, required: bool):
-    """The Triton function if triton imports and the kernel supports q, else None (or an error)."""
-    if fused is None:
-        if required:
-            raise ValueError("backend='triton' needs the triton package: pip install 'sparsek[triton]'")
-        return None
-    if not fused.supports(q):
-        if required:
-            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) in "
-                             "float16, bfloat16 or float32 and a power-of-two head dim in [16, 256], got "
-                             f"{q.device}, {q.dtype} and D={q.shape[-1]}")
-        return None
-    return fused.decode_attention_triton
 
 
 def _validate(q, keys, values, weight, attended, gate, scale, backend) -> None:
@@ -96,6 +81,6 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, at
     _validate(q, keys, values, weight, attended, gate, scale, backend)
     attention = None
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        attention = _triton_if_available(q, required=backend == "triton")
+        attention = kernel_if_available(fused, "decode_attention_triton", q, required=backend == "triton")
     attention = attention or decode_attention_reference
     return attention(q, keys, values, weight, attended, gate=gate, scale=scale)
