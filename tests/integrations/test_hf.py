@@ -162,18 +162,24 @@ def test_errors_are_clear():
         model(ids[:, :1], past_key_values=dynamic, use_cache=True)
 
 
+def gpu_model(topk: int, window: int) -> transformers.PreTrainedModel:
+    """A converted float32 Llama on the GPU with head dim 64, so prefill and decode both run Triton kernels."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = convert(transformers.LlamaForCausalLM(config).cuda().eval(), topk=topk, window=window, slope=0.05)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "sparsek_scorer" in name:
+                p.normal_(0, 1.0)
+    return model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 def test_gpu_kernels_decode_equal_parallel():
     """On the GPU both paths run Triton (fused prefill, decode kernel): float32 logits agree step by step."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config).cuda().eval()
-    model = convert(model, topk=16, window=8, slope=0.05)
-    for name, p in model.named_parameters():
-        if "sparsek_scorer" in name:
-            p.normal_(0, 1.0)
+    model = gpu_model(topk=16, window=8)
     ids = torch.randint(0, VOCAB, (3, 90), device="cuda")
     want = model(ids, use_cache=False).logits
     got, _ = logits_step_by_step(model, ids, 40)
@@ -186,13 +192,7 @@ def test_graphed_decoder_equals_eager_steps():
     """Left-padded prompts, then 30 tokens replayed from a CUDA graph: the logits of eager decoding."""
     from sparsek.integrations.hf import GraphedDecoder
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = convert(transformers.LlamaForCausalLM(config).cuda().eval(), topk=8, window=4, slope=0.05)
-    for name, p in model.named_parameters():
-        if "sparsek_scorer" in name:
-            p.normal_(0, 1.0)
+    model = gpu_model(topk=8, window=4)
     ids = torch.randint(0, VOCAB, (2, 50), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :7] = 0                                                    # row 1: 7 tokens of left padding
