@@ -145,3 +145,19 @@ def test_step_replays_from_a_cuda_graph():
         graph.replay()
         replayed.append(out.clone())
     torch.testing.assert_close(torch.stack(replayed, 1), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_float64_scores_decode_like_the_parallel_path():
+    """Scores 1e-12 apart tie in float32: the cache must keep them in float64, as the parallel path selects."""
+    u = torch.tensor([0.0, 1 + 1e-12, 1.0, 1 + 2e-12, -3.0, -3.0, -3.0], dtype=torch.float64).view(1, 7, 1)
+    q, k, v = (torch.randn(1, 7, 1, 8, dtype=torch.float64) for _ in range(3))
+    want = naive_sparsek_attention(q, k, v, u, topk=2, window=1)
+    got, _ = decode(q, k, v, u, 3, topk=2, window=1)
+    torch.testing.assert_close(got, want[:, 3:], atol=1e-10, rtol=1e-10)
+
+
+def test_step_rejects_bad_shapes():
+    cache = SparseKCache.prefill(torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1), topk=2,
+                                 window=2)
+    with pytest.raises(ValueError, match="needs q"):
+        cache.step(torch.randn(2, 2, 4), torch.randn(2, 2, 4), torch.randn(2, 2, 4), torch.randn(2, 2))

@@ -30,14 +30,15 @@ class SparseKCache:
     """Window ring + k selected slots + kept candidate scores for one layer. Build with `prefill`."""
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, topk: int, window: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", score_dtype: torch.dtype = torch.float32):
         if topk < 0 or window < 0 or topk + window == 0:
             raise ValueError(f"need topk >= 0, window >= 0 and not both 0, got {topk}, {window}")
         self.topk, self.window = topk, window
         shape = (batch, n_kv_heads, window + topk)
         self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
+        # Scores in float32, or float64 when the scores are (the parallel path selects in their precision).
+        self.scores = torch.zeros(shape, dtype=score_dtype, device=device)
         self.positions = torch.full(shape, -1, dtype=torch.int64, device=device)      # -1: empty entry
         # Kept candidate scores: a fixed-capacity buffer padded with -inf; new ones go to column next_column (a
         # device counter, so a decode step holds no host state and can be captured in a CUDA graph).
@@ -67,7 +68,8 @@ class SparseKCache:
         self.n_kept = other.n_kept
 
     def select_rows(self, index: Tensor) -> None:
-        """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them)."""
+        """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them). New tensors: a
+        CUDA graph captured before this no longer sees the cache."""
         for name in ("keys", "values", "scores", "positions", "kept_u", "lengths"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(self.keys.device)))
 
@@ -79,8 +81,12 @@ class SparseKCache:
         lengths [B]: real tokens per row, right-aligned (row b's prompt is the last lengths[b] positions, the
         rest is left padding); all T when None.
         """
+        if k.dim() != 4 or v.shape != k.shape or scores.shape != k.shape[:3] or not scores.is_floating_point():
+            raise ValueError(f"need k, v [B, T, H, D] and float scores [B, T, H], got {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}, {tuple(scores.shape)} {scores.dtype}")
         batch, t_len, heads, head_dim = k.shape
-        cache = cls(batch, heads, head_dim, topk, window, k.dtype, k.device)
+        score_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        cache = cls(batch, heads, head_dim, topk, window, k.dtype, k.device, score_dtype)
         if lengths is None:
             lengths = torch.full((batch,), t_len, dtype=torch.int64)
         lengths = lengths.to(torch.int64).cpu()
@@ -107,7 +113,7 @@ class SparseKCache:
         n_cand = max(0, n - w)
         if not (self.topk and n_cand):
             return u.new_empty(u.shape[1], 0, dtype=torch.float64)
-        sel = prefix_selection(u[None].detach().float(), self.topk, w)
+        sel = prefix_selection(u[None].detach().to(self.scores.dtype), self.topk, w)
         selected = ((sel.start <= n - 1) & (n - 1 < sel.end))[0].T                      # [H, n]
         order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
         picked = order[:, : min(self.topk, n_cand)]                                     # [H, s] positions
@@ -115,7 +121,7 @@ class SparseKCache:
         slots = w + torch.arange(picked.shape[1], device=k.device)
         self.keys[b, heads, slots] = k[picked, heads]
         self.values[b, heads, slots] = v[picked, heads]
-        self.scores[b, heads, slots] = u[picked, heads].float()
+        self.scores[b, heads, slots] = u[picked, heads].to(self.scores.dtype)
         self.positions[b, heads, slots] = picked
         return u[:n_cand].T.double()
 
@@ -123,7 +129,7 @@ class SparseKCache:
         """Row b's entries [n] take tokens k, v [n, H, D], u [n, H] at positions pos [n] (all heads)."""
         self.keys[b, :, entries] = k.transpose(0, 1)
         self.values[b, :, entries] = v.transpose(0, 1)
-        self.scores[b, :, entries] = u.T.float()
+        self.scores[b, :, entries] = u.T.to(self.scores.dtype)
         self.positions[b, :, entries] = pos
 
     def _set_kept(self, kept: Tensor, room: int = 0) -> None:
@@ -162,7 +168,7 @@ class SparseKCache:
             self._admit(self.keys[rows, :, ring], self.values[rows, :, ring], self.scores[rows, :, ring],
                         t - w, leaving)
             self.keys[rows, :, ring], self.values[rows, :, ring] = k, v
-            self.scores[rows, :, ring] = scores.float()
+            self.scores[rows, :, ring] = scores.to(self.scores.dtype)
             self.positions[rows, :, ring] = t[:, None]
         else:                                                  # no window: the new token is a candidate at once
             self._admit(k, v, scores, t, torch.ones_like(t, dtype=torch.bool)[:, None])
@@ -183,15 +189,16 @@ class SparseKCache:
         # Worst selected key: lowest score, ties to the older one (which the newer candidate then beats).
         # Empty slots come first: while the slots fill, the (j + 1)-th candidate takes slot j.
         filling = (position < self.topk)[:, None]
-        worst_u = torch.where(slot_pos >= 0, slot_u, -torch.inf).min(dim=-1).values
-        tied = torch.where(slot_pos >= 0, slot_u, -torch.inf) == worst_u[..., None]
+        live_u = torch.where(slot_pos >= 0, slot_u, -torch.inf)
+        worst_u = live_u.min(dim=-1).values
+        tied = live_u == worst_u[..., None]
         worst = torch.where(tied, slot_pos, torch.iinfo(torch.int64).max).argmin(-1)
         slot = torch.where(filling, position.clamp(0, self.topk - 1)[:, None], worst)
-        take = present & (filling | (u.float() >= worst_u))
+        take = present & (filling | (u.to(worst_u.dtype) >= worst_u))
         entry = (self.window + slot)[..., None]                                        # [B, H, 1]
         new_pos = torch.where(take, position[:, None], slot_pos.gather(-1, slot[..., None]).squeeze(-1))
         self.positions.scatter_(-1, entry, new_pos[..., None])
-        new_u = torch.where(take, u.float(), self.scores.gather(-1, entry).squeeze(-1))
+        new_u = torch.where(take, u.to(self.scores.dtype), self.scores.gather(-1, entry).squeeze(-1))
         self.scores.scatter_(-1, entry, new_u[..., None])
         d_entry = entry[..., None].expand(-1, -1, -1, k.shape[-1])
         keep = take[..., None, None]
@@ -222,6 +229,12 @@ class SparseKCache:
     def step(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, gate: str = "kv",
              scale: float | None = None, backend: str = "auto") -> Tensor:
         """Decode one token per row: q [B, Hq, D], k, v [B, H, D], scores [B, H] -> output [B, Hq, D]."""
+        batch, heads, head_dim = self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]
+        if (k.shape != (batch, heads, head_dim) or v.shape != k.shape or scores.shape != (batch, heads)
+                or q.dim() != 3 or q.shape[0] != batch or q.shape[1] % heads or q.shape[2] != head_dim):
+            raise ValueError(f"cache of B={batch}, H={heads}, D={head_dim} needs q [B, Hq, D] (Hq a multiple of "
+                             f"H), k, v [B, H, D], scores [B, H]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}, {tuple(scores.shape)}")
         self.append(k, v, scores)
         weight, attended = self.weights()
         return decode_attention(q, self.keys, self.values, weight, attended, gate=gate, scale=scale,

@@ -156,6 +156,12 @@ def test_errors_are_clear():
     right_padded = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     with pytest.raises(ValueError, match="left padding only"):
         model(ids, attention_mask=right_padded)
+    plain, cache = tiny_model("llama"), SparseKHFCache()
+    plain(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="converted"):
+        plain(ids[:, :1], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="2D"):
+        model(ids, attention_mask=torch.ones(2, 1, 8, 8))          # a prepared 4D mask
     dynamic = transformers.DynamicCache()
     model(ids, past_key_values=dynamic, use_cache=True)
     with pytest.raises(ValueError, match="SparseKHFCache"):
@@ -198,8 +204,7 @@ def test_graphed_decoder_equals_eager_steps():
     mask[1, :7] = 0                                                    # row 1: 7 tokens of left padding
     want, _ = logits_step_by_step(model, ids, 20, mask)
     cache = SparseKHFCache()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    model(ids[:, :20], attention_mask=mask[:, :20], position_ids=positions[:, :20], past_key_values=cache)
+    model(ids[:, :20], attention_mask=mask[:, :20], past_key_values=cache)   # transformers' own position ids
     decoder = GraphedDecoder(model, cache, steps=30)
     got = torch.stack([decoder(ids[:, t:t + 1]) for t in range(20, 50)], dim=1)
     torch.testing.assert_close(got, want[:, 20:], atol=1e-3, rtol=1e-3)

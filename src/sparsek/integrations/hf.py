@@ -44,6 +44,7 @@ class SparseKLayer(CacheLayerMixin):
         super().__init__()
         self.state: SparseKCache | None = None
         self.seen = 0  # tokens passed through, padding included: what transformers calls the sequence length
+        self.next_positions: Tensor | None = None  # [B, 1] position ids of each row's next token
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
@@ -52,6 +53,9 @@ class SparseKLayer(CacheLayerMixin):
         """Counts the new tokens; the SparseK state itself is updated by the attention function."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.seen and self.state is None:  # the attention function never built the state: not converted
+            raise ValueError("SparseKHFCache holds SparseK state only for models converted with sparsek's convert() "
+                             "(reload saved ones with sparsek.integrations.hf.load)")
         self.seen += key_states.shape[-2]
         return key_states, value_states
 
@@ -114,6 +118,8 @@ def _left_padded_lengths(mask: Tensor | None, batch: int, t_len: int) -> Tensor 
     """Real tokens per row [B] from the mask's last t_len columns; None when there is no padding."""
     if mask is None:
         return None
+    if mask.dim() != 2:
+        raise ValueError(f"SparseK attention takes a 2D [B, T] padding mask, got shape {tuple(mask.shape)}")
     mask = mask[:, -t_len:].bool()
     if mask.all():
         return None
@@ -135,6 +141,10 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     """
     if sparsek_scores is None:
         raise ValueError(f"{type(module).__name__} has no SparseK scorer: build the model with sparsek's convert()")
+    unsupported = {name: kwargs[name] for name in ("softcap", "sliding_window", "s_aux")
+                   if kwargs.get(name) is not None}
+    if dropout or unsupported:
+        raise ValueError(f"SparseK attention does not implement {sorted(unsupported) + ['dropout'] * bool(dropout)}")
     settings = module.config.sparsek
     topk, window, gate = settings["topk"], settings["window"], settings["gate"]
     batch, _, t_len, _ = query.shape
@@ -175,12 +185,16 @@ AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
 def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before each attention call: scores from the module's input, and its layer of the SparseK cache."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(hidden.shape[1], device=hidden.device)
-    kwargs["sparsek_scores"] = module.sparsek_scorer(hidden, positions)               # [B, T, H] float32
     cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
-    kwargs["sparsek_layer"] = cache.layer(module.layer_idx) if isinstance(cache, SparseKHFCache) else None
+    positions = kwargs.get("position_ids")
+    if positions is None:  # the models we know pass position_ids; else count from the cache
+        start = cache.get_seq_length(module.layer_idx) if isinstance(cache, Cache) else 0
+        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)[None]
+    kwargs["sparsek_scores"] = module.sparsek_scorer(hidden, positions)               # [B, T, H] float32
+    layer = cache.layer(module.layer_idx) if isinstance(cache, SparseKHFCache) else None
+    if layer is not None:
+        layer.next_positions = (positions[..., -1:] + 1).expand(hidden.shape[0], 1)
+    kwargs["sparsek_layer"] = layer
     return args, kwargs
 
 
@@ -208,10 +222,10 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     config = model.config
     n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    device = next(model.parameters()).device
     for module in _attention_modules(model):
         if hasattr(module, "sparsek_scorer"):
             raise ValueError("model is already converted to SparseK")
+        device = next(module.parameters()).device  # each layer's own device (models split over GPUs)
         module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
         module.register_forward_pre_hook(_score_hook, with_kwargs=True)
     config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate}
@@ -257,7 +271,6 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
     return model
 
 
-
 class GraphedDecoder:
     """Decode steps of a converted model replayed from one CUDA graph: one launch per token instead of
     hundreds, which is what makes decoding fast when the model is small (see `python -m sparsek.bench.decode`).
@@ -279,19 +292,21 @@ class GraphedDecoder:
         for state in states:
             state.reserve(steps + 1)                       # + 1: the warm-up step, undone below
         self.tokens = torch.zeros(states[0].batch, 1, dtype=torch.long, device=states[0].keys.device)
-        self.positions = states[0].lengths[:, None].clone()
+        self.positions = cache.layers[0].next_positions.clone()   # where the prefill's position_ids left off
         saved = [copy.deepcopy(state) for state in states]
         seen = [layer.seen for layer in cache.layers]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():  # compiles kernels, allocates workspaces
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._restore(states, saved, seen)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = self._step()
-        self._restore(states, saved, seen)                # capture ran no kernels but moved the host counters
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():  # compiles kernels, allocates workspaces
+                self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self._restore(states, saved, seen)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.logits = self._step()
+        finally:
+            self._restore(states, saved, seen)            # capture ran no kernels but moved the host counters
 
     def _step(self) -> Tensor:
         out = self.model(self.tokens, position_ids=self.positions, past_key_values=self.cache, use_cache=True,
