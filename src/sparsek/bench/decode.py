@@ -7,7 +7,9 @@ bf16: decode speed does not depend on the weights. Both caches are filled with r
 context length instead of running a prefill (which would cost minutes at 128k x 16 and measures something
 else): the full cache holds L keys and values per layer, attended with SDPA; the SparseK cache holds its
 constant window + slots + kept scores with the position counters at L. Each timed step decodes one token for
-every row (logits for that token only). Two ways to run a step:
+every row (logits for that token only; no attention mask). The SparseK state is synthetic: topk + 1 kept
+scores, no pruning during the timed steps; real decoding prunes the kept scores now and then (a host
+synchronisation) and keeps more of them when many scores lie within 1 of the k-th best. Two ways to run a step:
   * eager, as generate() does: the full cache is transformers' DynamicCache;
   * captured once in a CUDA graph and replayed: the full cache is transformers' StaticCache (attending over its
     preallocated length, as its compiled decoding does), the SparseK cache after `reserve`.
@@ -148,16 +150,14 @@ def main(argv: list[str] | None = None) -> None:
             for name, model, make, graphed in variants:
                 cache = None
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
                 try:
                     cache = make(model, batch, context, static=graphed)
                     row[f"{name}_ms"] = statistics.median(time_decode(model, cache, batch, context, args.steps,
                                                                       graphed))
                     row[f"{name}_cache_gb"] = cache_bytes(cache) / 1e9
-                    row[f"{name}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 except Exception as error:  # noqa: BLE001 -- one failed variant must not hide the others
                     print(f"  {name} B={batch} T={context}: {type(error).__name__}: {str(error)[:300]}", flush=True)
-                    row[f"{name}_ms"] = row[f"{name}_cache_gb"] = row[f"{name}_peak_gb"] = float("nan")
+                    row[f"{name}_ms"] = row[f"{name}_cache_gb"] = float("nan")
                 cache = None
             row["speedup"] = row["full_ms"] / row["sparsek_ms"]
             row["speedup_graph"] = row["full_graph_ms"] / row["sparsek_graph_ms"]
