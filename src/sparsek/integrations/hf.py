@@ -141,8 +141,9 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     """
     if sparsek_scores is None:
         raise ValueError(f"{type(module).__name__} has no SparseK scorer: build the model with sparsek's convert()")
-    unsupported = {name: kwargs[name] for name in ("softcap", "sliding_window", "s_aux")
-                   if kwargs.get(name) is not None}
+    # A model's own sliding_window is superseded by SparseK's window; logit soft-capping and sink logits would
+    # change the math, so they are refused rather than dropped.
+    unsupported = {name: kwargs[name] for name in ("softcap", "s_aux") if kwargs.get(name) is not None}
     if dropout or unsupported:
         raise ValueError(f"SparseK attention does not implement {sorted(unsupported) + ['dropout'] * bool(dropout)}")
     settings = module.config.sparsek
