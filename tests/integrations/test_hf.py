@@ -210,3 +210,14 @@ def test_graphed_decoder_equals_eager_steps():
     torch.testing.assert_close(got, want[:, 20:], atol=1e-3, rtol=1e-3)
     with pytest.raises(RuntimeError, match="reserved steps"):
         decoder(ids[:, :1])
+
+
+@torch.no_grad()
+def test_beam_search_reorders_the_cache():
+    """Beams reorder cache rows (select_rows): the same beams with the SparseK cache as without any cache."""
+    model = converted("llama", topk=3, window=2)
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    options = dict(max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, **options)
+    uncached = model.generate(prompt, use_cache=False, **options)
+    assert torch.equal(cached, uncached)
