@@ -109,6 +109,30 @@ def _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt
 
 
 @triton.jit
+def _query_block(Q, K, V, U, TAU, START, END, pid_m, pid_bh, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh,
+                 stride_vb, stride_vh, T, H_Q, GROUP, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """What a query-major program (query block pid_m, query head row pid_bh) starts from: its batch, head and
+    selection row, query offsets, queries [BLOCK_M, D] and thresholds, and the bases of its KV head's rows."""
+    b = pid_bh // H_Q
+    hq = pid_bh % H_Q
+    hk = hq // GROUP
+    row = b * (H_Q // GROUP) + hk
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    tau = tl.load(TAU + row.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    u_row = U + row.to(tl.int64) * T
+    start_row = START + row.to(tl.int64) * T
+    end_row = END + row.to(tl.int64) * T
+    return b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row
+
+
+@triton.jit
 def sparsek_fwd_kernel(
     Q, K, V, U, TAU, START, END, LISTS, OUT, LSE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -118,23 +142,9 @@ def sparsek_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H_Q
-    hq = pid_bh % H_Q
-    hk = hq // GROUP
-    row = b * (H_Q // GROUP) + hk
-    i0 = pid_m * BLOCK_M
-    offs_m = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    tau = tl.load(TAU + row.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-    u_row = U + row.to(tl.int64) * T
-    start_row = START + row.to(tl.int64) * T
-    end_row = END + row.to(tl.int64) * T
+    b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
+        Q, K, V, U, TAU, START, END, pid_m, pid_bh, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_vb,
+        stride_vh, T, H_Q, GROUP, BLOCK_M, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile must not give NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,27 +183,13 @@ def sparsek_bwd_dq_kernel(
     """dq [B, T, Hq, D] (strides of do) and dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H_Q
-    hq = pid_bh % H_Q
-    hk = hq // GROUP
-    row = b * (H_Q // GROUP) + hk
-    i0 = pid_m * BLOCK_M
-    offs_m = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
+        Q, K, V, U, TAU, START, END, pid_m, pid_bh, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_vb,
+        stride_vh, T, H_Q, GROUP, BLOCK_M, HEAD_DIM)
     do_offs = b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     do = tl.load(DO + do_offs, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    tau = tl.load(TAU + row.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-    u_row = U + row.to(tl.int64) * T
-    start_row = START + row.to(tl.int64) * T
-    end_row = END + row.to(tl.int64) * T
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dtau = tl.zeros([BLOCK_M], dtype=tl.float32)

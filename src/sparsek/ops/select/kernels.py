@@ -21,6 +21,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _level_chunk(VALS, W, base, c0, hi, shift, CHUNK: tl.constexpr):
+    """Entries [c0, c0 + CHUNK) of a row (below hi) at one level: offsets, in-range mask, values, weights, the
+    level's bit, and per entry 1 for a zero bit and the weight of a one bit (0 outside the range)."""
+    offs = c0 + tl.arange(0, CHUNK)
+    inside = offs < hi
+    vals = tl.load(VALS + base + offs, mask=inside, other=0)
+    weight = tl.load(W + base + offs, mask=inside, other=0.0)
+    bit = (vals >> shift) & 1
+    is_zero = tl.where(inside & (bit == 0), 1, 0)
+    one_weight = tl.where(inside & (bit == 1), weight, 0.0)
+    return offs, inside, vals, weight, bit, is_zero, one_weight
+
+
+@triton.jit
 def wavelet_count_kernel(VALS, W, SEG_ZEROS, SEG_WEIGHT, N, SEG_LEN, N_SEG, shift, CHUNK: tl.constexpr):
     """Zeros of bit `shift` and the weight of its ones in each segment: -> SEG_ZEROS, SEG_WEIGHT [M, N_SEG]."""
     row = tl.program_id(0)
@@ -31,13 +45,9 @@ def wavelet_count_kernel(VALS, W, SEG_ZEROS, SEG_WEIGHT, N, SEG_LEN, N_SEG, shif
     n_zeros = tl.zeros([CHUNK], dtype=tl.int32)
     ones_weight = tl.zeros([CHUNK], dtype=tl.float64)
     for c0 in range(lo, hi, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        inside = offs < hi
-        vals = tl.load(VALS + base + offs, mask=inside, other=0)
-        weight = tl.load(W + base + offs, mask=inside, other=0.0)
-        bit = (vals >> shift) & 1
-        n_zeros += tl.where(inside & (bit == 0), 1, 0)
-        ones_weight += tl.where(inside & (bit == 1), weight, 0.0)
+        _, _, _, _, _, is_zero, one_weight = _level_chunk(VALS, W, base, c0, hi, shift, CHUNK)
+        n_zeros += is_zero
+        ones_weight += one_weight
     tl.store(SEG_ZEROS + row * N_SEG + seg, tl.sum(n_zeros, 0))
     tl.store(SEG_WEIGHT + row * N_SEG + seg, tl.sum(ones_weight, 0))
 
@@ -60,13 +70,7 @@ def wavelet_write_kernel(VALS, W, NEXT_VALS, NEXT_W, ZEROS_BEFORE, ONES_WEIGHT_B
     lo = seg * SEG_LEN
     hi = tl.minimum(lo + SEG_LEN, N)
     for c0 in range(lo, hi, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        inside = offs < hi
-        vals = tl.load(VALS + base + offs, mask=inside, other=0)
-        weight = tl.load(W + base + offs, mask=inside, other=0.0)
-        bit = (vals >> shift) & 1
-        is_zero = tl.where(inside & (bit == 0), 1, 0)
-        one_weight = tl.where(inside & (bit == 1), weight, 0.0)
+        offs, inside, vals, weight, bit, is_zero, one_weight = _level_chunk(VALS, W, base, c0, hi, shift, CHUNK)
         z_before = zeros_before + tl.cumsum(is_zero, 0) - is_zero
         w_before = weight_before + tl.cumsum(one_weight, 0) - one_weight
         tl.store(ZEROS_BEFORE + prefix_base + offs, z_before, mask=inside)
