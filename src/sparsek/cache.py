@@ -29,6 +29,8 @@ from .ops.sparsek.reference import _threshold_last
 class SparseKCache:
     """Window ring + k selected slots + kept candidate scores for one layer. Build with `prefill`."""
 
+    _STATE = ("keys", "values", "scores", "positions", "kept_u", "lengths", "next_column")  # all its tensors
+
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, topk: int, window: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", score_dtype: torch.dtype = torch.float32):
         if topk < 0 or window < 0 or topk + window == 0:
@@ -58,19 +60,18 @@ class SparseKCache:
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (the kept scalar scores included)."""
-        tensors = (self.keys, self.values, self.scores, self.positions, self.kept_u, self.lengths)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(getattr(self, name).nbytes for name in self._STATE)
 
     def copy_(self, other: SparseKCache) -> None:
         """Take the state of a cache of the same shapes, in place (tensor addresses kept: CUDA-graph safe)."""
-        for name in ("keys", "values", "scores", "positions", "kept_u", "next_column", "lengths"):
+        for name in self._STATE:
             getattr(self, name).copy_(getattr(other, name))
         self.n_kept = other.n_kept
 
     def select_rows(self, index: Tensor) -> None:
         """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them). New tensors: a
         CUDA graph captured before this no longer sees the cache."""
-        for name in ("keys", "values", "scores", "positions", "kept_u", "lengths"):
+        for name in self._STATE[:-1]:  # every tensor but the write counter is per row
             setattr(self, name, getattr(self, name).index_select(0, index.to(self.keys.device)))
 
     @classmethod
