@@ -4,12 +4,19 @@
     sparsek demo --seq-len 8192 --topk 256 --window 256
     sparsek generate                  # SmolLM2-135M converted to SparseK, generating with a constant-size cache
     sparsek generate --model path/to/checkpoint --prompt "..." --topk 64 --window 64 --max-new-tokens 500
+    sparsek compare                   # train a tiny SparseK+window and a full-attention model on CPU, compare
+    sparsek compare --attention full,window,fixed,hash,sparsek,sparsek_window --context 4096 --budget 512 ...
+    sparsek train --run-dir runs/a --attention sparsek_window --context 1024 --budget 128 --steps 2000
+    sparsek eval runs/a --context 4096  # held-out perplexity (and by position) of a trained run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import time
+import typing
 
 import torch
 
@@ -84,6 +91,27 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
           f"a full cache {full_bytes / 1e6:.2f} MB (grows with every token)")
 
 
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of a config dataclass, typed and defaulted from the field."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            continue
+        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        parser.add_argument(flag, type=kind, default=field.default, help=f"(default {field.default})")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparsek", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,7 +134,41 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--max-new-tokens", type=int, default=200)
     p_gen.add_argument("--sample", action="store_true", help="nucleus sampling (top_p 0.9) instead of greedy")
     p_gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from .models import LMConfig
+    from .train import TrainConfig
+    tiny = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=256, budget=32)  # CPU: minutes
+    p_train = sub.add_parser("train", help="train a language model from scratch (resumes a run folder)")
+    add_dataclass_options(p_train, TrainConfig)
+    add_dataclass_options(p_train, LMConfig)
+    p_train.set_defaults(**tiny)
+    p_compare = sub.add_parser("compare", help="train several attention variants alike and compare them")
+    p_compare.add_argument("--out-dir", default="runs/compare")
+    p_compare.add_argument("--attention", default="sparsek_window,full",
+                           help="comma-separated variants: full, window, fixed, hash, sparsek, sparsek_window")
+    p_compare.add_argument("--sample-tokens", type=int, default=300)
+    add_dataclass_options(p_compare, TrainConfig, skip=("run_dir",))
+    add_dataclass_options(p_compare, LMConfig, skip=("attention",))
+    p_compare.set_defaults(**tiny)
+    p_eval = sub.add_parser("eval", help="held-out perplexity of a trained run, overall and by position")
+    p_eval.add_argument("run_dir")
+    p_eval.add_argument("--data", default=None, help="corpus (default: the run's own held-out documents)")
+    p_eval.add_argument("--context", type=int, default=None, help="window length (default: the training one)")
+    p_eval.add_argument("--max-tokens", type=int, default=0, help="cap on evaluated tokens (0: all)")
+    p_eval.add_argument("--batch-size", type=int, default=8)
+    p_eval.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train import train
+        summary = train(dataclass_from_args(TrainConfig, args), dataclass_from_args(LMConfig, args))
+        print(json.dumps({k: v for k, v in summary.items() if k != "loss_by_position"}, indent=1))
+    elif args.command == "compare":
+        from .train.compare import compare
+        compare(args.attention.split(","), dataclass_from_args(TrainConfig, args, run_dir=args.out_dir),
+                dataclass_from_args(LMConfig, args, attention="full"), args.out_dir, sample_tokens=args.sample_tokens)
+    elif args.command == "eval":
+        from .train.compare import evaluate_run
+        evaluate_run(args.run_dir, data=args.data, context=args.context, max_tokens=args.max_tokens,
+                     batch_size=args.batch_size, device=args.device)
     if args.command == "generate":
         generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device)
     elif args.command == "demo":

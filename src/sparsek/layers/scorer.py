@@ -20,7 +20,8 @@ class Scorer(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x [B, T, d_model], positions [T] or [B, T] -> scores [B, T, n_kv_heads] float32."""
-        u = nn.functional.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # under autocast linear would round u to bf16
+            u = nn.functional.linear(x.float(), self.weight.float())
         return u + self.slope * positions.to(torch.float32).unsqueeze(-1)
 
     def extra_repr(self) -> str:

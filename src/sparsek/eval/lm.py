@@ -1,0 +1,73 @@
+"""Held-out loss of a language model on whole documents, overall and by position in the context."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from ..data.corpus import document_windows
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, documents: list[Tensor], context: int, *, batch_size: int = 8,
+             max_tokens: int = 0, autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict:
+    """Cross-entropy of `model` on token documents, each cut into consecutive windows of `context` tokens.
+
+    Every token after a document's first is predicted once, from the context since its window's start, so the
+    loss at position p of a window says how well the model uses p tokens of history.
+
+    Args:
+        model: maps ids [B, T] to logits [B, T, V] and has `token_losses(tokens [B, T + 1]) -> [B, T]`.
+        documents: 1-D int64 token tensors (whole documents).
+        context: window length T.
+        batch_size: windows per forward.
+        max_tokens: evaluate at most this many predicted tokens (whole windows, documents in order); 0 = all.
+        autocast_dtype: e.g. torch.bfloat16 on CUDA; None runs in the model's dtype.
+        progress: show a progress bar.
+
+    Returns:
+        {"loss": nats per token, "ppl": exp(loss), "bits_per_token", "tokens": count,
+         "loss_by_position": [T] mean loss at each position (NaN where no window is that long)}.
+    """
+    device = next(model.parameters()).device
+    windows = [w for doc in documents for w in document_windows(doc, context)]
+    if max_tokens:
+        kept, total = [], 0
+        for window in windows:
+            if total >= max_tokens:
+                break
+            kept.append(window)
+            total += len(window) - 1
+        windows = kept
+    if not windows:
+        raise ValueError("no document has 2 or more tokens to evaluate")
+    loss_sum = torch.zeros(context, dtype=torch.float64, device=device)
+    count = torch.zeros(context, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(windows), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="eval", unit="batch", leave=False)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
+    for start in batches:
+        chunk = windows[start : start + batch_size]
+        width = max(len(w) for w in chunk)  # a document's last window may be short: pad after it (causal)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        valid = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
+        for row, window in enumerate(chunk):
+            tokens[row, : len(window)] = window
+            valid[row, : len(window) - 1] = True
+        tokens, valid = tokens.to(device), valid.to(device)
+        with autocast:
+            losses = model.token_losses(tokens).double()
+        loss_sum[: width - 1] += (losses * valid).sum(0)
+        count[: width - 1] += valid.sum(0)
+    model.train(was_training)
+    loss = (loss_sum.sum() / count.sum()).item()
+    by_position = (loss_sum / count).tolist()  # 0 / 0 -> NaN where no window reaches
+    return {"loss": loss, "ppl": math.exp(loss), "bits_per_token": loss / math.log(2),
+            "tokens": int(count.sum().item()), "loss_by_position": by_position}

@@ -1,0 +1,264 @@
+"""A small decoder language model whose attention is chosen by config, for training from scratch and comparing.
+
+Pre-norm blocks (RMSNorm), rotary embeddings, grouped-query attention, a SwiGLU MLP and tied embeddings. Every
+attention variant shares the projections, the rest of the model and the training code; only which keys a query
+sees differs. The sparse variants get the same budget of `budget` keys per query:
+
+    full            dense causal attention (SDPA)
+    window          the `budget` newest keys
+    fixed           Child et al. 2019: a local band of budget / 2 plus strided "summary" columns, budget / 2 of
+                    them at the training context's last position
+    hash            Reformer-style LSH (Kitaev et al. 2020): keys hashed by random rotations, sorted, chunks of
+                    budget / 2, each query sees its chunk and the previous one
+    sparsek         SparseK: the `budget` best keys by a learned score (no window)
+    sparsek_window  SparseK plus a sliding window: topk = budget / 2, window = budget - topk
+
+Shape legend: B batch, T tokens, V vocabulary, Hq / Hk query / KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..baselines import fixed_attention, full_attention, hash_attention, window_attention
+from ..cache import SparseKCache
+from ..layers import Scorer
+from ..layers.rotary import RotaryEmbedding
+from ..ops.attention import sparsek_attention
+
+ATTENTIONS = ("full", "window", "fixed", "hash", "sparsek", "sparsek_window")
+
+
+@dataclass
+class LMConfig:
+    """Model hyperparameters. `budget` (keys per query of the sparse variants) and `context` (the training
+    context, which sets the fixed pattern's stride and the number of hash buckets) matter only to sparse variants.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    mlp_hidden: int | None = None  # default: 8/3 d_model rounded up to a multiple of 64
+    attention: str = "sparsek_window"
+    budget: int = 64
+    context: int = 512
+    gate: str = "kv"
+    slope: float = 0.01
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"need d_model % n_heads == 0 and n_heads % n_kv_heads == 0, got {self.d_model}, "
+                             f"{self.n_heads}, {self.n_kv_heads}")
+        if self.attention != "full" and not 2 <= self.budget:
+            raise ValueError(f"budget must be >= 2 keys per query, got {self.budget}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def sparsek_budget(self) -> tuple[int, int]:
+        """(topk, window) of the SparseK variants."""
+        if self.attention == "sparsek":
+            return self.budget, 0
+        topk = self.budget // 2
+        return topk, self.budget - topk
+
+    def fixed_pattern(self) -> tuple[int, int]:
+        """(local, stride) of the fixed pattern: budget / 2 local keys, and budget - local summary columns at the
+        last position of the training context."""
+        local = self.budget // 2
+        return local, max(1, math.ceil(self.context / (self.budget - local)))
+
+    def hash_buckets(self) -> tuple[int, int]:
+        """(chunk, rotations): chunks of budget / 2 keys (a query sees two), about one bucket per chunk."""
+        chunk = self.budget // 2
+        return chunk, max(1, self.context // chunk // 2)
+
+
+class Attention(nn.Module):
+    """Causal self-attention of one block; the variant is `config.attention`.
+
+    forward(x [B, T, d_model]) -> [B, T, d_model]. Positions are 0..T-1 (one sequence per row).
+    """
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = c = config
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+        self.scorer = Scorer(c.d_model, c.n_kv_heads, c.slope) if c.attention.startswith("sparsek") else None
+        if c.attention == "hash":  # fixed random rotations, saved with the model so evaluation hashes alike
+            rotations = torch.randn(c.n_kv_heads, c.head_dim, c.hash_buckets()[1])
+            self.register_buffer("rotations", rotations)
+
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, d_model], positions [T] -> q [B, T, Hq, D], k, v [B, T, Hk, D] (rotary applied)."""
+        c = self.config
+        batch, t_len, _ = x.shape
+        q = self.q_proj(x).view(batch, t_len, c.n_heads, c.head_dim)
+        k = self.k_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.config
+        positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self.project(x, positions)
+        if c.attention == "full":
+            out = full_attention(q, k, v)
+        elif c.attention == "window":
+            out = window_attention(q, k, v, c.budget)
+        elif c.attention == "fixed":
+            out = fixed_attention(q, k, v, *c.fixed_pattern())
+        elif c.attention == "hash":
+            out = hash_attention(q, k, v, self.rotations, c.hash_buckets()[0])
+        else:
+            topk, window = c.sparsek_budget()
+            out = sparsek_attention(q, k, v, self.scorer(x, positions), topk=topk, window=window, gate=c.gate)
+        return self.o_proj(out.flatten(2))
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, SparseKCache]:
+        """SparseK variants: the forward of a prompt x [B, T, d_model] and the constant-size cache it leaves."""
+        c = self.config
+        positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self.project(x, positions)
+        scores = self.scorer(x, positions)
+        topk, window = c.sparsek_budget()
+        out = sparsek_attention(q, k, v, scores, topk=topk, window=window, gate=c.gate)
+        return self.o_proj(out.flatten(2)), SparseKCache.prefill(k, v, scores, topk=topk, window=window)
+
+    def step(self, x: Tensor, position: int, cache: SparseKCache) -> Tensor:
+        """SparseK variants: one new token x [B, 1, d_model] at `position`, attending through `cache`."""
+        positions = torch.tensor([position], device=x.device)
+        q, k, v = self.project(x, positions)
+        scores = self.scorer(x, positions)
+        out = cache.step(q[:, 0], k[:, 0], v[:, 0], scores[:, 0], gate=self.config.gate)   # [B, Hq, D]
+        return self.o_proj(out.flatten(1)).unsqueeze(1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model)
+        self.mlp = MLP(config.d_model, config.mlp_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: ids [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.apply(self._init_weights)
+        for block in self.blocks:  # residual branches scaled down with depth (GPT-2)
+            for proj in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
+        """ids [B, T] int64 -> logits [B, T, V] (float32 under autocast too); with targets [B, T], the
+        cross-entropy of each target instead, [B, T] float32."""
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        logits = self._logits(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return F.linear(self.norm(x), self.embed.weight).float()   # tied input and output embeddings
+
+    def token_losses(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T + 1] -> cross-entropy of predicting tokens[:, 1:] from the prefix, [B, T] float32."""
+        return self(tokens[:, :-1], tokens[:, 1:])
+
+    @torch.no_grad()
+    def generate(self, ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue ids [B, T] by sampling (temperature 0: greedy) -> [B, T + max_new_tokens].
+
+        The SparseK variants decode with one `SparseKCache` per layer: memory stays constant however long the
+        text grows. The other variants recompute the whole prefix for every token (fine for short samples).
+        """
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"ids must be [B, T] with T >= 1, got {tuple(ids.shape)}")
+        if self.config.attention.startswith("sparsek"):
+            return self._generate_cached(ids, max_new_tokens, temperature, top_k, generator)
+        for _ in range(max_new_tokens):
+            next_id = _sample(self(ids)[:, -1], temperature, top_k, generator)
+            ids = torch.cat([ids, next_id], dim=1)
+        return ids
+
+    def _generate_cached(self, ids, max_new_tokens, temperature, top_k, generator) -> Tensor:
+        x = self.embed(ids)
+        caches = []
+        for block in self.blocks:
+            out, cache = block.attn.prefill(block.attn_norm(x))
+            caches.append(cache)
+            x = x + out
+            x = x + block.mlp(block.mlp_norm(x))
+        pieces = [ids]
+        for position in range(ids.shape[1], ids.shape[1] + max_new_tokens):
+            next_id = _sample(self._logits(x[:, -1]), temperature, top_k, generator)
+            pieces.append(next_id)
+            x = self.embed(next_id)
+            for block, cache in zip(self.blocks, caches):
+                x = x + block.attn.step(block.attn_norm(x), position, cache)
+                x = x + block.mlp(block.mlp_norm(x))
+        return torch.cat(pieces, dim=1)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] -> next ids [B, 1]."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

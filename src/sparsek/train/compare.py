@@ -1,0 +1,113 @@
+"""Train several attention variants with the same data, model size, token count and budget, and compare them.
+
+    compare(["sparsek_window", "full"], TrainConfig(...), LMConfig(...), out_dir="runs/compare")
+
+Each variant trains in out_dir/<variant> (resumable: run the same call again after a stop); the table, the
+overlaid plots and a sample from the first SparseK variant (decoded with the constant-memory cache) go to out_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.corpus import ByteTokenizer
+from ..models import LMConfig, TransformerLM
+from . import checkpoint
+from .distributed import World
+from .loop import TrainConfig, resolve_device, train
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> TransformerLM:
+    """The trained model of a run folder, in eval mode."""
+    state = checkpoint.load_state(run_dir)
+    model = TransformerLM(LMConfig(**state["model"]))
+    checkpoint.load_weights(run_dir, model)
+    return model.to(device).eval()
+
+
+def evaluate_run(run_dir: str | Path, *, data: str | None = None, context: int | None = None, max_tokens: int = 0,
+                 batch_size: int = 8, device: str = "auto") -> dict:
+    """Held-out loss of a trained run at any context (e.g. 2x and 4x the training one, for extrapolation).
+
+    data None evaluates the run's own held-out documents; a corpus name or path evaluates all its documents.
+    Writes run_dir/eval_<context>.json and prints the result.
+    """
+    from ..data.corpus import load_documents
+    from ..eval.lm import evaluate
+    from .loop import load_corpus
+
+    state = checkpoint.load_state(run_dir)
+    torch_device = resolve_device(device, World())
+    model = load_model(run_dir, torch_device)
+    context = context or model.config.context
+    if data is None:
+        documents = load_corpus(TrainConfig(**state["train"]))[1]
+    else:
+        tokenizer = ByteTokenizer()
+        documents = [tokenizer.encode_tensor(d.text) for d in load_documents(data)]
+    autocast_dtype = torch.bfloat16 if torch_device.type == "cuda" else None
+    result = evaluate(model, documents, context, batch_size=batch_size, max_tokens=max_tokens,
+                      autocast_dtype=autocast_dtype, progress=True)
+    result.update(run_dir=str(run_dir), attention=model.config.attention, context=context,
+                  trained_context=model.config.context, data=data or "held-out split")
+    (Path(run_dir) / f"eval_{context}.json").write_text(json.dumps(result))
+    print(f"{run_dir}: {model.config.attention}, context {context} (trained at {model.config.context}): "
+          f"held-out loss {result['loss']:.4f}, ppl {result['ppl']:.3f} over {result['tokens']:,} tokens")
+    return result
+
+
+def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, out_dir: str | Path,
+            prompt: str = "HAMLET.\n", sample_tokens: int = 300) -> list[dict]:
+    """Train (or resume) every variant, then write out_dir/results.json, results.md, loss.png, position.png.
+
+    Returns one row per variant: attention, parameters, tokens, held-out loss and perplexity, tokens/s.
+    Variants that stopped early (max_minutes) are reported as unfinished.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for variant in variants:
+        run_config = dataclasses.replace(config, run_dir=str(out_dir / variant))
+        summary = train(run_config, dataclasses.replace(model_config, attention=variant))
+        rows.append({"attention": variant, **{k: v for k, v in summary.items() if k != "loss_by_position"}})
+    finished = [row["attention"] for row in rows if row.get("finished")]
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    table = format_table(rows, model_config)
+    (out_dir / "results.md").write_text(table + "\n")
+    print(table)
+    if finished:
+        from ..eval.plots import plot_runs
+        plot_runs([out_dir / v for v in finished], out_dir, labels=finished)
+    cached = [v for v in finished if v.startswith("sparsek")]
+    if cached and sample_tokens:
+        device = resolve_device(config.device, World())
+        model = load_model(out_dir / cached[0], device)
+        tokenizer = ByteTokenizer()
+        ids = torch.as_tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+        generator = torch.Generator(device).manual_seed(config.seed)
+        out = model.generate(ids, sample_tokens, temperature=0.8, top_k=40, generator=generator)
+        text = tokenizer.decode(out[0].tolist())
+        print(f"\nSample from {cached[0]} (constant-memory cache of {sum(model_config.sparsek_budget())} "
+              f"keys per layer and head):\n{text}")
+        (out_dir / "sample.txt").write_text(text)
+    return rows
+
+
+def format_table(rows: list[dict], model_config: LMConfig) -> str:
+    """A Markdown table of compare's rows."""
+    lines = [f"context {model_config.context}, budget {model_config.budget} keys per query for sparse variants, "
+             f"d_model {model_config.d_model}, {model_config.n_layers} layers",
+             "",
+             "| attention | params | tokens | held-out loss | held-out ppl | train tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if not row.get("finished"):
+            lines.append(f"| {row['attention']} | | {row['tokens']:,} | unfinished (step {row['step']}) | | |")
+            continue
+        rate = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else ""
+        lines.append(f"| {row['attention']} | {row['parameters']:,} | {row['tokens']:,} | {row['eval_loss']:.4f} "
+                     f"| {row['eval_ppl']:.3f} | {rate} |")
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""Training a language model from scratch: `train(TrainConfig, LMConfig)`, the same as `sparsek train`.
+
+The batch of step s is a pure function of (seed, s), the learning rate a function of s, and the optimizer state is
+checkpointed, so a run stopped at any checkpoint and resumed continues exactly as if it had not stopped, and
+N processes under torchrun (each taking its share of the batch) follow the one-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.corpus import ByteTokenizer, DocumentSampler, load_documents, split_documents
+from ..eval.lm import evaluate
+from ..models import LMConfig, TransformerLM
+from . import checkpoint, distributed
+
+# Settings that may change when a run is resumed (how long, how often); the rest must match the checkpoint.
+RESUMABLE = ("steps", "max_minutes", "eval_every", "eval_tokens", "checkpoint_every", "log_every", "progress",
+             "device")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. The context length, model size and attention variant live in `LMConfig`.
+
+    batch_size is global (split across torchrun processes); the learning rate warms up linearly for
+    warmup_steps and then follows a cosine to min_lr_ratio * lr at `steps`. precision "auto" is bf16 autocast
+    on CUDA and float32 on CPU. max_minutes stops the run early with a checkpoint (resume later with the same
+    run_dir). eval_tokens caps the held-out tokens of each evaluation (0: every held-out document, whole).
+    """
+
+    run_dir: str = "runs/sparsek_window"
+    data: str = "shakespeare"
+    heldout_fraction: float = 0.1
+    batch_size: int = 8
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    eval_every: int = 0
+    eval_tokens: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    max_minutes: float = 0.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("batch_size", "steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup to config.lr, then a cosine down to min_lr_ratio * lr at config.steps."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resolve_device(name: str, world: distributed.World) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.size > 1:
+        return torch.device("cuda", world.local_rank)
+    return torch.device(name)
+
+
+def load_corpus(config: TrainConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(train, held-out) byte-token documents of config.data, split by document."""
+    tokenizer = ByteTokenizer()
+    train_docs, heldout_docs = split_documents(load_documents(config.data), config.heldout_fraction)
+    encode = lambda docs: [tokenizer.encode_tensor(d.text) for d in docs]  # noqa: E731
+    return encode(train_docs), encode(heldout_docs)
+
+
+def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms and the scorer (whose zero start means "recency") do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.dim() >= 2 and "scorer" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: bool = True) -> dict:
+    """Train (or resume) the run in config.run_dir; returns its summary (also saved in state.json).
+
+    A run folder that holds a checkpoint is resumed when `resume` (its model config is used and the train config
+    must agree apart from RESUMABLE settings); otherwise model_config is required and the folder starts afresh.
+    """
+    run_dir = Path(config.run_dir)
+    world = distributed.setup("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device, world)
+    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+    if resume and (run_dir / checkpoint.STATE_FILE).is_file():
+        state = checkpoint.load_state(run_dir)
+        saved = TrainConfig(**state["train"])
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(config, f.name)]
+        if changed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}); use a new run_dir")
+        saved_model = LMConfig(**state["model"])
+        if model_config is not None and model_config != saved_model:
+            raise ValueError(f"{run_dir} holds a different model ({saved_model}); use a new run_dir")
+        model_config = saved_model
+    elif model_config is None:
+        raise ValueError(f"no checkpoint in {run_dir} to resume: pass a model config")
+
+    train_docs, heldout_docs = load_corpus(config)
+    sampler = DocumentSampler(train_docs, model_config.context, config.batch_size, config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every process
+    model = TransformerLM(model_config).to(device)
+    optimizer = build_optimizer(model, config)
+    if state["step"]:
+        checkpoint.load_weights(run_dir, model)
+        checkpoint.load_optimizer(run_dir, optimizer, state)
+        if world.main:
+            checkpoint.truncate_metrics(run_dir, state["step"])
+    elif world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+    trained = model
+    if world.size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    def save(summary: dict | None = None) -> None:
+        state.update(train=dataclasses.asdict(config), model=dataclasses.asdict(model_config),
+                     parameters=model.num_parameters(), world_size=world.size)
+        if summary is not None:
+            state["summary"] = summary
+        if world.main:
+            checkpoint.save_checkpoint(run_dir, model, optimizer, state)
+
+    def held_out(max_tokens: int) -> dict:
+        return evaluate(model, heldout_docs, model_config.context, batch_size=max(1, config.batch_size),
+                        max_tokens=max_tokens, autocast_dtype=autocast_dtype, progress=config.progress)
+
+    bar = None
+    if config.progress and world.main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.steps, initial=state["step"], desc=f"train {model_config.attention}", unit="step")
+    started = time.perf_counter()
+    tokens_per_step = config.batch_size * model_config.context
+    window_start, window_tokens, stopped_early = time.perf_counter(), 0, False
+    model.train()
+    while state["step"] < config.steps:
+        step = state["step"]
+        batch = sampler.batch(step, world.rank, world.size).to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = trained(batch[:, :-1], batch[:, 1:]).mean()   # through DDP's forward, which syncs gradients
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"], state["tokens"] = step + 1, state["tokens"] + tokens_per_step
+        window_tokens += tokens_per_step
+        if bar is not None:
+            bar.update(1)
+        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+            loss_value = distributed.mean(loss.detach(), world).item()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            record = {"step": state["step"], "tokens": state["tokens"], "loss": loss_value,
+                      "lr": learning_rate(config, step), "grad_norm": grad_norm.item(),
+                      "tokens_per_s": window_tokens / (now - window_start)}
+            window_start, window_tokens = now, 0
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {state['step']}")
+            if world.main:
+                checkpoint.append_metrics(run_dir, record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < config.steps:
+            if world.main:
+                result = held_out(config.eval_tokens)
+                checkpoint.append_metrics(run_dir, {"step": state["step"], "tokens": state["tokens"],
+                                                    "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
+            distributed.barrier(world)
+            window_start, window_tokens = time.perf_counter(), 0  # keep evaluation out of the throughput
+        out_of_time = bool(config.max_minutes) and time.perf_counter() - started > 60 * config.max_minutes
+        stop = distributed.any_true(out_of_time, world, device) and state["step"] < config.steps
+        if state["step"] % config.checkpoint_every == 0 or stop:
+            state["train_seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            save()
+        if stop:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+
+    summary = None
+    if not stopped_early:
+        state["train_seconds"] += time.perf_counter() - started
+        summary = {"finished": True, "step": state["step"], "tokens": state["tokens"],
+                   "parameters": model.num_parameters()}
+        if world.main:
+            result = held_out(config.eval_tokens)
+            rates = sorted(r["tokens_per_s"] for r in checkpoint.read_metrics(run_dir) if "tokens_per_s" in r)
+            summary.update(eval_loss=result["loss"], eval_ppl=result["ppl"], eval_tokens=result["tokens"],
+                           loss_by_position=result["loss_by_position"],
+                           tokens_per_s=rates[len(rates) // 2] if rates else None)
+            checkpoint.append_metrics(run_dir, {"step": state["step"], "tokens": state["tokens"],
+                                                "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
+        save(summary)
+        if world.main:
+            from ..eval.plots import plot_run
+            plot_run(run_dir)
+    distributed.barrier(world)
+    distributed.teardown(world)
+    return summary or {"finished": False, "step": state["step"], "tokens": state["tokens"]}

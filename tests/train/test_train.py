@@ -1,0 +1,123 @@
+"""Training runs: checkpoints resume exactly, two data-parallel processes follow one, the CLI runs end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsek.models import LMConfig
+from sparsek.train import TrainConfig, learning_rate, train
+from sparsek.train.checkpoint import read_metrics
+from sparsek.train.compare import evaluate_run, load_model
+
+MODEL = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, context=32, budget=8)
+
+
+def configs(run_dir, corpus_dir, attention="sparsek_window", **overrides):
+    options = dict(run_dir=str(run_dir), data=str(corpus_dir), batch_size=4, steps=6, lr=3e-3, warmup_steps=2,
+                   log_every=1, checkpoint_every=3, eval_tokens=256, progress=False, device="cpu")
+    train_config = TrainConfig(**{**options, **overrides})
+    return train_config, LMConfig(attention=attention, **MODEL)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 60) == pytest.approx(0.55)
+    assert learning_rate(config, 110) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("attention", ["sparsek_window", "hash"])
+def test_resume_continues_exactly(tmp_path, corpus_dir, attention):
+    straight, model_config = configs(tmp_path / "straight", corpus_dir, attention)
+    summary = train(straight, model_config)
+    assert summary["finished"] and summary["step"] == 6 and summary["tokens"] == 6 * 4 * 32
+    assert (tmp_path / "straight" / "loss.png").is_file() and (tmp_path / "straight" / "position.png").is_file()
+
+    first, _ = configs(tmp_path / "resumed", corpus_dir, attention)
+    first.steps = 3  # stop at the checkpoint of step 3 ...
+    train(first, model_config)
+    second, _ = configs(tmp_path / "resumed", corpus_dir, attention)
+    train(second, None)  # ... and go on from the run folder alone
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path, corpus_dir):
+    config, model_config = configs(tmp_path, corpus_dir, steps=3)
+    train(config, model_config)
+    config.lr = 1e-2
+    with pytest.raises(ValueError, match="lr"):
+        train(config, model_config)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(configs(tmp_path / "empty", corpus_dir)[0], None)
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path, corpus_dir):
+    config, model_config = configs(tmp_path, corpus_dir, max_minutes=1e-9)
+    summary = train(config, model_config)
+    assert not summary["finished"] and summary["step"] == 1
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 1
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
+    single, model_config = configs(tmp_path / "single", corpus_dir, steps=4)
+    train(single, model_config)
+    args = ["--run-dir", str(tmp_path / "ddp"), "--data", str(corpus_dir), "--batch-size", "4", "--steps", "4",
+            "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--checkpoint-every", "3",
+            "--eval-tokens", "256", "--no-progress", "--device", "cpu", "--attention", "sparsek_window"]
+    args += [a for key, value in MODEL.items() for a in (f"--{key.replace('_', '-')}", str(value))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "sparsek", "train", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 4
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(tmp_path / "single")),
+                               rtol=1e-5, atol=1e-5)
+    a = load_file(tmp_path / "single" / "model.safetensors")
+    b = load_file(tmp_path / "ddp" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_compare_and_eval(tmp_path, corpus_dir, capsys):
+    from sparsek.cli import main
+    out = tmp_path / "compare"
+    main(["compare", "--out-dir", str(out), "--data", str(corpus_dir), "--attention", "sparsek_window,window",
+          "--steps", "4", "--batch-size", "2", "--context", "32", "--budget", "8", "--d-model", "32",
+          "--eval-tokens", "128", "--sample-tokens", "40", "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "| sparsek_window |" in printed and "| window |" in printed and "Sample from sparsek_window" in printed
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["attention"] for r in rows] == ["sparsek_window", "window"] and all(r["finished"] for r in rows)
+    for name in ("results.md", "loss.png", "position.png", "sample.txt"):
+        assert (out / name).is_file(), name
+    assert len((out / "sample.txt").read_bytes()) >= 40  # the prompt plus 40 generated bytes (decoded, lossy)
+
+    # Evaluating at twice the training context (length extrapolation) on the run's own held-out documents.
+    result = evaluate_run(out / "sparsek_window", context=64, device="cpu")
+    assert result["context"] == 64 and len(result["loss_by_position"]) == 64
+    assert Path(out / "sparsek_window" / "eval_64.json").is_file()
+    model = load_model(out / "sparsek_window")
+    assert model.config.attention == "sparsek_window" and not model.training
