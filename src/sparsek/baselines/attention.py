@@ -146,6 +146,7 @@ _compiled_flex = None
 _BLOCK_MASKS: dict[tuple, BlockMask] = {}
 _MAX_BLOCK_MASKS = 32
 _FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_RECOMPILE_LIMIT = 64
 
 
 def _block_mask(pattern: str, params: tuple[int, ...], mask_mod, q_len: int, kv_len: int,
@@ -163,13 +164,28 @@ def _block_mask(pattern: str, params: tuple[int, ...], mask_mod, q_len: int, kv_
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask: BlockMask) -> Tensor:
+    """Compiled flex_attention on [B, T, H, D] tensors (q's T may differ from k's), output [B, Tq, Hq, D]."""
     global _compiled_flex
     if _compiled_flex is None:  # compiled on first CUDA use only: CPU runs never touch the compiler
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    out = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                         scale=scale, enable_gqa=q.shape[2] != k.shape[2],
-                         # below 128 queries flex picks its decoding kernel, which fails to lower for some shapes
-                         kernel_options={"FORCE_USE_FLEX_ATTENTION": True})  # [B, Hq, T, D]
+
+    def attend():
+        return _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                              scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+                              # under 128 queries flex picks its decoding kernel, which fails to lower for some
+                              # shapes (torch 2.11, T = 77); training never needs it
+                              kernel_options={"FORCE_USE_FLEX_ATTENTION": True})  # [B, Hq, T, D]
+
+    if torch.compiler.is_compiling():  # inside the caller's compiled graph: its own limits apply
+        out = attend()
+    else:
+        from torch._dynamo import config as dynamo_config
+
+        # One kernel per (pattern, parameters, T, dtype): past dynamo's default of 8 a sweep would silently fall
+        # back to eager flex_attention, which materializes the [T, T] scores.
+        limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+        with dynamo_config.patch(recompile_limit=limit):
+            out = attend()
     return out.transpose(1, 2)
 
 

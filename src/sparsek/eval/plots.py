@@ -8,14 +8,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
+
 from ..train import checkpoint
 
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def smooth_by_position(losses: list[float], bins: int = 64) -> tuple[list[float], list[float]]:
@@ -33,7 +31,6 @@ def smooth_by_position(losses: list[float], bins: int = 64) -> tuple[list[float]
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None) -> list[Path]:
     """loss.png (training loss and held-out loss against tokens) and position.png (final held-out loss against
     position in the context) for one or more runs, overlaid; returns the files written."""
-    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = labels or [Path(d).name for d in run_dirs]

@@ -79,8 +79,12 @@ def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, ou
     (out_dir / "results.md").write_text(table + "\n")
     print(table)
     if finished:
-        from ..eval.plots import plot_runs
-        plot_runs([out_dir / v for v in finished], out_dir, labels=finished)
+        try:
+            from ..eval.plots import plot_runs
+        except ImportError as error:
+            print(f"no plots ({error}): pip install 'sparsek[training]'")
+        else:
+            plot_runs([out_dir / v for v in finished], out_dir, labels=finished)
     cached = [v for v in finished if v.startswith("sparsek")]
     if cached and sample_tokens:
         device = resolve_device(config.device, World())

@@ -225,8 +225,16 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
                                                 "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
         save(summary)
         if world.main:
-            from ..eval.plots import plot_run
-            plot_run(run_dir)
+            _plot(run_dir)
     distributed.barrier(world)
     distributed.teardown(world)
     return summary or {"finished": False, "step": state["step"], "tokens": state["tokens"]}
+
+
+def _plot(run_dir: Path) -> None:
+    try:
+        from ..eval.plots import plot_run
+    except ImportError as error:  # plots are an extra; the metrics are in the run folder to plot later
+        print(f"no plots ({error}): pip install 'sparsek[training]'")
+        return
+    plot_run(run_dir)
