@@ -3,12 +3,13 @@
     python -m sparsek.bench.training                                   # T = 4k, 16k, 32k; all six variants
     python -m sparsek.bench.training --contexts 4096 --attention full sparsek_window --steps 5
 
-Setup: the model of `LMConfig` (sizes below), budget = T / 8 keys per query for the sparse variants, bf16
+Setup: the model of `LMConfig` (sizes below), budget = T / 8 keys per query for the sparse variants (as in the
+quality runs of docs/training.md) or a fixed --budget (linear in T: the long-context case), bf16
 autocast, AdamW, random byte tokens, tokens_per_step = batch * T kept equal across T (so longer contexts run
 smaller batches). Each row: --warmup steps untimed (compiles FlexAttention, fills the autotune caches), then the
 median over --steps steps of one forward + backward + optimizer step, timed with CUDA events; tokens/s =
 tokens_per_step / median. Peak MB is torch.cuda.max_memory_allocated over the timed steps.
-Writes <out>/training.json; the table is printed last.
+A variant that runs out of GPU memory is reported as OOM. Writes <out>/training.json; the table is printed last.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--attention", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS)
+    parser.add_argument("--budget", type=int, default=0, help="keys per query of the sparse variants (0: T / 8)")
     parser.add_argument("--tokens-per-step", type=int, default=32768)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--n-layers", type=int, default=4)
@@ -68,29 +70,37 @@ def main(argv: list[str] | None = None) -> None:
         for attention in args.attention:
             torch.manual_seed(0)
             config = LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                              n_kv_heads=args.n_kv_heads, attention=attention, budget=context // 8, context=context)
+                              n_kv_heads=args.n_kv_heads, attention=attention, budget=args.budget or context // 8,
+                              context=context)
             model = TransformerLM(config).cuda()
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            times = time_steps(model, tokens, args.warmup, args.steps)
-            median = statistics.median(times)
-            row = {"context": context, "batch": batch, "attention": attention, "ms_per_step": median,
-                   "tokens_per_s": batch * context / median * 1e3, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
-                   "parameters": model.num_parameters(), "wall_s": time.perf_counter() - started}
+            row = {"context": context, "batch": batch, "attention": attention, "budget": config.budget,
+                   "parameters": model.num_parameters()}
+            try:
+                median = statistics.median(time_steps(model, tokens, args.warmup, args.steps))
+                row.update(ms_per_step=median, tokens_per_s=batch * context / median * 1e3,
+                           peak_mb=torch.cuda.max_memory_allocated() / 2**20, wall_s=time.perf_counter() - started)
+            except torch.OutOfMemoryError:
+                row.update(oom=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
             (out / "training.json").write_text(json.dumps(rows, indent=1))
             del model
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, d_model {args.d_model}, {args.n_layers} layers, heads "
-          f"{args.n_heads}/{args.n_kv_heads}, budget T/8, {args.tokens_per_step} tokens per step, bf16\n")
-    print("| T | attention | ms/step | tokens/s | vs full | peak MB |")
-    print("|---|---|---|---|---|---|")
+          f"{args.n_heads}/{args.n_kv_heads}, {args.tokens_per_step} tokens per step, bf16\n")
+    print("| T | attention | budget | ms/step | tokens/s | vs full | peak MB |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        full = next((r for r in rows if r["context"] == row["context"] and r["attention"] == "full"), None)
+        if row.get("oom"):
+            print(f"| {row['context']} | {row['attention']} | {row['budget']} | OOM | | | |")
+            continue
+        full = next((r for r in rows if r["context"] == row["context"] and r["attention"] == "full"
+                     and not r.get("oom")), None)
         ratio = f"{row['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else ""
-        print(f"| {row['context']} | {row['attention']} | {row['ms_per_step']:.1f} | {row['tokens_per_s']:,.0f} "
-              f"| {ratio} | {row['peak_mb']:,.0f} |")
+        print(f"| {row['context']} | {row['attention']} | {row['budget']} | {row['ms_per_step']:.1f} "
+              f"| {row['tokens_per_s']:,.0f} | {ratio} | {row['peak_mb']:,.0f} |")
 
 
 if __name__ == "__main__":
