@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
+import types
 import typing
+from pathlib import Path
 
 import torch
 
@@ -102,7 +105,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
             continue
-        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": the int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         parser.add_argument(flag, type=kind, default=field.default, help=f"(default {field.default})")
 
@@ -110,6 +113,25 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
 def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**values, **overrides})
+
+
+def resumed_configs(args: argparse.Namespace, argv: list[str]):
+    """`sparsek train --run-dir R ...` on a folder with a checkpoint: its saved configs, with only the options
+    given on this command line changed (train() then refuses changes that a resumed run cannot take)."""
+    from .models import LMConfig
+    from .train import TrainConfig
+    from .train.checkpoint import STATE_FILE, load_state
+
+    if not (Path(args.run_dir) / STATE_FILE).is_file():
+        return dataclass_from_args(TrainConfig, args), dataclass_from_args(LMConfig, args)
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given |= {name.removeprefix("no_") for name in given}
+    state = load_state(args.run_dir)
+    configs = []
+    for cls, saved in ((TrainConfig, state["train"]), (LMConfig, state["model"])):
+        changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in given}
+        configs.append(cls(**{**saved, **changed}))
+    return tuple(configs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         from .train import train
-        summary = train(dataclass_from_args(TrainConfig, args), dataclass_from_args(LMConfig, args))
+        summary = train(*resumed_configs(args, sys.argv[1:] if argv is None else argv))
         print(json.dumps({k: v for k, v in summary.items() if k != "loss_by_position"}, indent=1))
     elif args.command == "compare":
         from .train.compare import compare

@@ -83,9 +83,9 @@ def resolve_device(name: str, world: distributed.World) -> torch.device:
 def load_corpus(config: TrainConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(train, held-out) byte-token documents of config.data, split by document."""
     tokenizer = ByteTokenizer()
-    train_docs, heldout_docs = split_documents(load_documents(config.data), config.heldout_fraction)
-    encode = lambda docs: [tokenizer.encode_tensor(d.text) for d in docs]  # noqa: E731
-    return encode(train_docs), encode(heldout_docs)
+    splits = split_documents(load_documents(config.data), config.heldout_fraction)
+    train_docs, heldout_docs = ([tokenizer.encode_tensor(d.text) for d in docs] for docs in splits)
+    return train_docs, heldout_docs
 
 
 def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.AdamW:
