@@ -135,7 +135,7 @@ def resumed_configs(args: argparse.Namespace, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsek", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sparsek", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="show the operator, the selection and the layer on random data")
@@ -159,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     from .models import LMConfig
     from .train import TrainConfig
     tiny = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=256, budget=32)  # CPU: minutes
-    p_train = sub.add_parser("train", help="train a language model from scratch (resumes a run folder)")
+    p_train = sub.add_parser("train", allow_abbrev=False,
+                             help="train a language model from scratch (resumes a run folder)")
     add_dataclass_options(p_train, TrainConfig)
     add_dataclass_options(p_train, LMConfig)
     p_train.set_defaults(**tiny)
-    p_compare = sub.add_parser("compare", help="train several attention variants alike and compare them")
+    p_compare = sub.add_parser("compare", allow_abbrev=False,
+                               help="train several attention variants alike and compare them")
     p_compare.add_argument("--out-dir", default="runs/compare")
     p_compare.add_argument("--attention", default="sparsek_window,full",
                            help="comma-separated variants: full, window, fixed, hash, sparsek, sparsek_window")

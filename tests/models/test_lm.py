@@ -70,6 +70,9 @@ def test_sampling_is_reproducible_and_respects_top_k():
     first = model.generate(ids, 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
     second = model.generate(ids, 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(first, second)
+    # top_k=1 leaves one candidate: sampling at any temperature is greedy decoding
+    sampled = model.generate(ids, 20, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, model.generate(ids, 20, temperature=0))
 
 
 def test_budgets_of_the_variants():
@@ -92,3 +95,5 @@ def test_bad_configs_raise():
         tiny("full", n_heads=3)
     with pytest.raises(ValueError, match="ids must be"):
         TransformerLM(tiny("full")).generate(torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        TransformerLM(tiny("full")).generate(torch.zeros(1, 3, dtype=torch.long), 2, top_k=0)

@@ -44,11 +44,11 @@ def test_resume_continues_exactly(tmp_path, corpus_dir, attention):
     assert summary["finished"] and summary["step"] == 6 and summary["tokens"] == 6 * 4 * 32
     assert (tmp_path / "straight" / "loss.png").is_file() and (tmp_path / "straight" / "position.png").is_file()
 
-    first, _ = configs(tmp_path / "resumed", corpus_dir, attention)
-    first.steps = 3  # stop at the checkpoint of step 3 ...
-    train(first, model_config)
+    # The same run stopped by its time limit after its first step (with a checkpoint), then resumed.
+    first, _ = configs(tmp_path / "resumed", corpus_dir, attention, max_minutes=1e-9)
+    assert train(first, model_config) == {"finished": False, "step": 1, "tokens": 4 * 32}
     second, _ = configs(tmp_path / "resumed", corpus_dir, attention)
-    train(second, None)  # ... and go on from the run folder alone
+    train(second, None)  # from the run folder alone
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")

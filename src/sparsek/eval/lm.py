@@ -48,24 +48,20 @@ def evaluate(model: torch.nn.Module, documents: list[Tensor], context: int, *, b
     count = torch.zeros(context, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    batches = range(0, len(windows), batch_size)
+    # Batches of equal-length windows only: padding would shift the hash variant's sorted chunks.
+    lengths = sorted({len(w) for w in windows})
+    batches = [group[i : i + batch_size] for n in lengths for group in [[w for w in windows if len(w) == n]]
+               for i in range(0, len(group), batch_size)]
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="eval", unit="batch", leave=False)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
-    for start in batches:
-        chunk = windows[start : start + batch_size]
-        width = max(len(w) for w in chunk)  # a document's last window may be short: pad after it (causal)
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        valid = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
-        for row, window in enumerate(chunk):
-            tokens[row, : len(window)] = window
-            valid[row, : len(window) - 1] = True
-        tokens, valid = tokens.to(device), valid.to(device)
+    for chunk in batches:
+        tokens = torch.stack(chunk).to(device)                        # [b, n + 1]
         with autocast:
-            losses = model.token_losses(tokens).double()
-        loss_sum[: width - 1] += (losses * valid).sum(0)
-        count[: width - 1] += valid.sum(0)
+            losses = model.token_losses(tokens).double()              # [b, n]
+        loss_sum[: losses.shape[1]] += losses.sum(0)
+        count[: losses.shape[1]] += losses.shape[0]
     model.train(was_training)
     loss = (loss_sum.sum() / count.sum()).item()
     by_position = (loss_sum / count).tolist()  # 0 / 0 -> NaN where no window reaches

@@ -227,6 +227,8 @@ class TransformerLM(nn.Module):
         """
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"ids must be [B, T] with T >= 1, got {tuple(ids.shape)}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if self.config.attention.startswith("sparsek"):
             return self._generate_cached(ids, max_new_tokens, temperature, top_k, generator)
         for _ in range(max_new_tokens):

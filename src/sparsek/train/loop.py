@@ -33,6 +33,8 @@ class TrainConfig:
     warmup_steps and then follows a cosine to min_lr_ratio * lr at `steps`. precision "auto" is bf16 autocast
     on CUDA and float32 on CPU. max_minutes stops the run early with a checkpoint (resume later with the same
     run_dir). eval_tokens caps the held-out tokens of each evaluation (0: every held-out document, whole).
+    Raising `steps` when resuming stretches the cosine from the current step on (the run is then not the one
+    it would have been with the larger `steps` from the start).
     """
 
     run_dir: str = "runs/sparsek_window"
@@ -75,7 +77,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def resolve_device(name: str, world: distributed.World) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and world.size > 1:
+    if name.startswith("cuda") and world.size > 1:
+        if name != "cuda":
+            raise ValueError(f"under torchrun each process takes the GPU of its LOCAL_RANK: use device 'cuda' or "
+                             f"'auto', not {name!r}")
         return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
@@ -106,6 +111,8 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     run_dir = Path(config.run_dir)
     world = distributed.setup("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = resolve_device(config.device, world)
+    if config.batch_size % world.size:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world.size} processes")
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     if resume and (run_dir / checkpoint.STATE_FILE).is_file():
         state = checkpoint.load_state(run_dir)
@@ -118,6 +125,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
         if model_config is not None and model_config != saved_model:
             raise ValueError(f"{run_dir} holds a different model ({saved_model}); use a new run_dir")
         model_config = saved_model
+        state.pop("summary", None)  # written again when this run finishes
     elif model_config is None:
         raise ValueError(f"no checkpoint in {run_dir} to resume: pass a model config")
 
