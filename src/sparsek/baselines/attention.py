@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from ..ops.attention.interface import validate_qkv, validate_scale
+
 # ----------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------
@@ -31,27 +33,8 @@ def _check_budget(name: str, value) -> None:
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, scale) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
-    batch, t_len, n_q_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[1] != t_len or k.shape[3] != head_dim:
-        raise ValueError(f"k and v must be [B, T, Hk, D] = [{batch}, {t_len}, Hk, {head_dim}] "
-                         f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    n_kv_heads = k.shape[2]
-    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
-        raise ValueError(f"query heads ({n_q_heads}) must be a multiple of KV heads ({n_kv_heads})")
-    if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not 0 < scale < float("inf")):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    validate_qkv(q, k, v)
+    validate_scale(scale)
 
 
 def _validate_rotations(k: Tensor, rotations: Tensor) -> None:

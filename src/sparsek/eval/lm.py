@@ -49,9 +49,10 @@ def evaluate(model: torch.nn.Module, documents: list[Tensor], context: int, *, b
     was_training = model.training
     model.eval()
     # Batches of equal-length windows only: padding would shift the hash variant's sorted chunks.
-    lengths = sorted({len(w) for w in windows})
-    batches = [group[i : i + batch_size] for n in lengths for group in [[w for w in windows if len(w) == n]]
-               for i in range(0, len(group), batch_size)]
+    by_length: dict[int, list[Tensor]] = {}
+    for window in windows:
+        by_length.setdefault(len(window), []).append(window)
+    batches = [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="eval", unit="batch", leave=False)

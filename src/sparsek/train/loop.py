@@ -172,8 +172,9 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     while state["step"] < config.steps:
         step = state["step"]
         batch = sampler.batch(step, world.rank, world.size).to(device, non_blocking=True)
+        lr = learning_rate(config, step)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = trained(batch[:, :-1], batch[:, 1:]).mean()   # through DDP's forward, which syncs gradients
         loss.backward()
@@ -190,7 +191,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
             record = {"step": state["step"], "tokens": state["tokens"], "loss": loss_value,
-                      "lr": learning_rate(config, step), "grad_norm": grad_norm.item(),
+                      "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": window_tokens / (now - window_start)}
             window_start, window_tokens = now, 0
             if not math.isfinite(loss_value):

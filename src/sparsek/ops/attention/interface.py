@@ -39,13 +39,14 @@ def _check_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gate, scale, backend) -> None:
-    for name, x, ndim in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("scores", scores, 3)):
+def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """ValueError unless q [B, T, Hq, D] and k, v [B, T, Hk, D] are tensors of one floating dtype and device with
+    Hq a multiple of Hk (shared by every attention entry point, the baselines included)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != ndim:
-            layout = "[B, T, H, D]" if ndim == 4 else "[B, T, H_kv]"
-            raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
     batch, t_len, n_q_heads, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -55,23 +56,36 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gat
     n_kv_heads = k.shape[2]
     if n_kv_heads == 0 or n_q_heads % n_kv_heads:
         raise ValueError(f"query heads ({n_q_heads}) must be a multiple of KV heads ({n_kv_heads})")
-    if scores.shape != (batch, t_len, n_kv_heads):
-        raise ValueError(f"scores must be [B, T, H_kv] = {(batch, t_len, n_kv_heads)}, got {tuple(scores.shape)}")
     if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def validate_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not 0 < scale < float("inf")):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gate, scale, backend) -> None:
+    validate_qkv(q, k, v)
+    if not isinstance(scores, Tensor) or scores.dim() != 3:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a [B, T, H_kv] tensor, got {shape}")
+    if scores.shape != k.shape[:3]:
+        raise ValueError(f"scores must be [B, T, H_kv] = {tuple(k.shape[:3])}, got {tuple(scores.shape)}")
     if scores.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"scores must be float32 or float64 (keep the scorer in float32), got {scores.dtype}")
-    if not (q.device == k.device == v.device == scores.device):
-        raise ValueError(f"q, k, v, scores must be on one device, got {q.device}, {k.device}, {v.device}, "
-                         f"{scores.device}")
+    if scores.device != q.device:
+        raise ValueError(f"scores must be on the device of q, k, v ({q.device}), got {scores.device}")
     _check_int("topk", topk)
     _check_int("window", window)
     if topk == 0 and window == 0:
         raise ValueError("topk and window are both 0: every query would attend to nothing")
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0 and scale != float("inf")):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    validate_scale(scale)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
