@@ -68,7 +68,7 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
              device: str) -> None:
     """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original."""
     try:
-        from .integrations.hf import SparseKHFCache, convert
+        from .integrations.hf import SparseKHFCache, cache_argument, convert
         from .integrations.pretrained import load_pretrained
     except ImportError as error:
         raise SystemExit(f"sparsek generate needs transformers ({error}): pip install -e '.[models]' && "
@@ -84,7 +84,7 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
     convert(model, topk=topk, window=window)
     cache = SparseKHFCache()
     torch.manual_seed(0)
-    out = model.generate(ids, past_key_values=cache, **options)
+    out = model.generate(ids, **{cache_argument(model): cache}, **options)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     config = model.config
     full_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * out.shape[1]

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sparsek.integrations.hf import SparseKHFCache, convert, load  # noqa: E402
+from sparsek.integrations.hf import SparseKHFCache, cache_argument, convert, load  # noqa: E402
 
 VOCAB = 61
 
@@ -49,10 +49,10 @@ def logits_step_by_step(model, ids, prompt_len, mask=None):
     mask = torch.ones_like(ids) if mask is None else mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = [model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], position_ids=positions[:, :prompt_len],
-                 past_key_values=cache, use_cache=True).logits]
+                 **{cache_argument(model): cache}, use_cache=True).logits]
     for t in range(prompt_len, ids.shape[1]):
         out.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
-                         past_key_values=cache, use_cache=True).logits)
+                         **{cache_argument(model): cache}, use_cache=True).logits)
     return torch.cat(out, dim=1), cache
 
 
@@ -121,7 +121,7 @@ def test_cache_memory_constant_while_generating():
     cache = SparseKHFCache()
     sizes = []
     for t in range(ids.shape[1]):
-        model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        model(ids[:, t:t + 1], **{cache_argument(model): cache}, use_cache=True)
         sizes.append(cache.kv_bytes())
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -157,15 +157,15 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="left padding only"):
         model(ids, attention_mask=right_padded)
     plain, cache = tiny_model("llama"), SparseKHFCache()
-    plain(ids, past_key_values=cache, use_cache=True)
+    plain(ids, **{cache_argument(plain): cache}, use_cache=True)
     with pytest.raises(ValueError, match="converted"):
-        plain(ids[:, :1], past_key_values=cache, use_cache=True)
+        plain(ids[:, :1], **{cache_argument(plain): cache}, use_cache=True)
     with pytest.raises(ValueError, match="2D"):
         model(ids, attention_mask=torch.ones(2, 1, 8, 8))          # a prepared 4D mask
     dynamic = transformers.DynamicCache()
-    model(ids, past_key_values=dynamic, use_cache=True)
+    model(ids, **{cache_argument(model): dynamic}, use_cache=True)
     with pytest.raises(ValueError, match="SparseKHFCache"):
-        model(ids[:, :1], past_key_values=dynamic, use_cache=True)
+        model(ids[:, :1], **{cache_argument(model): dynamic}, use_cache=True)
 
 
 def gpu_model(topk: int, window: int) -> transformers.PreTrainedModel:
@@ -204,7 +204,7 @@ def test_graphed_decoder_equals_eager_steps():
     mask[1, :7] = 0                                                    # row 1: 7 tokens of left padding
     want, _ = logits_step_by_step(model, ids, 20, mask)
     cache = SparseKHFCache()
-    model(ids[:, :20], attention_mask=mask[:, :20], past_key_values=cache)   # transformers' own position ids
+    model(ids[:, :20], attention_mask=mask[:, :20], **{cache_argument(model): cache})   # transformers' own position ids
     decoder = GraphedDecoder(model, cache, steps=30)
     got = torch.stack([decoder(ids[:, t:t + 1]) for t in range(20, 50)], dim=1)
     torch.testing.assert_close(got, want[:, 20:], atol=1e-3, rtol=1e-3)

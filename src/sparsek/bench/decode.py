@@ -87,11 +87,13 @@ def sparsek_cache(model, batch: int, context: int, static: bool = False):
 def time_decode(model, cache, batch: int, context: int, steps: int, graphed: bool) -> list[float]:
     """Milliseconds of each decode step after warm-up; graphed: the step captured once in a CUDA graph and
     replayed (one launch per token instead of hundreds)."""
+    from ..integrations.hf import cache_argument
+
     token = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
     position = torch.full((batch, 1), context, device=model.device)
 
     def step():
-        return model(token, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return model(token, position_ids=position, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
 
     warm = torch.cuda.Stream()
     warm.wait_stream(torch.cuda.current_stream())

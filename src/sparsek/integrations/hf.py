@@ -18,6 +18,7 @@ Shapes: B batch, T new tokens, Hq / H query / KV heads, D head dim.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -186,7 +187,7 @@ AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
 def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before each attention call: scores from the module's input, and its layer of the SparseK cache."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    cache = next((kwargs[name] for name in ("cache", "past_key_values", "layer_past") if name in kwargs), None)
     positions = kwargs.get("position_ids")
     if positions is None:  # the models we know pass position_ids; else count from the cache
         start = cache.get_seq_length(module.layer_idx) if isinstance(cache, Cache) else 0
@@ -235,13 +236,19 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     return model
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which the model's forward takes its cache: `cache` from transformers 5.24 on (where
+    `past_key_values` is a deprecated alias), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _default_generation_cache(model: PreTrainedModel) -> None:
     """generate() builds a SparseKHFCache when the caller passes none (instead of transformers' DynamicCache)."""
-    prepare = model._prepare_cache_for_generation
+    prepare, name = model._prepare_cache_for_generation, cache_argument(model)
 
     def prepare_sparsek(generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = SparseKHFCache()
+        if model_kwargs.get(name) is None and generation_config.use_cache is not False:
+            model_kwargs[name] = SparseKHFCache()
         return prepare(generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = prepare_sparsek
@@ -310,8 +317,8 @@ class GraphedDecoder:
             self._restore(states, saved, seen)            # capture ran no kernels but moved the host counters
 
     def _step(self) -> Tensor:
-        out = self.model(self.tokens, position_ids=self.positions, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(self.tokens, position_ids=self.positions, use_cache=True, logits_to_keep=1,
+                         **{cache_argument(self.model): self.cache})
         return out.logits[:, -1]
 
     def _restore(self, states, saved, seen) -> None:
