@@ -1,6 +1,7 @@
 """Shared pytest configuration for the sparsek CPU test suite."""
 
 import os
+import random
 
 import torch
 
@@ -57,3 +58,32 @@ def _seed_torch():
     """Deterministic torch RNG in every test."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """Six small documents of pseudo-words (each a few kB, so windows of 32-64 bytes fit many times)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(40)]
+    for n in range(6):
+        text = " ".join(rng.choice(words) for _ in range(600))
+        (folder / f"doc{n}.txt").write_text(f"Document {n}.\n{text}\n")
+    return folder
+
+
+def tiny_transformers_model(folder):
+    """A random 2-layer Llama over bytes saved with its tokenizer in folder/tiny_llama (no download needed)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    path = folder / "tiny_llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {bytes([b]).decode("latin-1"): b for b in range(256)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="\x00"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+    return path

@@ -7,7 +7,8 @@
     sparsek compare                   # train a tiny SparseK+window and a full-attention model on CPU, compare
     sparsek compare --attention full,window,fixed,hash,sparsek,sparsek_window --context 4096 --budget 512 ...
     sparsek train --run-dir runs/a --attention sparsek_window --context 1024 --budget 128 --steps 2000
-    sparsek eval runs/a --context 4096  # held-out perplexity (and by position) of a trained run
+    sparsek finetune --context 2048 --topk 256 --window 256 --steps 500   # convert SmolLM2-135M and fine-tune it
+    sparsek eval runs/a --context 2048,4096,8192   # perplexity, by position, passkey and recall of any model
 """
 
 from __future__ import annotations
@@ -94,6 +95,26 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
           f"a full cache {full_bytes / 1e6:.2f} MB (grows with every token)")
 
 
+def evaluate_cli(args: argparse.Namespace) -> None:
+    from .eval.suite import evaluate_subject, load_subject
+    from .train.distributed import World
+    from .train.loop import resolve_device
+
+    def numbers(text: str | None) -> list[int] | None:
+        return [int(x) for x in text.split(",")] if text else None
+
+    subject = load_subject(args.target, resolve_device(args.device, World()), args.data)
+    contexts = numbers(args.context) or ([subject.context] if subject.context else None)
+    if not contexts:
+        raise SystemExit(f"{args.target}: no training context known; give --context")
+    tasks = () if args.tasks == "none" else tuple(t for t in args.tasks.split(",") if t)
+    out_dir = args.out_dir or (args.target if Path(args.target).is_dir() and subject.context
+                               else Path("runs/eval") / subject.name)
+    evaluate_subject(subject, contexts, out_dir, tasks=tasks, distances=numbers(args.distances),
+                     examples=args.examples, max_tokens=args.max_tokens, batch_size=args.batch_size, seed=args.seed,
+                     progress=args.progress)
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One --option per field of a config dataclass, typed and defaulted from the field."""
     hints = typing.get_type_hints(cls)
@@ -173,13 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_options(p_compare, TrainConfig, skip=("run_dir",))
     add_dataclass_options(p_compare, LMConfig, skip=("attention",))
     p_compare.set_defaults(**tiny)
-    p_eval = sub.add_parser("eval", help="held-out perplexity of a trained run, overall and by position")
-    p_eval.add_argument("run_dir")
-    p_eval.add_argument("--data", default=None, help="corpus (default: the run's own held-out documents)")
-    p_eval.add_argument("--context", type=int, default=None, help="window length (default: the training one)")
-    p_eval.add_argument("--max-tokens", type=int, default=0, help="cap on evaluated tokens (0: all)")
-    p_eval.add_argument("--batch-size", type=int, default=8)
+    from .train.finetune import FinetuneConfig
+    p_finetune = sub.add_parser("finetune", allow_abbrev=False,
+                                help="convert a pretrained transformers model to SparseK and fine-tune it")
+    add_dataclass_options(p_finetune, FinetuneConfig)
+    p_eval = sub.add_parser("eval", allow_abbrev=False, help="held-out perplexity (overall and by position), "
+                            "passkey and associative recall of any model, at one or more contexts")
+    p_eval.add_argument("target", help="a run folder (sparsek train/compare/finetune), 'smollm2', a checkpoint "
+                        "folder, a .gguf file or a hub name")
+    p_eval.add_argument("--context", default=None, help="comma-separated lengths (default: the training one)")
+    p_eval.add_argument("--data", default=None, help="corpus (default: the held-out split of the training data)")
+    p_eval.add_argument("--tasks", default="passkey,recall", help="comma-separated, or 'none'")
+    p_eval.add_argument("--distances", default=None, help="comma-separated (default: 16, 32, ... up to what fits)")
+    p_eval.add_argument("--examples", type=int, default=32, help="task examples per distance")
+    p_eval.add_argument("--max-tokens", type=int, default=0, help="cap on perplexity tokens (0: all)")
+    p_eval.add_argument("--batch-size", type=int, default=4)
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--out-dir", default=None, help="default: the run folder, or runs/eval/<name>")
     p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     if args.command == "train":
         from .train import train
@@ -189,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         from .train.compare import compare
         compare(args.attention.split(","), dataclass_from_args(TrainConfig, args, run_dir=args.out_dir),
                 dataclass_from_args(LMConfig, args, attention="full"), args.out_dir, sample_tokens=args.sample_tokens)
+    elif args.command == "finetune":
+        from .train.finetune import finetune
+        finetune(dataclass_from_args(FinetuneConfig, args))
     elif args.command == "eval":
-        from .train.compare import evaluate_run
-        evaluate_run(args.run_dir, data=args.data, context=args.context, max_tokens=args.max_tokens,
-                     batch_size=args.batch_size, device=args.device)
+        evaluate_cli(args)
     if args.command == "generate":
         generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device)
     elif args.command == "demo":

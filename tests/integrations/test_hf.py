@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sparsek.integrations.hf import SparseKHFCache, cache_argument, convert, load  # noqa: E402
+from sparsek.integrations.hf import (  # noqa: E402
+    FullKVLayer,
+    GraphedDecoder,
+    SparseKHFCache,
+    SparseKLayer,
+    cache_argument,
+    causal_attention,
+    convert,
+    load,
+)
 
 VOCAB = 61
 
 
-def tiny_model(family: str) -> transformers.PreTrainedModel:
-    """A random 2-layer model; head dim 8 keeps the attention on the PyTorch paths (fast on CPU)."""
+def tiny_model(family: str, n_layers: int = 2) -> transformers.PreTrainedModel:
+    """A random model, 2 layers unless told; head dim 8 keeps the attention on the PyTorch paths (fast on CPU)."""
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                   num_attention_heads=4, max_position_embeddings=256)
     if family == "llama":
         config = transformers.LlamaConfig(num_key_value_heads=2, **common)
@@ -30,9 +40,10 @@ def tiny_model(family: str) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def converted(family: str, topk: int, window: int, gate: str = "kv") -> transformers.PreTrainedModel:
+def converted(family: str, topk: int, window: int, gate: str = "kv", layers=None, n_layers: int = 2
+              ) -> transformers.PreTrainedModel:
     """Converted, with random scorer weights so the selection is not plain recency."""
-    model = convert(tiny_model(family), topk=topk, window=window, slope=0.05, gate=gate)
+    model = convert(tiny_model(family, n_layers), topk=topk, window=window, slope=0.05, gate=gate, layers=layers)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "sparsek_scorer" in name:
@@ -135,9 +146,14 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
     loaded = load(tmp_path)
-    assert loaded.config.sparsek == {"topk": 3, "window": 2, "slope": 0.05, "gate": "v"}
+    assert loaded.config.sparsek == {"topk": 3, "window": 2, "slope": 0.05, "gate": "v", "layers": [0, 1]}
     ids = torch.randint(0, VOCAB, (1, 17))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    # Saved before partial conversion: no "layers" in the settings means every layer.
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["sparsek"]["layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load(tmp_path).config.sparsek["layers"] == [0, 1]
     with pytest.raises(ValueError, match="no SparseK model"):
         tiny_model("llama").save_pretrained(tmp_path / "plain")
         load(tmp_path / "plain")
@@ -196,8 +212,6 @@ def test_gpu_kernels_decode_equal_parallel():
 @torch.no_grad()
 def test_graphed_decoder_equals_eager_steps():
     """Left-padded prompts, then 30 tokens replayed from a CUDA graph: the logits of eager decoding."""
-    from sparsek.integrations.hf import GraphedDecoder
-
     model = gpu_model(topk=8, window=4)
     ids = torch.randint(0, VOCAB, (2, 50), device="cuda")
     mask = torch.ones_like(ids)
@@ -221,3 +235,207 @@ def test_beam_search_reorders_the_cache():
     cached = model.generate(prompt, **options)
     uncached = model.generate(prompt, use_cache=False, **options)
     assert torch.equal(cached, uncached)
+
+
+# Partial conversion: convert(layers=[...]) leaves the other layers exact, with a full KV cache.
+
+
+def converted_layers(model) -> list[int]:
+    return sorted(m.layer_idx for m in model.modules() if hasattr(m, "sparsek_scorer"))
+
+
+def left_padded(lengths: list[int], t_len: int) -> torch.Tensor:
+    return (torch.arange(t_len) >= t_len - torch.tensor(lengths)[:, None]).long()
+
+
+def float64_original(family: str, n_layers: int = 2) -> transformers.PreTrainedModel:
+    """The reference in float64 throughout: eager attention would take its softmax in float32."""
+    model = tiny_model(family, n_layers).double()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layers", [[0], [1], [0, 2]])
+@torch.no_grad()
+def test_partial_decoding_equals_parallel_forward(family, layers):
+    """3 layers, some converted: decoding through SparseKHFCache (SparseK state or full KV, per layer) equals
+    the parallel forward, with and without left padding; only the full layers' cache grows."""
+    topk, window = 3, 2
+    model = converted(family, topk=topk, window=window, layers=layers, n_layers=3)
+    assert converted_layers(model) == layers and model.config.sparsek["layers"] == layers
+    ids = torch.randint(0, VOCAB, (2, 24))
+    got, _ = logits_step_by_step(model, ids, 5)
+    torch.testing.assert_close(got, model(ids, use_cache=False).logits, atol=2e-5, rtol=2e-5)
+
+    lengths, t_len = [20, 13, 4], 20
+    ids, mask = torch.randint(0, VOCAB, (3, t_len)), left_padded(lengths, t_len)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    want = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    got, cache = logits_step_by_step(model, ids, 17, mask)  # the padding lies inside the prompt
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=2e-5)
+    for row, n in enumerate(lengths):
+        alone = model(ids[row:row + 1, t_len - n:], use_cache=False).logits[0]
+        torch.testing.assert_close(want[row, t_len - n:], alone, atol=2e-5, rtol=2e-5)
+
+    assert [type(layer) for layer in cache.layers] == [SparseKLayer if i in layers else FullKVLayer for i in range(3)]
+    assert [cache.get_seq_length(i) for i in range(3)] == [t_len] * 3
+    config = model.config
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token = 2 * 3 * n_kv_heads * (config.hidden_size // config.num_attention_heads) * 4   # k and v, float32
+    assert cache.kv_bytes() == per_token * (len(layers) * (topk + window) + (3 - len(layers)) * t_len)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layers", [[0], [1]])
+@torch.no_grad()
+def test_partial_with_room_for_every_token_equals_original_model(family, layers):
+    """With topk + window >= T a converted layer is full attention, so a partially converted model gives the
+    original model's logits (float64), without and with left padding."""
+    original = float64_original(family)
+    model = convert(copy.deepcopy(original), topk=64, window=3, layers=layers)
+    ids = torch.randint(0, VOCAB, (3, 30))
+    torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-10, rtol=1e-10)
+    mask, real = left_padded([30, 21, 9], 30), left_padded([30, 21, 9], 30).bool()
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits[real],
+                               original(ids, attention_mask=mask).logits[real], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_unconverted_layers_are_the_original_attention(family):
+    """Only layer 2 of 3 converted, and sparse (topk + window < T): the hidden states up to it are the original
+    model's (float64, left-padded batch), the last ones are not."""
+    original = float64_original(family, n_layers=3)
+    model = convert(copy.deepcopy(original), topk=3, window=2, layers=[2])
+    ids, mask = torch.randint(0, VOCAB, (3, 30)), left_padded([30, 21, 9], 30)
+    real = mask.bool()
+    got = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    want = original(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for layer in range(3):
+        torch.testing.assert_close(got[layer][real], want[layer][real], atol=1e-10, rtol=1e-10)
+    assert not torch.allclose(got[3][real], want[3][real])
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+def test_causal_attention_equals_explicit_softmax(heads, sliding_window):
+    """The unconverted layers' attention against a float64 softmax written out: GQA, scaling, cached keys
+    before the queries, left padding, the model's own sliding window; padding queries give zeros."""
+    torch.manual_seed(0)
+    (n_q_heads, n_kv_heads), batch, kv_len, scaling = heads, 3, 11, 0.3
+    mask = left_padded([11, 7, 2], kv_len)
+    for t_len in (kv_len, 3, 1):
+        q = torch.randn(batch, n_q_heads, t_len, 8, dtype=torch.float64)
+        k, v = (torch.randn(batch, n_kv_heads, kv_len, 8, dtype=torch.float64) for _ in range(2))
+        q_pos = torch.arange(kv_len - t_len, kv_len)[:, None]
+        allowed = torch.arange(kv_len) <= q_pos
+        if sliding_window is not None:
+            allowed &= torch.arange(kv_len) > q_pos - sliding_window
+        allowed = allowed & mask.bool()[:, None, None]                                  # [B, 1, T, S]
+        group = n_q_heads // n_kv_heads
+        logits = scaling * q @ k.repeat_interleave(group, 1).transpose(-1, -2)
+        want = (logits.masked_fill(~allowed, -torch.inf).softmax(-1).nan_to_num() @ v.repeat_interleave(group, 1))
+        got = causal_attention(q, k, v, mask, scaling, sliding_window)
+        torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-12, rtol=1e-12)
+        got = causal_attention(q, k, v, None, scaling, sliding_window)                  # no padding
+        want = causal_attention(q, k, v, torch.ones(batch, kv_len + 2), scaling, sliding_window)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@torch.no_grad()
+def test_partial_save_and_load_round_trip(tmp_path):
+    model = converted("gpt_neox", topk=3, window=2, layers=[1])
+    model.save_pretrained(tmp_path)
+    loaded = load(tmp_path)
+    assert loaded.config.sparsek["layers"] == [1] and converted_layers(loaded) == [1]
+    ids = torch.randint(0, VOCAB, (2, 17))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    cached = loaded.generate(ids[:, :5], max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, model.generate(ids[:, :5], max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([], "empty"), ([2], "indices from 0 to 1"), ([-1], "indices"), ([0, 0], "duplicates"), ([True], "indices"),
+    ([0.0], "indices"), ("0", "sequence"), (1, "sequence"),
+])
+def test_bad_layers_are_refused(layers, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        convert(model, topk=3, window=2, layers=layers)
+    # Refused before anything changed: the model converts afterwards.
+    assert converted_layers(model) == [] and not hasattr(model.config, "sparsek")
+    assert converted_layers(convert(model, topk=3, window=2, layers=[1])) == [1]
+
+
+@torch.no_grad()
+def test_partial_conversion_errors():
+    ids = torch.randint(0, VOCAB, (2, 8))
+    plain = tiny_model("llama")
+    plain.set_attn_implementation("sparsek")                # sparsek attention without convert(): refused
+    with pytest.raises(ValueError, match="convert()"):
+        plain(ids)
+    model = converted("llama", topk=3, window=2, layers=[1])
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model, topk=3, window=2, layers=[0])
+    cache = SparseKHFCache()
+    model(ids, **{cache_argument(model): cache}, use_cache=True)
+    with pytest.raises(ValueError, match="fully converted"):
+        GraphedDecoder(model, cache, steps=4)
+    other = converted("llama", topk=3, window=2, layers=[0])
+    with pytest.raises(ValueError, match="another model"):
+        other(ids[:, :1], **{cache_argument(other): cache}, use_cache=True)
+    dynamic = transformers.DynamicCache()                  # converted layers still need SparseKHFCache to decode
+    model(ids, **{cache_argument(model): dynamic}, use_cache=True)
+    with pytest.raises(ValueError, match="SparseKHFCache"):
+        model(ids[:, :1], **{cache_argument(model): dynamic}, use_cache=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_partial_generate_equals_greedy_parallel_decoding(family):
+    """generate() on a left-padded batch with a partially converted model (float64): the tokens of greedy
+    decoding by the parallel forward, no cache; beam search the same with the cache as without."""
+    model = converted(family, topk=3, window=2, layers=[1]).double()
+    ids, mask = torch.randint(1, VOCAB, (2, 9)), left_padded([9, 4], 9)
+    ids = ids * mask
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = ids
+    for _ in range(8):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(want, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        want = torch.cat([want, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(out, want)
+    options = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:1], **options), model.generate(ids[:1], use_cache=False, **options))
+
+
+@torch.no_grad()
+def test_partial_cache_batch_operations():
+    """Repeating, reordering and selecting rows act on both kinds of cache layer: the next step's logits are
+    those of a cache filled from the rearranged batch. reset() empties both kinds."""
+    model = converted("qwen2", topk=3, window=2, layers=[1], n_layers=3)
+    ids = torch.randint(0, VOCAB, (2, 12))
+
+    def prefilled(batch_ids):
+        cache = SparseKHFCache()
+        model(batch_ids[:, :-1], **{cache_argument(model): cache}, use_cache=True)
+        return cache
+
+    def next_logits(cache, batch_ids):
+        return model(batch_ids[:, -1:], **{cache_argument(model): cache}, use_cache=True).logits
+
+    for operation, argument, rows in [("batch_repeat_interleave", 2, [0, 0, 1, 1]),
+                                      ("reorder_cache", torch.tensor([1, 0]), [1, 0]),
+                                      ("batch_select_indices", torch.tensor([1]), [1])]:
+        cache = prefilled(ids)
+        getattr(cache, operation)(argument)
+        want = next_logits(prefilled(ids[rows]), ids[rows])
+        torch.testing.assert_close(next_logits(cache, ids[rows]), want, atol=1e-6, rtol=1e-6)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.kv_bytes() == 0
+    want = next_logits(prefilled(ids), ids)
+    model(ids[:, :-1], **{cache_argument(model): cache}, use_cache=True)
+    torch.testing.assert_close(next_logits(cache, ids), want, atol=1e-6, rtol=1e-6)

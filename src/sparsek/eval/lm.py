@@ -20,7 +20,8 @@ def evaluate(model: torch.nn.Module, documents: list[Tensor], context: int, *, b
     loss at position p of a window says how well the model uses p tokens of history.
 
     Args:
-        model: maps ids [B, T] to logits [B, T, V] and has `token_losses(tokens [B, T + 1]) -> [B, T]`.
+        model: maps ids [B, T] to logits [B, T, V] and has `token_losses(tokens [B, T + 1]) -> [B, T]`
+            (`TransformersLM` wraps a transformers model so).
         documents: 1-D int64 token tensors (whole documents).
         context: window length T.
         batch_size: windows per forward.
@@ -68,3 +69,20 @@ def evaluate(model: torch.nn.Module, documents: list[Tensor], context: int, *, b
     by_position = (loss_sum / count).tolist()  # 0 / 0 -> NaN where no window reaches
     return {"loss": loss, "ppl": math.exp(loss), "bits_per_token": loss / math.log(2),
             "tokens": int(count.sum().item()), "loss_by_position": by_position}
+
+
+class TransformersLM(torch.nn.Module):
+    """A transformers causal LM seen as one of ours: ids [B, T] -> logits [B, T, V] and `token_losses`, so that
+    `evaluate` and the long-range tasks take either kind."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids, use_cache=False).logits
+
+    def token_losses(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T + 1] -> cross-entropy of predicting tokens[:, 1:] from the prefix, [B, T] float32."""
+        logits = self(tokens[:, :-1]).float()
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")

@@ -50,23 +50,57 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
     fig.savefig(written[0], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
+    curves = {}
     for run_dir, label in zip(run_dirs, labels):
         summary = checkpoint.load_state(run_dir).get("summary") or {}
         if summary.get("loss_by_position"):
-            ax.plot(*smooth_by_position(summary["loss_by_position"]), label=label)
-            drawn = True
-    if drawn:
-        ax.set(xlabel="position in the context (tokens of history)", ylabel="held-out loss (nats / token)",
-               title="Held-out loss by position")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+            curves[label] = summary["loss_by_position"]
+    if curves:
         written.append(out_dir / "position.png")
-        fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+        plot_position(curves, written[-1])
     return written
+
+
+def plot_position(curves: dict[str, list[float]], path: str | Path, window: int | None = None) -> None:
+    """Held-out loss against position in the context, one line per {label: loss_by_position}; a dotted line
+    marks the window when given."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, losses in curves.items():
+        ax.plot(*smooth_by_position(losses), label=label)
+    if window:
+        ax.axvline(window, color="grey", linestyle=":", label=f"window {window}")
+    ax.set(xlabel="position in the context (tokens of history)", ylabel="held-out loss (nats / token)",
+           title="Held-out loss by position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_task_accuracy(results: dict[str, dict], path, *, window: int | None = None, title: str = "") -> None:
+    """Accuracy against distance, one panel per task, one line per model: results {model name: evaluate_tasks
+    output}. A dotted line marks the window when given."""
+    tasks = sorted({task for result in results.values() for task in result})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, result in results.items():
+            rows = result.get(task, [])
+            ax.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
+        if window:
+            ax.axvline(window, color="grey", linestyle=":", label=f"window {window}")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("distance from the fact to the answer (tokens)")
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

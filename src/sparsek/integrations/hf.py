@@ -1,13 +1,15 @@
 """SparseK attention inside Hugging Face transformers (5.x) models, without copying model code.
 
-`convert(model, topk=..., window=...)` gives every self-attention module a zero-initialised `Scorer` and
-switches the model to the "sparsek" attention implementation registered here:
+`convert(model, topk=..., window=...)` gives every self-attention module (or those of `layers=[...]`) a
+zero-initialised `Scorer` and switches the model to the "sparsek" attention implementation registered here:
   * a forward pre-hook on each attention module computes the scores u = x . w + slope * position from the
     module's input hidden states and hands them, with the layer's cache state, to the attention function;
   * the attention function (transformers' AttentionInterface) runs `sparsek_attention` over a prompt (left
     padding handled by packing the real tokens) and `SparseKCache.step` token by token when decoding;
   * `SparseKHFCache` is a transformers `Cache` whose layers hold a constant-size `SparseKCache`; `generate()`
     on a converted model uses it unless a cache is passed in.
+Layers left out of `layers` keep exact causal attention (through the same attention function, as the
+implementation is model-wide) and a full, growing KV cache.
 RoPE, GQA and the projections stay the model's own. Works for any model whose attention modules follow the
 transformers 5 pattern (q/k/v after RoPE -> ALL_ATTENTION_FUNCTIONS[config._attn_implementation]): Llama,
 Mistral, Qwen2/3, SmolLM2, GPT-NeoX/Pythia, among others.
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..cache import SparseKCache
@@ -32,7 +36,7 @@ from ..layers.scorer import Scorer
 from ..ops.attention.interface import GATES, sparsek_attention
 
 IMPLEMENTATION = "sparsek"
-SETTINGS = ("topk", "window", "slope", "gate")
+SETTINGS = ("topk", "window", "slope", "gate", "layers")
 
 
 class SparseKLayer(CacheLayerMixin):
@@ -69,6 +73,9 @@ class SparseKLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def kv_bytes(self) -> int:
+        return self.state.kv_bytes() if self.state is not None else 0
+
     def reset(self) -> None:
         self.state, self.seen = None, 0
 
@@ -94,20 +101,36 @@ class SparseKLayer(CacheLayerMixin):
         pass
 
 
+class FullKVLayer(DynamicLayer):
+    """One layer of `SparseKHFCache` for a layer `convert` left alone: every key and value [B, H, S, D], grown
+    by concatenation like transformers' DynamicLayer (whose update returns them all for exact attention)."""
+
+    def kv_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+
+
 class SparseKHFCache(Cache):
-    """A transformers `Cache` for converted models: per layer, constant KV memory O(topk + window)."""
+    """A transformers `Cache` for converted models: per converted layer, constant KV memory O(topk + window);
+    per layer left unconverted, the full KV cache that grows with every token."""
 
     def __init__(self, *args, **kwargs):
+        # Layers no pre-hook claimed (a model never converted) get SparseKLayers, which refuse to decode.
         super().__init__(layer_class_to_replicate=SparseKLayer)
 
-    def layer(self, layer_idx: int) -> SparseKLayer:
+    def layer(self, layer_idx: int, converted: bool = True) -> SparseKLayer | FullKVLayer:
+        """The cache of layer `layer_idx`, made on first use (by the pre-hooks, in layer order)."""
+        kind = SparseKLayer if converted else FullKVLayer
         while len(self.layers) <= layer_idx:
-            self.layers.append(SparseKLayer())
+            self.layers.append(kind())
+        if not isinstance(self.layers[layer_idx], kind):
+            raise ValueError(f"this SparseKHFCache holds a {type(self.layers[layer_idx]).__name__} for layer "
+                             f"{layer_idx}, which the model {'converted' if converted else 'left unconverted'}: "
+                             "it was filled by another model; use a new cache")
         return self.layers[layer_idx]
 
     def kv_bytes(self) -> int:
-        """Bytes of cached keys and values over all layers."""
-        return sum(layer.state.kv_bytes() for layer in self.layers if layer.state is not None)
+        """Bytes of cached keys and values over all layers (converted and full)."""
+        return sum(layer.kv_bytes() for layer in self.layers)
 
 
 def _padding_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
@@ -132,22 +155,60 @@ def _left_padded_lengths(mask: Tensor | None, batch: int, t_len: int) -> Tensor 
     return lengths
 
 
+def causal_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float | None = None, sliding_window: int | None = None) -> Tensor:
+    """Exact causal attention, for the layers `convert` leaves alone: query [B, Hq, T, D], key, value [B, H, S, D]
+    (S >= T: cached tokens first, then the T new ones), attention_mask [B, >= S] (1 = real token) or None
+    -> [B, T, Hq, D]. sliding_window (the model's own, if it has one) keeps the keys of the newest positions
+    only, as transformers' masks do. Queries with no real key (left padding) give zeros, like SparseK's."""
+    t_len, kv_len = query.shape[2], key.shape[2]
+    real = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            shape = tuple(attention_mask.shape)
+            raise ValueError(f"SparseK attention takes a 2D [B, T] padding mask, got shape {shape}")
+        real = attention_mask[:, -kv_len:].bool()
+        real = None if real.all() else real
+    if real is None and sliding_window is None and t_len == kv_len:
+        out = nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                         enable_gqa=True)
+        return out.transpose(1, 2)
+    k_pos = torch.arange(kv_len, device=query.device)
+    q_pos = k_pos[kv_len - t_len:, None]                                        # [T, 1]: columns of the new tokens
+    allowed = k_pos <= q_pos                                                    # [T, S]
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    if real is not None:
+        allowed = allowed & real[:, None, None, :]                              # [B, 1, T, S]
+    # A row with nothing allowed would be NaN in SDPA: let it see everything, then zero it.
+    empty = ~allowed.any(-1, keepdim=True)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed | empty, scale=scaling,
+                                                     enable_gqa=True)
+    return out.masked_fill(empty, 0).transpose(1, 2)
+
+
 def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                               attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                               sparsek_scores: Tensor | None = None, sparsek_layer: SparseKLayer | None = None,
                               **kwargs) -> tuple[Tensor, None]:
     """transformers attention function: query [B, Hq, T, D], key, value [B, H, T, D] -> ([B, T, Hq, D], None).
 
-    sparsek_scores [B, T, H] and sparsek_layer come from the pre-hook `convert` installs.
+    sparsek_scores [B, T, H] and sparsek_layer come from the pre-hook `convert` installs on converted layers.
+    Layers it left unconverted (not in config.sparsek["layers"]) get exact causal attention over key, value
+    [B, H, S, D], all S tokens so far (a full cache layer).
     """
-    if sparsek_scores is None:
+    # No scores and no record of being left out: the module was never converted.
+    settings = getattr(module.config, "sparsek", None)
+    unconverted = settings is not None and module.layer_idx not in settings.get("layers", [module.layer_idx])
+    if sparsek_scores is None and not unconverted:
         raise ValueError(f"{type(module).__name__} has no SparseK scorer: build the model with sparsek's convert()")
-    # A model's own sliding_window is superseded by SparseK's window; logit soft-capping and sink logits would
-    # change the math, so they are refused rather than dropped.
+    # Logit soft-capping and sink logits would change the math, so they are refused rather than dropped.
     unsupported = {name: kwargs[name] for name in ("softcap", "s_aux") if kwargs.get(name) is not None}
     if dropout or unsupported:
         raise ValueError(f"SparseK attention does not implement {sorted(unsupported) + ['dropout'] * bool(dropout)}")
-    settings = module.config.sparsek
+    if unconverted:
+        return causal_attention(query, key, value, attention_mask, scaling, kwargs.get("sliding_window")), None
+    # A model's own sliding_window is superseded by SparseK's window in converted layers.
     topk, window, gate = settings["topk"], settings["window"], settings["gate"]
     batch, _, t_len, _ = query.shape
     if key.shape[2] != t_len:
@@ -157,8 +218,8 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     state = sparsek_layer.state if sparsek_layer is not None else None
 
     if state is not None:                                              # decoding: one token at a time, exact
-        # Checked at the first layer only: the check waits for the GPU, and the mask is the same for all.
-        if module.layer_idx == 0 and _left_padded_lengths(attention_mask, batch, t_len) is not None:
+        # Checked at the first converted layer only: the check waits for the GPU, and the mask is the same for all.
+        if module.layer_idx == settings["layers"][0] and _left_padded_lengths(attention_mask, batch, t_len) is not None:
             raise ValueError("padding inside a decoded chunk: new tokens must all be real")
         outs = [state.step(q[:, t], k[:, t], v[:, t], sparsek_scores[:, t], gate=gate, scale=scaling)
                 for t in range(t_len)]
@@ -184,10 +245,14 @@ AttentionInterface.register(IMPLEMENTATION, sparsek_attention_forward)
 AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
 
 
+def _cache_kwarg(kwargs: dict) -> Cache | None:
+    return next((kwargs[name] for name in ("cache", "past_key_values", "layer_past") if name in kwargs), None)
+
+
 def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before each attention call: scores from the module's input, and its layer of the SparseK cache."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    cache = next((kwargs[name] for name in ("cache", "past_key_values", "layer_past") if name in kwargs), None)
+    cache = _cache_kwarg(kwargs)
     positions = kwargs.get("position_ids")
     if positions is None:  # the models we know pass position_ids; else count from the cache
         start = cache.get_seq_length(module.layer_idx) if isinstance(cache, Cache) else 0
@@ -200,6 +265,13 @@ def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, kwargs
 
 
+def _full_cache_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before an unconverted layer's attention: its layer of a SparseKHFCache keeps every key and value."""
+    cache = _cache_kwarg(kwargs)
+    if isinstance(cache, SparseKHFCache):
+        cache.layer(module.layer_idx, converted=False)
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """Self-attention modules of the transformers 5 kind: a layer_idx, a config, a name ending in Attention."""
     found = [m for m in model.modules()
@@ -209,28 +281,52 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv"
-            ) -> PreTrainedModel:
+def _layer_indices(layers: Sequence[int] | None, modules: list[nn.Module]) -> list[int]:
+    """`convert`'s layers checked against the model's attention modules, sorted; None means all of them."""
+    available = sorted(module.layer_idx for module in modules)
+    if layers is None:
+        return available
+    if isinstance(layers, str) or not isinstance(layers, Sequence):
+        raise ValueError(f"layers must be a sequence of layer indices (or None for all), got {layers!r}")
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer to convert (or None for all)")
+    wrong = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i not in available]
+    if wrong:
+        raise ValueError(f"layers must be attention layer indices from 0 to {available[-1]}, got {wrong}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers has duplicates: {list(layers)}")
+    return sorted(int(i) for i in layers)
+
+
+def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv",
+            layers: Sequence[int] | None = None) -> PreTrainedModel:
     """Turn a transformers causal LM into SparseK attention, in place; returns the model.
 
-    Each attention module gets a `sparsek_scorer` (float32, zero weight, so the model starts from pure recency:
-    with slope >= 1 the selection is the topk newest tokens before the window). The settings go into
-    `model.config.sparsek`, so `save_pretrained` records them; reload with `sparsek.integrations.hf.load`.
+    Each attention module of `layers` (indices as in module.layer_idx; None = all) gets a `sparsek_scorer`
+    (float32, zero weight, so the model starts from pure recency: with slope >= 1 the selection is the topk
+    newest tokens before the window). The others keep exact causal attention and, in a SparseKHFCache, a full
+    KV cache. The settings, the sorted layer indices included, go into `model.config.sparsek`, so
+    `save_pretrained` records them; reload with `sparsek.integrations.hf.load`.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or isinstance(window, bool) or not isinstance(window, int) \
             or topk < 0 or window < 0 or topk + window == 0:
         raise ValueError(f"topk and window must be ints >= 0, not both 0; got {topk!r}, {window!r}")
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    modules = _attention_modules(model)
+    if any(hasattr(module, "sparsek_scorer") for module in modules):
+        raise ValueError("model is already converted to SparseK")
+    converted = _layer_indices(layers, modules)
     config = model.config
     n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    for module in _attention_modules(model):
-        if hasattr(module, "sparsek_scorer"):
-            raise ValueError("model is already converted to SparseK")
+    for module in modules:
+        if module.layer_idx not in converted:
+            module.register_forward_pre_hook(_full_cache_hook, with_kwargs=True)
+            continue
         device = next(module.parameters()).device  # each layer's own device (models split over GPUs)
         module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
         module.register_forward_pre_hook(_score_hook, with_kwargs=True)
-    config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate}
+    config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate, "layers": converted}
     model.set_attn_implementation(IMPLEMENTATION)
     _default_generation_cache(model)
     return model
@@ -264,7 +360,8 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
         raise ValueError(f"{path} holds no SparseK model (config.json has no 'sparsek' settings)")
     from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")  # switched to sparsek by convert
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
-    convert(model, **{name: settings[name] for name in SETTINGS})
+    # Configs saved before partial conversion have no "layers": all layers were converted (convert's default).
+    convert(model, **{name: settings[name] for name in SETTINGS if name in settings})
     scorer_state = {}
     for file in sorted(path.glob("*.safetensors")):
         scorer_state.update({k: t for k, t in load_file(file).items() if ".sparsek_scorer." in k})
@@ -289,10 +386,14 @@ class GraphedDecoder:
         logits = decoder(next_ids)                                       # [B, 1] -> [B, vocab], `steps` times
 
     Rows continue at their own positions (left padding allowed). The cache is reserved for `steps` tokens; a
-    call past them raises. Needs CUDA tensors.
+    call past them raises. Needs CUDA tensors, and every layer converted: the full KV cache of a layer left out
+    by `convert(layers=...)` grows each step, which a replayed graph cannot do.
     """
 
     def __init__(self, model: PreTrainedModel, cache: SparseKHFCache, steps: int):
+        if any(isinstance(layer, FullKVLayer) for layer in cache.layers):
+            raise ValueError("GraphedDecoder decodes fully converted models only; this one has unconverted layers "
+                             "(convert(layers=...)), whose growing KV cache a CUDA graph cannot replay")
         states = [layer.state for layer in cache.layers]
         if not states or any(s is None for s in states) or not states[0].keys.is_cuda:
             raise ValueError("GraphedDecoder needs a SparseKHFCache after a prefill on a CUDA device")

@@ -36,7 +36,12 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torc
                    for index, entries in saved["state"].items() for name, value in entries.items()}
         _atomic(run_dir / OPTIMIZER_FILE, lambda path: save_file(moments, path))
         state["param_groups"] = saved["param_groups"]
-    _atomic(run_dir / STATE_FILE, lambda path: Path(path).write_text(json.dumps(state, indent=1)))
+    save_state(run_dir, state)
+
+
+def save_state(run_dir: str | Path, state: dict) -> None:
+    """Write state.json alone (runs whose weights are saved another way, e.g. save_pretrained)."""
+    _atomic(Path(run_dir) / STATE_FILE, lambda path: Path(path).write_text(json.dumps(state, indent=1)))
 
 
 def load_state(run_dir: str | Path) -> dict:

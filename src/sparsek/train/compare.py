@@ -29,37 +29,6 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Trans
     return model.to(device).eval()
 
 
-def evaluate_run(run_dir: str | Path, *, data: str | None = None, context: int | None = None, max_tokens: int = 0,
-                 batch_size: int = 8, device: str = "auto") -> dict:
-    """Held-out loss of a trained run at any context (e.g. 2x and 4x the training one, for extrapolation).
-
-    data None evaluates the run's own held-out documents; a corpus name or path evaluates all its documents.
-    Writes run_dir/eval_<context>.json and prints the result.
-    """
-    from ..data.corpus import load_documents
-    from ..eval.lm import evaluate
-    from .loop import load_corpus
-
-    state = checkpoint.load_state(run_dir)
-    torch_device = resolve_device(device, World())
-    model = load_model(run_dir, torch_device)
-    context = context or model.config.context
-    if data is None:
-        documents = load_corpus(TrainConfig(**state["train"]))[1]
-    else:
-        tokenizer = ByteTokenizer()
-        documents = [tokenizer.encode_tensor(d.text) for d in load_documents(data)]
-    autocast_dtype = torch.bfloat16 if torch_device.type == "cuda" else None
-    result = evaluate(model, documents, context, batch_size=batch_size, max_tokens=max_tokens,
-                      autocast_dtype=autocast_dtype, progress=True)
-    result.update(run_dir=str(run_dir), attention=model.config.attention, context=context,
-                  trained_context=model.config.context, data=data or "held-out split")
-    (Path(run_dir) / f"eval_{context}.json").write_text(json.dumps(result))
-    print(f"{run_dir}: {model.config.attention}, context {context} (trained at {model.config.context}): "
-          f"held-out loss {result['loss']:.4f}, ppl {result['ppl']:.3f} over {result['tokens']:,} tokens")
-    return result
-
-
 def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, out_dir: str | Path,
             prompt: str = "HAMLET.\n", sample_tokens: int = 300) -> list[dict]:
     """Train (or resume) every variant, then write out_dir/results.json, results.md, loss.png, position.png.

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import ByteTokenizer, DocumentSampler, load_documents, split_documents
+from ..data.tasks import TaskMixer
 from ..eval.lm import evaluate
 from ..models import LMConfig, TransformerLM
 from . import checkpoint, distributed
@@ -34,7 +35,9 @@ class TrainConfig:
     on CUDA and float32 on CPU. max_minutes stops the run early with a checkpoint (resume later with the same
     run_dir). eval_tokens caps the held-out tokens of each evaluation (0: every held-out document, whole).
     Raising `steps` when resuming stretches the cosine from the current step on (the run is then not the one
-    it would have been with the larger `steps` from the start).
+    it would have been with the larger `steps` from the start). tasks ("passkey", "recall" or both,
+    comma-separated) turns task_fraction of the training rows into long-range task examples written into the
+    row's own text (`sparsek.data.tasks.TaskMixer`); "" trains on the text alone.
     """
 
     run_dir: str = "runs/sparsek_window"
@@ -56,6 +59,8 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float = 0.0
     progress: bool = True
+    tasks: str = ""
+    task_fraction: float = 0.5
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -63,6 +68,11 @@ class TrainConfig:
         for name in ("batch_size", "steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tasks:
+            TaskMixer(self.task_list(), self.task_fraction, ByteTokenizer().encode)  # checks both
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -131,6 +141,10 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
 
     train_docs, heldout_docs = load_corpus(config)
     sampler = DocumentSampler(train_docs, model_config.context, config.batch_size, config.seed)
+    mixer = None
+    if config.tasks:
+        mixer = TaskMixer(config.task_list(), config.task_fraction, ByteTokenizer().encode, config.seed)
+        mixer.check_length(model_config.context + 1)
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = TransformerLM(model_config).to(device)
     optimizer = build_optimizer(model, config)
@@ -171,7 +185,10 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     model.train()
     while state["step"] < config.steps:
         step = state["step"]
-        batch = sampler.batch(step, world.rank, world.size).to(device, non_blocking=True)
+        batch = sampler.batch(step, world.rank, world.size)
+        if mixer is not None:
+            batch = mixer(batch, step, world.rank, world.size)
+        batch = batch.to(device, non_blocking=True)
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr

