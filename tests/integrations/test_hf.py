@@ -439,3 +439,15 @@ def test_partial_cache_batch_operations():
     want = next_logits(prefilled(ids), ids)
     model(ids[:, :-1], **{cache_argument(model): cache}, use_cache=True)
     torch.testing.assert_close(next_logits(cache, ids), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autocast_runs_and_stays_close(family):
+    """Under bf16 autocast RoPE leaves q and k in float32 while v is bf16 (how a fine-tuning step runs)."""
+    model = converted(family, topk=6, window=4)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    want = model(ids).logits
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = model.to(device)(ids.to(device)).logits.float().cpu()
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.1)

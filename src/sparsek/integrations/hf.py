@@ -214,7 +214,11 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     if key.shape[2] != t_len:
         raise ValueError("a converted SparseK model must decode with SparseKHFCache (generate() uses it by "
                          f"default); got {key.shape[2]} cached keys for {t_len} queries from another cache")
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))          # [B, T, heads, D]
+    # Under autocast RoPE leaves q and k in float32 (its cos/sin are) while v comes from a bf16 matmul; run all
+    # three in the autocast dtype, as SDPA would.
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype
+    q, k, v = (x.transpose(1, 2).to(dtype) for x in (query, key, value))  # [B, T, heads, D]
     state = sparsek_layer.state if sparsek_layer is not None else None
 
     if state is not None:                                              # decoding: one token at a time, exact
