@@ -108,6 +108,11 @@ class FullKVLayer(DynamicLayer):
     def kv_bytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
 
+    def reset(self) -> None:
+        # Dropped, not zeroed: older transformers (5.17 for one) zero them, which keeps their length.
+        self.keys = self.values = None
+        self.is_initialized = False
+
 
 class SparseKHFCache(Cache):
     """A transformers `Cache` for converted models: per converted layer, constant KV memory O(topk + window);
