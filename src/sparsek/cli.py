@@ -101,13 +101,13 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     from .train.loop import resolve_device
 
     def numbers(text: str | None) -> list[int] | None:
-        return [int(x) for x in text.split(",")] if text else None
+        return [int(x) for x in text.split(",") if x.strip()] if text else None
 
     subject = load_subject(args.target, resolve_device(args.device, World()), args.data)
     contexts = numbers(args.context) or ([subject.context] if subject.context else None)
     if not contexts:
         raise SystemExit(f"{args.target}: no training context known; give --context")
-    tasks = () if args.tasks == "none" else tuple(t for t in args.tasks.split(",") if t)
+    tasks = () if args.tasks == "none" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     out_dir = args.out_dir or (args.target if Path(args.target).is_dir() and subject.context
                                else Path("runs/eval") / subject.name)
     evaluate_subject(subject, contexts, out_dir, tasks=tasks, distances=numbers(args.distances),

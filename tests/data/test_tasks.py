@@ -73,6 +73,8 @@ def test_distance_range_is_what_fits():
 def test_bad_input():
     with pytest.raises(ValueError, match="task"):
         make_example("sorting", FILLER, 300, 100, random.Random(0), ENCODE)
+    with pytest.raises(ValueError, match="outside"):                     # no distance fits; none drawn
+        make_example("passkey", FILLER, 30, None, random.Random(0), ENCODE)
     with pytest.raises(ValueError, match="filler"):
         make_example("passkey", FILLER[:200], 300, 100, random.Random(0), ENCODE)
     with pytest.raises(ValueError, match="no filler document"):

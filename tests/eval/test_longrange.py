@@ -58,6 +58,29 @@ def test_accuracy_is_one_within_reach_and_zero_beyond(task):
     assert result["accuracy"] == 0.0 and result["token_accuracy"] < 0.5
 
 
+def merged_digits(text: str) -> list[int]:
+    """Bytes, but a doubled digit is one token (like a subword merge): keys of one length vary in token count."""
+    tokens, data, i = [], text.encode(), 0
+    while i < len(data):
+        doubled = i + 1 < len(data) and data[i] == data[i + 1] and chr(data[i]).isdigit()
+        tokens.append(200 + data[i] - ord("0") if doubled else data[i])
+        i += 2 if doubled else 1
+    return tokens
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_of_different_token_counts(task):
+    """Examples whose answers have different token counts are scored together, each in full."""
+    oracle = InductionOracle(reach=150)
+    near = make_examples(task, DOCS, 400, 60, 24, seed=0, encode=merged_digits)
+    assert len({e.answer_length for e in near}) > 1
+    assert answer_accuracy(oracle, near, batch_size=4) == {"accuracy": 1.0, "token_accuracy": 1.0, "examples": 24}
+    far = make_examples(task, DOCS, 400, 250, 24, seed=0, encode=merged_digits)
+    assert answer_accuracy(oracle, far, batch_size=4)["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="no examples"):
+        answer_accuracy(oracle, [])
+
+
 def test_evaluate_tasks_table():
     oracle = InductionOracle(reach=150)
     result = evaluate_tasks(oracle, DOCS, ENCODE, length=400, distances=[10, 60, 250, 390], examples=3)
@@ -91,9 +114,31 @@ def test_sparsek_eval_cli_on_a_run_and_a_transformers_model(tmp_path, corpus_dir
 
     folder = tiny_transformers_model(tmp_path)
     main(["eval", str(folder), "--context", "200", "--data", str(corpus_dir), "--examples", "2",
-          "--max-tokens", "320", "--distances", "60,100", "--out-dir", str(tmp_path / "hf"), "--no-progress",
-          "--device", "cpu"])
+          "--max-tokens", "320", "--distances", "60, 100,", "--tasks", "passkey, recall", "--out-dir",
+          str(tmp_path / "hf"), "--no-progress", "--device", "cpu"])              # lists as people type them
     result = json.loads((tmp_path / "hf" / "eval_200.json").read_text())
     assert result["attention"] == "original" and result["perplexity"]["tokens"] > 0
-    assert [r["distance"] for r in result["tasks"]["passkey"]] == [60, 100]
+    for task in TASKS:
+        assert [r["distance"] for r in result["tasks"][task]] == [60, 100]
 
+
+
+def test_bad_evaluation_settings_are_refused_before_any_work(tmp_path):
+    """A misspelt task, a non-positive context or no examples fail at once, not after the first perplexity."""
+    from sparsek.eval.suite import Subject, evaluate_subject
+
+    class Untouchable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def token_losses(self, tokens):
+            raise AssertionError("the perplexity ran before the settings were checked")
+
+    model = Untouchable()
+    subject = Subject("x", model, model, ENCODE, DOCS)
+    for bad, message in [(dict(tasks=("passky",)), "passky"), (dict(contexts=[0]), "contexts"),
+                         (dict(contexts=[]), "contexts"), (dict(examples=0), "examples")]:
+        options = dict(contexts=[64], tasks=TASKS, examples=2, progress=False) | bad
+        with pytest.raises(ValueError, match=message):
+            evaluate_subject(subject, out_dir=tmp_path, **options)

@@ -73,9 +73,15 @@ def test_full_attention_control(tmp_path, corpus_dir):
     assert getattr(model.config, "sparsek", None) is None
 
 
-@pytest.mark.parametrize("bad", [dict(layers="x"), dict(method="qlora"), dict(attention="hash"), dict(context=0)])
-def test_bad_settings(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(layers="x"), "layers"), (dict(layers=","), "layers"), (dict(layers="0,-1"), "layers"),
+    (dict(method="qlora"), "method"), (dict(attention="hash"), "attention"), (dict(context=0), "context"),
+    (dict(gate="kvv"), "gate"), (dict(topk=0, window=0), "not both 0"), (dict(window=-1), "topk and window"),
+])
+def test_bad_settings(bad, message):
+    """Refused when the config is made, before a model loads (conversion would refuse them only after the
+    original model's evaluation)."""
+    with pytest.raises(ValueError, match=message):
         FinetuneConfig(**bad)
 
 

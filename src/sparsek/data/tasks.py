@@ -81,13 +81,12 @@ def make_example(task: str, filler: Sequence[int], length: int, distance: int | 
     """
     facts, question, answer = _pieces(task, rng, encode)
     body = length - len(question) - len(answer)                  # tokens before the question
-    if distance is None:  # log-uniform: as many examples near as far, so retrieval is first learned close by
-        low, high = len(question), length - len(answer) - len(facts[0])
+    low, high = len(question), length - len(answer) - len(facts[0])  # the question after the fact, the fact before
+    if distance is None and low <= high:  # log-uniform: as many near as far, so retrieval is first learned close by
         distance = min(high, round(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+    if distance is None or not low <= distance <= high:
+        raise ValueError(f"distance {distance} is outside [{low}, {high}] for {task} examples of {length} tokens")
     fact_end = length - len(answer) - distance
-    if distance < len(question) or fact_end < len(facts[0]):
-        raise ValueError(f"distance {distance} is outside [{len(question)}, {length - len(answer) - len(facts[0])}] "
-                         f"for {task} examples of {length} tokens")
     if len(filler) < length:
         raise ValueError(f"filler has {len(filler)} tokens; an example of {length} needs at least as many")
     slots: list[int | None] = [None] * body                     # token id, or None where filler goes

@@ -82,7 +82,17 @@ class TransformersLM(torch.nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return self.model(ids, use_cache=False).logits
 
+    #: float32 logits handled at once by token_losses (elements, 256 MB).
+    LOSS_CHUNK = 2**26
+
     def token_losses(self, tokens: Tensor) -> Tensor:
-        """tokens [B, T + 1] -> cross-entropy of predicting tokens[:, 1:] from the prefix, [B, T] float32."""
-        logits = self(tokens[:, :-1]).float()
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        """tokens [B, T + 1] -> cross-entropy of predicting tokens[:, 1:] from the prefix, [B, T] float32.
+
+        The loss is taken a slice of positions at a time: with a large vocabulary (49k for SmolLM2) a float32 copy
+        of all the logits [B, T, V] and its log-softmax would each be twice the bf16 logits (GBs at long context).
+        """
+        logits, targets = self(tokens[:, :-1]), tokens[:, 1:]                # [B, T, V] in the model's dtype
+        step = max(1, self.LOSS_CHUNK // (logits.shape[0] * logits.shape[2]))
+        return torch.cat([torch.nn.functional.cross_entropy(logits[:, s : s + step].float().transpose(1, 2),
+                                                            targets[:, s : s + step], reduction="none")
+                          for s in range(0, logits.shape[1], step)], dim=1)

@@ -26,15 +26,20 @@ def last_logits(model: torch.nn.Module, ids: Tensor, n: int) -> Tensor:
 def answer_accuracy(model: torch.nn.Module, examples: list[TaskExample], *, batch_size: int = 8,
                     autocast_dtype: torch.dtype | None = None) -> dict:
     """Share of examples whose every answer token is the argmax prediction ("accuracy") and share of answer
-    tokens predicted ("token_accuracy"), with teacher forcing: greedy decoding of the answer agrees exactly."""
+    tokens predicted ("token_accuracy"), with teacher forcing: greedy decoding of the answer agrees exactly.
+    Examples may differ in length and answer length (they are batched by both)."""
+    if not examples:
+        raise ValueError("no examples to score")
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    # Batches of one (length, answer length): a subword tokenizer splits keys and numbers into varying counts.
+    groups: dict[tuple[int, int], list[TaskExample]] = {}
+    for example in examples:
+        groups.setdefault((example.tokens.numel(), example.answer_length), []).append(example)
+    batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
     correct = tokens_correct = tokens_total = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for chunk in batches:
         n = chunk[0].answer_length
-        if any(e.answer_length != n or e.tokens.numel() != chunk[0].tokens.numel() for e in chunk):
-            raise ValueError("examples of one batch must share their length and answer length")
         tokens = torch.stack([e.tokens for e in chunk]).to(device)           # [b, L]
         with autocast:
             logits = last_logits(model, tokens[:, :-1], n)                     # predicts tokens[:, -n:]

@@ -112,6 +112,14 @@ def evaluate_subject(subject: Subject, contexts: list[int], out_dir: str | Path,
 
     Returns {T: {"perplexity": evaluate(...) output, "tasks": evaluate_tasks(...) output, ...}}.
     """
+    # Checked before the first context's perplexity, which can take minutes.
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks must be among {TASKS}, got {unknown}")
+    if not contexts or min(contexts) < 1:
+        raise ValueError(f"contexts must be positive lengths, got {contexts}")
+    if tasks and examples < 1:
+        raise ValueError(f"examples must be >= 1, got {examples}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(subject.model.parameters()).device

@@ -26,8 +26,9 @@ import torch
 
 from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..eval.lm import TransformersLM, evaluate
+from ..ops.attention.interface import GATES
 from . import checkpoint, distributed
-from .loop import resolve_device
+from .loop import learning_rate_factor, resolve_device
 
 
 @dataclass
@@ -75,13 +76,17 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
-        choices = {"attention": ("sparsek", "full"), "method": ("full", "lora"), "precision": ("auto", "bf16", "fp32")}
+        # Checked here, not when converting: that comes after the model has loaded and been evaluated.
+        choices = {"attention": ("sparsek", "full"), "method": ("full", "lora"), "precision": ("auto", "bf16", "fp32"),
+                   "gate": GATES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("context", "batch_size", "steps", "log_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.topk < 0 or self.window < 0 or self.topk + self.window == 0:
+            raise ValueError(f"topk and window must be >= 0, not both 0; got {self.topk}, {self.window}")
         self.layer_list()
 
     def layer_list(self) -> list[int] | None:
@@ -89,17 +94,12 @@ class FinetuneConfig:
         if self.layers.strip() == "all":
             return None
         try:
-            return [int(x) for x in self.layers.split(",") if x.strip()]
-        except ValueError as error:
-            raise ValueError(f"layers must be 'all' or comma-separated indices, got {self.layers!r}") from error
-
-
-def learning_rate_factor(config: FinetuneConfig, step: int) -> float:
-    """Linear warmup to 1, then a cosine down to min_lr_ratio at config.steps."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            layers = [int(x) for x in self.layers.split(",") if x.strip()]
+        except ValueError:
+            layers = []
+        if not layers or min(layers) < 0:
+            raise ValueError(f"layers must be 'all' or comma-separated indices >= 0, got {self.layers!r}")
+        return layers
 
 
 def tokenized_corpus(config: FinetuneConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

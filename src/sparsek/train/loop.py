@@ -77,11 +77,17 @@ class TrainConfig:
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warmup to config.lr, then a cosine down to min_lr_ratio * lr at config.steps."""
+    return config.lr * learning_rate_factor(config, step)
+
+
+def learning_rate_factor(config, step: int) -> float:
+    """The schedule as a factor of the peak rate: linear warmup to 1, then a cosine down to config.min_lr_ratio
+    at config.steps (config: any with warmup_steps, steps and min_lr_ratio, e.g. TrainConfig, FinetuneConfig)."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
     floor = config.min_lr_ratio
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def resolve_device(name: str, world: distributed.World) -> torch.device:
