@@ -67,7 +67,8 @@ def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_
 
 def generate(model_name: str, prompt: str, topk: int, window: int, max_new_tokens: int, sample: bool,
              device: str) -> None:
-    """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original."""
+    """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original; a
+    saved SparseK model (sparsek finetune's run/model folder) generates as it is."""
     try:
         from .integrations.hf import SparseKHFCache, cache_argument, convert
         from .integrations.pretrained import load_pretrained
@@ -79,10 +80,14 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     options = dict(max_new_tokens=max_new_tokens, do_sample=sample, top_p=0.9 if sample else None,
                    pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    text = tokenizer.decode(model.generate(ids, **options)[0, ids.shape[1]:], skip_special_tokens=True)
-    print(f"original, full attention:\n{prompt}{text}\n")
-    convert(model, topk=topk, window=window)
+    settings = getattr(model.config, "sparsek", None)
+    if settings:  # a saved SparseK model (e.g. sparsek finetune's): its own settings, no original to show
+        topk, window = settings["topk"], settings["window"]
+    else:
+        torch.manual_seed(0)
+        text = tokenizer.decode(model.generate(ids, **options)[0, ids.shape[1]:], skip_special_tokens=True)
+        print(f"original, full attention:\n{prompt}{text}\n")
+        convert(model, topk=topk, window=window)
     cache = SparseKHFCache()
     torch.manual_seed(0)
     out = model.generate(ids, **{cache_argument(model): cache}, **options)
@@ -90,7 +95,8 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
     config = model.config
     full_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * out.shape[1]
                   * (config.hidden_size // config.num_attention_heads) * model.dtype.itemsize)
-    print(f"SparseK topk={topk} window={window} (recency only until fine-tuned):\n{prompt}{text}\n")
+    trained = "saved model" if settings else "recency only until fine-tuned"
+    print(f"SparseK topk={topk} window={window} ({trained}):\n{prompt}{text}\n")
     print(f"KV cache after {out.shape[1]} tokens: SparseK {cache.kv_bytes() / 1e6:.2f} MB (constant), "
           f"a full cache {full_bytes / 1e6:.2f} MB (grows with every token)")
 

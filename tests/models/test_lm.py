@@ -93,6 +93,8 @@ def test_bad_configs_raise():
         tiny("window", budget=1)
     with pytest.raises(ValueError, match="n_heads"):
         tiny("full", n_heads=3)
+    with pytest.raises(ValueError, match="slope"):
+        tiny("sparsek_window", slope=1.0)
     with pytest.raises(ValueError, match="ids must be"):
         TransformerLM(tiny("full")).generate(torch.zeros(3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="top_k"):

@@ -41,9 +41,15 @@ def test_full_finetune_recovers_and_round_trips(tmp_path, corpus_dir, capsys):
     loss, model = reloaded_loss(config)
     assert loss == pytest.approx(summary["finetuned"]["loss"], abs=1e-5)
     assert model.config.sparsek["topk"] == 8 and model.config.sparsek["layers"] == [0, 1]
+    scorer = next(p for name, p in model.named_parameters() if "sparsek_scorer" in name)
+    assert scorer.abs().sum() > 0                                                   # the trained scorer, reloaded
     ids = torch.randint(0, 256, (2, 20))
-    out = model.generate(ids, max_new_tokens=30, do_sample=False)                  # with the SparseK cache
-    assert out.shape == (2, 50)
+    out = model.generate(ids, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 50) and type(out.past_key_values).__name__ == "SparseKHFCache"
+    from sparsek.cli import main
+    main(["generate", "--model", str(tmp_path / "run" / "model"), "--max-new-tokens", "8", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "topk=8 window=8 (saved model)" in printed and "original" not in printed
     run = tmp_path / "run"
     for name in ("loss.png", "position.png", "metrics.jsonl"):
         assert (run / name).is_file(), name
@@ -77,6 +83,7 @@ def test_full_attention_control(tmp_path, corpus_dir):
     (dict(layers="x"), "layers"), (dict(layers=","), "layers"), (dict(layers="0,-1"), "layers"),
     (dict(method="qlora"), "method"), (dict(attention="hash"), "attention"), (dict(context=0), "context"),
     (dict(gate="kvv"), "gate"), (dict(topk=0, window=0), "not both 0"), (dict(window=-1), "topk and window"),
+    (dict(slope=1.0), "no gradient"), (dict(slope=-0.1), "slope"),
 ])
 def test_bad_settings(bad, message):
     """Refused when the config is made, before a model loads (conversion would refuse them only after the

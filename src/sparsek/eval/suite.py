@@ -70,7 +70,8 @@ def load_subject(target: str, device: torch.device, data: str | None = None) -> 
         info = {"attention": config.attention, "topk": config.topk, "window": config.window, "base": config.model}
         window = config.window if config.attention == "sparsek" else None
     else:                                                                    # any transformers model
-        model, tokenizer = _transformers_model(target)
+        from ..integrations.pretrained import load_pretrained
+        model, tokenizer = load_pretrained(target)
         settings = getattr(model.config, "sparsek", None) or {}
         config, window = None, settings.get("window")
         info = {"attention": "sparsek" if settings else "original", **settings}
@@ -87,18 +88,6 @@ def load_subject(target: str, device: torch.device, data: str | None = None) -> 
         heldout = _documents(data, encode)
     return Subject(folder.name or target, model, TransformersLM(model), encode, heldout,
                    config.context if config else None, window, info)
-
-
-def _transformers_model(target: str):
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..integrations.hf import load
-    from ..integrations.pretrained import load_pretrained
-
-    folder = Path(target)
-    if (folder / "config.json").is_file() and getattr(AutoConfig.from_pretrained(folder), "sparsek", None):
-        return load(folder), AutoTokenizer.from_pretrained(folder)
-    return load_pretrained(target)
 
 
 def _documents(data: str, encode: Encode) -> list[Tensor]:

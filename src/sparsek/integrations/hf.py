@@ -312,10 +312,12 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     """Turn a transformers causal LM into SparseK attention, in place; returns the model.
 
     Each attention module of `layers` (indices as in module.layer_idx; None = all) gets a `sparsek_scorer`
-    (float32, zero weight, so the model starts from pure recency: with slope >= 1 the selection is the topk
-    newest tokens before the window). The others keep exact causal attention and, in a SparseKHFCache, a full
-    KV cache. The settings, the sorted layer indices included, go into `model.config.sparsek`, so
-    `save_pretrained` records them; reload with `sparsek.integrations.hf.load`.
+    (float32, zero weight, so the model starts from pure recency: the selection is the topk newest tokens
+    before the window). With slope >= 1 that selection is hard (mask exactly 0 or 1): fine for using the model
+    untrained, but the zero scorer then gets no gradient at all. To fine-tune, use slope < 1 (the mask then ramps
+    over about 1 / slope keys at the threshold; `sparsek finetune` uses 0.1). The other layers keep exact causal
+    attention and, in a SparseKHFCache, a full KV cache. The settings, the sorted layer indices included, go into
+    `model.config.sparsek`, so `save_pretrained` records them; reload with `sparsek.integrations.hf.load`.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or isinstance(window, bool) or not isinstance(window, int) \
             or topk < 0 or window < 0 or topk + window == 0:

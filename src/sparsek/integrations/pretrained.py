@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -90,7 +91,8 @@ def load_pretrained(
 
     Args:
         name_or_path: a short name from `PACKAGED` ("smollm2"), a path to a .gguf file, a folder that
-            from_pretrained reads (config.json and weights), or a hub name passed through unchanged.
+            from_pretrained reads (config.json and weights; a saved SparseK model comes back converted, its
+            scorers included), or a hub name passed through unchanged.
         dtype: parameter dtype. GGUF weights are de-quantized straight to it.
         device: where the model goes after loading.
         cache_dir: GGUF sources only. The first load saves the de-quantized model and tokenizer in a folder under
@@ -106,6 +108,13 @@ def load_pretrained(
     except ImportError as error:
         raise ImportError('load_pretrained needs transformers: pip install -e ".[models]"') from error
 
+    config_file = Path(name_or_path) / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("sparsek"):
+        from .hf import load  # plain from_pretrained would drop the scorers and load the model unconverted
+        with _quiet(transformers):
+            model = load(name_or_path, dtype=dtype, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        return model.to(device).eval(), tokenizer
     gguf = _gguf_location(name_or_path)
     cached = None if gguf is None or cache_dir is None else _cache_folder(Path(cache_dir), gguf, dtype, transformers)
     with _quiet(transformers):

