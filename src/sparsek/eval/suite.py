@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.corpus import ByteTokenizer, load_documents, split_documents
+from ..data.corpus import ByteTokenizer, load_documents
 from ..data.tasks import TASKS, Encode
 from .lm import TransformersLM, evaluate
 from .longrange import default_distances, evaluate_tasks
@@ -62,8 +62,10 @@ def load_subject(target: str, device: torch.device, data: str | None = None) -> 
         return Subject(folder.name, model, model, encode, heldout, config.context, window,
                        {"attention": config.attention, "budget": config.budget})
 
+    from ..train.finetune import FinetuneConfig, tokenized_corpus
+
     if state is not None and "config" in state:                              # a fine-tuning run
-        from ..train.finetune import FinetuneConfig, load_finetuned
+        from ..train.finetune import load_finetuned
 
         config = FinetuneConfig(**state["config"])
         model, tokenizer = load_finetuned(folder)
@@ -80,10 +82,8 @@ def load_subject(target: str, device: torch.device, data: str | None = None) -> 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    if data is None:
-        held = split_documents(load_documents(config.data if config else "shakespeare"),
-                               config.heldout_fraction if config else 0.1)[1]
-        heldout = [torch.tensor(encode(d.text), dtype=torch.long) for d in held]
+    if data is None:  # pretrained models: Shakespeare's held-out works, as `sparsek finetune` splits them
+        heldout = tokenized_corpus(config or FinetuneConfig(), tokenizer)[1]
     else:
         heldout = _documents(data, encode)
     return Subject(folder.name or target, model, TransformersLM(model), encode, heldout,
