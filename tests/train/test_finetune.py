@@ -50,6 +50,8 @@ def test_full_finetune_recovers_and_round_trips(tmp_path, corpus_dir, capsys):
     main(["generate", "--model", str(tmp_path / "run" / "model"), "--max-new-tokens", "8", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "topk=8 window=8 (saved model)" in printed and "original" not in printed
+    with pytest.raises(ValueError, match="already a SparseK model"):
+        finetune(settings(tmp_path, corpus_dir, model=str(tmp_path / "run" / "model")))
     run = tmp_path / "run"
     for name in ("loss.png", "position.png", "metrics.jsonl"):
         assert (run / name).is_file(), name

@@ -152,14 +152,16 @@ def finetune(config: FinetuneConfig) -> dict:
     """Convert (unless attention="full"), fine-tune, evaluate and save; returns the summary (in state.json too)."""
     from ..integrations.pretrained import load_pretrained
 
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
     device = resolve_device(config.device, distributed.World())
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     torch.manual_seed(config.seed)
     model, tokenizer = load_pretrained(config.model, device=device)
+    if getattr(model.config, "sparsek", None):
+        raise ValueError(f"{config.model} is already a SparseK model: fine-tune the original it came from")
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
     train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
     sampler = DocumentSampler(train_docs, config.context, config.batch_size, config.seed)
 
