@@ -73,6 +73,24 @@ def test_lora_on_some_layers(tmp_path, corpus_dir):
     assert not any("lora" in name for name in model.state_dict())
 
 
+def test_tasks_mixed_into_the_fine_tuning_data(tmp_path, corpus_dir, monkeypatch):
+    """With --tasks, passkey rows reach the model (seen here by decoding what the loss is computed on)."""
+    import sparsek.train.finetune as finetune_module
+    seen = []
+    mix = finetune_module.TaskMixer.__call__
+
+    def spy(self, batch, step, rank=0, world_size=1):
+        out = mix(self, batch, step, rank, world_size)
+        seen.extend(bytes(row.tolist()).decode("latin-1") for row in out)
+        return out
+
+    monkeypatch.setattr(finetune_module.TaskMixer, "__call__", spy)
+    finetune(settings(tmp_path, corpus_dir, context=160, steps=3, tasks="passkey", task_fraction=1.0))
+    assert len(seen) == 3 * 4 and all("The pass key is" in row for row in seen)
+    with pytest.raises(ValueError, match="too short"):
+        finetune(settings(tmp_path, corpus_dir, context=48, tasks="passkey", run_dir=str(tmp_path / "short")))
+
+
 def test_full_attention_control(tmp_path, corpus_dir):
     config = settings(tmp_path, corpus_dir, attention="full", steps=4)
     summary = finetune(config)
@@ -85,7 +103,8 @@ def test_full_attention_control(tmp_path, corpus_dir):
     (dict(layers="x"), "layers"), (dict(layers=","), "layers"), (dict(layers="0,-1"), "layers"),
     (dict(method="qlora"), "method"), (dict(attention="hash"), "attention"), (dict(context=0), "context"),
     (dict(gate="kvv"), "gate"), (dict(topk=0, window=0), "not both 0"), (dict(window=-1), "topk and window"),
-    (dict(slope=1.0), "no gradient"), (dict(slope=-0.1), "slope"),
+    (dict(slope=1.0), "no gradient"), (dict(slope=-0.1), "slope"), (dict(tasks="sorting"), "subset"),
+    (dict(tasks="passkey", task_fraction=0.0), "fraction"),
 ])
 def test_bad_settings(bad, message):
     """Refused when the config is made, before a model loads (conversion would refuse them only after the

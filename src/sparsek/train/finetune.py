@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import DocumentSampler, load_documents, split_documents
+from ..data.tasks import TaskMixer
 from ..eval.lm import TransformersLM, evaluate
 from ..ops.attention.interface import GATES
 from . import checkpoint, distributed
@@ -43,7 +44,9 @@ class FinetuneConfig:
     (the others keep full attention). method: "full" trains every weight, "lora" trains low-rank adapters of all
     linear layers (peft) plus the scorers. lr is the learning rate of the pretrained weights (or adapters),
     scorer_lr that of the new scorers; both warm up for warmup_steps, then follow a cosine to min_lr_ratio.
-    eval_tokens caps each held-out evaluation (0: the whole held-out split).
+    eval_tokens caps each held-out evaluation (0: the whole held-out split). tasks ("passkey", "recall" or both,
+    comma-separated) turns task_fraction of the training rows into long-range task examples written into the
+    row's own text, as for training from scratch; "" fine-tunes on the text alone.
     """
 
     model: str = "smollm2"
@@ -74,6 +77,8 @@ class FinetuneConfig:
     precision: str = "auto"
     eval_every: int = 0
     eval_tokens: int = 16384
+    tasks: str = ""
+    task_fraction: float = 0.5
     log_every: int = 10
     progress: bool = True
 
@@ -93,6 +98,11 @@ class FinetuneConfig:
         if self.topk < 0 or self.window < 0 or self.topk + self.window == 0:
             raise ValueError(f"topk and window must be >= 0, not both 0; got {self.topk}, {self.window}")
         self.layer_list()
+        if self.tasks:
+            TaskMixer(self.task_list(), self.task_fraction, lambda text: list(text.encode()))  # checks both
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
     def layer_list(self) -> list[int] | None:
         """The layers to convert, None for all."""
@@ -164,6 +174,11 @@ def finetune(config: FinetuneConfig) -> dict:
     (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
     train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
     sampler = DocumentSampler(train_docs, config.context, config.batch_size, config.seed)
+    mixer = None
+    if config.tasks:
+        mixer = TaskMixer(config.task_list(), config.task_fraction,
+                          lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
+        mixer.check_length(config.context + 1)
 
     def held_out(net) -> dict:
         return evaluate(TransformersLM(net), heldout_docs, config.context, batch_size=config.batch_size,
@@ -190,7 +205,10 @@ def finetune(config: FinetuneConfig) -> dict:
     model.train()
     started = window_start = time.perf_counter()
     for step in range(config.steps):
-        batch = sampler.batch(step).to(device)
+        batch = sampler.batch(step)
+        if mixer is not None:
+            batch = mixer(batch, step)
+        batch = batch.to(device)
         factor = learning_rate_factor(config, step)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
