@@ -128,14 +128,18 @@ class TaskMixer:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"the task fraction must lie in (0, 1], got {fraction}")
         self.tasks, self.fraction, self.encode, self.seed = tuple(tasks), fraction, encode, seed
+        self._fitting_lengths: set[int] = set()
 
     def check_length(self, length: int) -> None:
         """Refuse rows too short to hold every task's fact, question and answer."""
+        if length in self._fitting_lengths:  # checked once per length: it encodes many draws
+            return
         for task in self.tasks:
             shortest, longest = distance_range(task, length, self.encode)
             if shortest > longest:
                 raise ValueError(f"rows of {length} tokens are too short for {task} examples: a context of at "
                                  f"least {length - longest + shortest} is needed")
+        self._fitting_lengths.add(length)
 
     def __call__(self, batch: Tensor, step: int, rank: int = 0, world_size: int = 1) -> Tensor:
         """batch [b, T + 1] (rows rank::world_size of the global batch) -> the same rows, some replaced."""
