@@ -113,7 +113,9 @@ def evaluate_cli(args: argparse.Namespace) -> None:
     contexts = numbers(args.context) or ([subject.context] if subject.context else None)
     if not contexts:
         raise SystemExit(f"{args.target}: no training context known; give --context")
-    tasks = () if args.tasks == "none" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    from .data.tasks import parse_tasks
+
+    tasks = () if args.tasks == "none" else tuple(parse_tasks(args.tasks))
     out_dir = args.out_dir or (args.target if Path(args.target).is_dir() and subject.context
                                else Path("runs/eval") / subject.name)
     evaluate_subject(subject, contexts, out_dir, tasks=tasks, distances=numbers(args.distances),

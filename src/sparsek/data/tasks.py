@@ -113,6 +113,19 @@ def make_examples(task: str, documents: Sequence[Tensor], length: int, distance:
     return [make_example(task, rng.choice(long_enough), length, distance, rng, encode) for _ in range(count)]
 
 
+def parse_tasks(text: str) -> list[str]:
+    """Comma-separated task names ("passkey, recall") -> their list, spaces and empty items dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_mix(tasks: Sequence[str], fraction: float) -> None:
+    """Refuse unknown tasks and a fraction of task rows outside (0, 1] (configs check before any work)."""
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the task fraction must lie in (0, 1], got {fraction}")
+
+
 class TaskMixer:
     """Replaces a fraction of training rows with task examples built inside the row's own text.
 
@@ -123,10 +136,7 @@ class TaskMixer:
     """
 
     def __init__(self, tasks: Sequence[str], fraction: float, encode: Encode, seed: int = 0):
-        if not tasks or any(t not in TASKS for t in tasks):
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"the task fraction must lie in (0, 1], got {fraction}")
+        check_mix(tasks, fraction)
         self.tasks, self.fraction, self.encode, self.seed = tuple(tasks), fraction, encode, seed
         self._fitting_lengths: set[int] = set()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import DocumentSampler, load_documents, split_documents
-from ..data.tasks import TaskMixer
+from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
 from ..ops.attention.interface import GATES
 from . import checkpoint, distributed
@@ -99,10 +99,7 @@ class FinetuneConfig:
             raise ValueError(f"topk and window must be >= 0, not both 0; got {self.topk}, {self.window}")
         self.layer_list()
         if self.tasks:
-            TaskMixer(self.task_list(), self.task_fraction, lambda text: list(text.encode()))  # checks both
-
-    def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+            check_mix(parse_tasks(self.tasks), self.task_fraction)
 
     def layer_list(self) -> list[int] | None:
         """The layers to convert, None for all."""
@@ -176,7 +173,7 @@ def finetune(config: FinetuneConfig) -> dict:
     sampler = DocumentSampler(train_docs, config.context, config.batch_size, config.seed)
     mixer = None
     if config.tasks:
-        mixer = TaskMixer(config.task_list(), config.task_fraction,
+        mixer = TaskMixer(parse_tasks(config.tasks), config.task_fraction,
                           lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
         mixer.check_length(config.context + 1)
 

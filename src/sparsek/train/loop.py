@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import ByteTokenizer, DocumentSampler, load_documents, split_documents
-from ..data.tasks import TaskMixer
+from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import evaluate
 from ..models import LMConfig, TransformerLM
 from . import checkpoint, distributed
@@ -69,10 +69,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.tasks:
-            TaskMixer(self.task_list(), self.task_fraction, ByteTokenizer().encode)  # checks both
-
-    def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+            check_mix(parse_tasks(self.tasks), self.task_fraction)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -149,7 +146,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     sampler = DocumentSampler(train_docs, model_config.context, config.batch_size, config.seed)
     mixer = None
     if config.tasks:
-        mixer = TaskMixer(config.task_list(), config.task_fraction, ByteTokenizer().encode, config.seed)
+        mixer = TaskMixer(parse_tasks(config.tasks), config.task_fraction, ByteTokenizer().encode, config.seed)
         mixer.check_length(model_config.context + 1)
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = TransformerLM(model_config).to(device)
