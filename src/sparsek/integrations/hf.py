@@ -143,14 +143,20 @@ def _padding_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | No
     return attention_mask
 
 
-def _left_padded_lengths(mask: Tensor | None, batch: int, t_len: int) -> Tensor | None:
-    """Real tokens per row [B] from the mask's last t_len columns; None when there is no padding."""
+def _real_tokens(mask: Tensor | None, n: int) -> Tensor | None:
+    """The 2D padding mask's last n columns as bool [B, n]; None when there is no mask or no padding in them."""
     if mask is None:
         return None
     if mask.dim() != 2:
         raise ValueError(f"SparseK attention takes a 2D [B, T] padding mask, got shape {tuple(mask.shape)}")
-    mask = mask[:, -t_len:].bool()
-    if mask.all():
+    mask = mask[:, -n:].bool()
+    return None if mask.all() else mask
+
+
+def _left_padded_lengths(mask: Tensor | None, batch: int, t_len: int) -> Tensor | None:
+    """Real tokens per row [B] from the mask's last t_len columns; None when there is no padding."""
+    mask = _real_tokens(mask, t_len)
+    if mask is None:
         return None
     lengths = mask.sum(-1)
     expected = torch.arange(t_len, device=mask.device) >= (t_len - lengths)[:, None]
@@ -167,13 +173,7 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: 
     -> [B, T, Hq, D]. sliding_window (the model's own, if it has one) keeps the keys of the newest positions
     only, as transformers' masks do. Queries with no real key (left padding) give zeros, like SparseK's."""
     t_len, kv_len = query.shape[2], key.shape[2]
-    real = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            shape = tuple(attention_mask.shape)
-            raise ValueError(f"SparseK attention takes a 2D [B, T] padding mask, got shape {shape}")
-        real = attention_mask[:, -kv_len:].bool()
-        real = None if real.all() else real
+    real = _real_tokens(attention_mask, kv_len)                                 # [B, S] or None
     if real is None and sliding_window is None and t_len == kv_len:
         out = nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                          enable_gqa=True)
