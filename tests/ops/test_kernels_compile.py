@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent('''
         backward = fused.backward_tiles(head_dim)
         grads = dict(DO=x, LSE="*fp32", DELTA="*fp32")
         tiles, warps, stages = split(backward["dq"])
-        compile_kernel(attn.sparsek_bwd_dq_kernel, dict(common, **grads, DQ=x, DTAU="*fp32"),
+        compile_kernel(attn.sparsek_bwd_dq_kernel, dict(common, **grads, O=x, DQ=x, DTAU="*fp32"),
                        dict(GATE=1, DOT=dot, HEAD_DIM=head_dim, **tiles), ("scale",), warps, stages)
         tiles, warps, stages = split(backward["band"])
         compile_kernel(attn.sparsek_bwd_band_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
@@ -74,7 +74,9 @@ SCRIPT = textwrap.dedent('''
         compile_kernel(sel.prefix_descend_kernel,
                        dict(ZEROS_BEFORE="*i32", ONES_WEIGHT_BEFORE="*fp64", BREAKS="*fp64", TAU="*fp64", KTH="*i32",
                             KTH_NEXT="*i32"), dict(BLOCK=256))
-        compile_kernel(sel.block_lists_kernel, dict(SLOT="*i32", LISTS="*i32"), dict(BLOCK=128, SLOT_TILE=64))
+        compile_kernel(sel.slot_entries_kernel, dict(SLOT="*i32", START="*i32", END="*i32", LISTS="*i32"),
+                       dict(BLOCK=128, CHUNK=1024))
+        compile_kernel(sel.fill_lists_kernel, dict(LISTS="*i32"), dict(BLOCK_CHUNK=32, SLOT_TILE=64))
 ''')
 
 

@@ -41,5 +41,5 @@ def test_triton_selection_matches_pytorch(t_len, topk, window, kind):
     finite = torch.isfinite(tau_ref)
     torch.testing.assert_close(tau[finite], tau_ref[finite], atol=1e-9, rtol=1e-9)
     for block in (1, 4, 16):
-        lists = block_key_lists_triton(start, end, topk, block, window)
+        lists = block_key_lists_triton(start, end, topk, block)
         assert torch.equal(lists, block_key_lists(start_ref, end_ref, topk, block))

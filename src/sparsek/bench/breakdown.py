@@ -38,10 +38,10 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     row["fwd kernel"] = ms(lambda: fused.fused_forward(q, k, v, u, tau, start, end, lists, window, "kv", scale))
     out, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, window, "kv", scale)
     grad_out = torch.randn_like(q)
-    delta = fused._rows((grad_out.float() * out.float()).sum(-1))
+    delta = torch.empty(heads, t_len, device="cuda")               # written by the dq pass
     tiles = fused.backward_tiles(head_dim)
     block_m = tiles["dq"]["BLOCK_M"]
-    bwd_lists = block_key_lists_triton(start, end, topk, block_m, window)
+    bwd_lists = block_key_lists_triton(start, end, topk, block_m)
     n_blocks, n_slots = bwd_lists.shape[1], bwd_lists.shape[2]
     dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
     dk = torch.zeros(k.shape, device="cuda")
@@ -49,7 +49,7 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     strides = fused._strides(q, k, v, grad_out)
     common = dict(GATE=0, DOT="tf32", HEAD_DIM=head_dim)
     row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_blocks, heads)](
-        q, k, v, u, tau, start, end, bwd_lists, grad_out, lse, delta, dq, dtau, *strides,
+        q, k, v, u, tau, start, end, bwd_lists, grad_out, out, lse, delta, dq, dtau, *strides,
         t_len, n_slots, n_blocks, window, heads, 1, scale, **common, **tiles["dq"]))
     row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
         (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), heads)](
@@ -59,7 +59,7 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, heads, 1)](
         q, k, v, u, tau, end, bwd_lists, grad_out, lse, delta, dk, dv, du, *strides,
         t_len, n_slots, n_blocks, n_blocks, heads, 1, scale, ATOMIC=False, **common, **tiles["list"]))
-    row["bwd list rebuild"] = ms(lambda: fused.backward_lists((start, end), (topk, block_m, window)))
+    row["bwd list rebuild"] = ms(lambda: fused.backward_lists((start, end), (topk, block_m)))
     row["threshold bwd"] = ms(lambda: threshold_backward(u.double(), tau.double(), window, dtau.double()))
     return row
 

@@ -50,8 +50,8 @@ def select_on_device(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor,
     return select_rows_triton(u, topk, window) if u.is_cuda else select_rows(u, topk, window)
 
 
-def block_lists_on_device(start: Tensor, end: Tensor, topk: int, block: int, window: int) -> Tensor:
-    return block_key_lists_triton(start, end, topk, block, window) if start.is_cuda else \
+def block_lists_on_device(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
+    return block_key_lists_triton(start, end, topk, block) if start.is_cuda else \
         block_key_lists(start.long(), end.long(), topk, block)
 
 
@@ -59,11 +59,11 @@ def _forward_selection(u: Tensor, topk: int, window: int, block: int) -> tuple[T
     """u [R, T] -> tau (float32), start, end (int32) [R, T] and the block key lists [R, NB, K]."""
     tau, start, end = select_on_device(u, topk, window)
     start, end = start.int(), end.int()
-    return tau.float(), start, end, block_lists_on_device(start, end, topk, block, window)
+    return tau.float(), start, end, block_lists_on_device(start, end, topk, block)
 
 
-def _backward_lists(start: Tensor, end: Tensor, topk: int, block: int, window: int) -> tuple[Tensor]:
-    return (block_lists_on_device(start, end, topk, block, window),)
+def _backward_lists(start: Tensor, end: Tensor, topk: int, block: int) -> tuple[Tensor]:
+    return (block_lists_on_device(start, end, topk, block),)
 
 
 def _threshold_backward(u: Tensor, tau: Tensor, grad_tau: Tensor, window: int) -> tuple[Tensor]:
@@ -131,14 +131,16 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     group = n_q_heads // n_kv_heads
     tiles = backward_tiles(head_dim)
     block_m = tiles["dq"]["BLOCK_M"]
-    (lists,) = backward_lists((start, end), (topk, block_m, window))
+    (lists,) = backward_lists((start, end), (topk, block_m))
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    delta = _rows((do.float() * o.float()).sum(-1))                       # [B * Hq, T]
+    if o.stride() != do.stride():                                         # the dq pass reads both with one set
+        o = o.contiguous()
 
     dq = _empty(q.shape, q.dtype, q.device)
     dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
+    delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)  # written by the dq pass
     kernels.sparsek_bwd_dq_kernel[(n_blocks, batch * n_q_heads)](
-        q, k, v, u, tau, start, end, lists, do, lse, delta, dq, dtau, *_strides(q, k, v, do),
+        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles["dq"])
 

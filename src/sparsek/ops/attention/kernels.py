@@ -13,7 +13,8 @@ The keys of query block [i0, i0 + BLOCK_M) are visited in two phases that never 
 The mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window) is computed on the fly; nothing of size T x T or
 T x topk per query exists. Softmax runs in base 2 (lse in log2 units).
 
-Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases; dk, dv
+Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases (which
+also writes delta = rowsum(dO * O) for the other two); dk, dv
 and the direct score gradient du from two key-major passes: the band pass walks each key tile over the query
 blocks whose band contains it, the list pass walks each tile of slots through the blocks, adding a slot's sums
 to its key's rows when the key changes (each key lives in one slot for one run of blocks; the adds are atomic
@@ -174,13 +175,14 @@ def sparsek_fwd_kernel(
 
 @triton.jit
 def sparsek_bwd_dq_kernel(
-    Q, K, V, U, TAU, START, END, LISTS, DO, LSE, DELTA, DQ, DTAU,
+    Q, K, V, U, TAU, START, END, LISTS, DO, O, LSE, DELTA, DQ, DTAU,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """dq [B, T, Hq, D] (strides of do) and dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j."""
+    """dq [B, T, Hq, D] (strides of do), dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j, and
+    delta [B * Hq, T] = rowsum(dO * O) (o has the strides of do), which the other two passes read."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
@@ -188,8 +190,10 @@ def sparsek_bwd_dq_kernel(
         stride_vh, T, H_Q, GROUP, BLOCK_M, HEAD_DIM)
     do_offs = b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     do = tl.load(DO + do_offs, mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + do_offs, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dtau = tl.zeros([BLOCK_M], dtype=tl.float32)

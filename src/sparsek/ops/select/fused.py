@@ -118,16 +118,20 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     return tau_query, start, end.clamp(max=t_len)
 
 
-def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int, window: int) -> Tensor:
-    """Triton twin of `blocks.block_key_lists` (start_j must be j + window): -> [R, NB, K] int32."""
+def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
+    """Triton twin of `blocks.block_key_lists`: start, end [R, T] -> [R, NB, K] int32."""
     rows, t_len = start.shape
     n_blocks = triton.cdiv(t_len, block)
     n_slots = max(1, min(topk, t_len))
-    lists = torch.empty(rows, n_blocks, n_slots, dtype=torch.int32, device=start.device)
+    lists = torch.full((rows, n_blocks, n_slots), -1, dtype=torch.int32, device=start.device)
     if topk == 0 or t_len == 0:
-        return lists.fill_(-1)
+        return lists
     slot = selection_slots(start.long(), end.long(), topk).int().contiguous()
-    slot_tile = 16 if interpreting() else 64
-    kernels.block_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
-        slot, lists, t_len, n_blocks, n_slots, window, BLOCK=block, SLOT_TILE=slot_tile)
+    chunk = 64 if interpreting() else 1024
+    kernels.slot_entries_kernel[(rows, triton.cdiv(t_len, chunk))](
+        slot, start.int().contiguous(), end.int().contiguous(), lists, t_len, n_blocks, n_slots, BLOCK=block,
+        CHUNK=chunk)
+    slot_tile, block_chunk = (16, 4) if interpreting() else (64, 32)
+    kernels.fill_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
+        lists, n_blocks, n_slots, BLOCK_CHUNK=block_chunk, SLOT_TILE=slot_tile)
     return lists

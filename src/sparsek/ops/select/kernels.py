@@ -10,8 +10,8 @@ The algorithm is the one of prefix.py (read it first); here it is split for a GP
     so the descent needs no state in memory between levels.
   * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
     p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
-  * block_lists_kernel writes each query block's slot array (see blocks.py) by walking the blocks in order:
-    a slot's occupant at block b is the newest key given that slot whose start is at or before b's first query.
+  * slot_entries_kernel and fill_lists_kernel write each query block's slot array (see blocks.py): every key
+    marks the first block it is present in, then a running maximum down the blocks fills the rest.
 """
 
 from __future__ import annotations
@@ -170,18 +170,43 @@ def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KT
 
 
 @triton.jit
-def block_lists_kernel(SLOT, LISTS, T, N_BLOCKS, N_SLOTS, WINDOW, BLOCK: tl.constexpr, SLOT_TILE: tl.constexpr):
-    """LISTS [R, NB, K]: the key in each slot at the first query of each block (-1 if none yet)."""
+def slot_entries_kernel(SLOT, START, END, LISTS, T, N_BLOCKS, N_SLOTS, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Every key present at some block's first query writes itself into LISTS [R, NB, K] at its slot and the
+    first such block (its start rounded up to a block; it stays until its end). No two keys meet there: a
+    slot holds one key at any query."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = row.to(tl.int64) * T
+    slot = tl.load(SLOT + base + offs, mask=inside, other=-1)
+    start = tl.load(START + base + offs, mask=inside, other=0)
+    end = tl.load(END + base + offs, mask=inside, other=0)
+    first = (start + BLOCK - 1) // BLOCK
+    present = inside & (slot >= 0) & (end > start) & (first * BLOCK < end)
+    dest = (row.to(tl.int64) * N_BLOCKS + first) * N_SLOTS + slot
+    tl.store(LISTS + dest, offs, mask=present)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def fill_lists_kernel(LISTS, N_BLOCKS, N_SLOTS, BLOCK_CHUNK: tl.constexpr, SLOT_TILE: tl.constexpr):
+    """Completes LISTS after slot_entries_kernel (-1 elsewhere): a slot's occupant at block b is the newest key
+    written at or before b, since a slot's later occupants are newer keys (a key enters when it becomes the
+    newest candidate). So the lists are a running maximum down the blocks, taken a chunk of blocks at a time."""
     row = tl.program_id(0)
     offs_s = tl.program_id(1) * SLOT_TILE + tl.arange(0, SLOT_TILE)
-    held = tl.full([SLOT_TILE], -1, dtype=tl.int32)
-    slot_row = SLOT + row.to(tl.int64) * T
+    slot_ok = offs_s < N_SLOTS
     list_row = LISTS + row.to(tl.int64) * N_BLOCKS * N_SLOTS
-    for blk in range(N_BLOCKS):
-        # Keys whose start j + WINDOW falls in (i0 - BLOCK, i0]: the only ones that can change a slot.
-        offs_j = blk * BLOCK - BLOCK + 1 - WINDOW + tl.arange(0, BLOCK)
-        slot = tl.load(slot_row + offs_j, mask=(offs_j >= 0) & (offs_j < T), other=-1)
-        match = slot[:, None] == offs_s[None, :]
-        newest = tl.max(tl.where(match, offs_j[:, None], -1), 0)
-        held = tl.where(newest >= 0, newest, held)
-        tl.store(list_row + blk * N_SLOTS + offs_s, held, mask=offs_s < N_SLOTS)
+    carry = tl.full([SLOT_TILE], -1, dtype=tl.int32)
+    for b0 in range(0, N_BLOCKS, BLOCK_CHUNK):
+        offs_b = b0 + tl.arange(0, BLOCK_CHUNK)
+        offs = offs_b[:, None].to(tl.int64) * N_SLOTS + offs_s[None, :]
+        ok = (offs_b[:, None] < N_BLOCKS) & slot_ok[None, :]
+        keys = tl.maximum(tl.load(list_row + offs, mask=ok, other=-1), carry[None, :])
+        keys = tl.associative_scan(keys, 0, _max_combine)
+        tl.store(list_row + offs, keys, mask=ok)
+        carry = tl.max(keys, 0)
