@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent('''
         backward = fused.backward_tiles(head_dim)
         grads = dict(DO=x, LSE="*fp32", DELTA="*fp32")
         tiles, warps, stages = split(backward["dq"])
-        compile_kernel(attn.sparsek_bwd_dq_kernel, dict(common, **grads, O=x, DQ=x, DTAU="*fp32"),
+        compile_kernel(attn.sparsek_bwd_dq_kernel, dict(common, **grads, OUT=x, DQ=x, DTAU="*fp32"),
                        dict(GATE=1, DOT=dot, HEAD_DIM=head_dim, **tiles), ("scale",), warps, stages)
         tiles, warps, stages = split(backward["band"])
         compile_kernel(attn.sparsek_bwd_band_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),

@@ -1,11 +1,13 @@
 """`sparsek finetune` end to end on a tiny random transformers model: full and LoRA, all or some layers.
 
 What must hold: fine-tuning lowers the held-out loss, the saved folder reloads as a transformers model with its
-SparseK settings and gives back the loss measured before saving, and a LoRA run trains few weights.
+SparseK settings and gives back the loss measured before saving, a LoRA run trains few weights, and a run stopped
+after a checkpoint and resumed ends exactly where the uninterrupted run does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -104,7 +106,7 @@ def test_full_attention_control(tmp_path, corpus_dir):
     (dict(method="qlora"), "method"), (dict(attention="hash"), "attention"), (dict(context=0), "context"),
     (dict(gate="kvv"), "gate"), (dict(topk=0, window=0), "not both 0"), (dict(window=-1), "topk and window"),
     (dict(slope=1.0), "no gradient"), (dict(slope=-0.1), "slope"), (dict(tasks="sorting"), "subset"),
-    (dict(tasks="passkey", task_fraction=0.0), "fraction"),
+    (dict(tasks="passkey", task_fraction=0.0), "fraction"), (dict(save_every=-1), "save_every"),
 ])
 def test_bad_settings(bad, message):
     """Refused when the config is made, before a model loads (conversion would refuse them only after the
@@ -119,3 +121,41 @@ def test_gradient_checkpointing_changes_nothing(tmp_path, corpus_dir):
                                      gradient_checkpointing=True))
     assert checkpointed["finetuned"]["loss"] == pytest.approx(plain["finetuned"]["loss"], abs=1e-6)
     assert checkpointed["finetuned"]["loss"] != plain["converted"]["loss"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, corpus_dir, monkeypatch, method):
+    if method == "lora":
+        pytest.importorskip("peft")
+    extra = dict(method=method, lr=1e-2) if method == "lora" else {}
+    whole = settings(tmp_path, corpus_dir, steps=6, save_every=2, run_dir=str(tmp_path / "whole"), **extra)
+    expected = finetune(whole)
+    assert not (tmp_path / "whole" / "checkpoint").exists()                        # removed once finished
+
+    from sparsek.data.corpus import DocumentSampler
+    batch = DocumentSampler.batch
+
+    def stop_at_step_5(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return batch(self, step)
+
+    parts = dataclasses.replace(whole, run_dir=str(tmp_path / "parts"))
+    monkeypatch.setattr(DocumentSampler, "batch", stop_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(parts)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())["step"] == 4
+    with pytest.raises(ValueError, match="other settings .*topk"):
+        finetune(dataclasses.replace(parts, resume=True, topk=4))
+    resumed = finetune(dataclasses.replace(parts, resume=True))
+
+    assert resumed["finetuned"]["loss"] == pytest.approx(expected["finetuned"]["loss"], abs=1e-6)
+    assert resumed["converted"] == expected["converted"]                      # carried over, not re-measured
+    a, b = (dict(load_finetuned(run)[0].named_parameters()) for run in (whole.run_dir, parts.run_dir))
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [4, 6]                                                    # log_every=4: no step twice
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        finetune(dataclasses.replace(parts, resume=True))

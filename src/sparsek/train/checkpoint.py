@@ -22,12 +22,14 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, METRICS_FILE = (
     "model.safetensors", "optimizer.safetensors", "state.json", "metrics.jsonl")
 
 
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict) -> None:
-    """Write model, optimizer and `state` (JSON-serialisable) into run_dir."""
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """Write model (its state_dict, or the given named tensors), optimizer and `state` (JSON-serialisable)
+    into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    named = model if isinstance(model, dict) else model.state_dict()
+    tensors = {name: t.detach().contiguous().cpu() for name, t in named.items()}
     _atomic(run_dir / MODEL_FILE, lambda path: save_file(tensors, path))
     state = dict(state)
     if optimizer is not None:
@@ -52,10 +54,14 @@ def load_state(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def load_tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors, by name (on the CPU)."""
+    return load_file(Path(run_dir) / MODEL_FILE)
+
+
 def load_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
     """Load model.safetensors into `model` (strict: every tensor must match)."""
-    tensors = load_file(Path(run_dir) / MODEL_FILE)
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(load_tensors(run_dir), strict=True)
 
 
 def load_optimizer(run_dir: str | Path, optimizer: torch.optim.Optimizer, state: dict) -> None:

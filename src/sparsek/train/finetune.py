@@ -9,6 +9,9 @@ The run folder ends up holding
     state.json      the configuration and the summary: held-out perplexity of the original model, of the converted
                     one before fine-tuning and after it
     metrics.jsonl, loss.png, position.png
+    checkpoint/     with save_every: the trainable weights, optimizer and step of the last mid-run checkpoint;
+                    `resume=True` (`sparsek finetune --resume ...`) continues from it exactly. Removed when the
+                    run finishes.
 
 attention="full" fine-tunes the original model the same way without converting it: the control that tells how
 much of the gain is the corpus rather than the attention.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +50,9 @@ class FinetuneConfig:
     scorer_lr that of the new scorers; both warm up for warmup_steps, then follow a cosine to min_lr_ratio.
     eval_tokens caps each held-out evaluation (0: the whole held-out split). tasks ("passkey", "recall" or both,
     comma-separated) turns task_fraction of the training rows into long-range task examples written into the
-    row's own text, as for training from scratch; "" fine-tunes on the text alone.
+    row's own text, as for training from scratch; "" fine-tunes on the text alone. save_every writes a
+    checkpoint every that many steps (0: none); resume continues the run in run_dir from it, with the same
+    settings apart from RESUMABLE ones.
     """
 
     model: str = "smollm2"
@@ -81,6 +87,8 @@ class FinetuneConfig:
     task_fraction: float = 0.5
     log_every: int = 10
     progress: bool = True
+    save_every: int = 0
+    resume: bool = False
 
     def __post_init__(self):
         # Checked here, not when converting: that comes after the model has loaded and been evaluated.
@@ -92,6 +100,8 @@ class FinetuneConfig:
         for name in ("context", "batch_size", "steps", "log_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.attention == "sparsek" and not 0 <= self.slope < 1:
             raise ValueError(f"slope must lie in [0, 1) for the scorers to learn (with slope >= 1 a zero scorer's "
                              f"mask is exactly 0 or 1 and gets no gradient), got {self.slope}")
@@ -112,6 +122,47 @@ class FinetuneConfig:
         if not layers or min(layers) < 0:
             raise ValueError(f"layers must be 'all' or comma-separated indices >= 0, got {self.layers!r}")
         return layers
+
+
+# Settings a resumed run may change; the rest must match its checkpoint. (A different `steps` stretches the
+# cosine from the checkpoint on, as for training from scratch.)
+RESUMABLE = ("steps", "eval_every", "log_every", "progress", "device", "save_every", "resume")
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _save_progress(run_dir: Path, model, optimizer, state: dict) -> None:
+    """A mid-run checkpoint: only the trainable tensors (the frozen ones come back from the original model)."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint.save_checkpoint(run_dir / CHECKPOINT_DIR, trainable, optimizer, state)
+
+
+def _saved_progress(run_dir: Path, config: FinetuneConfig) -> dict:
+    """The state of run_dir's checkpoint, after checking that config may continue it."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not (folder / checkpoint.STATE_FILE).is_file():
+        raise FileNotFoundError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/ (run with save_every > 0)")
+    state = checkpoint.load_state(folder)
+    changed = [name for name, value in state["config"].items()
+               if name not in RESUMABLE and getattr(config, name) != value]
+    if changed:
+        raise ValueError(f"{run_dir} was fine-tuned with other settings ({', '.join(changed)}); use a new run_dir")
+    if state["step"] >= config.steps:
+        raise ValueError(f"the checkpoint in {run_dir} is at step {state['step']}, not before steps={config.steps}")
+    return state
+
+
+def _restore_progress(run_dir: Path, model, optimizer, state: dict) -> None:
+    folder = run_dir / CHECKPOINT_DIR
+    tensors = checkpoint.load_tensors(folder)
+    params = dict(model.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    if set(tensors) != trainable:
+        raise ValueError(f"{folder} does not hold this model's trainable weights: "
+                         f"{sorted(set(tensors) ^ trainable)[:4]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    checkpoint.load_optimizer(folder, optimizer, state)
 
 
 def tokenized_corpus(config: FinetuneConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -167,8 +218,11 @@ def finetune(config: FinetuneConfig) -> dict:
     if getattr(model.config, "sparsek", None):
         raise ValueError(f"{config.model} is already a SparseK model: fine-tune the original it came from")
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+    saved = _saved_progress(run_dir, config) if config.resume else None
+    if saved is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
     sampler = DocumentSampler(train_docs, config.context, config.batch_size, config.seed)
     mixer = None
@@ -181,10 +235,11 @@ def finetune(config: FinetuneConfig) -> dict:
         return evaluate(TransformersLM(net), heldout_docs, config.context, batch_size=config.batch_size,
                         max_tokens=config.eval_tokens, autocast_dtype=autocast_dtype, progress=config.progress)
 
-    summary = {"original": held_out(model)}
+    summary = saved["summary"] if saved else {"original": held_out(model)}
     if config.attention == "sparsek":
         model = _convert(model, config)
-        summary["converted"] = held_out(model)
+        if saved is None:
+            summary["converted"] = held_out(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -193,15 +248,21 @@ def finetune(config: FinetuneConfig) -> dict:
     optimizer = _optimizer(model, config)
     state = {"config": dataclasses.asdict(config), "tokens": 0,
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    checkpoint.append_metrics(run_dir, {"step": 0, "tokens": 0, "eval_loss": summary.get("converted",
-                                                                                         summary["original"])["loss"]})
+    first_step = 0
+    if saved:
+        _restore_progress(run_dir, model, optimizer, saved)
+        first_step, state["tokens"] = saved["step"], saved["tokens"]
+        checkpoint.truncate_metrics(run_dir, first_step)
+    else:
+        checkpoint.append_metrics(run_dir, {"step": 0, "tokens": 0,
+                                            "eval_loss": summary.get("converted", summary["original"])["loss"]})
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, desc=f"finetune {config.attention}", unit="step")
+        bar = tqdm(total=config.steps, initial=first_step, desc=f"finetune {config.attention}", unit="step")
     model.train()
     started = window_start = time.perf_counter()
-    for step in range(config.steps):
+    for step in range(first_step, config.steps):
         batch = sampler.batch(step)
         if mixer is not None:
             batch = mixer(batch, step)
@@ -236,6 +297,8 @@ def finetune(config: FinetuneConfig) -> dict:
             checkpoint.append_metrics(run_dir, {"step": step + 1, "tokens": state["tokens"],
                                                 "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
             model.train()
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            _save_progress(run_dir, model, optimizer, dict(state, step=step + 1, summary=summary))
     if bar is not None:
         bar.close()
     state["train_seconds"] = time.perf_counter() - started
@@ -253,6 +316,7 @@ def finetune(config: FinetuneConfig) -> dict:
     state["summary"] = {name: {k: v for k, v in r.items() if k != "loss_by_position"} for name, r in summary.items()}
     state["summary"]["loss_by_position"] = final["loss_by_position"]
     checkpoint.save_state(run_dir, state)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     _report(config, state["summary"])
     try:
         from ..eval.plots import plot_run

@@ -175,14 +175,15 @@ def sparsek_fwd_kernel(
 
 @triton.jit
 def sparsek_bwd_dq_kernel(
-    Q, K, V, U, TAU, START, END, LISTS, DO, O, LSE, DELTA, DQ, DTAU,
+    Q, K, V, U, TAU, START, END, LISTS, DO, OUT, LSE, DELTA, DQ, DTAU,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """dq [B, T, Hq, D] (strides of do), dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j, and
-    delta [B * Hq, T] = rowsum(dO * O) (o has the strides of do), which the other two passes read."""
+    delta [B * Hq, T] = rowsum(dO * O), which the other two passes read (OUT, the forward's output, has the
+    strides of do)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
@@ -190,7 +191,7 @@ def sparsek_bwd_dq_kernel(
         stride_vh, T, H_Q, GROUP, BLOCK_M, HEAD_DIM)
     do_offs = b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     do = tl.load(DO + do_offs, mask=row_ok[:, None], other=0.0)
-    o = tl.load(O + do_offs, mask=row_ok[:, None], other=0.0)
+    o = tl.load(OUT + do_offs, mask=row_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=row_ok)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
