@@ -133,7 +133,7 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     block_m = tiles["dq"]["BLOCK_M"]
     (lists,) = backward_lists((start, end), (topk, block_m))
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    if o.stride() != do.stride():                                         # the dq pass reads both with one set
+    if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
         o = o.contiguous()
 
     dq = _empty(q.shape, q.dtype, q.device)

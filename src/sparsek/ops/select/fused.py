@@ -119,7 +119,8 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
 
 
 def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
-    """Triton twin of `blocks.block_key_lists`: start, end [R, T] -> [R, NB, K] int32."""
+    """Triton twin of `blocks.block_key_lists`: start, end [R, T] from the selection (start_j = j + window, so a
+    slot's later occupants are newer keys, which fill_lists_kernel relies on) -> [R, NB, K] int32."""
     rows, t_len = start.shape
     n_blocks = triton.cdiv(t_len, block)
     n_slots = max(1, min(topk, t_len))
