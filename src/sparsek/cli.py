@@ -144,23 +144,39 @@ def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
     return cls(**{**values, **overrides})
 
 
+def saved_with_given(cls, saved: dict, args: argparse.Namespace, argv: list[str]):
+    """A config saved in a checkpoint, with only the options given on this command line changed (the run then
+    refuses changes that a resumed run cannot take)."""
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given |= {name.removeprefix("no_") for name in given}
+    changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in given}
+    return cls(**{**saved, **changed})
+
+
 def resumed_configs(args: argparse.Namespace, argv: list[str]):
-    """`sparsek train --run-dir R ...` on a folder with a checkpoint: its saved configs, with only the options
-    given on this command line changed (train() then refuses changes that a resumed run cannot take)."""
+    """`sparsek train --run-dir R ...` on a folder with a checkpoint: its saved configs, changed by the options
+    given on this command line."""
     from .models import LMConfig
     from .train import TrainConfig
     from .train.checkpoint import STATE_FILE, load_state
 
     if not (Path(args.run_dir) / STATE_FILE).is_file():
         return dataclass_from_args(TrainConfig, args), dataclass_from_args(LMConfig, args)
-    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    given |= {name.removeprefix("no_") for name in given}
     state = load_state(args.run_dir)
-    configs = []
-    for cls, saved in ((TrainConfig, state["train"]), (LMConfig, state["model"])):
-        changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name in given}
-        configs.append(cls(**{**saved, **changed}))
-    return tuple(configs)
+    return (saved_with_given(TrainConfig, state["train"], args, argv),
+            saved_with_given(LMConfig, state["model"], args, argv))
+
+
+def finetune_config(args: argparse.Namespace, argv: list[str]):
+    """`sparsek finetune --run-dir R --resume`: the settings saved in R's checkpoint, changed by the options given
+    on this command line; otherwise the command line's."""
+    from .train.checkpoint import STATE_FILE, load_state
+    from .train.finetune import CHECKPOINT_DIR, FinetuneConfig
+
+    saved = Path(args.run_dir) / CHECKPOINT_DIR
+    if args.resume and (saved / STATE_FILE).is_file():
+        return saved_with_given(FinetuneConfig, load_state(saved)["config"], args, argv)
+    return dataclass_from_args(FinetuneConfig, args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--device", default="auto")
     p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if args.command == "train":
         from .train import train
-        summary = train(*resumed_configs(args, sys.argv[1:] if argv is None else argv))
+        summary = train(*resumed_configs(args, argv))
         print(json.dumps({k: v for k, v in summary.items() if k != "loss_by_position"}, indent=1))
     elif args.command == "compare":
         from .train.compare import compare
@@ -232,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 dataclass_from_args(LMConfig, args, attention="full"), args.out_dir, sample_tokens=args.sample_tokens)
     elif args.command == "finetune":
         from .train.finetune import finetune
-        finetune(dataclass_from_args(FinetuneConfig, args))
+        finetune(finetune_config(args, argv))
     elif args.command == "eval":
         evaluate_cli(args)
     if args.command == "generate":

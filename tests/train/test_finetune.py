@@ -148,7 +148,12 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, corpus_d
     assert json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())["step"] == 4
     with pytest.raises(ValueError, match="other settings .*topk"):
         finetune(dataclasses.replace(parts, resume=True, topk=4))
-    resumed = finetune(dataclasses.replace(parts, resume=True))
+    if method == "full":  # the command line: the saved settings, only --resume given
+        from sparsek.cli import main
+        main(["finetune", "--run-dir", parts.run_dir, "--resume"])
+        resumed = json.loads((tmp_path / "parts" / "state.json").read_text())["summary"]
+    else:
+        resumed = finetune(dataclasses.replace(parts, resume=True))
 
     assert resumed["finetuned"]["loss"] == pytest.approx(expected["finetuned"]["loss"], abs=1e-6)
     assert resumed["converted"] == expected["converted"]                      # carried over, not re-measured

@@ -9,9 +9,9 @@ The run folder ends up holding
     state.json      the configuration and the summary: held-out perplexity of the original model, of the converted
                     one before fine-tuning and after it
     metrics.jsonl, loss.png, position.png
-    checkpoint/     with save_every: the trainable weights, optimizer and step of the last mid-run checkpoint;
-                    `resume=True` (`sparsek finetune --resume ...`) continues from it exactly. Removed when the
-                    run finishes.
+    checkpoint/     with save_every: the trainable weights, optimizer, step and settings of the last mid-run
+                    checkpoint; `resume=True` (`sparsek finetune --run-dir R --resume`, which takes the saved
+                    settings) continues from it exactly. Removed when the run finishes.
 
 attention="full" fine-tunes the original model the same way without converting it: the control that tells how
 much of the gain is the corpus rather than the attention.
