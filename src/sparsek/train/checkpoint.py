@@ -11,6 +11,7 @@ Each file is written to a temporary name and renamed, so a run stopped mid-save 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,13 @@ def load_state(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint in {run_dir} (missing {STATE_FILE})")
     return json.loads(path.read_text())
+
+
+def changed_settings(saved, config, resumable: tuple[str, ...]) -> list[str]:
+    """Names of the fields where config (a dataclass) differs from saved (the same class, from a checkpoint),
+    the `resumable` ones aside: what a resumed run must refuse."""
+    return [f.name for f in dataclasses.fields(config)
+            if f.name not in resumable and getattr(saved, f.name) != getattr(config, f.name)]
 
 
 def load_tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:

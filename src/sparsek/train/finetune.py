@@ -142,8 +142,7 @@ def _saved_progress(run_dir: Path, config: FinetuneConfig) -> dict:
     if not (folder / checkpoint.STATE_FILE).is_file():
         raise FileNotFoundError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/ (run with save_every > 0)")
     state = checkpoint.load_state(folder)
-    changed = [name for name, value in state["config"].items()
-               if name not in RESUMABLE and getattr(config, name) != value]
+    changed = checkpoint.changed_settings(FinetuneConfig(**state["config"]), config, RESUMABLE)
     if changed:
         raise ValueError(f"{run_dir} was fine-tuned with other settings ({', '.join(changed)}); use a new run_dir")
     if state["step"] >= config.steps:

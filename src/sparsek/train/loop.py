@@ -129,9 +129,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     if resume and (run_dir / checkpoint.STATE_FILE).is_file():
         state = checkpoint.load_state(run_dir)
-        saved = TrainConfig(**state["train"])
-        changed = [f.name for f in dataclasses.fields(TrainConfig)
-                   if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(config, f.name)]
+        changed = checkpoint.changed_settings(TrainConfig(**state["train"]), config, RESUMABLE)
         if changed:
             raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}); use a new run_dir")
         saved_model = LMConfig(**state["model"])
