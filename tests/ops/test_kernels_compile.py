@@ -55,12 +55,15 @@ SCRIPT = textwrap.dedent('''
     if dtype == "bf16":
         backward = fused.backward_tiles(head_dim)
         grads = dict(DO=x, LSE="*fp32", DELTA="*fp32")
+        list_block = backward["list"]["BLOCK_M"]
         tiles, warps, stages = split(backward["dq"])
         compile_kernel(attn.sparsek_bwd_dq_kernel, dict(common, **grads, OUT=x, DQ=x, DTAU="*fp32"),
-                       dict(GATE=1, DOT=dot, HEAD_DIM=head_dim, **tiles), ("scale",), warps, stages)
+                       dict(GATE=1, DOT=dot, HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles), ("scale",), warps,
+                       stages)
         tiles, warps, stages = split(backward["band"])
         compile_kernel(attn.sparsek_bwd_band_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
-                       dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, **tiles), ("scale",), warps, stages)
+                       dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles), ("scale",), warps,
+                       stages)
         tiles, warps, stages = split(backward["list"])
         compile_kernel(attn.sparsek_bwd_list_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
                        dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, **tiles), ("scale",), warps, stages)

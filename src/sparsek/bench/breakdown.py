@@ -40,26 +40,27 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     grad_out = torch.randn_like(q)
     delta = torch.empty(heads, t_len, device="cuda")               # written by the dq pass
     tiles = fused.backward_tiles(head_dim)
-    block_m = tiles["dq"]["BLOCK_M"]
-    bwd_lists = block_key_lists_triton(start, end, topk, block_m)
+    list_block = tiles["list"]["BLOCK_M"]
+    bwd_lists = block_key_lists_triton(start, end, topk, list_block)
     n_blocks, n_slots = bwd_lists.shape[1], bwd_lists.shape[2]
+    n_tiles = triton.cdiv(t_len, tiles["dq"]["BLOCK_M"])          # query tiles of the dq and band passes
     dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
     dk = torch.zeros(k.shape, device="cuda")
     dv, du = torch.zeros_like(dk), torch.zeros(heads, t_len, device="cuda")
     strides = fused._strides(q, k, v, grad_out)
     common = dict(GATE=0, DOT="tf32", HEAD_DIM=head_dim)
-    row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_blocks, heads)](
+    row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_tiles, heads)](
         q, k, v, u, tau, start, end, bwd_lists, grad_out, out, lse, delta, dq, dtau, *strides,
-        t_len, n_slots, n_blocks, window, heads, 1, scale, **common, **tiles["dq"]))
+        t_len, n_slots, n_blocks, window, heads, 1, scale, **common, LIST_BLOCK=list_block, **tiles["dq"]))
     row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
         (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), heads)](
         q, k, v, u, tau, start, end, grad_out, lse, delta, dk, dv, du, *strides,
-        t_len, n_blocks, window, heads, 1, scale, **common, **tiles["band"]))
+        t_len, n_tiles, window, heads, 1, scale, **common, LIST_BLOCK=list_block, **tiles["band"]))
     slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
     row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, heads, 1)](
         q, k, v, u, tau, end, bwd_lists, grad_out, lse, delta, dk, dv, du, *strides,
         t_len, n_slots, n_blocks, n_blocks, heads, 1, scale, ATOMIC=False, **common, **tiles["list"]))
-    row["bwd list rebuild"] = ms(lambda: fused.backward_lists((start, end), (topk, block_m)))
+    row["bwd list rebuild"] = ms(lambda: fused.backward_lists((start, end), (topk, list_block)))
     row["threshold bwd"] = ms(lambda: threshold_backward(u.double(), tau.double(), window, dtau.double()))
     return row
 

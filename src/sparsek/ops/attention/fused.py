@@ -85,13 +85,15 @@ def forward_tiles(head_dim: int) -> dict:
 
 
 def backward_tiles(head_dim: int) -> dict[str, dict]:
-    """Tiles of the dq, band and list passes. All three share BLOCK_M: it fixes which (query, key) pairs
-    belong to the band and which to the lists, and the passes must split the pairs the same way."""
+    """Tiles of the dq, band and list passes. The list pass's BLOCK_M is the list block: it fixes which
+    (query, key) pairs belong to the band and which to the lists. The dq and band passes walk query tiles
+    that divide it (smaller tiles keep their bands short), and split the pairs the same way."""
     if interpreting():
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-        return dict(dq=tile, band=tile, list=dict(tile, SUB_M=8))
+        return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=32, SUB_M=16))
+    # Picked by sweeps on an H100 (T = 32k and 128k, D = 128, bf16): see docs/kernels.md.
     tile = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(dq=tile, band=tile, list=dict(tile, SUB_M=32))
+    return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=128, SUB_M=64))
 
 
 def _strides(*tensors: Tensor) -> list[int]:
@@ -130,8 +132,8 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     n_kv_heads = k.shape[2]
     group = n_q_heads // n_kv_heads
     tiles = backward_tiles(head_dim)
-    block_m = tiles["dq"]["BLOCK_M"]
-    (lists,) = backward_lists((start, end), (topk, block_m))
+    list_block = tiles["list"]["BLOCK_M"]
+    (lists,) = backward_lists((start, end), (topk, list_block))
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
         o = o.contiguous()
@@ -139,18 +141,18 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     dq = _empty(q.shape, q.dtype, q.device)
     dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
     delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)  # written by the dq pass
-    kernels.sparsek_bwd_dq_kernel[(n_blocks, batch * n_q_heads)](
+    kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, tiles["dq"]["BLOCK_M"]), batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles["dq"])
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["dq"])
 
     dk = _empty(k.shape, torch.float32, k.device)
     dv = _empty(k.shape, torch.float32, k.device)
     du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
     kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, u, tau, start, end, do, lse, delta, dk, dv, du, *_strides(q, k, v, do),
-        t_len, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles["band"])
+        t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, n_q_heads, group, scale,
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["band"])
 
     if topk > 0:
         slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])

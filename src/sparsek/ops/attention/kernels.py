@@ -10,6 +10,8 @@ The keys of query block [i0, i0 + BLOCK_M) are visited in two phases that never 
      key j while i < end_j;
   2. the band (i0 - w, i0 + BLOCK_M): the sliding windows of the block's queries plus the keys that became
      candidates inside the block; pair (i, j) counts if j is in i's window or selected by i.
+The blocks of the lists (LIST_BLOCK) fix this split; the dq and band passes may walk smaller query tiles, each
+taking the list of its list block l0 and the band (l0 - w, i0 + BLOCK_M).
 The mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window) is computed on the fly; nothing of size T x T or
 T x topk per query exists. Softmax runs in base 2 (lse in log2 units).
 
@@ -180,10 +182,12 @@ def sparsek_bwd_dq_kernel(
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    LIST_BLOCK: tl.constexpr,
 ):
     """dq [B, T, Hq, D] (strides of do), dtau [B * Hq, T] = -sum_j dm_ij over fractional selected j, and
     delta [B * Hq, T] = rowsum(dO * O), which the other two passes read (OUT, the forward's output, has the
-    strides of do)."""
+    strides of do). A query tile of BLOCK_M takes the list and the band of the list block (LIST_BLOCK, a
+    multiple of BLOCK_M; N_BLOCKS list blocks) that contains it."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
@@ -199,7 +203,8 @@ def sparsek_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dtau = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + pid_m) * N_SLOTS
+    list_block = i0 // LIST_BLOCK
+    list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + list_block) * N_SLOTS
     for s0 in range(0, N_SLOTS, BLOCK_N):
         kt, vt, allowed, weight, gap = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
                                                   stride_vt, offs_m, offs_d, tau, BLOCK_N)
@@ -207,7 +212,7 @@ def sparsek_bwd_dq_kernel(
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(allowed & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
 
-    band_lo = tl.maximum(i0 - WINDOW + 1, 0)
+    band_lo = tl.maximum(list_block * LIST_BLOCK - WINDOW + 1, 0)
     band_hi = tl.minimum(i0 + BLOCK_M, T)
     for j0 in range(band_lo, band_hi, BLOCK_N):
         kt, vt, allowed, selected, weight, gap = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row,
@@ -228,8 +233,10 @@ def sparsek_bwd_band_kernel(
     stride_ob, stride_ot, stride_oh,
     T, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    LIST_BLOCK: tl.constexpr,
 ):
-    """Band-phase dk, dv (float32, [B, T, Hk, D] with the strides of k) and du ([R, T]), stored (not added)."""
+    """Band-phase dk, dv (float32, [B, T, Hk, D] with the strides of k) and du ([R, T]), stored (not added).
+    N_BLOCKS query tiles of BLOCK_M; the band of a tile starts at that of its list block (LIST_BLOCK)."""
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     h_k = H_Q // GROUP
@@ -252,14 +259,15 @@ def sparsek_bwd_band_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     du = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    # Query blocks whose band (i0 - w, i0 + BLOCK_M) meets this key tile.
+    # Query tiles whose band (l0 - w, i0 + BLOCK_M), l0 = the start of the tile's list block, meets this key tile.
     blk_lo = j0 // BLOCK_M
-    blk_hi = tl.minimum((j0 + BLOCK_N + WINDOW - 2) // BLOCK_M + 1, N_BLOCKS)
+    blk_hi = tl.minimum(((j0 + BLOCK_N + WINDOW - 2) // LIST_BLOCK + 1) * (LIST_BLOCK // BLOCK_M), N_BLOCKS)
     for blk in range(blk_lo, blk_hi):
         i0 = blk * BLOCK_M
         offs_m = i0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
-        in_band = (offs_n > i0 - WINDOW) & (offs_n < i0 + BLOCK_M) & key_ok
+        l0 = (i0 // LIST_BLOCK) * LIST_BLOCK
+        in_band = (offs_n > l0 - WINDOW) & (offs_n < i0 + BLOCK_M) & key_ok
         tau = tl.load(TAU + pid_r.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
         in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
         selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
