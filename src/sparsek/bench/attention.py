@@ -12,8 +12,8 @@ L2 cache flushed before each call, --rep ms of repeats).
 * sparsek: `sparsek_attention_fused`, forward under no_grad, and forward+backward (q, k, v and the scores
   require grad; o.backward with a fixed random output gradient).
 * selection: thresholds, key ranges and block-128 key lists, what the fused forward runs before its kernel. The
-  share is selection ms / sparsek forward+backward ms. It counts the selection once: the backward's rebuild
-  of the lists (block 64) and the threshold backward are inside the fwd+bwd time but not in the numerator.
+  share is selection ms / sparsek forward+backward ms. The backward reuses the lists; its threshold backward
+  is inside the fwd+bwd time but not in the numerator.
 * sdpa: F.scaled_dot_product_attention(is_causal=True) on [B, H, T, D] with GQA through enable_gqa=True (k
   and v repeated to Hq heads beforehand for a backend that refuses it, shown as "+repeat"). The cuDNN and
   FlashAttention backends are timed separately; the fastest one is reported, per forward and per fwd+bwd.

@@ -4,7 +4,7 @@
     python -m sparsek.bench.breakdown --seq-lens 32768 --heads 8
 
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
-kernel, and the backward's dq, band and list passes, the list rebuild and the threshold backward. Medians of
+kernel, and the backward's dq, band and list passes (on the forward's lists) and the threshold backward. Medians of
 triton.testing.do_bench in ms; a table is printed last.
 """
 
@@ -17,7 +17,7 @@ import triton
 from triton.testing import do_bench
 
 from sparsek.ops.attention import fused, kernels
-from sparsek.ops.select.fused import block_key_lists_triton, select_rows_triton
+from sparsek.ops.select.fused import select_rows_triton
 from sparsek.ops.select.prefix import threshold_backward
 
 
@@ -41,8 +41,7 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     delta = torch.empty(heads, t_len, device="cuda")               # written by the dq pass
     tiles = fused.backward_tiles(head_dim)
     list_block = tiles["list"]["BLOCK_M"]
-    bwd_lists = block_key_lists_triton(start, end, topk, list_block)
-    n_blocks, n_slots = bwd_lists.shape[1], bwd_lists.shape[2]
+    n_blocks, n_slots = lists.shape[1], lists.shape[2]
     n_tiles = triton.cdiv(t_len, tiles["dq"]["BLOCK_M"])          # query tiles of the dq and band passes
     dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
     dk = torch.zeros(k.shape, device="cuda")
@@ -50,7 +49,7 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     strides = fused._strides(q, k, v, grad_out)
     common = dict(GATE=0, DOT="tf32", HEAD_DIM=head_dim)
     row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_tiles, heads)](
-        q, k, v, u, tau, start, end, bwd_lists, grad_out, out, lse, delta, dq, dtau, *strides,
+        q, k, v, u, tau, start, end, lists, grad_out, out, lse, delta, dq, dtau, *strides,
         t_len, n_slots, n_blocks, window, heads, 1, scale, **common, LIST_BLOCK=list_block, **tiles["dq"]))
     row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
         (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), heads)](
@@ -58,9 +57,8 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
         t_len, n_tiles, window, heads, 1, scale, **common, LIST_BLOCK=list_block, **tiles["band"]))
     slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
     row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, heads, 1)](
-        q, k, v, u, tau, end, bwd_lists, grad_out, lse, delta, dk, dv, du, *strides,
+        q, k, v, u, tau, end, lists, grad_out, lse, delta, dk, dv, du, *strides,
         t_len, n_slots, n_blocks, n_blocks, heads, 1, scale, ATOMIC=False, **common, **tiles["list"]))
-    row["bwd list rebuild"] = ms(lambda: fused.backward_lists((start, end), (topk, list_block)))
     row["threshold bwd"] = ms(lambda: threshold_backward(u.double(), tau.double(), window, dtau.double()))
     return row
 

@@ -1,8 +1,9 @@
 """Host side of fused SparseK attention: selection on the device, tile sizes, kernel launches, autograd.
 
 Shape legend: B batch, T sequence, Hq / Hk query / KV heads, G = Hq // Hk, D head dim, R = B * Hk.
-Saved for backward: q, k, v, o, the log-sum-exp [B * Hq, T] and per-key / per-query vectors (u, tau,
-start, end: [R, T]); the block lists are rebuilt in the backward rather than kept.
+Saved for backward: q, k, v, o, the log-sum-exp [B * Hq, T], per-key / per-query vectors (u, tau, start,
+end: [R, T]) and the forward's block key lists [R, T / 128, topk] int32 (8 entries per token and row at
+topk = 1024), which the backward's list pass walks too.
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ def _forward_selection(u: Tensor, topk: int, window: int, block: int) -> tuple[T
     return tau.float(), start, end, block_lists_on_device(start, end, topk, block)
 
 
-def _backward_lists(start: Tensor, end: Tensor, topk: int, block: int) -> tuple[Tensor]:
-    return (block_lists_on_device(start, end, topk, block),)
-
-
 def _threshold_backward(u: Tensor, tau: Tensor, grad_tau: Tensor, window: int) -> tuple[Tensor]:
     return (threshold_backward(u.double(), tau.double(), window, grad_tau.double()).float(),)
 
@@ -73,27 +70,29 @@ def _threshold_backward(u: Tensor, tau: Tensor, grad_tau: Tensor, window: int) -
 # Up to 2^19 scores (16 heads x 32k tokens) the selection is launch-bound: replay it as a CUDA graph.
 GRAPH_MAX_ELEMENTS = 1 << 19
 forward_selection = GraphedFunction(_forward_selection, GRAPH_MAX_ELEMENTS)
-backward_lists = GraphedFunction(_backward_lists, GRAPH_MAX_ELEMENTS)
 graphed_threshold_backward = GraphedFunction(_threshold_backward, GRAPH_MAX_ELEMENTS)
 
 
 def forward_tiles(head_dim: int) -> dict:
+    """Tiles of the forward; its BLOCK_M is the block of the key lists, which the backward reuses."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
     # Picked by a sweep on an H100 (T = 32k, D = 128, bf16): see docs/kernels.md.
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def backward_tiles(head_dim: int) -> dict[str, dict]:
-    """Tiles of the dq, band and list passes. The list pass's BLOCK_M is the list block: it fixes which
-    (query, key) pairs belong to the band and which to the lists. The dq and band passes walk query tiles
-    that divide it (smaller tiles keep their bands short), and split the pairs the same way."""
+    """Tiles of the dq, band and list passes. The list pass walks the forward's list blocks (its BLOCK_M is
+    the forward's), which fix which (query, key) pairs belong to the band and which to the lists. The dq and
+    band passes walk query tiles that divide a list block (smaller tiles keep their bands short) and split
+    the pairs the same way."""
+    list_block = forward_tiles(head_dim)["BLOCK_M"]
     if interpreting():
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-        return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=32, SUB_M=16))
+        return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=list_block, SUB_M=16))
     # Picked by sweeps on an H100 (T = 32k and 128k, D = 128, bf16): see docs/kernels.md.
     tile = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=128, SUB_M=64))
+    return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=list_block, SUB_M=64))
 
 
 def _strides(*tensors: Tensor) -> list[int]:
@@ -125,15 +124,15 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
 
 
 def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor, tau: Tensor,
-                   start: Tensor, end: Tensor, topk: int, window: int, gate: str,
+                   start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str,
                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32)."""
+    """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32).
+    lists: the forward's block key lists."""
     batch, t_len, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     group = n_q_heads // n_kv_heads
     tiles = backward_tiles(head_dim)
     list_block = tiles["list"]["BLOCK_M"]
-    (lists,) = backward_lists((start, end), (topk, list_block))
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
         o = o.contiguous()
@@ -179,8 +178,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # with SparseK layers compiles without a graph break at the attention call.
 @torch.library.custom_op("sparsek::attention_forward", mutates_args=())
 def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
-                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> o [B, T, Hq, D], lse [B * Hq, T], u, tau (float32), start, end (int32), all [R, T]."""
+                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> o [B, T, Hq, D], lse [B * Hq, T], u, tau (float32), start, end (int32), all [R, T], and the block
+    key lists [R, NB, K] (int32)."""
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
     with _on_device_of(q):
@@ -191,7 +191,7 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
         tau, start, end, lists = forward_selection((u_exact,), (topk, window, block))
         u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input
         o, lse = fused_forward(q, k, v, u, tau, start, end, lists, window, gate, scale)
-    return o, lse, u, tau, start, end
+    return o, lse, u, tau, start, end, lists
 
 
 @attention_forward_op.register_fake
@@ -200,22 +200,24 @@ def _(q, k, v, scores, topk, window, gate, scale):
     rows = batch * k.shape[2]
     vec = q.new_empty(rows, t_len, dtype=torch.float32)
     idx = q.new_empty(rows, t_len, dtype=torch.int32)
+    block = forward_tiles(q.shape[-1])["BLOCK_M"]
+    lists = q.new_empty(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,
-            torch.empty_like(idx))
+            torch.empty_like(idx), lists)
 
 
 @torch.library.custom_op("sparsek::attention_backward", mutates_args=())
 def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor,
-                          tau: Tensor, start: Tensor, end: Tensor, topk: int, window: int, gate: str,
+                          tau: Tensor, start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str,
                           scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv and dscores [B, T, Hk] float32 (zeros for gate "none"), the tau path included."""
     with _on_device_of(q):
-        return _attention_backward(do, q, k, v, o, lse, u, tau, start, end, topk, window, gate, scale)
+        return _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale)
 
 
-def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, topk, window, gate, scale):
-    dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end,
+def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
+    dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end, lists,
                                           topk, window, gate, scale)
     batch, t_len, n_q_heads, _ = q.shape
     n_kv_heads = k.shape[2]
@@ -228,7 +230,7 @@ def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, topk, window, g
 
 
 @attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, u, tau, start, end, topk, window, gate, scale):
+def _(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
     batch, t_len = q.shape[:2]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(batch, t_len, k.shape[2], dtype=torch.float32))
@@ -243,8 +245,8 @@ class FusedSparseKAttention(torch.autograd.Function):
         # The kernels need a unit last stride and write dk, dv with k's layout: keep contiguous copies (a no-op
         # for contiguous inputs, a copy for views such as q, k, v split from one fused projection).
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse, u, tau, start, end = attention_forward_op(q, k, v, scores, topk, window, gate, scale)
-        ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end)
+        o, lse, u, tau, start, end, lists = attention_forward_op(q, k, v, scores, topk, window, gate, scale)
+        ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end, lists)
         ctx.config = (topk, window, gate, scale, scores.dtype)
         return o
 
