@@ -61,7 +61,8 @@ SCRIPT = textwrap.dedent('''
                        dict(GATE=1, DOT=dot, HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles), ("scale",), warps,
                        stages)
         tiles, warps, stages = split(backward["band"])
-        compile_kernel(attn.sparsek_bwd_band_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
+        compile_kernel(attn.sparsek_bwd_band_kernel, dict(common, **grads, DK_LIST="*fp32", DV_LIST="*fp32",
+                                                          DU_LIST="*fp32", DK=x, DV=x, DU="*fp32"),
                        dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles), ("scale",), warps,
                        stages)
         tiles, warps, stages = split(backward["list"])

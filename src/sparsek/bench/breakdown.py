@@ -44,8 +44,9 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     n_tiles = triton.cdiv(t_len, tiles["dq"]["BLOCK_M"])          # query tiles of the dq and band passes
     dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
-    dk = torch.zeros(k.shape, device="cuda")
-    dv, du = torch.zeros_like(dk), torch.zeros(heads, t_len, device="cuda")
+    dk_list, dv_list = torch.zeros(k.shape, device="cuda"), torch.zeros(k.shape, device="cuda")
+    du_list, du = torch.zeros(heads, t_len, device="cuda"), torch.zeros(heads, t_len, device="cuda")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     strides = fused._strides(q, k, v, grad_out)
     common = dict(GATE=0, DOT="tf32", HEAD_DIM=head_dim)
     row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_tiles, heads)](
@@ -53,11 +54,11 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
         t_len, n_slots, n_blocks, window, heads, 1, scale, **common, LIST_BLOCK=list_block, **tiles["dq"]))
     row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
         (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), heads)](
-        q, k, v, u, tau, start, end, grad_out, lse, delta, dk, dv, du, *strides,
+        q, k, v, u, tau, start, end, grad_out, lse, delta, dk_list, dv_list, du_list, dk, dv, du, *strides,
         t_len, n_tiles, window, heads, 1, scale, **common, LIST_BLOCK=list_block, **tiles["band"]))
     slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
     row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, heads, 1)](
-        q, k, v, u, tau, end, lists, grad_out, lse, delta, dk, dv, du, *strides,
+        q, k, v, u, tau, end, lists, grad_out, lse, delta, dk_list, dv_list, du_list, *strides,
         t_len, n_slots, n_blocks, n_blocks, heads, 1, scale, ATOMIC=False, **common, **tiles["list"]))
     row["threshold bwd"] = ms(lambda: threshold_backward(u.double(), tau.double(), window, dtau.double()))
     return row

@@ -16,11 +16,12 @@ The mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window) is computed on the fly
 T x topk per query exists. Softmax runs in base 2 (lse in log2 units).
 
 Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases (which
-also writes delta = rowsum(dO * O) for the other two); dk, dv
-and the direct score gradient du from two key-major passes: the band pass walks each key tile over the query
-blocks whose band contains it, the list pass walks each tile of slots through the blocks, adding a slot's sums
-to its key's rows when the key changes (each key lives in one slot for one run of blocks; the adds are atomic
-only when the blocks are split between programs).
+also writes delta = rowsum(dO * O) for the other two); dk, dv and the direct score gradient du from two
+key-major passes. The list pass walks each tile of slots through the blocks and writes a slot's sums to its
+key's rows of a float32 scratch when the key changes (each key lives in one slot for one run of blocks, so one
+store per key; atomic adds into a zeroed scratch only when the blocks are split between programs). The band
+pass then walks each key tile over the query tiles whose band contains it, adds the scratch rows of the keys
+that were listed, and stores dk, dv in the dtype of k, v.
 
 GATE: 0 = "kv" (logits scaled by m, values by m), 1 = "v" (values by m), 2 = "none" (hard selection).
 DOT: tl.dot input precision, "ieee" for float32 inputs (no silent tf32), "tf32" (ignored) for 16-bit inputs.
@@ -228,15 +229,16 @@ def sparsek_bwd_dq_kernel(
 
 @triton.jit
 def sparsek_bwd_band_kernel(
-    Q, K, V, U, TAU, START, END, DO, LSE, DELTA, DK, DV, DU,
+    Q, K, V, U, TAU, START, END, DO, LSE, DELTA, DK_LIST, DV_LIST, DU_LIST, DK, DV, DU,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     LIST_BLOCK: tl.constexpr,
 ):
-    """Band-phase dk, dv (float32, [B, T, Hk, D] with the strides of k) and du ([R, T]), stored (not added).
-    N_BLOCKS query tiles of BLOCK_M; the band of a tile starts at that of its list block (LIST_BLOCK)."""
+    """dk, dv ([B, T, Hk, D] with the strides of k) and du ([R, T], float32): the band's sums plus, for keys in
+    some block's list, the list pass's (DK_LIST, DV_LIST float32 like k, DU_LIST like du). N_BLOCKS query tiles
+    of BLOCK_M; the band of a tile starts at that of its list block (LIST_BLOCK)."""
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     h_k = H_Q // GROUP
@@ -289,15 +291,21 @@ def sparsek_bwd_band_kernel(
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
             du += tl.sum(tl.where(frac, dm, 0.0), 0)
 
-    tl.store(DK + kv_offs, dk, mask=key_ok[:, None])
-    tl.store(DV + kv_offs, dv, mask=key_ok[:, None])
+    # Keys present at some list block's first query (the rule of the list builder); only their scratch rows
+    # were written.
+    listed = key_ok & (end_j > start_j) & ((start_j + LIST_BLOCK - 1) // LIST_BLOCK * LIST_BLOCK < end_j)
+    dk += tl.load(DK_LIST + kv_offs, mask=listed[:, None], other=0.0)
+    dv += tl.load(DV_LIST + kv_offs, mask=listed[:, None], other=0.0)
+    du += tl.load(DU_LIST + pid_r.to(tl.int64) * T + offs_n, mask=listed, other=0.0)
+    tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DU + pid_r.to(tl.int64) * T + offs_n, du, mask=key_ok)
 
 
 @triton.jit
 def _flush_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_kt, offs_d, ATOMIC: tl.constexpr):
-    """Add the slots' sums to their keys' rows of the band pass's dk, dv, du. Atomic only when several
-    programs share a slot tile (a key's run of blocks may then be split between them)."""
+    """Write the slots' sums to their keys' rows of the scratch dk, dv, du. Atomic adds (into zeros) only when
+    several programs share a slot tile (a key's run of blocks may then be split between them)."""
     if tl.sum(flush.to(tl.int32), 0) > 0:
         rows = tl.where(flush, keys, 0).to(tl.int64)
         offs = dkv_base + rows[:, None] * stride_kt + offs_d[None, :]
@@ -306,9 +314,9 @@ def _flush_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_
             tl.atomic_add(DV + offs, dv, mask=flush[:, None])
             tl.atomic_add(DU + du_base + rows, du, mask=flush)
         else:
-            tl.store(DK + offs, tl.load(DK + offs, mask=flush[:, None], other=0.0) + dk, mask=flush[:, None])
-            tl.store(DV + offs, tl.load(DV + offs, mask=flush[:, None], other=0.0) + dv, mask=flush[:, None])
-            tl.store(DU + du_base + rows, tl.load(DU + du_base + rows, mask=flush, other=0.0) + du, mask=flush)
+            tl.store(DK + offs, dk, mask=flush[:, None])
+            tl.store(DV + offs, dv, mask=flush[:, None])
+            tl.store(DU + du_base + rows, du, mask=flush)
 
 
 @triton.jit
@@ -320,7 +328,8 @@ def sparsek_bwd_list_kernel(
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SUB_M: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """List-phase dk, dv, du, added to the float32 buffers the band pass wrote."""
+    """List-phase dk, dv, du of the keys in some block's list, into float32 scratch (dk, dv with the strides of
+    k; du [R, T]); the band pass adds them."""
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_c = tl.program_id(2)
