@@ -392,6 +392,16 @@ def test_error_messages_name_argument(over, name):
         _call(**over)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_raise_on_cpu(bad):
+    """On CPU the scores are checked on the host (free there); a bad score raises instead of selecting."""
+    _, _, _, u = make_inputs(1, 8, 4, 2, 4, seed=0)
+    u = u.clone()
+    u[0, 3, 1] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _call(scores=u)
+
+
 def test_valid_call_baseline():
     """The baseline used by the error tests is itself valid (so the errors come from the one change)."""
     assert _call().shape == (1, 8, 4, 4)

@@ -163,6 +163,16 @@ def test_fused_selects_on_float64_scores_exactly():
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_give_nan_output(bad):
+    """The fused op checks the scores on the device (no host sync): one bad score makes the whole output NaN,
+    where unchecked it would silently change the selection. Finite scores leave the output finite."""
+    q, k, v, s = (x.detach() for x in make_inputs(1, 21, 2, 1, 16, torch.float32))
+    assert torch.isfinite(fused.sparsek_attention_fused(q, k, v, s, topk=3, window=2)).all()
+    s[0, 5, 0] = bad
+    assert torch.isnan(fused.sparsek_attention_fused(q, k, v, s, topk=3, window=2)).all()
+
+
 def test_float64_inputs_take_the_reference():
     """The kernels have no float64 path: auto falls back to the reference, backend='triton' says why."""
     q, k, v, s = make_inputs(1, 9, 2, 1, 16, torch.float64)

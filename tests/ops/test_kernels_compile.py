@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent('''
     dot = "ieee" if dtype == "fp32" else "tf32"
     head_dim = 128 if dtype == "bf16" else 64
     tiles, warps, stages = split(fused.forward_tiles(head_dim))
-    compile_kernel(attn.sparsek_fwd_kernel, dict(common, OUT=x, LSE="*fp32"),
+    compile_kernel(attn.sparsek_fwd_kernel, dict(common, OUT=x, LSE="*fp32", POISON="*fp32"),
                    dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, **tiles), ("qk_scale2",), warps, stages)
     if dtype == "bf16":
         backward = fused.backward_tiles(head_dim)

@@ -115,7 +115,7 @@ def selection(scores: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, T
     """
     batch, t_len, n_kv_heads = scores.shape
     u = scores.detach().permute(0, 2, 1).reshape(batch * n_kv_heads, t_len).float()
-    _, start, end, lists = forward_selection((u.contiguous(),), (topk, window, FORWARD_BLOCK))
+    _, start, end, lists, _ = forward_selection((u.contiguous(),), (topk, window, FORWARD_BLOCK))
     return start, end, lists
 
 

@@ -33,10 +33,12 @@ def breakdown(t_len: int, heads: int, head_dim: int, topk: int, window: int) -> 
     row = dict(T=t_len)
     row["select"] = ms(lambda: select_rows_triton(u, topk, window))
     row["select+lists (graphed)"] = ms(lambda: fused.forward_selection((u,), (topk, window, 128)))
-    tau, start, end, lists = fused.forward_selection((u,), (topk, window, fused.forward_tiles(head_dim)["BLOCK_M"]))
+    tau, start, end, lists, poison = fused.forward_selection(
+        (u,), (topk, window, fused.forward_tiles(head_dim)["BLOCK_M"]))
 
-    row["fwd kernel"] = ms(lambda: fused.fused_forward(q, k, v, u, tau, start, end, lists, window, "kv", scale))
-    out, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, window, "kv", scale)
+    row["fwd kernel"] = ms(lambda: fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, "kv",
+                                                       scale))
+    out, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, "kv", scale)
     grad_out = torch.randn_like(q)
     delta = torch.empty(heads, t_len, device="cuda")               # written by the dq pass
     tiles = fused.backward_tiles(head_dim)

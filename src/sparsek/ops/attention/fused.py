@@ -56,11 +56,15 @@ def block_lists_on_device(start: Tensor, end: Tensor, topk: int, block: int) -> 
         block_key_lists(start.long(), end.long(), topk, block)
 
 
-def _forward_selection(u: Tensor, topk: int, window: int, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """u [R, T] -> tau (float32), start, end (int32) [R, T] and the block key lists [R, NB, K]."""
+def _forward_selection(u: Tensor, topk: int, window: int,
+                       block: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """u [R, T] -> tau (float32), start, end (int32) [R, T], the block key lists [R, NB, K] and the forward's
+    poison [1] (float32: 0, or NaN if u is not finite; checked on the device, as a host-side check would stall
+    the GPU at every call)."""
     tau, start, end = select_on_device(u, topk, window)
     start, end = start.int(), end.int()
-    return tau.float(), start, end, block_lists_on_device(start, end, topk, block)
+    poison = torch.where(torch.isfinite(u).all(), 0.0, float("nan")).float().reshape(1)
+    return tau.float(), start, end, block_lists_on_device(start, end, topk, block), poison
 
 
 def _threshold_backward(u: Tensor, tau: Tensor, grad_tau: Tensor, window: int) -> tuple[Tensor]:
@@ -106,9 +110,9 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
-                  lists: Tensor, window: int, gate: str, scale: float) -> tuple[Tensor, Tensor]:
+                  lists: Tensor, poison: Tensor, window: int, gate: str, scale: float) -> tuple[Tensor, Tensor]:
     """o [B, T, Hq, D] and lse [B * Hq, T] (log2 units). u, tau float32 and start, end int32, all [R, T];
-    lists [R, NB, K] from block_lists_on_device with the forward's BLOCK_M."""
+    lists [R, NB, K] and poison [1] from _forward_selection with the forward's BLOCK_M."""
     batch, t_len, n_q_heads, head_dim = q.shape
     group = n_q_heads // k.shape[2]
     tiles = forward_tiles(head_dim)
@@ -117,7 +121,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     lse = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
     grid = (n_blocks, batch * n_q_heads)
     kernels.sparsek_fwd_kernel[grid](
-        q, k, v, u, tau, start, end, lists, o, lse, *_strides(q, k, v, o),
+        q, k, v, u, tau, start, end, lists, o, lse, poison, *_strides(q, k, v, o),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale * LOG2E,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
     return o, lse
@@ -185,17 +189,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
                          scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> o [B, T, Hq, D], lse [B * Hq, T], u, tau (float32), start, end (int32), all [R, T], and the block
-    key lists [R, NB, K] (int32)."""
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or inf")
+    key lists [R, NB, K] (int32). o is all NaN if the scores are not finite."""
     with _on_device_of(q):
         # Select in the scores' own precision (float64 scores may differ in the last float32 bit); the kernels
         # read them as float32.
         u_exact = _rows(scores.detach())
         block = forward_tiles(q.shape[-1])["BLOCK_M"]
-        tau, start, end, lists = forward_selection((u_exact,), (topk, window, block))
+        tau, start, end, lists, poison = forward_selection((u_exact,), (topk, window, block))
         u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input
-        o, lse = fused_forward(q, k, v, u, tau, start, end, lists, window, gate, scale)
+        o, lse = fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
     return o, lse, u, tau, start, end, lists
 
 

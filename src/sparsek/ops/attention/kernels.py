@@ -138,12 +138,14 @@ def _query_block(Q, K, V, U, TAU, START, END, pid_m, pid_bh, stride_qb, stride_q
 
 @triton.jit
 def sparsek_fwd_kernel(
-    Q, K, V, U, TAU, START, END, LISTS, OUT, LSE,
+    Q, K, V, U, TAU, START, END, LISTS, OUT, LSE, POISON,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
+    """o and lse (log2 units). POISON [1] float32 is 0, or NaN when the scores were not finite: it is added to
+    every output, so that bad scores show without a host-side check."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
@@ -170,7 +172,7 @@ def sparsek_fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    o = acc / l_safe[:, None] + tl.load(POISON)
     tl.store(OUT + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
              + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
