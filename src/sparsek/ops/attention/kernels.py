@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..select.kernels import in_some_list
+
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr, DOT: tl.constexpr):
@@ -293,9 +295,8 @@ def sparsek_bwd_band_kernel(
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
             du += tl.sum(tl.where(frac, dm, 0.0), 0)
 
-    # Keys present at some list block's first query (the rule of the list builder); only their scratch rows
-    # were written.
-    listed = key_ok & (end_j > start_j) & ((start_j + LIST_BLOCK - 1) // LIST_BLOCK * LIST_BLOCK < end_j)
+    # Only the rows of keys in some list were written by the list pass.
+    listed = key_ok & in_some_list(start_j, end_j, LIST_BLOCK)
     dk += tl.load(DK_LIST + kv_offs, mask=listed[:, None], other=0.0)
     dv += tl.load(DV_LIST + kv_offs, mask=listed[:, None], other=0.0)
     du += tl.load(DU_LIST + pid_r.to(tl.int64) * T + offs_n, mask=listed, other=0.0)

@@ -170,6 +170,13 @@ def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KT
 
 
 @triton.jit
+def in_some_list(start, end, BLOCK: tl.constexpr):
+    """Whether a key selected by the queries [start, end) is selected by some block's first query (a multiple
+    of BLOCK), so that it appears in block lists. The attention's backward relies on this same rule."""
+    return (end > start) & ((start + BLOCK - 1) // BLOCK * BLOCK < end)
+
+
+@triton.jit
 def slot_entries_kernel(SLOT, START, END, LISTS, T, N_BLOCKS, N_SLOTS, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """Every key present at some block's first query writes itself into LISTS [R, NB, K] at its slot and the
     first such block (its start rounded up to a block; it stays until its end). No two keys meet there: a
@@ -182,7 +189,7 @@ def slot_entries_kernel(SLOT, START, END, LISTS, T, N_BLOCKS, N_SLOTS, BLOCK: tl
     start = tl.load(START + base + offs, mask=inside, other=0)
     end = tl.load(END + base + offs, mask=inside, other=0)
     first = (start + BLOCK - 1) // BLOCK
-    present = inside & (slot >= 0) & (end > start) & (first * BLOCK < end)
+    present = inside & (slot >= 0) & in_some_list(start, end, BLOCK)
     dest = (row.to(tl.int64) * N_BLOCKS + first) * N_SLOTS + slot
     tl.store(LISTS + dest, offs, mask=present)
 
