@@ -71,6 +71,8 @@ CASES = [
     (1, 1, 1, 1, 16, 1, 0, "kv"),         # a single token
     (1, 70, 2, 2, 16, 1, 4, "kv"),        # topk 1, several query blocks
     (1, 64, 2, 1, 16, 20, 9, "v"),        # T a multiple of the tile
+    (1, 130, 2, 1, 16, 6, 60, "kv"),      # window wider than a tile: unmasked tiles inside every window
+    (1, 97, 1, 1, 16, 4, 41, "none"),
 ]
 
 

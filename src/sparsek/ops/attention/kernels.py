@@ -36,43 +36,57 @@ from ..select.kernels import in_some_list
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr, DOT: tl.constexpr):
-    """One online-softmax step over a tile of keys; qk_scale2 = scale * log2(e)."""
+def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr, DOT: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One online-softmax step over a tile of keys; qk_scale2 = scale * log2(e). MASKED False: every pair
+    attends with weight 1 (a tile inside every query's window; weight and allowed are then None)."""
     qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
-    if GATE == 0:
+    if MASKED and GATE == 0:
         s = qk * (weight * qk_scale2)
     else:
         s = qk * qk_scale2
-    s = tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if GATE != 2:
+    if MASKED and GATE != 2:
         p = p * weight
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.constexpr, DOT: tl.constexpr):
+def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.constexpr, DOT: tl.constexpr,
+              MASKED: tl.constexpr):
     """Recompute one tile and return (p * m, dlogit * m * scale, dm): the factors of dv, of dq / dk, and
-    the gradient of the mask (zero for gate "none")."""
+    the gradient of the mask (zero for gate "none"). MASKED False: a tile inside every query's window, where
+    m = 1 and no mask gradient flows (weight and allowed are None, dm is zero)."""
     qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
-    if GATE == 0:
-        logit = qk * (weight * scale)
+    if MASKED:
+        if GATE == 0:
+            logit = qk * (weight * scale)
+        else:
+            logit = qk * scale
+        p = tl.where(allowed, tl.exp2(logit * 1.4426950408889634 - lse2[:, None]), 0.0)  # 1.44... = log2(e)
     else:
-        logit = qk * scale
-    p = tl.where(allowed, tl.exp2(logit * 1.4426950408889634 - lse2[:, None]), 0.0)  # 1.44... = log2(e)
+        p = tl.exp2(qk * (scale * 1.4426950408889634) - lse2[:, None])
     a = tl.dot(do, tl.trans(vt), input_precision=DOT)                                      # dO_i . v_j
-    if GATE == 2:
-        dlogit = p * (a - delta[:, None])
-        return p, dlogit * scale, tl.zeros_like(p)
-    dlogit = p * (weight * a - delta[:, None])
-    if GATE == 0:
-        dm = p * a + dlogit * scale * qk
-        return p * weight, dlogit * (weight * scale), dm
-    return p * weight, dlogit * scale, p * a
+    if not MASKED or GATE == 2:                 # m = 1 (or a hard selection): no mask factors, no dm
+        pw = p
+        ds = p * (a - delta[:, None]) * scale
+        dm = tl.zeros_like(p)
+    else:
+        dlogit = p * (weight * a - delta[:, None])
+        pw = p * weight
+        if GATE == 0:
+            ds = dlogit * (weight * scale)
+            dm = p * a + dlogit * scale * qk
+        else:
+            ds = dlogit * scale
+            dm = p * a
+    return pw, ds, dm
 
 
 @triton.jit
@@ -94,15 +108,36 @@ def _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt
 
 
 @triton.jit
+def _band_kv(j0, k_base, v_base, stride_kt, stride_vt, offs_d, key_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """k, v [BLOCK_N, D] of the keys [j0, j0 + BLOCK_N) (MASKED False: all of them exist; key_ok unused)."""
+    kv_offs = (j0 + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)
+    if MASKED:
+        kt = tl.load(k_base + kv_offs * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        vt = tl.load(v_base + kv_offs * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    else:
+        kt = tl.load(k_base + kv_offs * stride_kt + offs_d[None, :])
+        vt = tl.load(v_base + kv_offs * stride_vt + offs_d[None, :])
+    return kt, vt
+
+
+@triton.jit
+def _inner_run(lo, hi, inner_lo, inner_hi, STEP: tl.constexpr):
+    """Split the tiles lo, lo + STEP, ... below hi into three runs [lo, a), [a, b), [b, hi) such that every
+    tile of [a, b) lies inside [inner_lo, inner_hi). Used to skip the mask math on the tiles
+    where every pair attends: like FlashAttention's split of causal tiles from the diagonal."""
+    a = tl.minimum(lo + tl.cdiv(tl.maximum(inner_lo - lo, 0), STEP) * STEP, hi)
+    b = a + tl.maximum(tl.minimum(inner_hi, hi) - a, 0) // STEP * STEP
+    return a, b
+
+
+@triton.jit
 def _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt, stride_vt, offs_m, offs_d, tau,
                WINDOW, BLOCK_N: tl.constexpr):
     """Keys [j0, j0 + BLOCK_N) of a block's band: k, v [BLOCK_N, D], and for the queries offs_m which pairs
     attend (window or selected), which are selected, the mask m (1 in the window) and the gap u_j - tau_i."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n < band_hi
-    kv_offs = offs_n[:, None].to(tl.int64)
-    kt = tl.load(k_base + kv_offs * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    vt = tl.load(v_base + kv_offs * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    kt, vt = _band_kv(j0, k_base, v_base, stride_kt, stride_vt, offs_d, key_ok, BLOCK_N, True)
     u_j = tl.load(u_row + offs_n, mask=key_ok, other=0.0)
     start_j = tl.load(start_row + offs_n, mask=key_ok, other=0)
     end_j = tl.load(end_row + offs_n, mask=key_ok, other=0)
@@ -163,21 +198,43 @@ def sparsek_fwd_kernel(
     for s0 in range(0, N_SLOTS, BLOCK_N):
         kt, vt, allowed, weight, _ = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
                                                 stride_vt, offs_m, offs_d, tau, BLOCK_N)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
 
-    # Phase 2: the band (i0 - w, i0 + BLOCK_M): windows and keys that became candidates in the block.
+    # Phase 2: the band (i0 - w, i0 + BLOCK_M): windows and keys that became candidates in the block. Keys
+    # [i0 + BLOCK_M - w, i0] lie in every query's window: their tiles skip the mask.
     band_lo = tl.maximum(i0 - WINDOW + 1, 0)
     band_hi = tl.minimum(i0 + BLOCK_M, T)
-    for j0 in range(band_lo, band_hi, BLOCK_N):
+    full_lo, full_hi = _inner_run(band_lo, band_hi, i0 + BLOCK_M - WINDOW, i0 + 1, BLOCK_N)
+    for j0 in range(band_lo, full_lo, BLOCK_N):
         kt, vt, allowed, _, weight, _ = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt,
                                                    stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
+    for j0 in range(full_lo, full_hi, BLOCK_N):
+        kt, vt = _band_kv(j0, k_base, v_base, stride_kt, stride_vt, offs_d, None, BLOCK_N, False)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, None, None, qk_scale2, GATE, DOT, False)
+    for j0 in range(full_hi, band_hi, BLOCK_N):
+        kt, vt, allowed, _, weight, _ = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt,
+                                                   stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None] + tl.load(POISON)
     tl.store(OUT + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
              + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _dq_band_tile(dq, dtau, j0, band_hi, q, do, lse2, delta, k_base, v_base, u_row, start_row, end_row, stride_kt,
+                  stride_vt, offs_m, offs_d, tau, WINDOW, scale, GATE: tl.constexpr, DOT: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """dq and dtau of a query tile plus one masked tile of its band."""
+    kt, vt, allowed, selected, weight, gap = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row,
+                                                        stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
+    _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True)
+    dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
+    dtau -= tl.sum(tl.where(selected & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
+    return dq, dtau
 
 
 @triton.jit
@@ -213,22 +270,67 @@ def sparsek_bwd_dq_kernel(
     for s0 in range(0, N_SLOTS, BLOCK_N):
         kt, vt, allowed, weight, gap = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
                                                   stride_vt, offs_m, offs_d, tau, BLOCK_N)
-        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(allowed & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
 
+    # The band; keys [i0 + BLOCK_M - w, i0] lie in every query's window (no mask, no dtau).
     band_lo = tl.maximum(list_block * LIST_BLOCK - WINDOW + 1, 0)
     band_hi = tl.minimum(i0 + BLOCK_M, T)
-    for j0 in range(band_lo, band_hi, BLOCK_N):
-        kt, vt, allowed, selected, weight, gap = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row,
-                                                            stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW,
-                                                            BLOCK_N)
-        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+    full_lo, full_hi = _inner_run(band_lo, band_hi, i0 + BLOCK_M - WINDOW, i0 + 1, BLOCK_N)
+    for j0 in range(band_lo, full_lo, BLOCK_N):
+        dq, dtau = _dq_band_tile(dq, dtau, j0, band_hi, q, do, lse2, delta, k_base, v_base, u_row, start_row,
+                                 end_row, stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW, scale, GATE, DOT, BLOCK_N)
+    for j0 in range(full_lo, full_hi, BLOCK_N):
+        kt, vt = _band_kv(j0, k_base, v_base, stride_kt, stride_vt, offs_d, None, BLOCK_N, False)
+        _, ds, _ = _bwd_tile(q, do, kt, vt, None, None, lse2, delta, scale, GATE, DOT, False)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
-        dtau -= tl.sum(tl.where(selected & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
+    for j0 in range(full_hi, band_hi, BLOCK_N):
+        dq, dtau = _dq_band_tile(dq, dtau, j0, band_hi, q, do, lse2, delta, k_base, v_base, u_row, start_row,
+                                 end_row, stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW, scale, GATE, DOT, BLOCK_N)
 
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DTAU + pid_bh.to(tl.int64) * T + offs_m, dtau, mask=row_ok)
+
+
+@triton.jit
+def _band_pass_tile(dk, dv, du, blk, kt, vt, u_j, start_j, end_j, offs_n, key_ok, offs_d, Q, DO, LSE, DELTA, TAU, b,
+                    hk, pid_r, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, T, WINDOW, H_Q, GROUP,
+                    scale, GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, LIST_BLOCK: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """dk, dv, du of a key tile plus the pairs it forms with query tile blk, for every query head of its KV
+    head. MASKED False: the tile lies before T and inside every query's window (m = 1, no du)."""
+    i0 = blk * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    if MASKED:
+        l0 = (i0 // LIST_BLOCK) * LIST_BLOCK
+        in_band = (offs_n > l0 - WINDOW) & (offs_n < i0 + BLOCK_M) & key_ok
+        tau = tl.load(TAU + pid_r.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
+        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
+        allowed = row_ok[:, None] & in_band[None, :] & (in_window | selected)
+        gap = u_j[None, :] - tau[:, None]
+        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
+        frac = allowed & selected & (gap > 0.0) & (gap < 1.0)
+    else:
+        weight = None
+        allowed = None
+    for g in range(0, GROUP):
+        hq = hk * GROUP + g
+        bh = b * H_Q + hq
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
+                    + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
+                     + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, MASKED)
+        dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
+        if MASKED:
+            du += tl.sum(tl.where(frac, dm, 0.0), 0)
+    return dk, dv, du
 
 
 @triton.jit
@@ -266,34 +368,26 @@ def sparsek_bwd_band_kernel(
     du = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     # Query tiles whose band (l0 - w, i0 + BLOCK_M), l0 = the start of the tile's list block, meets this key tile.
+    # Those (before T) whose every query has these keys in its window skip the mask.
     blk_lo = j0 // BLOCK_M
     blk_hi = tl.minimum(((j0 + BLOCK_N + WINDOW - 2) // LIST_BLOCK + 1) * (LIST_BLOCK // BLOCK_M), N_BLOCKS)
-    for blk in range(blk_lo, blk_hi):
-        i0 = blk * BLOCK_M
-        offs_m = i0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < T
-        l0 = (i0 // LIST_BLOCK) * LIST_BLOCK
-        in_band = (offs_n > l0 - WINDOW) & (offs_n < i0 + BLOCK_M) & key_ok
-        tau = tl.load(TAU + pid_r.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
-        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
-        allowed = row_ok[:, None] & in_band[None, :] & (in_window | selected)
-        gap = u_j[None, :] - tau[:, None]
-        weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
-        frac = allowed & selected & (gap > 0.0) & (gap < 1.0)
-        for g in range(0, GROUP):
-            hq = hk * GROUP + g
-            bh = b * H_Q + hq
-            q_offs = b.to(tl.int64) * stride_qb + hq * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
-            q = tl.load(Q + q_offs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b.to(tl.int64) * stride_ob + hq * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot
-                         + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
-            dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
-            du += tl.sum(tl.where(frac, dm, 0.0), 0)
+    full_lo, full_hi = _inner_run(blk_lo, blk_hi, tl.cdiv(j0 + BLOCK_N - 1, BLOCK_M),
+                                  tl.minimum((j0 + WINDOW) // BLOCK_M, T // BLOCK_M), 1)
+    for blk in range(blk_lo, full_lo):
+        dk, dv, du = _band_pass_tile(dk, dv, du, blk, kt, vt, u_j, start_j, end_j, offs_n, key_ok, offs_d, Q, DO,
+                                     LSE, DELTA, TAU, b, hk, pid_r, stride_qb, stride_qt, stride_qh, stride_ob,
+                                     stride_ot, stride_oh, T, WINDOW, H_Q, GROUP, scale, GATE, DOT, BLOCK_M,
+                                     LIST_BLOCK, True)
+    for blk in range(full_lo, full_hi):
+        dk, dv, du = _band_pass_tile(dk, dv, du, blk, kt, vt, u_j, start_j, end_j, offs_n, key_ok, offs_d, Q, DO,
+                                     LSE, DELTA, TAU, b, hk, pid_r, stride_qb, stride_qt, stride_qh, stride_ob,
+                                     stride_ot, stride_oh, T, WINDOW, H_Q, GROUP, scale, GATE, DOT, BLOCK_M,
+                                     LIST_BLOCK, False)
+    for blk in range(full_hi, blk_hi):
+        dk, dv, du = _band_pass_tile(dk, dv, du, blk, kt, vt, u_j, start_j, end_j, offs_n, key_ok, offs_d, Q, DO,
+                                     LSE, DELTA, TAU, b, hk, pid_r, stride_qb, stride_qt, stride_qh, stride_ob,
+                                     stride_ot, stride_oh, T, WINDOW, H_Q, GROUP, scale, GATE, DOT, BLOCK_M,
+                                     LIST_BLOCK, True)
 
     # Only the rows of keys in some list were written by the list pass.
     listed = key_ok & in_some_list(start_j, end_j, LIST_BLOCK)
@@ -391,7 +485,7 @@ def sparsek_bwd_list_kernel(
                              + offs_d[None, :], mask=row_ok[:, None], other=0.0)
                 lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-                pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT)
+                pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True)
                 dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
                 du += tl.sum(tl.where(frac, dm, 0.0), 0)
