@@ -67,7 +67,8 @@ SCRIPT = textwrap.dedent('''
                        stages)
         tiles, warps, stages = split(backward["list"])
         compile_kernel(attn.sparsek_bwd_list_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
-                       dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, **tiles), ("scale",), warps, stages)
+                       dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, ONE_HEAD=False, **tiles), ("scale",),
+                       warps, stages)
     if dtype == "bf16":
         compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", SEG_ZEROS="*i32", SEG_WEIGHT="*fp64"),
                        dict(CHUNK=1024))

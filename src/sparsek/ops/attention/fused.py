@@ -167,6 +167,7 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
             q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *_strides(q, k, v, do),
             t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
             GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
+            ONE_HEAD=group == 1,
             **tiles["list"])
 
     dk = _empty(k.shape, k.dtype, k.device)

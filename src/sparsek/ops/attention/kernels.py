@@ -101,8 +101,8 @@ def _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt
     kt = tl.load(k_base + keys[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     vt = tl.load(v_base + keys[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     u_j = tl.load(u_row + keys, mask=key_ok, other=0.0)
-    end_j = tl.load(end_row + keys, mask=key_ok, other=0)
-    allowed = key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+    end_j = tl.load(end_row + keys, mask=key_ok, other=0)       # 0 for empty slots; end_j <= T
+    allowed = offs_m[:, None] < end_j[None, :]
     gap = u_j[None, :] - tau[:, None]
     return kt, vt, allowed, tl.minimum(tl.maximum(gap, 0.0), 1.0), gap
 
@@ -423,10 +423,10 @@ def sparsek_bwd_list_kernel(
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SUB_M: tl.constexpr, ATOMIC: tl.constexpr,
+    SUB_M: tl.constexpr, ATOMIC: tl.constexpr, ONE_HEAD: tl.constexpr,
 ):
     """List-phase dk, dv, du of the keys in some block's list, into float32 scratch (dk, dv with the strides of
-    k; du [R, T]); the band pass adds them."""
+    k; du [R, T]); the band pass adds them. ONE_HEAD: GROUP == 1."""
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -464,7 +464,7 @@ def sparsek_bwd_list_kernel(
         kt = tl.load(k_base + keys64[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         vt = tl.load(v_base + keys64[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         u_j = tl.load(U + du_base + keys64, mask=key_ok, other=0.0)
-        end_j = tl.load(END + du_base + keys64, mask=key_ok, other=0)
+        end_j = tl.load(END + du_base + keys64, mask=key_ok, other=0)  # 0 for empty slots; end_j <= T
 
         # The block's queries in sub-tiles of SUB_M: a wide slot tile (many keys sharing each q / do load)
         # then still fits in registers.
@@ -472,10 +472,12 @@ def sparsek_bwd_list_kernel(
             offs_m = blk * BLOCK_M + sub + tl.arange(0, SUB_M)
             row_ok = offs_m < T
             tau = tl.load(TAU + du_base + offs_m, mask=row_ok, other=float("-inf"))
-            allowed = row_ok[:, None] & key_ok[None, :] & (offs_m[:, None] < end_j[None, :])
+            allowed = offs_m[:, None] < end_j[None, :]
             gap = u_j[None, :] - tau[:, None]
             weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
-            frac = allowed & (gap > 0.0) & (gap < 1.0)
+            frac = (gap > 0.0) & (gap < 1.0)                      # dm = 0 where not allowed, but:
+            if not ONE_HEAD:                                      # measured 2% faster with GQA, 7% slower without
+                frac = frac & allowed
             for g in range(0, GROUP):
                 hq = hk * GROUP + g
                 bh = b * H_Q + hq
