@@ -79,6 +79,10 @@ SCRIPT = textwrap.dedent('''
         compile_kernel(sel.prefix_descend_kernel,
                        dict(ZEROS_BEFORE="*i32", ONES_WEIGHT_BEFORE="*fp64", BREAKS="*fp64", TAU="*fp64", KTH="*i32",
                             KTH_NEXT="*i32"), dict(BLOCK=256))
+        compile_kernel(sel.finish_tau_kernel, dict(U="*fp64", BY_RANK="*i64", KTH="*i32", KTH_NEXT="*i32",
+                                                   TAU_RAW="*fp64", TAU="*fp64", CHUNK_MAX="*fp64"), dict(CHUNK=1024))
+        compile_kernel(sel.running_max_kernel, dict(X="*fp64", CHUNK_MAX="*fp64", OUT="*fp64"),
+                       dict(CHUNK=1024, CHUNKS_POW2=128))
         compile_kernel(sel.slot_entries_kernel, dict(SLOT="*i32", START="*i32", END="*i32", LISTS="*i32"),
                        dict(BLOCK=128, CHUNK=1024))
         compile_kernel(sel.fill_lists_kernel, dict(LISTS="*i32"), dict(BLOCK_CHUNK=32, SLOT_TILE=64))

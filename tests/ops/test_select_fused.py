@@ -13,6 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+
+from sparsek.ops.select import kernels as select_kernels  # noqa: E402
 from sparsek.ops.select.blocks import block_key_lists  # noqa: E402
 from sparsek.ops.select.fused import block_key_lists_triton, select_rows_triton  # noqa: E402
 from sparsek.ops.select.prefix import select_rows  # noqa: E402
@@ -43,3 +46,20 @@ def test_triton_selection_matches_pytorch(t_len, topk, window, kind):
     for block in (1, 4, 16):
         lists = block_key_lists_triton(start, end, topk, block)
         assert torch.equal(lists, block_key_lists(start_ref, end_ref, topk, block))
+
+
+def test_running_max_kernel_carries_across_chunks():
+    """The running maximum of the thresholds (exact prefix thresholds rarely decrease, so the selection tests
+    above hardly reach the carry between chunks): against torch.cummax on random rows, into a strided output."""
+    torch.manual_seed(0)
+    rows, n, chunk = 3, 50, 16
+    x = torch.randn(rows, n, dtype=torch.float64, device=DEVICE)
+    x[1, 20:] = -torch.inf                                   # -inf after a finite prefix
+    n_chunks = triton.cdiv(n, chunk)
+    padded = torch.nn.functional.pad(x, (0, n_chunks * chunk - n), value=-torch.inf)
+    chunk_max = padded.view(rows, n_chunks, chunk).amax(2).contiguous()
+    out = torch.full((rows, n + 5), torch.nan, dtype=torch.float64, device=DEVICE)
+    select_kernels.running_max_kernel[(rows, n_chunks)](x, chunk_max, out[:, 5:], n, n_chunks, n + 5, CHUNK=chunk,
+                                                        CHUNKS_POW2=triton.next_power_of_2(n_chunks))
+    assert torch.equal(out[:, 5:], torch.cummax(x, dim=1).values)
+    assert torch.isnan(out[:, :5]).all()

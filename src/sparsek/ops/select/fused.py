@@ -99,14 +99,18 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
         zeros_before, ones_weight_before, breaks, tau_raw, kth, kth_next, rows, n, 2 * n, nbits,
         zeros_before.stride(0), topk, BLOCK=block)
 
-    # Finish as prefix.py does: the flat case takes the midpoint, short prefixes have no threshold.
-    prefix_len = torch.arange(1, n + 1, device=u.device)
-    theta = uc.gather(1, by_rank.gather(1, kth.long().clamp(max=n - 1)))
-    below = uc.gather(1, by_rank.gather(1, kth_next.long().clamp(max=n - 1)))
-    tau = torch.where(theta - below >= 1, 0.5 * (below + theta - 1), tau_raw.clamp(min=theta - 1))
-    tau = torch.cummax(torch.where(prefix_len > topk, tau, -torch.inf), dim=1).values
+    # Finish as prefix.py does (the flat case takes the midpoint, short prefixes have no threshold), then the
+    # running maximum, written to the queries past the window.
+    chunk = 16 if interpreting() else 1024
+    n_chunks = triton.cdiv(n, chunk)
+    tau = torch.empty_like(tau_raw)
+    chunk_max = torch.empty(rows, n_chunks, dtype=torch.float64, device=u.device)
+    kernels.finish_tau_kernel[(rows, n_chunks)](uc, by_rank, kth, kth_next, tau_raw, tau, chunk_max, n, n_chunks,
+                                                topk, CHUNK=chunk)
     tau_query = torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device)
-    tau_query[:, window:] = tau
+    kernels.running_max_kernel[(rows, n_chunks)](tau, chunk_max, tau_query[:, window:], n, n_chunks, t_len,
+                                                 CHUNK=chunk, CHUNKS_POW2=triton.next_power_of_2(n_chunks))
+    prefix_len = torch.arange(1, n + 1, device=u.device)
 
     # Key j leaves the top-k at the first prefix whose k-th best ranks above it (that rank only improves).
     kth_rank = torch.where(prefix_len >= topk, kth.long(), n)             # no eviction before topk candidates

@@ -86,6 +86,45 @@ def wavelet_write_kernel(VALS, W, NEXT_VALS, NEXT_W, ZEROS_BEFORE, ONES_WEIGHT_B
 
 
 @triton.jit
+def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU_RAW, TAU, CHUNK_MAX, N, N_CHUNKS, topk, CHUNK: tl.constexpr):
+    """The threshold of every prefix length before its running maximum, finished as prefix.py does: where the
+    topk-th and (topk+1)-th best keys (u theta, below) are 1 or more apart the threshold is flat and takes the
+    midpoint, else the descent's tau (at least theta - 1); prefixes of at most topk candidates have none (-inf).
+    U [R, N] float64, BY_RANK [R, N] int64, KTH, KTH_NEXT [R, N] int32, TAU_RAW -> TAU [R, N] float64, and the
+    maximum of each chunk -> CHUNK_MAX [R, N_CHUNKS]."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < N
+    base = row.to(tl.int64) * N
+    kth = tl.minimum(tl.load(KTH + base + offs, mask=inside, other=0), N - 1)
+    kth_next = tl.minimum(tl.load(KTH_NEXT + base + offs, mask=inside, other=0), N - 1)
+    theta = tl.load(U + base + tl.load(BY_RANK + base + kth, mask=inside, other=0), mask=inside, other=0.0)
+    below = tl.load(U + base + tl.load(BY_RANK + base + kth_next, mask=inside, other=0), mask=inside, other=0.0)
+    tau_raw = tl.load(TAU_RAW + base + offs, mask=inside, other=0.0)
+    tau = tl.where(theta - below >= 1, 0.5 * (below + theta - 1), tl.maximum(tau_raw, theta - 1))
+    tau = tl.where(inside & (offs + 1 > topk), tau, float("-inf"))
+    tl.store(TAU + base + offs, tau, mask=inside)
+    tl.store(CHUNK_MAX + row * N_CHUNKS + chunk, tl.max(tau, 0))
+
+
+@triton.jit
+def running_max_kernel(X, CHUNK_MAX, OUT, N, N_CHUNKS, out_row_stride, CHUNK: tl.constexpr,
+                       CHUNKS_POW2: tl.constexpr):
+    """OUT[r, i] = max(X[r, :i + 1]) for X [R, N] (values only, unlike torch.cummax), from the chunk maxima
+    of finish_tau_kernel. OUT rows are out_row_stride apart."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.arange(0, CHUNKS_POW2)
+    before = tl.load(CHUNK_MAX + row * N_CHUNKS + chunks, mask=chunks < chunk, other=float("-inf"))
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < N
+    x = tl.load(X + row.to(tl.int64) * N + offs, mask=inside, other=float("-inf"))
+    running = tl.maximum(tl.associative_scan(x, 0, _max_combine), tl.max(before, 0))
+    tl.store(OUT + row.to(tl.int64) * out_row_stride + offs, running, mask=inside)
+
+
+@triton.jit
 def _kth_step(zeros_before, n_zeros, lo, hi, rank, answer):
     """One level of a k-th smallest descent on the range [lo, hi)."""
     z_lo = tl.load(zeros_before + lo)
