@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource
 
     from sparsek.ops.attention import fused, kernels as attn
+    from sparsek.ops.decode import fused as decode, kernels as decode_kernels
     from sparsek.ops.select import kernels as sel
 
     def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2):
@@ -69,6 +70,12 @@ SCRIPT = textwrap.dedent('''
         compile_kernel(attn.sparsek_bwd_list_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
                        dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, ONE_HEAD=False, **tiles), ("scale",),
                        warps, stages)
+    tiles, warps, stages = split(decode.decode_tiles(head_dim))
+    compile_kernel(decode_kernels.decode_fwd_kernel,
+                   dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", OUT=x, M_PART="*fp32", L_PART="*fp32",
+                        ACC_PART="*fp32"),
+                   dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
+                   warps, stages)
     if dtype == "bf16":
         compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", SEG_ZEROS="*i32", SEG_WEIGHT="*fp64"),
                        dict(CHUNK=1024))
