@@ -159,16 +159,17 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
     blocks_per_program = triton.cdiv(n_blocks, chunks)
     chunks = triton.cdiv(n_blocks, blocks_per_program)
-    scratch = torch.zeros if chunks > 1 else _empty
-    dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
-    du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
-    if topk > 0:
+    if topk == 0:                       # no key is listed and the band pass reads no scratch row
+        dk_list = dv_list = du_list = torch.empty(1, dtype=torch.float32, device=k.device)
+    else:
+        scratch = torch.zeros if chunks > 1 else _empty
+        dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
+        du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
         kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
             q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *_strides(q, k, v, do),
             t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
             GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
-            ONE_HEAD=group == 1,
-            **tiles["list"])
+            ONE_HEAD=group == 1, **tiles["list"])
 
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
