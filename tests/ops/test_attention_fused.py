@@ -73,6 +73,7 @@ CASES = [
     (1, 64, 2, 1, 16, 20, 9, "v"),        # T a multiple of the tile
     (1, 130, 2, 1, 16, 6, 60, "kv"),      # window wider than a tile: unmasked tiles inside every window
     (1, 97, 1, 1, 16, 4, 41, "none"),
+    (1, 100, 4, 2, 16, 5, 50, "v"),       # unmasked tiles with GQA and gate v, forward included
 ]
 
 

@@ -114,6 +114,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     """o [B, T, Hq, D] and lse [B * Hq, T] (log2 units). u, tau float32 and start, end int32, all [R, T];
     lists [R, NB, K] and poison [1] from _forward_selection with the forward's BLOCK_M."""
     batch, t_len, n_q_heads, head_dim = q.shape
+    window = min(window, t_len)                  # same pairs; keeps the kernels' int32 index math small
     group = n_q_heads // k.shape[2]
     tiles = forward_tiles(head_dim)
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
@@ -133,6 +134,7 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32).
     lists: the forward's block key lists."""
     batch, t_len, n_q_heads, head_dim = q.shape
+    window = min(window, t_len)                  # same pairs; keeps the kernels' int32 index math small
     n_kv_heads = k.shape[2]
     group = n_q_heads // n_kv_heads
     tiles = backward_tiles(head_dim)

@@ -112,7 +112,8 @@ def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU_RAW, TAU, CHUNK_MAX, N, N_C
 def running_max_kernel(X, CHUNK_MAX, OUT, N, N_CHUNKS, out_row_stride, CHUNK: tl.constexpr,
                        CHUNKS_POW2: tl.constexpr):
     """OUT[r, i] = max(X[r, :i + 1]) for X [R, N] (values only, unlike torch.cummax), from the chunk maxima
-    of finish_tau_kernel. OUT rows are out_row_stride apart."""
+    of finish_tau_kernel. OUT rows are out_row_stride apart. (A NaN threshold, from a NaN score, may be
+    dropped by the maximum on a GPU; the attention's poison marks such calls anyway.)"""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     chunks = tl.arange(0, CHUNKS_POW2)
