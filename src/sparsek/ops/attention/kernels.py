@@ -12,8 +12,9 @@ The keys of query block [i0, i0 + BLOCK_M) are visited in two phases that never 
      candidates inside the block; pair (i, j) counts if j is in i's window or selected by i.
 The blocks of the lists (LIST_BLOCK) fix this split; the dq and band passes may walk smaller query tiles, each
 taking the list of its list block l0 and the band (l0 - w, i0 + BLOCK_M).
-The mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window) is computed on the fly; nothing of size T x T or
-T x topk per query exists. Softmax runs in base 2 (lse in log2 units).
+The mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window) is computed on the fly; band tiles that lie in the
+window of every query of a tile skip that math. Nothing of size T x T or T x topk per query exists. Softmax
+runs in base 2 (lse in log2 units).
 
 Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases (which
 also writes delta = rowsum(dO * O) for the other two); dk, dv and the direct score gradient du from two
