@@ -34,9 +34,9 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     scale = head_dim ** -0.5
     row = dict(T=t_len)
     row["select"] = ms(lambda: select_rows_triton(u, topk, window))
-    row["select+lists (graphed)"] = ms(lambda: fused.forward_selection((u,), (topk, window, 128)))
-    tau, start, end, lists, poison = fused.forward_selection(
-        (u,), (topk, window, fused.forward_tiles(head_dim)["BLOCK_M"]))
+    block = fused.forward_tiles(head_dim)["BLOCK_M"]                  # the block of the forward's key lists
+    row["select+lists (graphed)"] = ms(lambda: fused.forward_selection((u,), (topk, window, block)))
+    tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
 
     row["fwd kernel"] = ms(lambda: fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, "kv",
                                                        scale))

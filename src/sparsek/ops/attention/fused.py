@@ -142,33 +142,34 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
         o = o.contiguous()
+    strides = _strides(q, k, v, do)
 
     dq = _empty(q.shape, q.dtype, q.device)
     dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
     delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)  # written by the dq pass
     kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, tiles["dq"]["BLOCK_M"]), batch * n_q_heads)](
-        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
+        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *strides,
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["dq"])
 
     # The list pass writes the sums of listed keys to float32 scratch; the band pass adds them to its own and
     # stores dk, dv in the dtype of k, v.
-    slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
-    # One program per slot tile walks all blocks and stores each key's sums once. When that leaves the GPU
-    # idle, the blocks are split in chunks whose programs add atomically into zeroed scratch. (Under the
-    # interpreter the threshold is 2 so that the tests see both paths.)
-    programs_wanted = 2 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-    chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
-    blocks_per_program = triton.cdiv(n_blocks, chunks)
-    chunks = triton.cdiv(n_blocks, blocks_per_program)
     if topk == 0:                       # no key is listed and the band pass reads no scratch row
         dk_list = dv_list = du_list = torch.empty(1, dtype=torch.float32, device=k.device)
     else:
+        slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
+        # One program per slot tile walks all blocks and stores each key's sums once. When that leaves the GPU
+        # idle, the blocks are split in chunks whose programs add atomically into zeroed scratch. (Under the
+        # interpreter the threshold is 2 so that the tests see both paths.)
+        programs_wanted = 2 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
+        blocks_per_program = triton.cdiv(n_blocks, chunks)
+        chunks = triton.cdiv(n_blocks, blocks_per_program)
         scratch = torch.zeros if chunks > 1 else _empty
         dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
         du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
         kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
-            q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *_strides(q, k, v, do),
+            q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *strides,
             t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
             GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
             ONE_HEAD=group == 1, **tiles["list"])
@@ -177,7 +178,7 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     dv = _empty(v.shape, v.dtype, v.device)
     du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
     kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), batch * n_kv_heads)](
-        q, k, v, u, tau, start, end, do, lse, delta, dk_list, dv_list, du_list, dk, dv, du, *_strides(q, k, v, do),
+        q, k, v, u, tau, start, end, do, lse, delta, dk_list, dv_list, du_list, dk, dv, du, *strides,
         t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, n_q_heads, group, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["band"])
     return dq, dk, dv, du, dtau
