@@ -77,17 +77,17 @@ SCRIPT = textwrap.dedent('''
                    dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
                    warps, stages)
     if dtype == "bf16":
-        compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", SEG_ZEROS="*i32", SEG_WEIGHT="*fp64"),
-                       dict(CHUNK=1024))
+        parts = dict(PART_SEG="*i32", PART_ZEROS="*i32", PART_WEIGHT="*fp64")
+        compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", **parts), dict(CHUNK=1024))
         compile_kernel(sel.wavelet_write_kernel,
                        dict(VALS="*i32", W="*fp64", NEXT_VALS="*i32", NEXT_W="*fp64", ZEROS_BEFORE="*i32",
-                            ONES_WEIGHT_BEFORE="*fp64", SEG_ZEROS="*i32", SEG_WEIGHT="*fp64"),
-                       dict(CHUNK=1024, SEG_POW2=8))
+                            ONES_WEIGHT_BEFORE="*fp64", **parts, **{"NEXT_" + k: v for k, v in parts.items()}),
+                       dict(CHUNK=1024, PARTS_POW2=64))
         compile_kernel(sel.prefix_descend_kernel,
                        dict(ZEROS_BEFORE="*i32", ONES_WEIGHT_BEFORE="*fp64", BREAKS="*fp64", TAU="*fp64", KTH="*i32",
                             KTH_NEXT="*i32"), dict(BLOCK=256))
         compile_kernel(sel.finish_tau_kernel, dict(U="*fp64", BY_RANK="*i64", KTH="*i32", KTH_NEXT="*i32",
-                                                   TAU_RAW="*fp64", TAU="*fp64", CHUNK_MAX="*fp64"), dict(CHUNK=1024))
+                                                   TAU="*fp64", CHUNK_MAX="*fp64"), dict(CHUNK=1024))
         compile_kernel(sel.running_max_kernel, dict(X="*fp64", CHUNK_MAX="*fp64", OUT="*fp64"),
                        dict(CHUNK=1024, CHUNKS_POW2=128))
         compile_kernel(sel.slot_entries_kernel, dict(SLOT="*i32", START="*i32", END="*i32", LISTS="*i32"),

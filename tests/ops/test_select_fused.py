@@ -63,3 +63,20 @@ def test_running_max_kernel_carries_across_chunks():
                                                         CHUNKS_POW2=triton.next_power_of_2(n_chunks))
     assert torch.equal(out[:, 5:], torch.cummax(x, dim=1).values)
     assert torch.isnan(out[:, :5]).all()
+
+
+@pytest.mark.parametrize("rows,weighted,n,nbits", [(3, 2, 100, 8), (6, 4, 37, 7), (2, 1, 8, 4), (3, 2, 1, 1)])
+def test_wavelet_levels_match_pytorch(rows, weighted, n, nbits):
+    # Many short segments per row (16 entries under the interpreter), so that the counts each level's launch
+    # passes to the next cross segment boundaries; rows past `weighted` carry no weights.
+    from sparsek.ops.select.fused import _wavelet_levels
+    from sparsek.ops.select.wavelet import wavelet_levels
+
+    torch.manual_seed(n)
+    vals = torch.randint(0, 1 << nbits, (rows, n), device=DEVICE, dtype=torch.int32)
+    weights = torch.randn(weighted, n, device=DEVICE, dtype=torch.float64)
+    zeros_before, ones_weight_before = _wavelet_levels(vals.clone(), weights.clone(), nbits)
+    all_weights = torch.cat([weights, torch.zeros(rows - weighted, n, device=DEVICE, dtype=torch.float64)])
+    for level, ref in enumerate(wavelet_levels(vals.long(), nbits, all_weights)):
+        assert torch.equal(zeros_before[level].long(), ref.zeros_before)
+        torch.testing.assert_close(ones_weight_before[level], ref.ones_weight_before[:weighted], atol=1e-12, rtol=0)

@@ -2,9 +2,10 @@
 in a few dozen launches instead of thousands of small PyTorch operations.
 
 Shape legend: R rows, T keys per row, L = T - window candidate positions, M = 3R stacked wavelet rows.
-Memory: every wavelet level is kept for the single descent kernel, nbits(2L) x M x (L + 1) x 12 bytes
-(about 1.4 GB for 16 rows of 128k), freed on return, unless the call is replayed as a CUDA graph (up to 2^19
-scores, see ops/graphs.py), whose memory pool keeps it; more rows are processed in groups within 2 GiB.
+Memory: every wavelet level is kept for the single descent kernel, nbits(2L) x (L + 1) x 28R bytes (int32
+counts for the 3R rows, float64 weights for the 2R p and q rows: about 1.05 GB for 16 rows of 128k), freed on
+return, unless the call is replayed as a CUDA graph (up to 2^19 scores, see ops/graphs.py), whose memory pool
+keeps it; more rows are processed in groups within 2 GiB.
 """
 
 from __future__ import annotations
@@ -27,38 +28,45 @@ def interpreting() -> bool:
 
 def _programs_wanted(device: torch.device) -> int:
     if interpreting():
-        return 1
+        return 16          # several segments per row even on the tests' short rows
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, Tensor]:
-    """All levels of the wavelet matrices of vals [M, L] (int32) with weights [M, L] (float64):
-    zeros_before [nbits, M, L + 1] int32 and ones_weight_before [nbits, M, L + 1] float64."""
+    """All levels of the wavelet matrices of vals [M, L] (int32), the first M_W rows weighted by weights
+    [M_W, L] (float64; the other rows weigh nothing): zeros_before [nbits, M, L + 1] int32 and
+    ones_weight_before [nbits, M_W, L + 1] float64. vals and weights serve as scratch (overwritten)."""
     rows, n = vals.shape
-    chunk = 32 if interpreting() else 1024
+    weighted = weights.shape[0]
+    chunk = 16 if interpreting() else 1024
     n_seg = max(1, min(triton.cdiv(n, chunk), triton.cdiv(_programs_wanted(vals.device), rows)))
     seg_len = triton.cdiv(triton.cdiv(n, n_seg), chunk) * chunk
     n_seg = triton.cdiv(n, seg_len)
     zeros_before = torch.empty(nbits, rows, n + 1, dtype=torch.int32, device=vals.device)
-    ones_weight_before = torch.empty(nbits, rows, n + 1, dtype=torch.float64, device=vals.device)
-    seg_zeros = torch.empty(rows, n_seg, dtype=torch.int32, device=vals.device)
-    seg_weight = torch.empty(rows, n_seg, dtype=torch.float64, device=vals.device)
-    cur_vals, next_vals = vals.clone(), torch.empty_like(vals)
-    cur_w, next_w = weights.clone(), torch.empty_like(weights)
+    ones_weight_before = torch.empty(nbits, weighted, n + 1, dtype=torch.float64, device=vals.device)
+
+    def new_parts():  # per segment of a level, 4 parts: [next segment, zeros, weight of the ones]
+        return (torch.empty(rows, 4 * n_seg, dtype=torch.int32, device=vals.device),
+                torch.empty(rows, 4 * n_seg, dtype=torch.int32, device=vals.device),
+                torch.empty(rows, 4 * n_seg, dtype=torch.float64, device=vals.device))
+
+    parts, next_parts = new_parts(), new_parts()
+    cur_vals, next_vals = vals, torch.empty_like(vals)
+    cur_w, next_w = weights, torch.empty_like(weights)
+    kernels.wavelet_count_kernel[(rows, n_seg)](cur_vals, cur_w, *parts, n, weighted, seg_len, n_seg, nbits - 1,
+                                                CHUNK=chunk)
     for level in range(nbits):
-        shift = nbits - 1 - level
-        kernels.wavelet_count_kernel[(rows, n_seg)](cur_vals, cur_w, seg_zeros, seg_weight, n, seg_len, n_seg, shift,
-                                                    CHUNK=chunk)
         kernels.wavelet_write_kernel[(rows, n_seg)](
-            cur_vals, cur_w, next_vals, next_w, zeros_before[level], ones_weight_before[level], seg_zeros,
-            seg_weight, n, seg_len, n_seg, shift, CHUNK=chunk, SEG_POW2=triton.next_power_of_2(n_seg))
+            cur_vals, cur_w, next_vals, next_w, zeros_before[level], ones_weight_before[level], *parts, *next_parts,
+            n, weighted, seg_len, n_seg, nbits - 1 - level, CHUNK=chunk, PARTS_POW2=triton.next_power_of_2(4 * n_seg))
         cur_vals, next_vals = next_vals, cur_vals
         cur_w, next_w = next_w, cur_w
+        parts, next_parts = next_parts, parts
     return zeros_before, ones_weight_before
 
 
-# Scratch bytes per call, at most: rows are processed in groups that fit (the levels take 12 bytes per
-# position, per level, per wavelet row).
+# Scratch bytes per call, at most: rows are processed in groups that fit (the levels take 28 bytes per
+# position, per level, per selection row).
 MAX_SCRATCH_BYTES = 2 << 30
 
 
@@ -67,7 +75,7 @@ def select_rows_triton(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     """Triton twin of `prefix.select_rows`: u [R, T] -> tau [R, T] float64, start, end [R, T] int64."""
     rows, t_len = u.shape
     n = max(1, t_len - window)
-    group = max(1, MAX_SCRATCH_BYTES // (bits_needed(2 * n) * 3 * (n + 1) * 12))
+    group = max(1, MAX_SCRATCH_BYTES // (bits_needed(2 * n) * (n + 1) * 28))
     if rows > group:
         parts = [_select_rows_group(u[r:r + group], topk, window) for r in range(0, rows, group)]
         return tuple(torch.cat(p) for p in zip(*parts))
@@ -87,26 +95,25 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(2 * n, device=u.device).expand_as(order))
     by_rank, rank_best = _best_first(uc)
     vals = torch.cat([rank[:, :n], rank[:, n:], rank_best]).int().contiguous()       # [3R, L]
-    weights = torch.cat([uc, uc, torch.zeros_like(uc)]).contiguous()
+    weights = torch.cat([uc, uc]).contiguous()                                        # p and q rows only
     nbits = bits_needed(2 * n)
     zeros_before, ones_weight_before = _wavelet_levels(vals, weights, nbits)
 
-    tau_raw = torch.empty(rows, n, dtype=torch.float64, device=u.device)
+    tau = torch.empty(rows, n, dtype=torch.float64, device=u.device)
     kth = torch.empty(rows, n, dtype=torch.int32, device=u.device)
     kth_next = torch.empty_like(kth)
     block = 64 if interpreting() else 256
     kernels.prefix_descend_kernel[(rows, triton.cdiv(n, block))](
-        zeros_before, ones_weight_before, breaks, tau_raw, kth, kth_next, rows, n, 2 * n, nbits,
-        zeros_before.stride(0), topk, BLOCK=block)
+        zeros_before, ones_weight_before, breaks, tau, kth, kth_next, rows, n, 2 * n, nbits,
+        zeros_before.stride(0), ones_weight_before.stride(0), topk, BLOCK=block)
 
     # Finish as prefix.py does (the flat case takes the midpoint, short prefixes have no threshold), then the
     # running maximum, written to the queries past the window.
     chunk = 16 if interpreting() else 1024
     n_chunks = triton.cdiv(n, chunk)
-    tau = torch.empty_like(tau_raw)
     chunk_max = torch.empty(rows, n_chunks, dtype=torch.float64, device=u.device)
-    kernels.finish_tau_kernel[(rows, n_chunks)](uc, by_rank, kth, kth_next, tau_raw, tau, chunk_max, n, n_chunks,
-                                                topk, CHUNK=chunk)
+    kernels.finish_tau_kernel[(rows, n_chunks)](uc, by_rank, kth, kth_next, tau, chunk_max, n, n_chunks, topk,
+                                                CHUNK=chunk)
     tau_query = torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device)
     kernels.running_max_kernel[(rows, n_chunks)](tau, chunk_max, tau_query[:, window:], n, n_chunks, t_len,
                                                  CHUNK=chunk, CHUNKS_POW2=triton.next_power_of_2(n_chunks))

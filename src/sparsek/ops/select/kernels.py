@@ -4,10 +4,11 @@ Shape legend: R selection rows, L = T - window candidate positions per row, M = 
 q-rank and best-first-rank sequences of every row, stacked), NB query blocks, K slots.
 
 The algorithm is the one of prefix.py (read it first); here it is split for a GPU:
-  * wavelet_count_kernel / wavelet_write_kernel build one level of all M wavelet matrices: a segment of a row
-    per program, counting its zeros first, then writing prefix counts (zeros_before, and the weight of the
-    ones before each position) and the stably partitioned sequence of the next level. Every level is kept,
-    so the descent needs no state in memory between levels.
+  * wavelet_write_kernel builds one level of all M wavelet matrices: a segment of a row per program, writing
+    prefix counts (zeros_before, and for the p and q rows the weight of the ones before each position), the
+    stably partitioned sequence of the next level and that level's per-segment counts, which the next launch
+    needs before it can start (wavelet_count_kernel counts the first level). Every level is kept, so the
+    descent needs no state in memory between levels.
   * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
     p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
   * slot_entries_kernel and fill_lists_kernel write each query block's slot array (see blocks.py): every key
@@ -21,77 +22,121 @@ import triton.language as tl
 
 
 @triton.jit
-def _level_chunk(VALS, W, base, c0, hi, shift, CHUNK: tl.constexpr):
-    """Entries [c0, c0 + CHUNK) of a row (below hi) at one level: offsets, in-range mask, values, weights, the
-    level's bit, and per entry 1 for a zero bit and the weight of a one bit (0 outside the range)."""
+def _level_chunk(VALS, W, base, w_base, c0, hi, w_len, shift, CHUNK: tl.constexpr):
+    """Entries [c0, c0 + CHUNK) of a row (below hi) at one level: offsets, in-range mask, values, weights (of
+    the first w_len entries: 0 for rows without weights), the level's bit, and per entry 1 for a zero bit and
+    the weight of a one bit (0 outside the range)."""
     offs = c0 + tl.arange(0, CHUNK)
     inside = offs < hi
     vals = tl.load(VALS + base + offs, mask=inside, other=0)
-    weight = tl.load(W + base + offs, mask=inside, other=0.0)
+    weight = tl.load(W + w_base + offs, mask=inside & (offs < w_len), other=0.0)
     bit = (vals >> shift) & 1
     is_zero = tl.where(inside & (bit == 0), 1, 0)
-    one_weight = tl.where(inside & (bit == 1), weight, 0.0)
+    one_weight = tl.where(bit == 1, weight, 0.0)
     return offs, inside, vals, weight, bit, is_zero, one_weight
 
 
 @triton.jit
-def wavelet_count_kernel(VALS, W, SEG_ZEROS, SEG_WEIGHT, N, SEG_LEN, N_SEG, shift, CHUNK: tl.constexpr):
-    """Zeros of bit `shift` and the weight of its ones in each segment: -> SEG_ZEROS, SEG_WEIGHT [M, N_SEG]."""
+def _row_bases(row, N, N_WEIGHTED):
+    """Offsets of a row in the [M, N] values and the [M_W, N] weights (clamped for rows without weights, whose
+    weight accesses are all masked), and the row's weighted length: N, or 0 without weights."""
+    return row.to(tl.int64) * N, tl.minimum(row, N_WEIGHTED - 1).to(tl.int64) * N, tl.where(row < N_WEIGHTED, N, 0)
+
+
+@triton.jit
+def wavelet_count_kernel(VALS, W, PART_SEG, PART_ZEROS, PART_WEIGHT, N, N_WEIGHTED, SEG_LEN, N_SEG, shift,
+                         CHUNK: tl.constexpr):
+    """The first level's parts (see wavelet_write_kernel): part 0 of each segment holds its zeros of bit
+    `shift` and the weight of its ones, parts 1-3 are empty. -> PART_SEG, PART_ZEROS, PART_WEIGHT [M, 4 N_SEG]."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    base = row.to(tl.int64) * N
+    base, w_base, w_len = _row_bases(row, N, N_WEIGHTED)
     lo = seg * SEG_LEN
     hi = tl.minimum(lo + SEG_LEN, N)
     n_zeros = tl.zeros([CHUNK], dtype=tl.int32)
     ones_weight = tl.zeros([CHUNK], dtype=tl.float64)
     for c0 in range(lo, hi, CHUNK):
-        _, _, _, _, _, is_zero, one_weight = _level_chunk(VALS, W, base, c0, hi, shift, CHUNK)
+        _, _, _, _, _, is_zero, one_weight = _level_chunk(VALS, W, base, w_base, c0, hi, w_len, shift, CHUNK)
         n_zeros += is_zero
         ones_weight += one_weight
-    tl.store(SEG_ZEROS + row * N_SEG + seg, tl.sum(n_zeros, 0))
-    tl.store(SEG_WEIGHT + row * N_SEG + seg, tl.sum(ones_weight, 0))
+    parts = tl.arange(0, 4)
+    out = (row * N_SEG + seg) * 4 + parts
+    tl.store(PART_SEG + out, seg + parts * 0)
+    tl.store(PART_ZEROS + out, tl.where(parts == 0, tl.sum(n_zeros, 0), 0))
+    tl.store(PART_WEIGHT + out, tl.where(parts == 0, tl.sum(ones_weight, 0), 0.0))
 
 
 @triton.jit
-def wavelet_write_kernel(VALS, W, NEXT_VALS, NEXT_W, ZEROS_BEFORE, ONES_WEIGHT_BEFORE, SEG_ZEROS, SEG_WEIGHT,
-                         N, SEG_LEN, N_SEG, shift, CHUNK: tl.constexpr, SEG_POW2: tl.constexpr):
-    """One level: prefix counts [M, N + 1] of this level and the partitioned sequence of the next."""
+def wavelet_write_kernel(VALS, W, NEXT_VALS, NEXT_W, ZEROS_BEFORE, ONES_WEIGHT_BEFORE, PART_SEG, PART_ZEROS,
+                         PART_WEIGHT, NEXT_PART_SEG, NEXT_PART_ZEROS, NEXT_PART_WEIGHT, N, N_WEIGHTED, SEG_LEN, N_SEG,
+                         shift, CHUNK: tl.constexpr, PARTS_POW2: tl.constexpr):
+    """One level: prefix counts of this level (ZEROS_BEFORE [M, N + 1], ONES_WEIGHT_BEFORE [M_W, N + 1]) and
+    the partitioned sequence of the next, plus the next level's parts, so that no extra pass has to count it.
+
+    A segment's zeros land in one run of the next level and its ones in another; each run, no longer than a
+    segment, covers at most two of the next level's segments. Those four pieces are the segment's parts: for
+    each, the segment of the next level it lies in (PART_SEG), its zeros of the next bit (PART_ZEROS) and the
+    weight of its ones (PART_WEIGHT), [M, 4 N_SEG]. A segment's prefix counts are the sums over the parts that
+    lie in earlier segments, summed in a fixed order (no atomics), so the float64 sums are reproducible.
+    """
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    base = row.to(tl.int64) * N
-    prefix_base = row.to(tl.int64) * (N + 1)
-    segs = tl.arange(0, SEG_POW2)
-    seg_zeros = tl.load(SEG_ZEROS + row * N_SEG + segs, mask=segs < N_SEG, other=0)
-    seg_weight = tl.load(SEG_WEIGHT + row * N_SEG + segs, mask=segs < N_SEG, other=0.0)
-    zeros_before = tl.sum(tl.where(segs < seg, seg_zeros, 0), 0)
-    weight_before = tl.sum(tl.where(segs < seg, seg_weight, 0.0), 0)
-    total_zeros = tl.sum(seg_zeros, 0)
+    base, w_base, w_len = _row_bases(row, N, N_WEIGHTED)
+    prefix_base = base + row                          # rows of N + 1 prefix counts
+    w_prefix_base = w_base + tl.minimum(row, N_WEIGHTED - 1)
+    parts = tl.arange(0, PARTS_POW2)
+    part_ok = parts < 4 * N_SEG
+    part_seg = tl.load(PART_SEG + row * N_SEG * 4 + parts, mask=part_ok, other=N_SEG)
+    part_zeros = tl.load(PART_ZEROS + row * N_SEG * 4 + parts, mask=part_ok, other=0)
+    part_weight = tl.load(PART_WEIGHT + row * N_SEG * 4 + parts, mask=part_ok, other=0.0)
+    zeros_before = tl.sum(tl.where(part_seg < seg, part_zeros, 0), 0)
+    weight_before = tl.sum(tl.where(part_seg < seg, part_weight, 0.0), 0)
+    total_zeros = tl.sum(part_zeros, 0)
 
     lo = seg * SEG_LEN
     hi = tl.minimum(lo + SEG_LEN, N)
+    # The next level's segments where this segment's zero run and one run begin.
+    zero_run_seg = zeros_before // SEG_LEN
+    one_run_seg = (total_zeros + lo - zeros_before) // SEG_LEN
+    quarter = tl.arange(0, 4)
+    next_zeros = tl.zeros([4], dtype=tl.int32)
+    next_weight = tl.zeros([4], dtype=tl.float64)
+    next_shift = tl.maximum(shift - 1, 0)             # unused at the last level (shift 0)
     for c0 in range(lo, hi, CHUNK):
-        offs, inside, vals, weight, bit, is_zero, one_weight = _level_chunk(VALS, W, base, c0, hi, shift, CHUNK)
+        offs, inside, vals, weight, bit, is_zero, one_weight = _level_chunk(VALS, W, base, w_base, c0, hi, w_len,
+                                                                           shift, CHUNK)
         z_before = zeros_before + tl.cumsum(is_zero, 0) - is_zero
         w_before = weight_before + tl.cumsum(one_weight, 0) - one_weight
         tl.store(ZEROS_BEFORE + prefix_base + offs, z_before, mask=inside)
-        tl.store(ONES_WEIGHT_BEFORE + prefix_base + offs, w_before, mask=inside)
+        tl.store(ONES_WEIGHT_BEFORE + w_prefix_base + offs, w_before, mask=inside & (offs < w_len))
         dest = tl.where(bit == 0, z_before, total_zeros + offs - z_before)
         tl.store(NEXT_VALS + base + dest, vals, mask=inside)
-        tl.store(NEXT_W + base + dest, weight, mask=inside)
+        tl.store(NEXT_W + w_base + dest, weight, mask=inside & (offs < w_len))
+        part = 2 * bit + dest // SEG_LEN - tl.where(bit == 0, zero_run_seg, one_run_seg)
+        next_bit = (vals >> next_shift) & 1
+        in_part = part[:, None] == quarter[None, :]
+        next_zeros += tl.sum(tl.where(in_part & (inside & (next_bit == 0))[:, None], 1, 0), 0)
+        next_weight += tl.sum(tl.where(in_part & (next_bit == 1)[:, None], weight[:, None], 0.0), 0)
         zeros_before += tl.sum(is_zero, 0)
         weight_before += tl.sum(one_weight, 0)
+    if shift > 0:
+        out = (row * N_SEG + seg) * 4 + quarter
+        tl.store(NEXT_PART_SEG + out, tl.where(quarter < 2, zero_run_seg, one_run_seg) + quarter % 2)
+        tl.store(NEXT_PART_ZEROS + out, next_zeros)
+        tl.store(NEXT_PART_WEIGHT + out, next_weight)
     if seg == N_SEG - 1:
         tl.store(ZEROS_BEFORE + prefix_base + N, total_zeros)
-        tl.store(ONES_WEIGHT_BEFORE + prefix_base + N, weight_before)
+        if w_len > 0:
+            tl.store(ONES_WEIGHT_BEFORE + w_prefix_base + N, weight_before)
 
 
 @triton.jit
-def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU_RAW, TAU, CHUNK_MAX, N, N_CHUNKS, topk, CHUNK: tl.constexpr):
+def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU, CHUNK_MAX, N, N_CHUNKS, topk, CHUNK: tl.constexpr):
     """The threshold of every prefix length before its running maximum, finished as prefix.py does: where the
     topk-th and (topk+1)-th best keys (u theta, below) are 1 or more apart the threshold is flat and takes the
     midpoint, else the descent's tau (at least theta - 1); prefixes of at most topk candidates have none (-inf).
-    U [R, N] float64, BY_RANK [R, N] int64, KTH, KTH_NEXT [R, N] int32, TAU_RAW -> TAU [R, N] float64, and the
-    maximum of each chunk -> CHUNK_MAX [R, N_CHUNKS]."""
+    U [R, N] float64, BY_RANK [R, N] int64, KTH, KTH_NEXT [R, N] int32; TAU [R, N] float64, the descent's
+    threshold, finished in place; the maximum of each chunk -> CHUNK_MAX [R, N_CHUNKS]."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -101,7 +146,7 @@ def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU_RAW, TAU, CHUNK_MAX, N, N_C
     kth_next = tl.minimum(tl.load(KTH_NEXT + base + offs, mask=inside, other=0), N - 1)
     theta = tl.load(U + base + tl.load(BY_RANK + base + kth, mask=inside, other=0), mask=inside, other=0.0)
     below = tl.load(U + base + tl.load(BY_RANK + base + kth_next, mask=inside, other=0), mask=inside, other=0.0)
-    tau_raw = tl.load(TAU_RAW + base + offs, mask=inside, other=0.0)
+    tau_raw = tl.load(TAU + base + offs, mask=inside, other=0.0)
     tau = tl.where(theta - below >= 1, 0.5 * (below + theta - 1), tl.maximum(tau_raw, theta - 1))
     tau = tl.where(inside & (offs + 1 > topk), tau, float("-inf"))
     tl.store(TAU + base + offs, tau, mask=inside)
@@ -140,9 +185,10 @@ def _kth_step(zeros_before, n_zeros, lo, hi, rank, answer):
 
 @triton.jit
 def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KTH_NEXT,
-                          R, N, N_BREAKS, NBITS, LEVEL_STRIDE, topk, BLOCK: tl.constexpr):
+                          R, N, N_BREAKS, NBITS, LEVEL_STRIDE, WEIGHT_LEVEL_STRIDE, topk, BLOCK: tl.constexpr):
     """For every prefix length c = 1..N of row r: the closed-form tau of the last breakpoint with
-    f_c >= topk (TAU), and the best-first ranks of the topk-th and (topk+1)-th best keys (KTH, KTH_NEXT)."""
+    f_c >= topk (TAU), and the best-first ranks of the topk-th and (topk+1)-th best keys (KTH, KTH_NEXT).
+    ZEROS_BEFORE [NBITS, 3R, N + 1] and ONES_WEIGHT_BEFORE [NBITS, 2R, N + 1] (the rank rows have no weights)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
@@ -200,7 +246,7 @@ def prefix_descend_kernel(ZEROS_BEFORE, ONES_WEIGHT_BEFORE, BREAKS, TAU, KTH, KT
         lo_1, hi_1, rank_1, ans_1 = _kth_step(zb + r_row, nz_r, lo_1, hi_1, rank_1, ans_1)
         lo_2, hi_2, rank_2, ans_2 = _kth_step(zb + r_row, nz_r, lo_2, hi_2, rank_2, ans_2)
         zb += LEVEL_STRIDE
-        wb += LEVEL_STRIDE
+        wb += WEIGHT_LEVEL_STRIDE
 
     tau = (s_p - s_q + n_q - topk) / tl.maximum(n_p - n_q, 1).to(tl.float64)
     out = row.to(tl.int64) * N + offs
