@@ -80,3 +80,25 @@ def test_wavelet_levels_match_pytorch(rows, weighted, n, nbits):
     for level, ref in enumerate(wavelet_levels(vals.long(), nbits, all_weights)):
         assert torch.equal(zeros_before[level].long(), ref.zeros_before)
         torch.testing.assert_close(ones_weight_before[level], ref.ones_weight_before[:weighted], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "shifted ties"])
+def test_breakpoints_equal_a_stable_sort(kind):
+    # The merge of the sorted scores with themselves minus 1 gives exactly the stable sort prefix.py uses.
+    from sparsek.ops.select.fused import _breakpoints
+    from sparsek.ops.select.prefix import _best_first
+
+    torch.manual_seed(1)
+    if kind == "randn":
+        u = torch.randn(3, 300, dtype=torch.float64)
+    elif kind == "ties":
+        u = torch.randint(0, 5, (3, 300)).double()         # u_l - 1 equals other scores
+    else:
+        u = torch.randint(0, 5, (3, 300)).double() * 0.5 + 0.25
+    by_rank, _ = _best_first(u)
+    breaks, rank_p, rank_q = _breakpoints(u, by_rank)
+    unsorted = torch.cat([u, u - 1], dim=1)
+    order = torch.argsort(unsorted, dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(600).expand_as(order))
+    assert torch.equal(breaks, unsorted.gather(1, order))
+    assert torch.equal(rank_p, rank[:, :300]) and torch.equal(rank_q, rank[:, 300:])

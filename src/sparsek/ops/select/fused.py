@@ -65,6 +65,29 @@ def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, 
     return zeros_before, ones_weight_before
 
 
+def _breakpoints(uc: Tensor, by_rank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The breakpoints {u_l} and {u_l - 1} of every row in ascending order [R, 2L], and the ranks p_l of u_l and
+    q_l of u_l - 1 among them [R, L] (int64), from the best-first order by_rank [R, L] (prefix._best_first).
+
+    Same result as prefix.py's stable sort of cat([u, u - 1]) (ties: every u before every u - 1, then by
+    position), without a second sort: subtracting 1 keeps the order of the sorted scores, so the two sorted
+    halves only need a merge, and an entry's merged rank is its index in its half plus the number of entries
+    of the other half before it. (Subtracting 1 can only merge two distinct float64 scores beyond 2^53.)
+    """
+    rows, n = uc.shape
+    ascending = by_rank.flip(1)                   # ascending scores, older keys first among ties
+    sorted_p = uc.gather(1, ascending)
+    sorted_q = sorted_p - 1
+    index = torch.arange(n, device=uc.device)
+    rank_p_sorted = index + torch.searchsorted(sorted_q, sorted_p)                 # the u - 1 strictly below
+    rank_q_sorted = index + torch.searchsorted(sorted_p, sorted_q, right=True)     # the u at or below
+    breaks = torch.empty(rows, 2 * n, dtype=uc.dtype, device=uc.device)
+    breaks.scatter_(1, rank_p_sorted, sorted_p).scatter_(1, rank_q_sorted, sorted_q)
+    rank_p = torch.empty_like(ascending).scatter_(1, ascending, rank_p_sorted)
+    rank_q = torch.empty_like(ascending).scatter_(1, ascending, rank_q_sorted)
+    return breaks, rank_p, rank_q
+
+
 # Scratch bytes per call, at most: rows are processed in groups that fit (the levels take 28 bytes per
 # position, per level, per selection row).
 MAX_SCRATCH_BYTES = 2 << 30
@@ -89,12 +112,9 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
         start, end = _key_ranges(u, topk, window)
         return torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device), start, end
     uc = u[:, :n].double().contiguous()
-    breaks_unsorted = torch.cat([uc, uc - 1], dim=1)                      # [R, 2L]
-    order = torch.argsort(breaks_unsorted, dim=1, stable=True)
-    breaks = breaks_unsorted.gather(1, order).contiguous()
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(2 * n, device=u.device).expand_as(order))
     by_rank, rank_best = _best_first(uc)
-    vals = torch.cat([rank[:, :n], rank[:, n:], rank_best]).int().contiguous()       # [3R, L]
+    breaks, rank_p, rank_q = _breakpoints(uc, by_rank)
+    vals = torch.cat([rank_p, rank_q, rank_best]).int().contiguous()                # [3R, L]
     weights = torch.cat([uc, uc]).contiguous()                                        # p and q rows only
     nbits = bits_needed(2 * n)
     zeros_before, ones_weight_before = _wavelet_levels(vals, weights, nbits)
