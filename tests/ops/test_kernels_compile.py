@@ -90,6 +90,7 @@ SCRIPT = textwrap.dedent('''
                                                    TAU="*fp64", CHUNK_MAX="*fp64"), dict(CHUNK=1024))
         compile_kernel(sel.running_max_kernel, dict(X="*fp64", CHUNK_MAX="*fp64", OUT="*fp64"),
                        dict(CHUNK=1024, CHUNKS_POW2=128))
+        compile_kernel(sel.follow_parents_kernel, dict(PARENT="*i32", OUT="*i32"), dict(STEPS=8, CHUNK=1024))
         compile_kernel(sel.slot_entries_kernel, dict(SLOT="*i32", START="*i32", END="*i32", LISTS="*i32"),
                        dict(BLOCK=128, CHUNK=1024))
         compile_kernel(sel.fill_lists_kernel, dict(LISTS="*i32"), dict(BLOCK_CHUNK=32, SLOT_TILE=64))

@@ -102,3 +102,17 @@ def test_breakpoints_equal_a_stable_sort(kind):
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(600).expand_as(order))
     assert torch.equal(breaks, unsorted.gather(1, order))
     assert torch.equal(rank_p, rank[:, :300]) and torch.equal(rank_q, rank[:, 300:])
+
+
+@pytest.mark.parametrize("kind", ["increasing", "randn"])
+def test_slots_by_pointer_jumping(kind):
+    # Increasing scores: every new key evicts the oldest, so slot chains are T / topk links long, more than
+    # one launch of the Triton pointer jumping follows.
+    from sparsek.ops.select.blocks import selection_slots
+    from sparsek.ops.select.fused import _selection_slots
+
+    torch.manual_seed(2)
+    u = torch.arange(300, device=DEVICE).float().expand(2, 300) if kind == "increasing" else \
+        torch.randn(2, 300, device=DEVICE)
+    _, start, end = select_rows(u, 2, 3)
+    assert torch.equal(_selection_slots(start, end, 2).long(), selection_slots(start, end, 2))

@@ -17,7 +17,7 @@ import triton
 from torch import Tensor
 
 from . import kernels
-from .blocks import selection_slots
+from .blocks import slot_parents
 from .prefix import _best_first, _key_ranges
 from .wavelet import bits_needed
 
@@ -149,6 +149,25 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     return tau_query, start, end.clamp(max=t_len)
 
 
+# Links followed per launch of the pointer jumping: 8^6 >= 128k takes 6 launches instead of 17 gathers.
+JUMP_STEPS = 8
+
+
+def _selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
+    """blocks.selection_slots with the pointer jumping in JUMP_STEPS links per launch: [R, T] int32."""
+    parent, ever_selected = slot_parents(start, end, topk)
+    rows, t_len = parent.shape
+    parent, jumped = parent.int().contiguous(), torch.empty(rows, t_len, dtype=torch.int32, device=parent.device)
+    chunk = 64 if interpreting() else 1024
+    reach = 1
+    while reach < t_len:       # after r launches each key has followed JUMP_STEPS^r links (or reached its root)
+        kernels.follow_parents_kernel[(rows, triton.cdiv(t_len, chunk))](parent, jumped, t_len, STEPS=JUMP_STEPS,
+                                                                         CHUNK=chunk)
+        parent, jumped = jumped, parent
+        reach *= JUMP_STEPS
+    return torch.where(ever_selected, parent, -1)
+
+
 def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
     """Triton twin of `blocks.block_key_lists`: start, end [R, T] from the selection (start_j = j + window, so a
     slot's later occupants are newer keys, which fill_lists_kernel relies on) -> [R, NB, K] int32."""
@@ -158,7 +177,7 @@ def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) ->
     lists = torch.full((rows, n_blocks, n_slots), -1, dtype=torch.int32, device=start.device)
     if topk == 0 or t_len == 0:
         return lists
-    slot = selection_slots(start.long(), end.long(), topk).int().contiguous()
+    slot = _selection_slots(start.long(), end.long(), topk)
     chunk = 64 if interpreting() else 1024
     kernels.slot_entries_kernel[(rows, triton.cdiv(t_len, chunk))](
         slot, start.int().contiguous(), end.int().contiguous(), lists, t_len, n_blocks, n_slots, BLOCK=block,

@@ -11,8 +11,9 @@ The algorithm is the one of prefix.py (read it first); here it is split for a GP
     descent needs no state in memory between levels.
   * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
     p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
-  * slot_entries_kernel and fill_lists_kernel write each query block's slot array (see blocks.py): every key
-    marks the first block it is present in, then a running maximum down the blocks fills the rest.
+  * follow_parents_kernel finds every key's slot (blocks.selection_slots) by pointer jumping; slot_entries_kernel
+    and fill_lists_kernel write each query block's slot array (see blocks.py): every key marks the first
+    block it is present in, then a running maximum down the blocks fills the rest.
 """
 
 from __future__ import annotations
@@ -260,6 +261,20 @@ def in_some_list(start, end, BLOCK: tl.constexpr):
     """Whether a key selected by the queries [start, end) is selected by some block's first query (a multiple
     of BLOCK), so that it appears in block lists. The attention's backward relies on this same rule."""
     return (end > start) & ((start + BLOCK - 1) // BLOCK * BLOCK < end)
+
+
+@triton.jit
+def follow_parents_kernel(PARENT, OUT, T, STEPS: tl.constexpr, CHUNK: tl.constexpr):
+    """Pointer jumping, STEPS links per launch: OUT[r, j] = PARENT[r, PARENT[r, ... j]] (STEPS lookups) for
+    PARENT, OUT [R, T] int32 (negative parents count as 0, as in blocks.selection_slots)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = row.to(tl.int64) * T
+    key = offs
+    for _ in tl.static_range(STEPS):
+        key = tl.maximum(tl.load(PARENT + base + key, mask=inside, other=0), 0)
+    tl.store(OUT + base + offs, key, mask=inside)
 
 
 @triton.jit
