@@ -78,11 +78,11 @@ SCRIPT = textwrap.dedent('''
                    warps, stages)
     if dtype == "bf16":
         parts = dict(PART_SEG="*i32", PART_ZEROS="*i32", PART_WEIGHT="*fp64")
-        compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", **parts), dict(CHUNK=1024))
+        compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", **parts), dict(CHUNK=512))
         compile_kernel(sel.wavelet_write_kernel,
                        dict(VALS="*i32", W="*fp64", NEXT_VALS="*i32", NEXT_W="*fp64", ZEROS_BEFORE="*i32",
                             ONES_WEIGHT_BEFORE="*fp64", **parts, **{"NEXT_" + k: v for k, v in parts.items()}),
-                       dict(CHUNK=1024, PARTS_POW2=64))
+                       dict(CHUNK=512, PARTS_POW2=64))
         compile_kernel(sel.prefix_descend_kernel,
                        dict(ZEROS_BEFORE="*i32", ONES_WEIGHT_BEFORE="*fp64", BREAKS="*fp64", TAU="*fp64", KTH="*i32",
                             KTH_NEXT="*i32"), dict(BLOCK=256))
