@@ -77,6 +77,8 @@ SCRIPT = textwrap.dedent('''
                    dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
                    warps, stages)
     if dtype == "bf16":
+        compile_kernel(sel.breakpoint_ranks_kernel, dict(DESC="*fp64", BY_RANK="*i64", BREAKS="*fp64", VALS="*i32",
+                                                         WEIGHTS="*fp64"), dict(CHUNK=512))
         parts = dict(PART_SEG="*i32", PART_ZEROS="*i32", PART_WEIGHT="*fp64")
         compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", **parts), dict(CHUNK=512))
         compile_kernel(sel.wavelet_write_kernel,
@@ -88,6 +90,8 @@ SCRIPT = textwrap.dedent('''
                             KTH_NEXT="*i32"), dict(BLOCK=256))
         compile_kernel(sel.finish_tau_kernel, dict(U="*fp64", BY_RANK="*i64", KTH="*i32", KTH_NEXT="*i32",
                                                    TAU="*fp64", CHUNK_MAX="*fp64"), dict(CHUNK=1024))
+        compile_kernel(sel.key_ranges_kernel, dict(KTH="*i32", RANK_BEST="*i32", START="*i64", END="*i64"),
+                       dict(CHUNK=1024))
         compile_kernel(sel.running_max_kernel, dict(X="*fp64", CHUNK_MAX="*fp64", OUT="*fp64"),
                        dict(CHUNK=1024, CHUNKS_POW2=128))
         compile_kernel(sel.follow_parents_kernel, dict(PARENT="*i32", OUT="*i32"), dict(STEPS=8, CHUNK=1024))

@@ -83,25 +83,27 @@ def test_wavelet_levels_match_pytorch(rows, weighted, n, nbits):
 
 
 @pytest.mark.parametrize("kind", ["randn", "ties", "shifted ties"])
-def test_breakpoints_equal_a_stable_sort(kind):
-    # The merge of the sorted scores with themselves minus 1 gives exactly the stable sort prefix.py uses.
-    from sparsek.ops.select.fused import _breakpoints
+def test_rank_sequences_equal_a_stable_sort(kind):
+    # One sort and a merge give exactly the stable sort of [u, u - 1] that prefix.py uses, and its best-first order.
+    from sparsek.ops.select.fused import _rank_sequences
     from sparsek.ops.select.prefix import _best_first
 
     torch.manual_seed(1)
     if kind == "randn":
-        u = torch.randn(3, 300, dtype=torch.float64)
+        u = torch.randn(3, 300, dtype=torch.float64, device=DEVICE)
     elif kind == "ties":
-        u = torch.randint(0, 5, (3, 300)).double()         # u_l - 1 equals other scores
+        u = torch.randint(0, 5, (3, 300), device=DEVICE).double()         # u_l - 1 equals other scores
     else:
-        u = torch.randint(0, 5, (3, 300)).double() * 0.5 + 0.25
-    by_rank, _ = _best_first(u)
-    breaks, rank_p, rank_q = _breakpoints(u, by_rank)
+        u = torch.randint(0, 5, (3, 300), device=DEVICE).double() * 0.5 + 0.25
+    by_rank, breaks, vals, weights = _rank_sequences(u)
+    by_rank_ref, rank_best_ref = _best_first(u)
     unsorted = torch.cat([u, u - 1], dim=1)
     order = torch.argsort(unsorted, dim=1, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(600).expand_as(order))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(600, device=DEVICE).expand_as(order))
+    assert torch.equal(by_rank, by_rank_ref)
     assert torch.equal(breaks, unsorted.gather(1, order))
-    assert torch.equal(rank_p, rank[:, :300]) and torch.equal(rank_q, rank[:, 300:])
+    assert torch.equal(vals.long(), torch.cat([rank[:, :300], rank[:, 300:], rank_best_ref]))
+    assert torch.equal(weights, torch.cat([u, u]))
 
 
 @pytest.mark.parametrize("kind", ["increasing", "randn"])

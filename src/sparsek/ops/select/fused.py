@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import kernels
 from .blocks import slot_parents
-from .prefix import _best_first, _key_ranges
+from .prefix import _key_ranges
 from .wavelet import bits_needed
 
 
@@ -35,7 +35,7 @@ def _programs_wanted(device: torch.device) -> int:
 def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, Tensor]:
     """All levels of the wavelet matrices of vals [M, L] (int32), the first M_W rows weighted by weights
     [M_W, L] (float64; the other rows weigh nothing): zeros_before [nbits, M, L + 1] int32 and
-    ones_weight_before [nbits, M_W, L + 1] float64. vals and weights serve as scratch (overwritten)."""
+    ones_weight_before [nbits, M_W, L + 1] float64."""
     rows, n = vals.shape
     weighted = weights.shape[0]
     chunk = 16 if interpreting() else 512          # 4 entries per thread: fastest on an H100 (docs/kernels.md)
@@ -51,41 +51,18 @@ def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, 
                 torch.empty(rows, 4 * n_seg, dtype=torch.float64, device=vals.device))
 
     parts, next_parts = new_parts(), new_parts()
-    cur_vals, next_vals = vals, torch.empty_like(vals)
-    cur_w, next_w = weights, torch.empty_like(weights)
-    kernels.wavelet_count_kernel[(rows, n_seg)](cur_vals, cur_w, *parts, n, weighted, seg_len, n_seg, nbits - 1,
+    kernels.wavelet_count_kernel[(rows, n_seg)](vals, weights, *parts, n, weighted, seg_len, n_seg, nbits - 1,
                                                 CHUNK=chunk)
+    # The inputs are only read; the sequences of later levels alternate between two buffers.
+    buffers = [(torch.empty_like(vals), torch.empty_like(weights)) for _ in range(2)]
     for level in range(nbits):
+        cur_vals, cur_w = (vals, weights) if level == 0 else buffers[(level - 1) % 2]
+        next_vals, next_w = buffers[level % 2]
         kernels.wavelet_write_kernel[(rows, n_seg)](
             cur_vals, cur_w, next_vals, next_w, zeros_before[level], ones_weight_before[level], *parts, *next_parts,
             n, weighted, seg_len, n_seg, nbits - 1 - level, CHUNK=chunk, PARTS_POW2=triton.next_power_of_2(4 * n_seg))
-        cur_vals, next_vals = next_vals, cur_vals
-        cur_w, next_w = next_w, cur_w
         parts, next_parts = next_parts, parts
     return zeros_before, ones_weight_before
-
-
-def _breakpoints(uc: Tensor, by_rank: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The breakpoints {u_l} and {u_l - 1} of every row in ascending order [R, 2L], and the ranks p_l of u_l and
-    q_l of u_l - 1 among them [R, L] (int64), from the best-first order by_rank [R, L] (prefix._best_first).
-
-    Same result as prefix.py's stable sort of cat([u, u - 1]) (ties: every u before every u - 1, then by
-    position), without a second sort: subtracting 1 keeps the order of the sorted scores, so the two sorted
-    halves only need a merge, and an entry's merged rank is its index in its half plus the number of entries
-    of the other half before it. (Subtracting 1 can only merge two distinct float64 scores beyond 2^53.)
-    """
-    rows, n = uc.shape
-    ascending = by_rank.flip(1)                   # ascending scores, older keys first among ties
-    sorted_p = uc.gather(1, ascending)
-    sorted_q = sorted_p - 1
-    index = torch.arange(n, device=uc.device)
-    rank_p_sorted = index + torch.searchsorted(sorted_q, sorted_p)                 # the u - 1 strictly below
-    rank_q_sorted = index + torch.searchsorted(sorted_p, sorted_q, right=True)     # the u at or below
-    breaks = torch.empty(rows, 2 * n, dtype=uc.dtype, device=uc.device)
-    breaks.scatter_(1, rank_p_sorted, sorted_p).scatter_(1, rank_q_sorted, sorted_q)
-    rank_p = torch.empty_like(ascending).scatter_(1, ascending, rank_p_sorted)
-    rank_q = torch.empty_like(ascending).scatter_(1, ascending, rank_q_sorted)
-    return breaks, rank_p, rank_q
 
 
 # Scratch bytes per call, at most: rows are processed in groups that fit (the levels take 28 bytes per
@@ -112,10 +89,7 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
         start, end = _key_ranges(u, topk, window)
         return torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device), start, end
     uc = u[:, :n].double().contiguous()
-    by_rank, rank_best = _best_first(uc)
-    breaks, rank_p, rank_q = _breakpoints(uc, by_rank)
-    vals = torch.cat([rank_p, rank_q, rank_best]).int().contiguous()                # [3R, L]
-    weights = torch.cat([uc, uc]).contiguous()                                        # p and q rows only
+    by_rank, breaks, vals, weights = _rank_sequences(uc)
     nbits = bits_needed(2 * n)
     zeros_before, ones_weight_before = _wavelet_levels(vals, weights, nbits)
 
@@ -137,16 +111,27 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     tau_query = torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device)
     kernels.running_max_kernel[(rows, n_chunks)](tau, chunk_max, tau_query[:, window:], n, n_chunks, t_len,
                                                  CHUNK=chunk, CHUNKS_POW2=triton.next_power_of_2(n_chunks))
-    prefix_len = torch.arange(1, n + 1, device=u.device)
+    start = torch.empty(rows, t_len, dtype=torch.int64, device=u.device)
+    end = torch.empty_like(start)
+    kernels.key_ranges_kernel[(rows, triton.cdiv(t_len, chunk))](kth, vals[2 * rows:], start, end, n, t_len, window,
+                                                                 topk, n.bit_length(), CHUNK=chunk)
+    return tau_query, start, end
 
-    # Key j leaves the top-k at the first prefix whose k-th best ranks above it (that rank only improves).
-    kth_rank = torch.where(prefix_len >= topk, kth.long(), n)             # no eviction before topk candidates
-    first_beaten = torch.searchsorted((-kth_rank).contiguous(), (-rank_best).contiguous(), right=True)
-    positions = torch.arange(t_len, device=u.device)
-    start = (positions + window).clamp(max=t_len).expand(rows, t_len).contiguous()
-    end = start.clone()
-    end[:, :n] = torch.maximum(first_beaten, positions[:n]) + window
-    return tau_query, start, end.clamp(max=t_len)
+
+def _rank_sequences(uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One sort of the scores uc [R, L] float64 -> the best-first order by_rank [R, L] int64 (prefix._best_first),
+    the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks of u_j and u_j - 1 among the
+    breakpoints, best-first ranks) and their weights [2R, L] float64 (see breakpoint_ranks_kernel)."""
+    rows, n = uc.shape
+    desc, newest_first = torch.sort(uc.flip(1), dim=1, descending=True, stable=True)  # stable: newer wins ties
+    by_rank = (n - 1) - newest_first
+    breaks = torch.empty(rows, 2 * n, dtype=torch.float64, device=uc.device)
+    vals = torch.empty(3 * rows, n, dtype=torch.int32, device=uc.device)
+    weights = torch.empty(2 * rows, n, dtype=torch.float64, device=uc.device)
+    chunk = 64 if interpreting() else 512
+    kernels.breakpoint_ranks_kernel[(rows, triton.cdiv(n, chunk))](desc, by_rank, breaks, vals, weights, rows, n,
+                                                                   n.bit_length(), CHUNK=chunk)
+    return by_rank, breaks, vals, weights
 
 
 # Links followed per launch of the pointer jumping: 8^6 >= 128k takes 6 launches instead of 17 gathers.

@@ -4,6 +4,8 @@ Shape legend: R selection rows, L = T - window candidate positions per row, M = 
 q-rank and best-first-rank sequences of every row, stacked), NB query blocks, K slots.
 
 The algorithm is the one of prefix.py (read it first); here it is split for a GPU:
+  * breakpoint_ranks_kernel turns one sort of the scores into the three rank sequences (and the breakpoints in
+    order) that the wavelet matrices are built over.
   * wavelet_write_kernel builds one level of all M wavelet matrices: a segment of a row per program, writing
     prefix counts (zeros_before, and for the p and q rows the weight of the ones before each position), the
     stably partitioned sequence of the next level and that level's per-segment counts, which the next launch
@@ -11,6 +13,7 @@ The algorithm is the one of prefix.py (read it first); here it is split for a GP
     descent needs no state in memory between levels.
   * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
     p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
+  * finish_tau_kernel and running_max_kernel finish the thresholds; key_ranges_kernel finds every key's range.
   * follow_parents_kernel finds every key's slot (blocks.selection_slots) by pointer jumping; slot_entries_kernel
     and fill_lists_kernel write each query block's slot array (see blocks.py): every key marks the first
     block it is present in, then a running maximum down the blocks fills the rest.
@@ -20,6 +23,55 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _first_at_or_below(DESC, base, x, n, inside, SHIFT: tl.constexpr, OR_EQUAL: tl.constexpr, STEPS):
+    """Per x: the first index m of the descending row DESC[base : base + n] with DESC[m] - SHIFT < x (or <= x
+    with OR_EQUAL), n if none; a binary search of STEPS >= bit_length(n) halvings."""
+    lo = tl.zeros(x.shape, dtype=tl.int32)
+    hi = lo + n
+    for _ in range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        s = tl.load(DESC + base + mid, mask=inside & active, other=0.0) - SHIFT
+        if OR_EQUAL:
+            below = s <= x
+        else:
+            below = s < x
+        lo = tl.where(active & ~below, mid + 1, lo)
+        hi = tl.where(active & below, mid, hi)
+    return lo
+
+
+@triton.jit
+def breakpoint_ranks_kernel(DESC, BY_RANK, BREAKS, VALS, WEIGHTS, R, N, STEPS, CHUNK: tl.constexpr):
+    """The inputs of the wavelet matrices, from one sort of each row of scores: DESC [R, N] float64 the scores
+    best first and BY_RANK [R, N] int64 their positions (prefix._best_first's order).
+
+    The breakpoints u_j and u_j - 1 in the order of prefix.py's stable sort of [u, u - 1] (ties: every u before
+    every u - 1, then by position) -> BREAKS [R, 2N]. Subtracting 1 keeps the order of the sorted scores, so
+    that order is a merge of the sorted scores with themselves minus 1: an entry's rank is its index in its
+    half plus a binary-searched count in the other. -> VALS [3R, N] int32: rows r, R + r, 2R + r hold for key
+    j the ranks of u_j and of u_j - 1 among the breakpoints and j's best-first rank; WEIGHTS [2R, N] float64:
+    u_j in rows r and R + r. (Subtracting 1 merges two distinct float64 scores only beyond 2^53.)"""
+    row = tl.program_id(0)
+    rank = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)          # best-first rank
+    inside = rank < N
+    base = row.to(tl.int64) * N
+    score = tl.load(DESC + base + rank, mask=inside, other=0.0)
+    key = tl.load(BY_RANK + base + rank, mask=inside, other=0)
+    ascending = N - 1 - rank                                        # index among the sorted scores, ascending
+    shifted = score - 1.0
+    rank_p = ascending + N - _first_at_or_below(DESC, base, score, N, inside, 1.0, False, STEPS)
+    rank_q = ascending + N - _first_at_or_below(DESC, base, shifted, N, inside, 0.0, True, STEPS)
+    tl.store(BREAKS + 2 * base + rank_p, score, mask=inside)
+    tl.store(BREAKS + 2 * base + rank_q, shifted, mask=inside)
+    tl.store(VALS + base + key, rank_p, mask=inside)
+    tl.store(VALS + (row + R).to(tl.int64) * N + key, rank_q, mask=inside)
+    tl.store(VALS + (row + 2 * R).to(tl.int64) * N + key, rank, mask=inside)
+    tl.store(WEIGHTS + base + key, score, mask=inside)
+    tl.store(WEIGHTS + (row + R).to(tl.int64) * N + key, score, mask=inside)
 
 
 @triton.jit
@@ -152,6 +204,35 @@ def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU, CHUNK_MAX, N, N_CHUNKS, to
     tau = tl.where(inside & (offs + 1 > topk), tau, float("-inf"))
     tl.store(TAU + base + offs, tau, mask=inside)
     tl.store(CHUNK_MAX + row * N_CHUNKS + chunk, tl.max(tau, 0))
+
+
+@triton.jit
+def key_ranges_kernel(KTH, RANK_BEST, START, END, N, T, WINDOW, topk, STEPS, CHUNK: tl.constexpr):
+    """Every key's selection range [START, END) [R, T] int64 (prefix._key_ranges): start_j = min(j + w, T), and a
+    candidate (j < N) leaves the top-k at the first prefix whose topk-th best ranks above it (that rank only
+    improves, so a binary search of STEPS >= bit_length(N) halvings finds it): end_j = min(max(that prefix,
+    j) + w, T). KTH [R, N] int32: best-first rank of the topk-th best key of each prefix; RANK_BEST [R, N]
+    int32: each key's best-first rank."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    candidate = inside & (offs < N)
+    base = row.to(tl.int64) * N
+    rank = tl.load(RANK_BEST + base + offs, mask=candidate, other=0)
+    lo = tl.zeros([CHUNK], dtype=tl.int32)        # prefix lengths lo + 1: the first with a better topk-th best
+    hi = lo + N
+    for _ in range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        kth = tl.load(KTH + base + mid, mask=candidate & active, other=0)
+        beaten = (mid + 1 >= topk) & (kth < rank)   # no eviction before topk candidates
+        lo = tl.where(active & ~beaten, mid + 1, lo)
+        hi = tl.where(active & beaten, mid, hi)
+    start = tl.minimum(offs + WINDOW, T)
+    end = tl.where(candidate, tl.minimum(tl.maximum(lo, offs) + WINDOW, T), start)
+    out = row.to(tl.int64) * T + offs
+    tl.store(START + out, start.to(tl.int64), mask=inside)
+    tl.store(END + out, end.to(tl.int64), mask=inside)
 
 
 @triton.jit
