@@ -77,8 +77,10 @@ SCRIPT = textwrap.dedent('''
                    dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
                    warps, stages)
     if dtype == "bf16":
-        compile_kernel(sel.breakpoint_ranks_kernel, dict(DESC="*fp64", BY_RANK="*i64", BREAKS="*fp64", VALS="*i32",
-                                                         WEIGHTS="*fp64"), dict(CHUNK=512))
+        compile_kernel(sel.breakpoint_ranks_kernel, dict(DESC="*fp64", BY_RANK="*i64", BREAKS="*fp64",
+                                                         SORTED_RANKS="*i32", VALS="*i32"), dict(CHUNK=512))
+        compile_kernel(sel.keys_by_rank_kernel, dict(U="*fp64", SORTED_RANKS="*i32", VALS="*i32", WEIGHTS="*fp64"),
+                       dict(CHUNK=512))
         parts = dict(PART_SEG="*i32", PART_ZEROS="*i32", PART_WEIGHT="*fp64")
         compile_kernel(sel.wavelet_count_kernel, dict(VALS="*i32", W="*fp64", **parts), dict(CHUNK=512))
         compile_kernel(sel.wavelet_write_kernel,

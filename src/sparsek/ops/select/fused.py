@@ -121,16 +121,20 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
 def _rank_sequences(uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One sort of the scores uc [R, L] float64 -> the best-first order by_rank [R, L] int64 (prefix._best_first),
     the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks of u_j and u_j - 1 among the
-    breakpoints, best-first ranks) and their weights [2R, L] float64 (see breakpoint_ranks_kernel)."""
+    breakpoints, best-first ranks) and their weights [2R, L] float64 (see breakpoint_ranks_kernel and
+    keys_by_rank_kernel)."""
     rows, n = uc.shape
     desc, newest_first = torch.sort(uc.flip(1), dim=1, descending=True, stable=True)  # stable: newer wins ties
     by_rank = (n - 1) - newest_first
     breaks = torch.empty(rows, 2 * n, dtype=torch.float64, device=uc.device)
     vals = torch.empty(3 * rows, n, dtype=torch.int32, device=uc.device)
     weights = torch.empty(2 * rows, n, dtype=torch.float64, device=uc.device)
+    sorted_ranks = torch.empty(rows, 2, n, dtype=torch.int32, device=uc.device)
     chunk = 64 if interpreting() else 512
-    kernels.breakpoint_ranks_kernel[(rows, triton.cdiv(n, chunk))](desc, by_rank, breaks, vals, weights, rows, n,
-                                                                   n.bit_length(), CHUNK=chunk)
+    grid = (rows, triton.cdiv(n, chunk))
+    kernels.breakpoint_ranks_kernel[grid](desc, by_rank, breaks, sorted_ranks, vals, rows, n, n.bit_length(),
+                                          CHUNK=chunk)
+    kernels.keys_by_rank_kernel[grid](uc, sorted_ranks, vals, weights, rows, n, CHUNK=chunk)
     return by_rank, breaks, vals, weights
 
 

@@ -4,8 +4,8 @@ Shape legend: R selection rows, L = T - window candidate positions per row, M = 
 q-rank and best-first-rank sequences of every row, stacked), NB query blocks, K slots.
 
 The algorithm is the one of prefix.py (read it first); here it is split for a GPU:
-  * breakpoint_ranks_kernel turns one sort of the scores into the three rank sequences (and the breakpoints in
-    order) that the wavelet matrices are built over.
+  * breakpoint_ranks_kernel and keys_by_rank_kernel turn one sort of the scores into the three rank sequences
+    (and the breakpoints in order) that the wavelet matrices are built over.
   * wavelet_write_kernel builds one level of all M wavelet matrices: a segment of a row per program, writing
     prefix counts (zeros_before, and for the p and q rows the weight of the ones before each position), the
     stably partitioned sequence of the next level and that level's per-segment counts, which the next launch
@@ -45,33 +45,51 @@ def _first_at_or_below(DESC, base, x, n, inside, SHIFT: tl.constexpr, OR_EQUAL: 
 
 
 @triton.jit
-def breakpoint_ranks_kernel(DESC, BY_RANK, BREAKS, VALS, WEIGHTS, R, N, STEPS, CHUNK: tl.constexpr):
-    """The inputs of the wavelet matrices, from one sort of each row of scores: DESC [R, N] float64 the scores
-    best first and BY_RANK [R, N] int64 their positions (prefix._best_first's order).
+def breakpoint_ranks_kernel(DESC, BY_RANK, BREAKS, SORTED_RANKS, VALS, R, N, STEPS, CHUNK: tl.constexpr):
+    """The breakpoints in order and the ranks of every key, from one sort of each row of scores: DESC [R, N]
+    float64, the scores best first, and BY_RANK [R, N] int64, their positions (prefix._best_first's order).
 
     The breakpoints u_j and u_j - 1 in the order of prefix.py's stable sort of [u, u - 1] (ties: every u before
     every u - 1, then by position) -> BREAKS [R, 2N]. Subtracting 1 keeps the order of the sorted scores, so
     that order is a merge of the sorted scores with themselves minus 1: an entry's rank is its index in its
-    half plus a binary-searched count in the other. -> VALS [3R, N] int32: rows r, R + r, 2R + r hold for key
-    j the ranks of u_j and of u_j - 1 among the breakpoints and j's best-first rank; WEIGHTS [2R, N] float64:
-    u_j in rows r and R + r. (Subtracting 1 merges two distinct float64 scores only beyond 2^53.)"""
+    half plus a binary-searched count in the other (subtracting 1 merges two distinct float64 scores only
+    beyond 2^53). The ranks of u and u - 1 go to SORTED_RANKS [R, 2, N] int32 in best-first order, and
+    keys_by_rank_kernel puts them in key order (scattering them, and the weights, by key from here took 10x
+    longer on an H100); each key's best-first rank goes to row 2R + r of VALS [3R, N] int32."""
     row = tl.program_id(0)
     rank = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)          # best-first rank
     inside = rank < N
     base = row.to(tl.int64) * N
     score = tl.load(DESC + base + rank, mask=inside, other=0.0)
-    key = tl.load(BY_RANK + base + rank, mask=inside, other=0)
     ascending = N - 1 - rank                                        # index among the sorted scores, ascending
     shifted = score - 1.0
     rank_p = ascending + N - _first_at_or_below(DESC, base, score, N, inside, 1.0, False, STEPS)
     rank_q = ascending + N - _first_at_or_below(DESC, base, shifted, N, inside, 0.0, True, STEPS)
     tl.store(BREAKS + 2 * base + rank_p, score, mask=inside)
     tl.store(BREAKS + 2 * base + rank_q, shifted, mask=inside)
-    tl.store(VALS + base + key, rank_p, mask=inside)
-    tl.store(VALS + (row + R).to(tl.int64) * N + key, rank_q, mask=inside)
+    tl.store(SORTED_RANKS + 2 * base + rank, rank_p, mask=inside)
+    tl.store(SORTED_RANKS + 2 * base + N + rank, rank_q, mask=inside)
+    key = tl.load(BY_RANK + base + rank, mask=inside, other=0)
     tl.store(VALS + (row + 2 * R).to(tl.int64) * N + key, rank, mask=inside)
-    tl.store(WEIGHTS + base + key, score, mask=inside)
-    tl.store(WEIGHTS + (row + R).to(tl.int64) * N + key, score, mask=inside)
+
+
+@triton.jit
+def keys_by_rank_kernel(U, SORTED_RANKS, VALS, WEIGHTS, R, N, CHUNK: tl.constexpr):
+    """The wavelet rows in key order, after breakpoint_ranks_kernel: VALS rows r and R + r <- the ranks of u_j
+    and u_j - 1 (gathered from SORTED_RANKS by j's best-first rank, VALS row 2R + r), WEIGHTS [2R, N] float64
+    rows r and R + r <- u_j (U [R, N] float64)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < N
+    base = row.to(tl.int64) * N
+    rank = tl.load(VALS + (row + 2 * R).to(tl.int64) * N + offs, mask=inside, other=0)
+    rank_p = tl.load(SORTED_RANKS + 2 * base + rank, mask=inside, other=0)
+    rank_q = tl.load(SORTED_RANKS + 2 * base + N + rank, mask=inside, other=0)
+    score = tl.load(U + base + offs, mask=inside, other=0.0)
+    tl.store(VALS + base + offs, rank_p, mask=inside)
+    tl.store(VALS + (row + R).to(tl.int64) * N + offs, rank_q, mask=inside)
+    tl.store(WEIGHTS + base + offs, score, mask=inside)
+    tl.store(WEIGHTS + (row + R).to(tl.int64) * N + offs, score, mask=inside)
 
 
 @triton.jit
