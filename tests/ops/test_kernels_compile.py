@@ -96,6 +96,9 @@ SCRIPT = textwrap.dedent('''
                        dict(CHUNK=1024))
         compile_kernel(sel.running_max_kernel, dict(X="*fp64", CHUNK_MAX="*fp64", OUT="*fp64"),
                        dict(CHUNK=1024, CHUNKS_POW2=128))
+        compile_kernel(sel.evictions_kernel, dict(START="*i32", END="*i32", EVICTED_AT="*i32"), dict(CHUNK=1024))
+        compile_kernel(sel.slot_parents_kernel, dict(START="*i32", END="*i32", EVICTED_AT="*i32", PARENT="*i32"),
+                       dict(CHUNK=1024))
         compile_kernel(sel.follow_parents_kernel, dict(PARENT="*i32", OUT="*i32"), dict(STEPS=8, CHUNK=1024))
         compile_kernel(sel.slot_entries_kernel, dict(SLOT="*i32", START="*i32", END="*i32", LISTS="*i32"),
                        dict(BLOCK=128, CHUNK=1024))

@@ -117,4 +117,4 @@ def test_slots_by_pointer_jumping(kind):
     u = torch.arange(300, device=DEVICE).float().expand(2, 300) if kind == "increasing" else \
         torch.randn(2, 300, device=DEVICE)
     _, start, end = select_rows(u, 2, 3)
-    assert torch.equal(_selection_slots(start, end, 2).long(), selection_slots(start, end, 2))
+    assert torch.equal(_selection_slots(start.int(), end.int(), 2).long(), selection_slots(start, end, 2))

@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 
-def slot_parents(start: Tensor, end: Tensor, topk: int) -> tuple[Tensor, Tensor]:
-    """start, end [R, T] int64 -> the key whose slot each key inherits (the key evicted at its start; itself for
-    the first K keys and for keys never selected) [R, T] int64, and which keys are ever selected [R, T] bool.
-    Following parents from a key ends at a key < K, whose position is the slot."""
+def selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
+    """The slot of every key: start, end [R, T] int64 -> [R, T] int64 in [0, K), -1 for keys never selected.
+
+    The first K keys take slots 0..K-1; a later key inherits the slot of the key evicted at its start
+    (the one whose end equals that start). Pointer jumping resolves those chains in log2(T) rounds.
+    """
     rows, t_len = start.shape
     positions = torch.arange(t_len, device=start.device).expand(rows, t_len)
     ever_selected = end > start
@@ -28,17 +30,7 @@ def slot_parents(start: Tensor, end: Tensor, topk: int) -> tuple[Tensor, Tensor]
     evicted_at.scatter_(1, torch.where(evictions, end, t_len), torch.where(evictions, positions, -1))
     evicted_at[:, t_len] = -1
     parent = torch.where(ever_selected & (positions >= topk), evicted_at.gather(1, start.clamp(max=t_len)), positions)
-    return parent, ever_selected
-
-
-def selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
-    """The slot of every key: start, end [R, T] int64 -> [R, T] int64 in [0, K), -1 for keys never selected.
-
-    The first K keys take slots 0..K-1; a later key inherits the slot of the key evicted at its start
-    (the one whose end equals that start). Pointer jumping resolves those chains in log2(T) rounds.
-    """
-    parent, ever_selected = slot_parents(start, end, topk)
-    for _ in range(max(1, (start.shape[1] - 1).bit_length())):
+    for _ in range(max(1, (t_len - 1).bit_length())):
         parent = parent.gather(1, parent.clamp(min=0))
     return torch.where(ever_selected, parent, -1)
 

@@ -17,7 +17,6 @@ import triton
 from torch import Tensor
 
 from . import kernels
-from .blocks import slot_parents
 from .prefix import _key_ranges
 from .wavelet import bits_needed
 
@@ -143,18 +142,21 @@ JUMP_STEPS = 8
 
 
 def _selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
-    """blocks.selection_slots with the pointer jumping in JUMP_STEPS links per launch: [R, T] int32."""
-    parent, ever_selected = slot_parents(start, end, topk)
-    rows, t_len = parent.shape
-    parent, jumped = parent.int().contiguous(), torch.empty(rows, t_len, dtype=torch.int32, device=parent.device)
+    """blocks.selection_slots in Triton: start, end [R, T] int32 -> [R, T] int32 (-1 for keys never selected),
+    the parents in two launches and the pointer jumping in JUMP_STEPS links per launch."""
+    rows, t_len = start.shape
     chunk = 64 if interpreting() else 1024
+    grid = (rows, triton.cdiv(t_len, chunk))
+    evicted_at = torch.full((rows, t_len), -1, dtype=torch.int32, device=start.device)
+    kernels.evictions_kernel[grid](start, end, evicted_at, t_len, CHUNK=chunk)
+    parent, jumped = torch.empty_like(evicted_at), torch.empty_like(evicted_at)
+    kernels.slot_parents_kernel[grid](start, end, evicted_at, parent, t_len, topk, CHUNK=chunk)
     reach = 1
     while reach < t_len:       # after r launches each key has followed JUMP_STEPS^r links (or reached its root)
-        kernels.follow_parents_kernel[(rows, triton.cdiv(t_len, chunk))](parent, jumped, t_len, STEPS=JUMP_STEPS,
-                                                                         CHUNK=chunk)
+        kernels.follow_parents_kernel[grid](parent, jumped, t_len, STEPS=JUMP_STEPS, CHUNK=chunk)
         parent, jumped = jumped, parent
         reach *= JUMP_STEPS
-    return torch.where(ever_selected, parent, -1)
+    return torch.where(end > start, parent, -1)
 
 
 def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
@@ -166,11 +168,11 @@ def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) ->
     lists = torch.full((rows, n_blocks, n_slots), -1, dtype=torch.int32, device=start.device)
     if topk == 0 or t_len == 0:
         return lists
-    slot = _selection_slots(start.long(), end.long(), topk)
+    start, end = start.int().contiguous(), end.int().contiguous()
+    slot = _selection_slots(start, end, topk)
     chunk = 64 if interpreting() else 1024
     kernels.slot_entries_kernel[(rows, triton.cdiv(t_len, chunk))](
-        slot, start.int().contiguous(), end.int().contiguous(), lists, t_len, n_blocks, n_slots, BLOCK=block,
-        CHUNK=chunk)
+        slot, start, end, lists, t_len, n_blocks, n_slots, BLOCK=block, CHUNK=chunk)
     slot_tile, block_chunk = (16, 4) if interpreting() else (64, 32)
     kernels.fill_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
         lists, n_blocks, n_slots, BLOCK_CHUNK=block_chunk, SLOT_TILE=slot_tile)

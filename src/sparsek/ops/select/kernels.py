@@ -14,7 +14,8 @@ The algorithm is the one of prefix.py (read it first); here it is split for a GP
   * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
     p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
   * finish_tau_kernel and running_max_kernel finish the thresholds; key_ranges_kernel finds every key's range.
-  * follow_parents_kernel finds every key's slot (blocks.selection_slots) by pointer jumping; slot_entries_kernel
+  * evictions_kernel, slot_parents_kernel and follow_parents_kernel find every key's slot
+    (blocks.selection_slots) by pointer jumping; slot_entries_kernel
     and fill_lists_kernel write each query block's slot array (see blocks.py): every key marks the first
     block it is present in, then a running maximum down the blocks fills the rest.
 """
@@ -360,6 +361,35 @@ def in_some_list(start, end, BLOCK: tl.constexpr):
     """Whether a key selected by the queries [start, end) is selected by some block's first query (a multiple
     of BLOCK), so that it appears in block lists. The attention's backward relies on this same rule."""
     return (end > start) & ((start + BLOCK - 1) // BLOCK * BLOCK < end)
+
+
+@triton.jit
+def evictions_kernel(START, END, EVICTED_AT, T, CHUNK: tl.constexpr):
+    """EVICTED_AT [R, T] int32, filled with -1 before: at query i, the key that leaves the top-k there (end_j =
+    i < T for a key ever selected). At most one key leaves at a query, as one enters (blocks.selection_slots)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = row.to(tl.int64) * T
+    start = tl.load(START + base + offs, mask=inside, other=0)
+    end = tl.load(END + base + offs, mask=inside, other=0)
+    tl.store(EVICTED_AT + base + end, offs, mask=inside & (end > start) & (end < T))
+
+
+@triton.jit
+def slot_parents_kernel(START, END, EVICTED_AT, PARENT, T, topk, CHUNK: tl.constexpr):
+    """The parents of blocks.selection_slots -> PARENT [R, T] int32: a key ever selected past the first topk
+    inherits the slot of the key evicted at its start (EVICTED_AT from evictions_kernel); every other key is its
+    own parent (a negative parent, from bad scores, counts as 0 there too)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = row.to(tl.int64) * T
+    start = tl.load(START + base + offs, mask=inside, other=0)
+    end = tl.load(END + base + offs, mask=inside, other=0)
+    inherits = inside & (end > start) & (offs >= topk)             # then start < T
+    evicted = tl.load(EVICTED_AT + base + start, mask=inherits, other=0)
+    tl.store(PARENT + base + offs, tl.where(inherits, tl.maximum(evicted, 0), offs), mask=inside)
 
 
 @triton.jit
