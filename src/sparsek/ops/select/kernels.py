@@ -55,8 +55,8 @@ def breakpoint_ranks_kernel(DESC, BY_RANK, BREAKS, SORTED_RANKS, VALS, R, N, STE
     that order is a merge of the sorted scores with themselves minus 1: an entry's rank is its index in its
     half plus a binary-searched count in the other (subtracting 1 merges two distinct float64 scores only
     beyond 2^53). The ranks of u and u - 1 go to SORTED_RANKS [R, 2, N] int32 in best-first order, and
-    keys_by_rank_kernel puts them in key order (scattering them, and the weights, by key from here took 10x
-    longer on an H100); each key's best-first rank goes to row 2R + r of VALS [3R, N] int32."""
+    keys_by_rank_kernel puts them in key order (scattering them and the weights by key from here took four
+    times as long on an H100); each key's best-first rank goes to row 2R + r of VALS [3R, N] int32."""
     row = tl.program_id(0)
     rank = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)          # best-first rank
     inside = rank < N
