@@ -364,15 +364,22 @@ def in_some_list(start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _ranges_chunk(START, END, T, CHUNK: tl.constexpr):
+    """A program's keys (a chunk of row program_id(0) of the [R, T] ranges): offsets, in-range mask, the row's
+    offset, start and end."""
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = tl.program_id(0).to(tl.int64) * T
+    start = tl.load(START + base + offs, mask=inside, other=0)
+    end = tl.load(END + base + offs, mask=inside, other=0)
+    return offs, inside, base, start, end
+
+
+@triton.jit
 def evictions_kernel(START, END, EVICTED_AT, T, CHUNK: tl.constexpr):
     """EVICTED_AT [R, T] int32, filled with -1 before: at query i, the key that leaves the top-k there (end_j =
     i < T for a key ever selected). At most one key leaves at a query, as one enters (blocks.selection_slots)."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-    inside = offs < T
-    base = row.to(tl.int64) * T
-    start = tl.load(START + base + offs, mask=inside, other=0)
-    end = tl.load(END + base + offs, mask=inside, other=0)
+    offs, inside, base, start, end = _ranges_chunk(START, END, T, CHUNK)
     tl.store(EVICTED_AT + base + end, offs, mask=inside & (end > start) & (end < T))
 
 
@@ -381,12 +388,7 @@ def slot_parents_kernel(START, END, EVICTED_AT, PARENT, T, topk, CHUNK: tl.const
     """The parents of blocks.selection_slots -> PARENT [R, T] int32: a key ever selected past the first topk
     inherits the slot of the key evicted at its start (EVICTED_AT from evictions_kernel); every other key is its
     own parent (a negative parent, from bad scores, counts as 0 there too)."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-    inside = offs < T
-    base = row.to(tl.int64) * T
-    start = tl.load(START + base + offs, mask=inside, other=0)
-    end = tl.load(END + base + offs, mask=inside, other=0)
+    offs, inside, base, start, end = _ranges_chunk(START, END, T, CHUNK)
     inherits = inside & (end > start) & (offs >= topk)             # then start < T
     evicted = tl.load(EVICTED_AT + base + start, mask=inherits, other=0)
     tl.store(PARENT + base + offs, tl.where(inherits, tl.maximum(evicted, 0), offs), mask=inside)
@@ -411,16 +413,11 @@ def slot_entries_kernel(SLOT, START, END, LISTS, T, N_BLOCKS, N_SLOTS, BLOCK: tl
     """Every key present at some block's first query writes itself into LISTS [R, NB, K] at its slot and the
     first such block (its start rounded up to a block; it stays until its end). No two keys meet there: a
     slot holds one key at any query."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-    inside = offs < T
-    base = row.to(tl.int64) * T
+    offs, inside, base, start, end = _ranges_chunk(START, END, T, CHUNK)
     slot = tl.load(SLOT + base + offs, mask=inside, other=-1)
-    start = tl.load(START + base + offs, mask=inside, other=0)
-    end = tl.load(END + base + offs, mask=inside, other=0)
     first = (start + BLOCK - 1) // BLOCK
     present = inside & (slot >= 0) & in_some_list(start, end, BLOCK)
-    dest = (row.to(tl.int64) * N_BLOCKS + first) * N_SLOTS + slot
+    dest = (tl.program_id(0).to(tl.int64) * N_BLOCKS + first) * N_SLOTS + slot
     tl.store(LISTS + dest, offs, mask=present)
 
 
