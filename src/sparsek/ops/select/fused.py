@@ -17,7 +17,7 @@ import triton
 from torch import Tensor
 
 from . import kernels
-from .prefix import _key_ranges
+from .prefix import _best_first_order, _key_ranges
 from .wavelet import bits_needed
 
 
@@ -118,13 +118,12 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
 
 
 def _rank_sequences(uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One sort of the scores uc [R, L] float64 -> the best-first order by_rank [R, L] int64 (prefix._best_first),
+    """One sort of the scores uc [R, L] float64 -> the best-first order by_rank [R, L] int64 (prefix._best_first_order),
     the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks of u_j and u_j - 1 among the
     breakpoints, best-first ranks) and their weights [2R, L] float64 (see breakpoint_ranks_kernel and
     keys_by_rank_kernel)."""
     rows, n = uc.shape
-    desc, newest_first = torch.sort(uc.flip(1), dim=1, descending=True, stable=True)  # stable: newer wins ties
-    by_rank = (n - 1) - newest_first
+    desc, by_rank = _best_first_order(uc)
     breaks = torch.empty(rows, 2 * n, dtype=torch.float64, device=uc.device)
     vals = torch.empty(3 * rows, n, dtype=torch.int32, device=uc.device)
     weights = torch.empty(2 * rows, n, dtype=torch.float64, device=uc.device)

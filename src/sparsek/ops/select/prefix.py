@@ -152,13 +152,19 @@ class _QueryThresholds(torch.autograd.Function):
         return threshold_backward(u, tau, ctx.window, grad_tau), None, None
 
 
+def _best_first_order(u: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort keys under the total order (higher score, ties to the newer key), u [R, T] -> (the scores in that
+    order, by_rank: position of the rank-r key [R, T] int64)."""
+    t_len = u.shape[1]
+    scores, newest_first = torch.sort(u.flip(1), dim=1, descending=True, stable=True)  # stable: newer wins ties
+    return scores, (t_len - 1) - newest_first
+
+
 def _best_first(u: Tensor) -> tuple[Tensor, Tensor]:
     """Rank keys under the total order (higher score, ties to the newer key), u [R, T] ->
     (by_rank: position of the rank-r key, rank: rank of the key at each position), both [R, T] int64."""
-    t_len = u.shape[1]
-    newest_first = torch.argsort(u.flip(1), dim=1, descending=True, stable=True)  # stable: newer wins ties
-    by_rank = (t_len - 1) - newest_first
-    positions = torch.arange(t_len, device=u.device).expand_as(by_rank)
+    _, by_rank = _best_first_order(u)
+    positions = torch.arange(u.shape[1], device=u.device).expand_as(by_rank)
     return by_rank, torch.empty_like(by_rank).scatter_(1, by_rank, positions)
 
 
