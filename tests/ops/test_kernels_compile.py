@@ -103,6 +103,16 @@ SCRIPT = textwrap.dedent('''
         compile_kernel(sel.slot_entries_kernel, dict(SLOT="*i32", START="*i32", END="*i32", LISTS="*i32"),
                        dict(BLOCK=128, CHUNK=1024))
         compile_kernel(sel.fill_lists_kernel, dict(LISTS="*i32"), dict(BLOCK_CHUNK=32, SLOT_TILE=64))
+        compile_kernel(sel.fractional_ranges_kernel, dict(U="*fp32", TAU="*fp32", LO="*i32", HI="*i32",
+                                                          COVER="*i32", CHUNK_COVER="*i32"),
+                       dict(SCAN=1024, CHUNK=1024))
+        compile_kernel(sel.fractional_shares_kernel, dict(COVER="*i32", CHUNK_COVER="*i32", GRAD_TAU="*fp32",
+                                                          SHARE="*fp64", CHUNK_SHARE="*fp64"),
+                       dict(SCAN=1024, SCANS_POW2=128))
+        compile_kernel(sel.share_prefix_kernel, dict(SHARE="*fp64", CHUNK_SHARE="*fp64", SHARE_BEFORE="*fp64"),
+                       dict(SCAN=1024, SCANS_POW2=128))
+        compile_kernel(sel.add_threshold_grad_kernel, dict(SHARE_BEFORE="*fp64", LO="*i32", HI="*i32", DU="*fp32"),
+                       dict(CHUNK=1024))
 ''')
 
 

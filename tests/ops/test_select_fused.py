@@ -17,8 +17,12 @@ import triton  # noqa: E402
 
 from sparsek.ops.select import kernels as select_kernels  # noqa: E402
 from sparsek.ops.select.blocks import block_key_lists  # noqa: E402
-from sparsek.ops.select.fused import block_key_lists_triton, select_rows_triton  # noqa: E402
-from sparsek.ops.select.prefix import select_rows  # noqa: E402
+from sparsek.ops.select.fused import (  # noqa: E402
+    block_key_lists_triton,
+    select_rows_triton,
+    threshold_backward_triton,
+)
+from sparsek.ops.select.prefix import select_rows, threshold_backward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -63,6 +67,35 @@ def test_running_max_kernel_carries_across_chunks():
                                                         CHUNKS_POW2=triton.next_power_of_2(n_chunks))
     assert torch.equal(out[:, 5:], torch.cummax(x, dim=1).values)
     assert torch.isnan(out[:, :5]).all()
+
+
+@pytest.mark.parametrize("t_len,window,group,kind", [
+    (50, 3, 1, "selection"), (48, 0, 3, "selection"), (40, 2, 2, "ties"), (33, 0, 1, "ties"), (9, 20, 1, "ties"),
+    (1, 0, 1, "selection"),
+])
+def test_threshold_backward_matches_pytorch(t_len, window, group, kind):
+    """The Triton threshold gradient (summed over a row's query heads, added to du) against
+    prefix.threshold_backward, over several scan chunks (8 queries under the interpreter). "ties": scores on a
+    grid of halves and thresholds drawn from the scores and the scores minus 1, so that tau_i == u_l and
+    tau_i == u_l - 1 occur and the strict / non-strict comparisons matter."""
+    torch.manual_seed(t_len + window)
+    rows = 3
+    if kind == "selection":
+        u = torch.randn(rows, t_len, device=DEVICE)
+        tau = select_rows(u, 4, window)[0].float()
+    else:
+        u = torch.randint(-4, 5, (rows, t_len), device=DEVICE).float() / 2
+        pool = torch.cat([u, u - 1], dim=1)
+        tau = pool.gather(1, torch.randint(0, 2 * t_len, (rows, t_len), device=DEVICE)).sort(dim=1).values
+        tau[:, : t_len // 4] = -torch.inf
+    grad_tau = torch.randn(rows * group, t_len, device=DEVICE)
+    du = torch.randn(rows, t_len, device=DEVICE)
+    grad_sum = grad_tau.double().view(rows, group, t_len).sum(1)
+    expected = du + threshold_backward(u.double(), tau.double(), window, grad_sum).float()
+    out = threshold_backward_triton(u, tau, window, grad_tau, du.clone())
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    if window < t_len - 1:                               # else no key is ever a candidate
+        assert expected.ne(du).any()                     # some key gets a gradient through the thresholds
 
 
 @pytest.mark.parametrize("rows,weighted,n,nbits", [(3, 2, 100, 8), (6, 4, 37, 7), (2, 1, 8, 4), (3, 2, 1, 1)])

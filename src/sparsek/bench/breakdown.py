@@ -4,8 +4,8 @@
     python -m sparsek.bench.breakdown --seq-lens 32768 --heads 32 --kv-heads 8
 
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
-kernel, and the backward's dq, band and list passes (on the forward's lists) and the threshold backward. Medians of
-triton.testing.do_bench in ms; a table is printed last.
+kernel, and the backward's dq, band and list passes (on the forward's lists) and the threshold backward (graphed
+up to 2^19 scores, as in the attention). Medians of triton.testing.do_bench in ms; a table is printed last.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from triton.testing import do_bench
 
 from sparsek.ops.attention import fused, kernels
 from sparsek.ops.select.fused import select_rows_triton
-from sparsek.ops.select.prefix import threshold_backward
 
 
 def ms(fn) -> float:
@@ -65,8 +64,7 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
         q, k, v, u, tau, end, lists, grad_out, lse, delta, dk_list, dv_list, du_list, *strides,
         t_len, n_slots, n_blocks, n_blocks, heads, group, scale, ATOMIC=False, ONE_HEAD=group == 1, **common,
         **tiles["list"]))
-    dtau_kv = dtau.view(kv_heads, group, t_len).sum(1).double()
-    row["threshold bwd"] = ms(lambda: threshold_backward(u.double(), tau.double(), window, dtau_kv))
+    row["threshold bwd (graphed)"] = ms(lambda: fused.graphed_threshold_backward((u, tau, dtau, du), (window,)))
     return row
 
 

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ..graphs import GraphedFunction
 from ..select.blocks import block_key_lists
-from ..select.fused import block_key_lists_triton, interpreting, select_rows_triton
-from ..select.prefix import select_rows, threshold_backward
+from ..select.fused import block_key_lists_triton, interpreting, select_rows_triton, threshold_backward_triton
+from ..select.prefix import select_rows
 from . import kernels
 
 GATE_IDS = {"kv": 0, "v": 1, "none": 2}
@@ -67,8 +67,9 @@ def _forward_selection(u: Tensor, topk: int, window: int,
     return tau.float(), start, end, block_lists_on_device(start, end, topk, block), poison
 
 
-def _threshold_backward(u: Tensor, tau: Tensor, grad_tau: Tensor, window: int) -> tuple[Tensor]:
-    return (threshold_backward(u.double(), tau.double(), window, grad_tau.double()).float(),)
+def _threshold_backward(u: Tensor, tau: Tensor, dtau: Tensor, du: Tensor, window: int) -> tuple[Tensor]:
+    """du [R, T] plus (in place) the gradient of the scores through the thresholds, from dtau [B * Hq, T]."""
+    return (threshold_backward_triton(u, tau, window, dtau, du),)
 
 
 # Up to 2^19 scores (16 heads x 32k tokens) the selection is launch-bound: replay it as a CUDA graph.
@@ -231,13 +232,12 @@ def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor
 def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
     dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end, lists,
                                           topk, window, gate, scale)
-    batch, t_len, n_q_heads, _ = q.shape
+    batch, t_len = q.shape[:2]
     n_kv_heads = k.shape[2]
     if gate == "none":
         du = torch.zeros_like(du)
     else:
-        dtau_kv = dtau.view(batch, n_kv_heads, n_q_heads // n_kv_heads, t_len).sum(2).reshape_as(du)
-        du = du + graphed_threshold_backward((u, tau, dtau_kv.contiguous()), (window,))[0]
+        du = graphed_threshold_backward((u, tau, dtau, du), (window,))[0]
     return dq, dk, dv, du.view(batch, n_kv_heads, t_len).permute(0, 2, 1).contiguous()
 
 

@@ -14,6 +14,8 @@ The algorithm is the one of prefix.py (read it first); here it is split for a GP
   * prefix_descend_kernel walks all levels for every prefix length at once: the threshold descent over the
     p / q matrices and two k-th-smallest descents over the rank matrix (the k-th and (k+1)-th best).
   * finish_tau_kernel and running_max_kernel finish the thresholds; key_ranges_kernel finds every key's range.
+  * fractional_ranges_kernel, fractional_shares_kernel, share_prefix_kernel and add_threshold_grad_kernel are
+    prefix.threshold_backward: the gradient of the scores through the thresholds, in the attention's backward.
   * evictions_kernel, slot_parents_kernel and follow_parents_kernel find every key's slot
     (blocks.selection_slots) by pointer jumping; slot_entries_kernel
     and fill_lists_kernel write each query block's slot array (see blocks.py): every key marks the first
@@ -27,19 +29,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _first_at_or_below(DESC, base, x, n, inside, SHIFT: tl.constexpr, OR_EQUAL: tl.constexpr, STEPS):
-    """Per x: the first index m of the descending row DESC[base : base + n] with DESC[m] - SHIFT < x (or <= x
-    with OR_EQUAL), n if none; a binary search of STEPS >= bit_length(n) halvings."""
+def _first_past(ROW, base, x, n, inside, SHIFT: tl.constexpr, OR_EQUAL: tl.constexpr, ASCENDING: tl.constexpr,
+                STEPS):
+    """Per x: the first index m of the sorted row ROW[base : base + n] where ROW[m] - SHIFT has passed x: < x in
+    a descending row, > x in an ascending one (<=, >= with OR_EQUAL); n if none. A binary search of
+    STEPS >= bit_length(n) halvings, compared in the dtype of x."""
     lo = tl.zeros(x.shape, dtype=tl.int32)
     hi = lo + n
     for _ in range(STEPS):
         active = lo < hi
         mid = (lo + hi) // 2
-        s = tl.load(DESC + base + mid, mask=inside & active, other=0.0) - SHIFT
-        if OR_EQUAL:
-            below = s <= x
+        s = tl.load(ROW + base + mid, mask=inside & active, other=0.0).to(x.dtype) - SHIFT
+        if ASCENDING:                         # mirror the row: an ascending row passes x where -ROW passes -x
+            s, y = -s, -x
         else:
-            below = s < x
+            y = x
+        if OR_EQUAL:
+            below = s <= y
+        else:
+            below = s < y
         lo = tl.where(active & ~below, mid + 1, lo)
         hi = tl.where(active & below, mid, hi)
     return lo
@@ -64,8 +72,8 @@ def breakpoint_ranks_kernel(DESC, BY_RANK, BREAKS, SORTED_RANKS, VALS, R, N, STE
     score = tl.load(DESC + base + rank, mask=inside, other=0.0)
     ascending = N - 1 - rank                                        # index among the sorted scores, ascending
     shifted = score - 1.0
-    rank_p = ascending + N - _first_at_or_below(DESC, base, score, N, inside, 1.0, False, STEPS)
-    rank_q = ascending + N - _first_at_or_below(DESC, base, shifted, N, inside, 0.0, True, STEPS)
+    rank_p = ascending + N - _first_past(DESC, base, score, N, inside, 1.0, False, False, STEPS)
+    rank_q = ascending + N - _first_past(DESC, base, shifted, N, inside, 0.0, True, False, STEPS)
     tl.store(BREAKS + 2 * base + rank_p, score, mask=inside)
     tl.store(BREAKS + 2 * base + rank_q, shifted, mask=inside)
     tl.store(SORTED_RANKS + 2 * base + rank, rank_p, mask=inside)
@@ -269,6 +277,88 @@ def running_max_kernel(X, CHUNK_MAX, OUT, N, N_CHUNKS, out_row_stride, CHUNK: tl
     x = tl.load(X + row.to(tl.int64) * N + offs, mask=inside, other=float("-inf"))
     running = tl.maximum(tl.associative_scan(x, 0, _max_combine), tl.max(before, 0))
     tl.store(OUT + row.to(tl.int64) * out_row_stride + offs, running, mask=inside)
+
+
+@triton.jit
+def fractional_ranges_kernel(U, TAU, LO, HI, COVER, CHUNK_COVER, T, WINDOW, N_SCAN, STEPS, SCAN: tl.constexpr,
+                             CHUNK: tl.constexpr):
+    """The first half of prefix.threshold_backward: for every key l the queries [lo_l, hi_l) for which it is a
+    fractional candidate (i >= l + w and tau_i < u_l < tau_i + 1), by binary searches in the non-decreasing
+    thresholds, compared in float64 as there. U, TAU [R, T] float32; LO, HI [R, T] int32. Each non-empty range
+    adds +1 at lo and -1 at hi to COVER [R, T + 1] int32 and to the totals of its scan chunks (SCAN queries)
+    CHUNK_COVER [R, N_SCAN + 1] int32, both zeroed before (integer atomics: the sums do not depend on order)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = row.to(tl.int64) * T
+    u = tl.load(U + base + offs, mask=inside, other=0.0).to(tl.float64)
+    below_u = _first_past(TAU, base, u, T, inside, 0.0, True, True, STEPS)             # tau_i < u_l
+    lo = _first_past(TAU, base, u - 1.0, T, inside, 0.0, False, True, STEPS)          # tau_i > u_l - 1
+    lo = tl.minimum(tl.maximum(lo, offs + WINDOW), T)
+    hi = tl.maximum(below_u, lo)
+    tl.store(LO + base + offs, lo, mask=inside)
+    tl.store(HI + base + offs, hi, mask=inside)
+    fractional = inside & (lo < hi)
+    ones = tl.full([CHUNK], 1, dtype=tl.int32)
+    cover_row = COVER + row.to(tl.int64) * (T + 1)
+    tl.atomic_add(cover_row + lo, ones, mask=fractional)
+    tl.atomic_add(cover_row + hi, -ones, mask=fractional)
+    chunk_row = CHUNK_COVER + row * (N_SCAN + 1)
+    tl.atomic_add(chunk_row + lo // SCAN, ones, mask=fractional)
+    tl.atomic_add(chunk_row + hi // SCAN, -ones, mask=fractional)
+
+
+@triton.jit
+def fractional_shares_kernel(COVER, CHUNK_COVER, GRAD_TAU, SHARE, CHUNK_SHARE, T, N_SCAN, GROUP,
+                             SCAN: tl.constexpr, SCANS_POW2: tl.constexpr):
+    """Each query's share of its threshold's gradient, grad_tau_i / |F_i| (0 where F_i is empty), float64 ->
+    SHARE [R, T], and the share total of each scan chunk -> CHUNK_SHARE [R, N_SCAN]. |F_i| is the running sum
+    of COVER (from fractional_ranges_kernel). GRAD_TAU [R * GROUP, T] float32: the GROUP query heads of a row
+    are summed."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.arange(0, SCANS_POW2)
+    before = tl.sum(tl.load(CHUNK_COVER + row * (N_SCAN + 1) + chunks, mask=chunks < chunk, other=0), 0)
+    offs = chunk * SCAN + tl.arange(0, SCAN)
+    inside = offs < T
+    n_frac = tl.cumsum(tl.load(COVER + row.to(tl.int64) * (T + 1) + offs, mask=inside, other=0), 0) + before
+    grad = tl.zeros([SCAN], dtype=tl.float64)
+    for g in range(0, GROUP):
+        grad += tl.load(GRAD_TAU + (row * GROUP + g).to(tl.int64) * T + offs, mask=inside, other=0.0).to(tl.float64)
+    share = tl.where(n_frac > 0, grad / tl.maximum(n_frac, 1).to(tl.float64), 0.0)
+    tl.store(SHARE + row.to(tl.int64) * T + offs, share, mask=inside)
+    tl.store(CHUNK_SHARE + row * N_SCAN + chunk, tl.sum(share, 0))
+
+
+@triton.jit
+def share_prefix_kernel(SHARE, CHUNK_SHARE, SHARE_BEFORE, T, N_SCAN, SCAN: tl.constexpr, SCANS_POW2: tl.constexpr):
+    """SHARE_BEFORE [R, T + 1] float64: the sum of the shares of the queries before each position (0 first)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunks = tl.arange(0, SCANS_POW2)
+    before = tl.sum(tl.load(CHUNK_SHARE + row * N_SCAN + chunks, mask=chunks < chunk, other=0.0), 0)
+    offs = chunk * SCAN + tl.arange(0, SCAN)
+    inside = offs < T
+    out_row = SHARE_BEFORE + row.to(tl.int64) * (T + 1)
+    running = tl.cumsum(tl.load(SHARE + row.to(tl.int64) * T + offs, mask=inside, other=0.0), 0) + before
+    tl.store(out_row + offs + 1, running, mask=inside)
+    tl.store(out_row, 0.0, mask=chunk == 0)
+
+
+@triton.jit
+def add_threshold_grad_kernel(SHARE_BEFORE, LO, HI, DU, T, CHUNK: tl.constexpr):
+    """DU [R, T] float32 += the gradient through the thresholds: key l gets the shares of the queries
+    [lo_l, hi_l), a difference of two prefix sums."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < T
+    base = row.to(tl.int64) * T
+    lo = tl.load(LO + base + offs, mask=inside, other=0)
+    hi = tl.load(HI + base + offs, mask=inside, other=0)
+    prefix_row = SHARE_BEFORE + row.to(tl.int64) * (T + 1)
+    grad = tl.load(prefix_row + hi, mask=inside, other=0.0) - tl.load(prefix_row + lo, mask=inside, other=0.0)
+    du = tl.load(DU + base + offs, mask=inside, other=0.0)
+    tl.store(DU + base + offs, du + grad.to(tl.float32), mask=inside)
 
 
 @triton.jit
