@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsek.ops import prefix_selection
+from sparsek.ops.select.blocks import block_key_lists
 from tests.reference import best_candidates, candidates, prefix_tau_ref, selection_margin
 
 # ---------------------------------------------------------------------------------------------
@@ -286,3 +287,27 @@ def test_tau_gradient_zero_without_fractional_entries(values, topk):
     assert np.all(ref.degenerate | np.isneginf(ref.tau))
     grad, _ = _tau_grad(u, topk, 0, seed=0)
     np.testing.assert_array_equal(grad.numpy(), np.zeros_like(grad.numpy()))
+
+
+@pytest.mark.parametrize("pattern,topk,window,block", [
+    ("normal", 5, 3, 4), ("ties", 7, 0, 8), ("equal", 4, 2, 1), ("recency", 3, 9, 4), ("halves", 50, 1, 16),
+])
+def test_block_lists_hold_each_blocks_selection_in_filled_slots(pattern, topk, window, block):
+    """block_key_lists: the list of block b holds exactly the keys selected by its first query i0, and before
+    topk candidates exist they fill slots 0, 1, ... in order, as the fused kernels assume when they skip the
+    slots past min(K, i0 - window + 1)."""
+    t_len = 40
+    scores = make_scores(pattern, 2, t_len, 3, seed=topk + window)
+    sel = prefix_selection(scores, topk, window)
+    start, end = (x.permute(0, 2, 1).reshape(6, t_len) for x in (sel.start, sel.end))
+    lists = block_key_lists(start, end, topk, block)
+    n_slots = min(topk, t_len)
+    for b in range(lists.shape[1]):
+        i0 = b * block
+        filled = min(n_slots, max(0, i0 - window + 1))
+        expected_filled = torch.arange(n_slots) < filled
+        for r in range(6):
+            keys = lists[r, b]
+            assert torch.equal(keys >= 0, expected_filled)
+            selected = {j for j in range(t_len) if start[r, j] <= i0 < end[r, j]}
+            assert set(keys[keys >= 0].tolist()) == selected

@@ -62,7 +62,7 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
     row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, kv_heads, 1)](
         q, k, v, u, tau, end, lists, grad_out, lse, delta, dk_list, dv_list, du_list, *strides,
-        t_len, n_slots, n_blocks, n_blocks, heads, group, scale, ATOMIC=False, ONE_HEAD=group == 1, **common,
+        t_len, n_slots, n_blocks, n_blocks, window, heads, group, scale, ATOMIC=False, ONE_HEAD=group == 1, **common,
         **tiles["list"]))
     row["threshold bwd (graphed)"] = ms(lambda: fused.graphed_threshold_backward((u, tau, dtau, du), (window,)))
     return row

@@ -171,7 +171,7 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
         du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
         kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
             q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *strides,
-            t_len, n_slots, n_blocks, blocks_per_program, n_q_heads, group, scale,
+            t_len, n_slots, n_blocks, blocks_per_program, window, n_q_heads, group, scale,
             GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
             ONE_HEAD=group == 1, **tiles["list"])
 

@@ -18,9 +18,10 @@ runs in base 2 (lse in log2 units).
 
 Backward: dq and the threshold gradient dtau come from a query-major pass over the same two phases (which
 also writes delta = rowsum(dO * O) for the other two); dk, dv and the direct score gradient du from two
-key-major passes. The list pass walks each tile of slots through the blocks and writes a slot's sums to its
-key's rows of a float32 scratch when the key changes (each key lives in one slot for one run of blocks, so one
-store per key; atomic adds into a zeroed scratch only when the blocks are split between programs). The band
+key-major passes. The list pass walks each tile of slots through the blocks (last first) and writes a slot's
+sums to its key's rows of a float32 scratch when the key changes (each key lives in one slot for one run of
+blocks, so one store per key; atomic adds into a zeroed scratch only when the blocks are split between
+programs). The band
 pass then walks each key tile over the query tiles whose band contains it, adds the scratch rows of the keys
 that were listed, and stores dk, dv in the dtype of k, v.
 
@@ -106,6 +107,16 @@ def _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt
     allowed = offs_m[:, None] < end_j[None, :]
     gap = u_j[None, :] - tau[:, None]
     return kt, vt, allowed, tl.minimum(tl.maximum(gap, 0.0), 1.0), gap
+
+
+@triton.jit
+def _listed_slots(i0, N_SLOTS, WINDOW):
+    """How many slots of the list of the block starting at query i0 can hold a key: the slots fill in order
+    (the first K keys take slots 0..K-1, ops/select/blocks.py) and i0 has i0 - w + 1 candidates. The slots
+    past that are empty during the first topk + w queries: at topk = 1024 and w = 512 a quarter of the list
+    tiles at T = 4k, an eighth at 8k. The forward and the list pass skip them; in the dq pass skipping them
+    measured slower at 128k on an H100 (docs/kernels.md)."""
+    return tl.minimum(N_SLOTS, tl.maximum(i0 - WINDOW + 1, 0))
 
 
 @triton.jit
@@ -198,7 +209,7 @@ def sparsek_fwd_kernel(
 
     # Phase 1: the keys selected by the block's first query.
     list_base = LISTS + (row.to(tl.int64) * N_BLOCKS + pid_m) * N_SLOTS
-    for s0 in range(0, N_SLOTS, BLOCK_N):
+    for s0 in range(0, _listed_slots(i0, N_SLOTS, WINDOW), BLOCK_N):
         kt, vt, allowed, weight, _ = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
                                                 stride_vt, offs_m, offs_d, tau, BLOCK_N)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
@@ -438,7 +449,7 @@ def sparsek_bwd_list_kernel(
     Q, K, V, U, TAU, END, LISTS, DO, LSE, DELTA, DK, DV, DU,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, H_Q, GROUP, scale,
+    T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SUB_M: tl.constexpr, ATOMIC: tl.constexpr, ONE_HEAD: tl.constexpr,
 ):
@@ -466,7 +477,12 @@ def sparsek_bwd_list_kernel(
 
     blk_lo = pid_c * BLOCKS_PER_PROGRAM
     blk_hi = tl.minimum(blk_lo + BLOCKS_PER_PROGRAM, N_BLOCKS)
-    for blk in range(blk_lo, blk_hi):
+    # Blocks whose lists are still empty in this slot tile (see _listed_slots) are skipped. The blocks are
+    # walked last first, so that the programs of a row, which start at different blocks, still walk the
+    # same blocks at the same time (and share their q and dO in L2) until they stop.
+    blk_lo = tl.maximum(blk_lo, tl.cdiv(pid_s * BLOCK_N + WINDOW, BLOCK_M))
+    for step in range(0, blk_hi - blk_lo):
+        blk = blk_hi - 1 - step
         keys = tl.load(list_row + blk * N_SLOTS + offs_s, mask=slot_ok, other=-1)
         changed = keys != held
         _flush_slots(DK, DV, DU, held, dk, dv, du, changed & (held >= 0), dkv_base, du_base, stride_kt, offs_d,
