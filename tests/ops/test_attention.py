@@ -257,6 +257,24 @@ def test_varlen(gate, cu):
         torch.testing.assert_close(out[:, sl], sep, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("lengths", [[7, 0, 24, 29], [1, 1, 1, 57], [57, 2, 1], [5], [100, 8000, 100, 100, 4000, 3]])
+def test_padding_groups_cover_every_sequence_within_twice_the_tokens(lengths):
+    from sparsek.ops.attention.interface import padding_groups
+
+    bounds = np.cumsum([0, *lengths]).tolist()
+    sequences = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    groups = padding_groups(sequences)
+    assert sorted(s for g in groups for s in g) == sorted(sequences)
+    for group in groups:
+        sizes = [b - a for a, b in group]
+        assert sizes == sorted(sizes, reverse=True)
+        assert len(group) * sizes[0] <= 2 * sum(sizes)
+    # The groups' first sequences get shorter; a sequence that fits the group before it would have joined it.
+    for before, after in zip(groups[:-1], groups[1:]):
+        longest = before[0][1] - before[0][0]
+        tokens = sum(b - a for a, b in before)
+        assert (len(before) + 1) * longest > 2 * (tokens + after[0][1] - after[0][0])
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_varlen_with_empty_sequence(dtype):
     """Non-decreasing cu_seqlens may contain an empty sequence."""

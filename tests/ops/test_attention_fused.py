@@ -106,9 +106,11 @@ def test_fused_fp16_error_within_twice_pytorch_fp16(case):
         assert err <= 2 * err_half + 1e-3 * (1 + w.abs().max().item()), f"{name}: {err} vs PyTorch fp16 {err_half}"
 
 
-@pytest.mark.parametrize("bounds", [[0, 7, 7, 31, 60], [0, 1, 2, 3, 60]], ids=["padded-batch", "per-sequence"])
+@pytest.mark.parametrize("bounds", [[0, 7, 7, 31, 60], [0, 1, 2, 3, 60], [0, 57, 59, 60]],
+                         ids=["one-padded-batch", "two-padded-batches", "padded-batch-and-single"])
 def test_fused_varlen_matches_reference(bounds):
-    """Packed sequences run as one padded batch, or one by one when padding would more than double the work."""
+    """Packed sequences run in padded batches of similar lengths (interface.padding_groups), a group of one
+    without padding."""
     t_len, hq, hk, d = 60, 2, 1, 16
     inputs = make_inputs(1, t_len, hq, hk, d, torch.float32)
     cu_seqlens = torch.tensor(bounds, device=DEVICE)

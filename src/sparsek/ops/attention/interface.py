@@ -154,21 +154,50 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     if cu_seqlens is None:
         return attend(q, k, v, scores)
     bounds = _validate_cu_seqlens(cu_seqlens, q)
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    if attention is not sparsek_attention_reference and (len(bounds) - 1) * max_len <= 2 * q.shape[1]:
-        return _attend_padded(attend, q, k, v, scores, cu_seqlens.to(q.device), max_len)
-    pieces = [attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return torch.cat(pieces, dim=1) if pieces else q.new_zeros(q.shape)
+    sequences = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if attention is sparsek_attention_reference:  # chunked O(T^2) math on CPU: padding would only add work
+        return torch.cat([attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in sequences], dim=1)
+    pieces, positions = [], []
+    for group in padding_groups(sequences):
+        out, where = _attend_padded(attend, q, k, v, scores, group)
+        pieces.append(out)
+        positions.append(where)
+    order = torch.argsort(torch.cat(positions))                                   # back to the packed order
+    return torch.cat(pieces)[order].unsqueeze(0)
 
 
-def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, cu_seqlens: Tensor, max_len: int):
-    """Packed sequences [1, total, ...] as one padded batch [N, max_len, ...]: one kernel launch instead of N.
+def padding_groups(sequences: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Group packed sequences [(start, end), ...] so that padding each group to its longest sequence at most
+    doubles its tokens: longest first, a group takes the next (shorter) sequences while it stays within that
+    bound. Sequences of similar length then share one padded batch (one set of kernel launches), and a long
+    sequence among short ones does not make them all pad to its length."""
+    groups: list[list[tuple[int, int]]] = []
+    tokens = 0
+    for a, b in sorted(sequences, key=lambda ab: ab[0] - ab[1]):                  # longest first (stable)
+        longest = groups[-1][0][1] - groups[-1][0][0] if groups else 0
+        if groups and (len(groups[-1]) + 1) * longest <= 2 * (tokens + b - a):
+            groups[-1].append((a, b))
+            tokens += b - a
+        else:
+            groups.append([(a, b)])
+            tokens = b - a
+    return groups
+
+
+def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
+                   group: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Packed sequences [(start, end), ...] of [1, total, ...] inputs as one padded batch [N, max_len, ...]: one
+    set of kernel launches instead of N. -> their outputs [tokens, Hq, D] and those tokens' packed positions.
 
     Padding goes after each sequence's last token, so causality keeps every real query away from it; the
     padded rows' outputs are dropped, so nothing flows back into them either.
     """
-    starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    offsets = torch.arange(max_len, device=q.device)
+    if len(group) == 1:
+        (a, b), = group
+        return attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b])[0], torch.arange(a, b, device=q.device)
+    starts = torch.tensor([a for a, _ in group], device=q.device)
+    lengths = torch.tensor([b - a for a, b in group], device=q.device)
+    offsets = torch.arange(max(b - a for a, b in group), device=q.device)
     real = offsets < lengths[:, None]                                            # [N, max_len]
     index = torch.where(real, starts[:, None] + offsets, 0)                       # [N, max_len]; pads read token 0
 
@@ -176,4 +205,4 @@ def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, cu_s
         return x[0][index]
 
     out = attend(batch(q), batch(k), batch(v), batch(scores))                     # [N, max_len, Hq, D]
-    return out[real].unsqueeze(0)                                                 # [1, total, Hq, D]
+    return out[real], index[real]
