@@ -275,6 +275,7 @@ def test_padding_groups_cover_every_sequence_within_twice_the_tokens(lengths):
         tokens = sum(b - a for a, b in before)
         assert (len(before) + 1) * longest > 2 * (tokens + after[0][1] - after[0][0])
 
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_varlen_with_empty_sequence(dtype):
     """Non-decreasing cu_seqlens may contain an empty sequence."""

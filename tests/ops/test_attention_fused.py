@@ -85,6 +85,16 @@ def test_fused_matches_reference_fp32(case):
     assert_close_to_reference(inputs, cotangent, atol=2e-4, rtol=2e-4, topk=topk, window=window, gate=gate)
 
 
+def test_list_pass_split_between_programs(monkeypatch):
+    """The list pass with its blocks split between programs (atomic adds into scratch) and three slot tiles,
+    which skip different numbers of empty first blocks (some programs get no block at all; with window 16 the
+    second tile's first key enters exactly at a block's first query)."""
+    monkeypatch.setattr(fused, "INTERPRETER_LIST_PROGRAMS", 64)
+    inputs = make_inputs(1, 130, 2, 1, 16, torch.float32)
+    cotangent = torch.randn(1, 130, 2, 16, device=DEVICE)
+    assert_close_to_reference(inputs, cotangent, atol=2e-4, rtol=2e-4, topk=40, window=16, gate="kv")
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "-".join(map(str, c)))
 def test_fused_fp16_error_within_twice_pytorch_fp16(case):
     """fp16 kernels: error against float64 at most 2x that of the same math in PyTorch float16 (+ slack)."""

@@ -71,18 +71,24 @@ def test_running_max_kernel_carries_across_chunks():
 
 @pytest.mark.parametrize("t_len,window,group,kind", [
     (50, 3, 1, "selection"), (48, 0, 3, "selection"), (40, 2, 2, "ties"), (33, 0, 1, "ties"), (9, 20, 1, "ties"),
-    (1, 0, 1, "selection"),
+    (1, 0, 1, "selection"), (45, 1, 2, "rounding"),
 ])
 def test_threshold_backward_matches_pytorch(t_len, window, group, kind):
     """The Triton threshold gradient (summed over a row's query heads, added to du) against
     prefix.threshold_backward, over several scan chunks (8 queries under the interpreter). "ties": scores on a
     grid of halves and thresholds drawn from the scores and the scores minus 1, so that tau_i == u_l and
-    tau_i == u_l - 1 occur and the strict / non-strict comparisons matter."""
+    tau_i == u_l - 1 occur and the strict / non-strict comparisons matter; "rounding": thresholds at u_l - 1
+    rounded to float32, which only a float64 comparison (as in prefix.py) puts on the right side of u_l - 1."""
     torch.manual_seed(t_len + window)
     rows = 3
     if kind == "selection":
         u = torch.randn(rows, t_len, device=DEVICE)
         tau = select_rows(u, 4, window)[0].float()
+    elif kind == "rounding":  # thresholds at float32(u - 1), which rounds u - 1 for about half of these u
+        u = torch.rand(rows, t_len, device=DEVICE) / 2
+        pool = torch.cat([(u.double() - 1).float(), u], dim=1)
+        tau = pool.gather(1, torch.randint(0, 2 * t_len, (rows, t_len), device=DEVICE)).sort(dim=1).values
+        tau[:, : t_len // 4] = -torch.inf
     else:
         u = torch.randint(-4, 5, (rows, t_len), device=DEVICE).float() / 2
         pool = torch.cat([u, u - 1], dim=1)

@@ -25,6 +25,9 @@ GATE_IDS = {"kv": 0, "v": 1, "none": 2}
 LOG2E = 1.4426950408889634
 # Tests set this to fill kernel outputs with NaN before launch, so an element no program writes shows up.
 POISON_OUTPUTS = False
+# Under the interpreter the list pass splits its blocks between programs below this many programs (on a GPU:
+# the SM count). Small, so that the tests see both paths; a test raises it to split several slot tiles.
+INTERPRETER_LIST_PROGRAMS = 2
 
 
 def _empty(shape, dtype: torch.dtype, device) -> Tensor:
@@ -72,7 +75,8 @@ def _threshold_backward(u: Tensor, tau: Tensor, dtau: Tensor, du: Tensor, window
     return (threshold_backward_triton(u, tau, window, dtau, du),)
 
 
-# Up to 2^19 scores (16 heads x 32k tokens) the selection is launch-bound: replay it as a CUDA graph.
+# Up to 2^19 scores (16 heads x 32k tokens) the selection is launch-bound: replay it as a CUDA graph. (The
+# limit counts the largest input: for the threshold backward that is dtau, [B * Hq, T].)
 GRAPH_MAX_ELEMENTS = 1 << 19
 forward_selection = GraphedFunction(_forward_selection, GRAPH_MAX_ELEMENTS)
 graphed_threshold_backward = GraphedFunction(_threshold_backward, GRAPH_MAX_ELEMENTS)
@@ -160,9 +164,9 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     else:
         slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
         # One program per slot tile walks all blocks and stores each key's sums once. When that leaves the GPU
-        # idle, the blocks are split in chunks whose programs add atomically into zeroed scratch. (Under the
-        # interpreter the threshold is 2 so that the tests see both paths.)
-        programs_wanted = 2 if interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+        # idle, the blocks are split in chunks whose programs add atomically into zeroed scratch.
+        programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else \
+            torch.cuda.get_device_properties(q.device).multi_processor_count
         chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
         blocks_per_program = triton.cdiv(n_blocks, chunks)
         chunks = triton.cdiv(n_blocks, blocks_per_program)
@@ -237,7 +241,7 @@ def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, wi
     if gate == "none":
         du = torch.zeros_like(du)
     else:
-        du = graphed_threshold_backward((u, tau, dtau, du), (window,))[0]
+        du = graphed_threshold_backward((u, tau, dtau, du), (min(window, t_len),))[0]  # same result, fewer graphs
     return dq, dk, dv, du.view(batch, n_kv_heads, t_len).permute(0, 2, 1).contiguous()
 
 

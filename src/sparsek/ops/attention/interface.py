@@ -155,15 +155,13 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
         return attend(q, k, v, scores)
     bounds = _validate_cu_seqlens(cu_seqlens, q)
     sequences = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if attention is sparsek_attention_reference:  # chunked O(T^2) math on CPU: padding would only add work
+    if attention is sparsek_attention_reference:  # chunked O(T^2) math: padding would only add work
         return torch.cat([attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in sequences], dim=1)
-    pieces, positions = [], []
+    outputs = {}
     for group in padding_groups(sequences):
-        out, where = _attend_padded(attend, q, k, v, scores, group)
-        pieces.append(out)
-        positions.append(where)
-    order = torch.argsort(torch.cat(positions))                                   # back to the packed order
-    return torch.cat(pieces)[order].unsqueeze(0)
+        out = _attend_padded(attend, q, k, v, scores, group)
+        outputs.update(zip((a for a, _ in group), out.split([b - a for a, b in group])))
+    return torch.cat([outputs[a] for a, _ in sequences]).unsqueeze(0)                 # back in packed order
 
 
 def padding_groups(sequences: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -184,17 +182,16 @@ def padding_groups(sequences: list[tuple[int, int]]) -> list[list[tuple[int, int
     return groups
 
 
-def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
-                   group: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, group: list[tuple[int, int]]) -> Tensor:
     """Packed sequences [(start, end), ...] of [1, total, ...] inputs as one padded batch [N, max_len, ...]: one
-    set of kernel launches instead of N. -> their outputs [tokens, Hq, D] and those tokens' packed positions.
+    set of kernel launches instead of N. -> their outputs [tokens, Hq, D], one sequence after the other.
 
     Padding goes after each sequence's last token, so causality keeps every real query away from it; the
     padded rows' outputs are dropped, so nothing flows back into them either.
     """
     if len(group) == 1:
         (a, b), = group
-        return attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b])[0], torch.arange(a, b, device=q.device)
+        return attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b])[0]
     starts = torch.tensor([a for a, _ in group], device=q.device)
     lengths = torch.tensor([b - a for a, b in group], device=q.device)
     offsets = torch.arange(max(b - a for a, b in group), device=q.device)
@@ -205,4 +202,4 @@ def _attend_padded(attend, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
         return x[0][index]
 
     out = attend(batch(q), batch(k), batch(v), batch(scores))                     # [N, max_len, Hq, D]
-    return out[real], index[real]
+    return out[real]

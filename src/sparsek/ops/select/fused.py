@@ -121,11 +121,13 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
 def threshold_backward_triton(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor, du: Tensor) -> Tensor:
     """Triton twin of `prefix.threshold_backward`, added to du in place: u, tau, du [R, T] float32 (tau
     non-decreasing along each row, as the selection returns it), grad_tau [R * G, T] float32 for G >= 1 query
-    heads per row (summed) -> du. Six launches; scratch 28 bytes per score."""
+    heads per row (summed) -> du. A memset and four kernels; scratch 28 bytes per score."""
     rows, t_len = u.shape
-    group = grad_tau.shape[0] // max(rows, 1)
     if rows == 0 or t_len == 0:
         return du
+    if grad_tau.shape[0] % rows:
+        raise ValueError(f"grad_tau must have a multiple of {rows} rows, got {grad_tau.shape[0]}")
+    group = grad_tau.shape[0] // rows
     chunk, scan = (16, 8) if interpreting() else (1024, 1024)
     n_scan = triton.cdiv(t_len, scan)
     counts = torch.zeros(rows * (t_len + 1 + n_scan + 1), dtype=torch.int32, device=u.device)  # one memset
