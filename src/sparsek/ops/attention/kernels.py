@@ -21,9 +21,8 @@ also writes delta = rowsum(dO * O) for the other two); dk, dv and the direct sco
 key-major passes. The list pass walks each tile of slots through the blocks (last first) and writes a slot's
 sums to its key's rows of a float32 scratch when the key changes (each key lives in one slot for one run of
 blocks, so one store per key; atomic adds into a zeroed scratch only when the blocks are split between
-programs). The band
-pass then walks each key tile over the query tiles whose band contains it, adds the scratch rows of the keys
-that were listed, and stores dk, dv in the dtype of k, v.
+programs). The band pass then walks each key tile over the query tiles whose band contains it, adds the
+scratch rows of the keys that were listed, and stores dk, dv in the dtype of k, v.
 
 GATE: 0 = "kv" (logits scaled by m, values by m), 1 = "v" (values by m), 2 = "none" (hard selection).
 DOT: tl.dot input precision, "ieee" for float32 inputs (no silent tf32), "tf32" (ignored) for 16-bit inputs.

@@ -117,39 +117,6 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     return tau_query, start, end
 
 
-@torch.no_grad()
-def threshold_backward_triton(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor, du: Tensor) -> Tensor:
-    """Triton twin of `prefix.threshold_backward`, added to du in place: u, tau, du [R, T] float32 (tau
-    non-decreasing along each row, as the selection returns it), grad_tau [R * G, T] float32 for G >= 1 query
-    heads per row (summed) -> du. A memset and four kernels; scratch 28 bytes per score."""
-    rows, t_len = u.shape
-    if rows == 0 or t_len == 0:
-        return du
-    if grad_tau.shape[0] % rows:
-        raise ValueError(f"grad_tau must have a multiple of {rows} rows, got {grad_tau.shape[0]}")
-    group = grad_tau.shape[0] // rows
-    chunk, scan = (16, 8) if interpreting() else (1024, 1024)
-    n_scan = triton.cdiv(t_len, scan)
-    counts = torch.zeros(rows * (t_len + 1 + n_scan + 1), dtype=torch.int32, device=u.device)  # one memset
-    cover = counts[: rows * (t_len + 1)].view(rows, t_len + 1)
-    chunk_cover = counts[rows * (t_len + 1):].view(rows, n_scan + 1)
-    lo = torch.empty(rows, t_len, dtype=torch.int32, device=u.device)
-    hi = torch.empty_like(lo)
-    grid = (rows, triton.cdiv(t_len, chunk))
-    kernels.fractional_ranges_kernel[grid](u, tau, lo, hi, cover, chunk_cover, t_len, window, n_scan,
-                                           t_len.bit_length(), SCAN=scan, CHUNK=chunk)
-    share = torch.empty(rows, t_len, dtype=torch.float64, device=u.device)
-    chunk_share = torch.empty(rows, n_scan, dtype=torch.float64, device=u.device)
-    scans_pow2 = triton.next_power_of_2(n_scan)
-    kernels.fractional_shares_kernel[(rows, n_scan)](cover, chunk_cover, grad_tau, share, chunk_share, t_len,
-                                                     n_scan, group, SCAN=scan, SCANS_POW2=scans_pow2)
-    share_before = torch.empty(rows, t_len + 1, dtype=torch.float64, device=u.device)
-    kernels.share_prefix_kernel[(rows, n_scan)](share, chunk_share, share_before, t_len, n_scan, SCAN=scan,
-                                                SCANS_POW2=scans_pow2)
-    kernels.add_threshold_grad_kernel[grid](share_before, lo, hi, du, t_len, CHUNK=chunk)
-    return du
-
-
 def _rank_sequences(uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One sort of the scores uc [R, L] float64 -> the best-first order by_rank [R, L] int64 (prefix._best_first_order),
     the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks of u_j and u_j - 1 among the
@@ -209,3 +176,36 @@ def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) ->
     kernels.fill_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
         lists, n_blocks, n_slots, BLOCK_CHUNK=block_chunk, SLOT_TILE=slot_tile)
     return lists
+
+
+@torch.no_grad()
+def threshold_backward_triton(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor, du: Tensor) -> Tensor:
+    """Triton twin of `prefix.threshold_backward`, added to du in place: u, tau, du [R, T] float32 (tau
+    non-decreasing along each row, as the selection returns it), grad_tau [R * G, T] float32 for G >= 1 query
+    heads per row (summed) -> du. A memset and four kernels; scratch 28 bytes per score."""
+    rows, t_len = u.shape
+    if rows == 0 or t_len == 0:
+        return du
+    if grad_tau.shape[0] % rows:
+        raise ValueError(f"grad_tau must have a multiple of {rows} rows, got {grad_tau.shape[0]}")
+    group = grad_tau.shape[0] // rows
+    chunk, scan = (16, 8) if interpreting() else (1024, 1024)
+    n_scan = triton.cdiv(t_len, scan)
+    counts = torch.zeros(rows * (t_len + 1 + n_scan + 1), dtype=torch.int32, device=u.device)  # one memset
+    cover = counts[: rows * (t_len + 1)].view(rows, t_len + 1)
+    chunk_cover = counts[rows * (t_len + 1):].view(rows, n_scan + 1)
+    lo = torch.empty(rows, t_len, dtype=torch.int32, device=u.device)
+    hi = torch.empty_like(lo)
+    grid = (rows, triton.cdiv(t_len, chunk))
+    kernels.fractional_ranges_kernel[grid](u, tau, lo, hi, cover, chunk_cover, t_len, window, n_scan,
+                                           t_len.bit_length(), SCAN=scan, CHUNK=chunk)
+    share = torch.empty(rows, t_len, dtype=torch.float64, device=u.device)
+    chunk_share = torch.empty(rows, n_scan, dtype=torch.float64, device=u.device)
+    scans_pow2 = triton.next_power_of_2(n_scan)
+    kernels.fractional_shares_kernel[(rows, n_scan)](cover, chunk_cover, grad_tau, share, chunk_share, t_len,
+                                                     n_scan, group, SCAN=scan, SCANS_POW2=scans_pow2)
+    share_before = torch.empty(rows, t_len + 1, dtype=torch.float64, device=u.device)
+    kernels.share_prefix_kernel[(rows, n_scan)](share, chunk_share, share_before, t_len, n_scan, SCAN=scan,
+                                                SCANS_POW2=scans_pow2)
+    kernels.add_threshold_grad_kernel[grid](share_before, lo, hi, du, t_len, CHUNK=chunk)
+    return du
