@@ -4,8 +4,9 @@
     python -m sparsek.bench.breakdown --seq-lens 32768 --heads 32 --kv-heads 8
 
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
-kernel, and the backward's dq, band and list passes (on the forward's lists) and the threshold backward (graphed
-up to 2^19 scores, as in the attention). Medians of triton.testing.do_bench in ms; a table is printed last.
+kernel, the backward's dq, band and list passes (on the forward's lists; the list pass with its scratch, as the
+attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Medians of
+triton.testing.do_bench in ms; a table is printed last.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     tiles = fused.backward_tiles(head_dim)
     list_block = tiles["list"]["BLOCK_M"]
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    n_tiles = triton.cdiv(t_len, tiles["dq"]["BLOCK_M"])          # query tiles of the dq and band passes
+    n_tiles = triton.cdiv(t_len, tiles["dq"]["BLOCK_M"])          # query tiles of the dq pass
     dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
     dk_list, dv_list = torch.zeros(k.shape, device="cuda"), torch.zeros(k.shape, device="cuda")
     du_list, du = torch.zeros(kv_heads, t_len, device="cuda"), torch.zeros(kv_heads, t_len, device="cuda")
@@ -58,12 +59,10 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
         (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), kv_heads)](
         q, k, v, u, tau, start, end, grad_out, lse, delta, dk_list, dv_list, du_list, dk, dv, du, *strides,
-        t_len, n_tiles, window, heads, group, scale, **common, LIST_BLOCK=list_block, **tiles["band"]))
-    slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
-    row["bwd list pass"] = ms(lambda: kernels.sparsek_bwd_list_kernel[(slot_tiles, kv_heads, 1)](
-        q, k, v, u, tau, end, lists, grad_out, lse, delta, dk_list, dv_list, du_list, *strides,
-        t_len, n_slots, n_blocks, n_blocks, window, heads, group, scale, ATOMIC=False, ONE_HEAD=group == 1, **common,
-        **tiles["list"]))
+        t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, heads, group, scale, **common,
+        LIST_BLOCK=list_block, **tiles["band"]))
+    row["bwd list pass"] = ms(lambda: fused.list_pass(grad_out, q, k, v, lse, delta, u, tau, end, lists, topk, window,
+                                                      "kv", scale))
     row["threshold bwd (graphed)"] = ms(lambda: fused.graphed_threshold_backward((u, tau, dtau, du), (window,)))
     return row
 

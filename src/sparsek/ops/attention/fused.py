@@ -9,7 +9,6 @@ topk = 1024), which the backward's list pass walks too.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
@@ -94,14 +93,16 @@ def backward_tiles(head_dim: int) -> dict[str, dict]:
     """Tiles of the dq, band and list passes. The list pass walks the forward's list blocks (its BLOCK_M is
     the forward's), which fix which (query, key) pairs belong to the band and which to the lists. The dq and
     band passes walk query tiles that divide a list block (smaller tiles keep their bands short) and split
-    the pairs the same way."""
+    the pairs the same way. The band and list passes put 64 or more keys in a tile, so that their products
+    compile to Hopper's wgmma (kernels._bwd_tile)."""
     list_block = forward_tiles(head_dim)["BLOCK_M"]
     if interpreting():
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=list_block, SUB_M=16))
-    # Picked by sweeps on an H100 (T = 32k and 128k, D = 128, bf16): see docs/kernels.md.
-    tile = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=list_block, SUB_M=64))
+    # Picked by sweeps on an H100 (T = 8k-128k, D = 128, bf16, 16/16 and 32/8 heads): see docs/kernels.md.
+    return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                band=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                list=dict(BLOCK_M=list_block, BLOCK_N=128, SUB_M=32, num_warps=8, num_stages=3))
 
 
 def _strides(*tensors: Tensor) -> list[int]:
@@ -159,26 +160,7 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
 
     # The list pass writes the sums of listed keys to float32 scratch; the band pass adds them to its own and
     # stores dk, dv in the dtype of k, v.
-    if topk == 0:                       # no key is listed and the band pass reads no scratch row
-        dk_list = dv_list = du_list = torch.empty(1, dtype=torch.float32, device=k.device)
-    else:
-        slot_tiles = triton.cdiv(n_slots, tiles["list"]["BLOCK_N"])
-        # One program per slot tile walks all blocks and stores each key's sums once. When that leaves the GPU
-        # idle, the blocks are split in chunks whose programs add atomically into zeroed scratch.
-        programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else \
-            torch.cuda.get_device_properties(q.device).multi_processor_count
-        chunks = max(1, min(n_blocks, math.ceil(programs_wanted / (slot_tiles * batch * n_kv_heads))))
-        blocks_per_program = triton.cdiv(n_blocks, chunks)
-        chunks = triton.cdiv(n_blocks, blocks_per_program)
-        scratch = torch.zeros if chunks > 1 else _empty
-        dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
-        du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
-        kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
-            q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *strides,
-            t_len, n_slots, n_blocks, blocks_per_program, window, n_q_heads, group, scale,
-            GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
-            ONE_HEAD=group == 1, **tiles["list"])
-
+    dk_list, dv_list, du_list = list_pass(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
@@ -187,6 +169,38 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
         t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, n_q_heads, group, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["band"])
     return dq, dk, dv, du, dtau
+
+
+def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, u: Tensor, tau: Tensor,
+              end: Tensor, lists: Tensor, topk: int, window: int, gate: str,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's list pass: float32 dk, dv (shape of k) and du [R, T] of the pairs in the block lists,
+    written only in the rows of listed keys. delta [B * Hq, T] from the dq pass; window already clamped to T."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    if topk == 0:                       # no key is listed and the band pass reads no scratch row
+        empty = torch.empty(1, dtype=torch.float32, device=k.device)
+        return empty, empty, empty
+    tiles = backward_tiles(head_dim)["list"]
+    n_blocks, n_slots = lists.shape[1], lists.shape[2]
+    slot_tiles = triton.cdiv(n_slots, tiles["BLOCK_N"])
+    # One program per slot tile walks all blocks and stores each key's sums once. When that leaves at least
+    # half of the GPU idle, the blocks are split in chunks whose programs add atomically into zeroed scratch
+    # (a program fills an SM: splitting 128 programs in 256 on 132 SMs only adds a second, short wave).
+    programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else \
+        torch.cuda.get_device_properties(q.device).multi_processor_count
+    chunks = max(1, min(n_blocks, programs_wanted // (slot_tiles * batch * n_kv_heads)))
+    blocks_per_program = triton.cdiv(n_blocks, chunks)
+    chunks = triton.cdiv(n_blocks, blocks_per_program)
+    scratch = torch.zeros if chunks > 1 else _empty
+    dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
+    du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
+    kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
+        q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *_strides(q, k, v, do),
+        t_len, n_slots, n_blocks, blocks_per_program, window, n_q_heads, n_q_heads // n_kv_heads, scale,
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
+        ONE_HEAD=n_q_heads == n_kv_heads, **tiles)
+    return dk_list, dv_list, du_list
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

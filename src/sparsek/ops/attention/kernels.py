@@ -60,26 +60,38 @@ def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.con
 
 @triton.jit
 def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.constexpr, DOT: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
     """Recompute one tile and return (p * m, dlogit * m * scale, dm): the factors of dv, of dq / dk, and
-    the gradient of the mask (zero for gate "none"). MASKED False: a tile inside every query's window, where
-    m = 1 and no mask gradient flows (weight and allowed are None, dm is zero)."""
-    qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
+    the gradient of the mask (zero for gate "none"). [queries, keys] for the dq pass; KEYS_AS_ROWS: [keys,
+    queries] for the key-major passes, whose dk, dv products then take the tile as it is, with the keys as
+    the rows of every product: that makes them wgmma products on Hopper once a tile has 64 keys (as rows of
+    32 keys, dS^T q compiled to mma.sync). weight and allowed come in the same orientation. MASKED False: a
+    tile inside every query's window, where m = 1 and no mask gradient flows (weight and allowed are None,
+    dm is zero)."""
+    if KEYS_AS_ROWS:
+        qk = tl.dot(kt, tl.trans(q), input_precision=DOT)
+        lse2 = lse2[None, :]
+        delta = delta[None, :]
+        a = tl.dot(vt, tl.trans(do), input_precision=DOT)                                  # v_j . dO_i
+    else:
+        qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
+        lse2 = lse2[:, None]
+        delta = delta[:, None]
+        a = tl.dot(do, tl.trans(vt), input_precision=DOT)                                  # dO_i . v_j
     if MASKED:
         if GATE == 0:
             logit = qk * (weight * scale)
         else:
             logit = qk * scale
-        p = tl.where(allowed, tl.exp2(logit * 1.4426950408889634 - lse2[:, None]), 0.0)  # 1.44... = log2(e)
+        p = tl.where(allowed, tl.exp2(logit * 1.4426950408889634 - lse2), 0.0)             # 1.44... = log2(e)
     else:
-        p = tl.exp2(qk * (scale * 1.4426950408889634) - lse2[:, None])
-    a = tl.dot(do, tl.trans(vt), input_precision=DOT)                                      # dO_i . v_j
+        p = tl.exp2(qk * (scale * 1.4426950408889634) - lse2)
     if not MASKED or GATE == 2:                 # m = 1 (or a hard selection): no mask factors, no dm
         pw = p
-        ds = p * (a - delta[:, None]) * scale
+        ds = p * (a - delta) * scale
         dm = tl.zeros_like(p)
     else:
-        dlogit = p * (weight * a - delta[:, None])
+        dlogit = p * (weight * a - delta)
         pw = p * weight
         if GATE == 0:
             ds = dlogit * (weight * scale)
@@ -244,7 +256,7 @@ def _dq_band_tile(dq, dtau, j0, band_hi, q, do, lse2, delta, k_base, v_base, u_r
     """dq and dtau of a query tile plus one masked tile of its band."""
     kt, vt, allowed, selected, weight, gap = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row,
                                                         stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
-    _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True)
+    _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True, False)
     dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
     dtau -= tl.sum(tl.where(selected & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
     return dq, dtau
@@ -283,7 +295,7 @@ def sparsek_bwd_dq_kernel(
     for s0 in range(0, N_SLOTS, BLOCK_N):
         kt, vt, allowed, weight, gap = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
                                                   stride_vt, offs_m, offs_d, tau, BLOCK_N)
-        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True)
+        _, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, True, False)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
         dtau -= tl.sum(tl.where(allowed & (gap > 0.0) & (gap < 1.0), dm, 0.0), 1)
 
@@ -296,7 +308,7 @@ def sparsek_bwd_dq_kernel(
                                  end_row, stride_kt, stride_vt, offs_m, offs_d, tau, WINDOW, scale, GATE, DOT, BLOCK_N)
     for j0 in range(full_lo, full_hi, BLOCK_N):
         kt, vt = _band_kv(j0, k_base, v_base, stride_kt, stride_vt, offs_d, None, BLOCK_N, False)
-        _, ds, _ = _bwd_tile(q, do, kt, vt, None, None, lse2, delta, scale, GATE, DOT, False)
+        _, ds, _ = _bwd_tile(q, do, kt, vt, None, None, lse2, delta, scale, GATE, DOT, False, False)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT)
     for j0 in range(full_hi, band_hi, BLOCK_N):
         dq, dtau = _dq_band_tile(dq, dtau, j0, band_hi, q, do, lse2, delta, k_base, v_base, u_row, start_row,
@@ -311,8 +323,9 @@ def _key_tile_heads(dk, dv, du, kt, vt, weight, allowed, frac, offs_m, row_ok, o
                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, T, H_Q, GROUP, scale,
                     GATE: tl.constexpr, DOT: tl.constexpr, MASKED: tl.constexpr):
     """Add to the sums of a key tile (dk, dv [BLOCK_N, D], du [BLOCK_N]) its pairs with the queries offs_m, for
-    every query head of KV head hk; frac marks the pairs whose mask is fractional (du). MASKED False: see
-    _bwd_tile (weight, allowed and frac are None, du does not change)."""
+    every query head of KV head hk; frac marks the pairs whose mask is fractional (du). weight, allowed and
+    frac are [BLOCK_N, queries] (keys as rows, see _bwd_tile). MASKED False: see _bwd_tile (weight, allowed
+    and frac are None, du does not change)."""
     for g in range(0, GROUP):
         hq = hk * GROUP + g
         bh = b * H_Q + hq
@@ -322,11 +335,11 @@ def _key_tile_heads(dk, dv, du, kt, vt, weight, allowed, frac, offs_m, row_ok, o
                      + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-        pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, MASKED)
-        dv += tl.dot(tl.trans(pw).to(do.dtype), do, input_precision=DOT)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT)
+        pw, ds, dm = _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE, DOT, MASKED, True)
+        dv += tl.dot(pw.to(do.dtype), do, input_precision=DOT)
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT)
         if MASKED:
-            du += tl.sum(tl.where(frac, dm, 0.0), 0)
+            du += tl.sum(tl.where(frac, dm, 0.0), 1)
     return dk, dv, du
 
 
@@ -345,10 +358,10 @@ def _band_pass_tile(dk, dv, du, blk, kt, vt, u_j, start_j, end_j, offs_n, key_ok
         l0 = (i0 // LIST_BLOCK) * LIST_BLOCK
         in_band = (offs_n > l0 - WINDOW) & (offs_n < i0 + BLOCK_M) & key_ok
         tau = tl.load(TAU + pid_r.to(tl.int64) * T + offs_m, mask=row_ok, other=float("-inf"))
-        in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-        selected = (start_j[None, :] <= offs_m[:, None]) & (offs_m[:, None] < end_j[None, :])
-        allowed = row_ok[:, None] & in_band[None, :] & (in_window | selected)
-        gap = u_j[None, :] - tau[:, None]
+        in_window = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] > offs_m[None, :] - WINDOW)
+        selected = (start_j[:, None] <= offs_m[None, :]) & (offs_m[None, :] < end_j[:, None])
+        allowed = row_ok[None, :] & in_band[:, None] & (in_window | selected)
+        gap = u_j[:, None] - tau[None, :]
         weight = tl.where(in_window, 1.0, tl.minimum(tl.maximum(gap, 0.0), 1.0))
         frac = allowed & selected & (gap > 0.0) & (gap < 1.0)
     else:
@@ -504,12 +517,13 @@ def sparsek_bwd_list_kernel(
             offs_m = blk * BLOCK_M + sub + tl.arange(0, SUB_M)
             row_ok = offs_m < T
             tau = tl.load(TAU + du_base + offs_m, mask=row_ok, other=float("-inf"))
-            allowed = offs_m[:, None] < end_j[None, :]
-            gap = u_j[None, :] - tau[:, None]
+            allowed = offs_m[None, :] < end_j[:, None]
+            gap = u_j[:, None] - tau[None, :]
             weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
             # Pairs with a fractional mask, for du. Where not allowed p = 0, so dm = 0 and '& allowed' is not
             # needed; on an H100 it made the list pass 2% faster with GQA and 7% slower with one head per KV
-            # head (register allocation), hence the flag, which changes speed only.
+            # head (register allocation, measured with 32-slot tiles; with the 128-slot tiles ptxas spills less
+            # with it too under GQA and more without), hence the flag, which changes speed only.
             frac = (gap > 0.0) & (gap < 1.0)
             if not ONE_HEAD:
                 frac = frac & allowed
