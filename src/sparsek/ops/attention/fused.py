@@ -100,8 +100,8 @@ def backward_tiles(head_dim: int) -> dict[str, dict]:
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=list_block, SUB_M=16))
     # Picked by sweeps on an H100 (T = 8k-128k, D = 128, bf16, 16/16 and 32/8 heads): see docs/kernels.md.
-    return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-                band=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+                band=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
                 list=dict(BLOCK_M=list_block, BLOCK_N=128, SUB_M=32, num_warps=8, num_stages=3))
 
 
