@@ -121,20 +121,23 @@ def test_wavelet_levels_match_pytorch(rows, weighted, n, nbits):
         torch.testing.assert_close(ones_weight_before[level], ref.ones_weight_before[:weighted], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["randn", "ties", "shifted ties"])
-def test_rank_sequences_equal_a_stable_sort(kind):
-    # One sort and a merge give exactly the stable sort of [u, u - 1] that prefix.py uses, and its best-first order.
+def test_rank_sequences_equal_a_stable_sort(kind, dtype):
+    # One sort and a merge give exactly the stable sort of [u, u - 1] that prefix.py uses, and its best-first order;
+    # the sort runs in the scores' dtype, the rest in float64.
     from sparsek.ops.select.fused import _rank_sequences
     from sparsek.ops.select.prefix import _best_first
 
     torch.manual_seed(1)
     if kind == "randn":
-        u = torch.randn(3, 300, dtype=torch.float64, device=DEVICE)
+        scores = torch.randn(3, 300, dtype=torch.float64, device=DEVICE).to(dtype)
     elif kind == "ties":
-        u = torch.randint(0, 5, (3, 300), device=DEVICE).double()         # u_l - 1 equals other scores
+        scores = torch.randint(0, 5, (3, 300), device=DEVICE).to(dtype)     # u_l - 1 equals other scores
     else:
-        u = torch.randint(0, 5, (3, 300), device=DEVICE).double() * 0.5 + 0.25
-    by_rank, breaks, vals, weights = _rank_sequences(u)
+        scores = (torch.randint(0, 5, (3, 300), device=DEVICE) * 0.5 + 0.25).to(dtype)
+    u = scores.double()
+    by_rank, breaks, vals, weights = _rank_sequences(scores, u)
     by_rank_ref, rank_best_ref = _best_first(u)
     unsorted = torch.cat([u, u - 1], dim=1)
     order = torch.argsort(unsorted, dim=1, stable=True)
