@@ -7,6 +7,7 @@ in a subprocess because the interpreter setting in conftest changes what `triton
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,3 +123,24 @@ def test_kernels_compile_for_sm90(dtype):
     result = subprocess.run([sys.executable, "-c", SCRIPT, dtype], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+REGISTERS_SCRIPT = textwrap.dedent('''
+    import json
+    from sparsek.bench.registers import attention_kernels
+    print(json.dumps(attention_kernels(4096, 8, 2, 128, "bf16", 256, 128)))
+''')
+
+
+def test_key_major_passes_compile_to_wgmma():
+    """The band and list passes put 64 or more keys in the rows of every product, so that on an H100 all of
+    them compile to wgmma (with 32 keys as rows, the dk and dv products were mma.sync: docs/kernels.md)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", REGISTERS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    kernels = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(kernels) == {"forward", "dq pass", "band pass", "list pass"}
+    for name, r in kernels.items():
+        assert 0 < r["registers"] <= 255, (name, r)
+        assert r["wgmma"] > 0 and r["mma_sync"] == 0, (name, r)
