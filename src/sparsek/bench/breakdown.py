@@ -26,6 +26,7 @@ def ms(fn) -> float:
 
 
 def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, window: int) -> dict:
+    window = min(window, t_len)                                    # as the attention clamps it
     q = torch.randn(1, t_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, t_len, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scores = torch.randn(1, t_len, kv_heads, device="cuda")

@@ -97,8 +97,9 @@ def backward_tiles(head_dim: int) -> dict[str, dict]:
     compile to Hopper's wgmma (kernels._bwd_tile)."""
     list_block = forward_tiles(head_dim)["BLOCK_M"]
     if interpreting():
+        # Small, and not square where keys are the rows, so that a swapped axis fails the tests on CPU.
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-        return dict(dq=tile, band=tile, list=dict(tile, BLOCK_M=list_block, SUB_M=16))
+        return dict(dq=tile, band=dict(tile, BLOCK_M=8), list=dict(tile, BLOCK_M=list_block, SUB_M=8))
     # Picked by sweeps on an H100 (T = 8k-128k, D = 128, bf16, 16/16 and 32/8 heads): see docs/kernels.md.
     return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
                 band=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -171,6 +172,16 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     return dq, dk, dv, du, dtau
 
 
+def list_pass_chunks(n_blocks: int, programs: int, programs_wanted: int) -> tuple[int, int]:
+    """(chunks, blocks per program) of the list pass, for `programs` = slot tiles x rows. One program per slot
+    tile walks all blocks and stores each key's sums once. When that leaves at least half of the GPU idle
+    (programs_wanted: the SM count), the blocks are split in chunks whose programs add atomically into zeroed
+    scratch (a program fills an SM: splitting 128 programs in 256 on 132 SMs only adds a second, short wave)."""
+    chunks = max(1, min(n_blocks, programs_wanted // programs))
+    blocks_per_program = triton.cdiv(n_blocks, chunks)
+    return triton.cdiv(n_blocks, blocks_per_program), blocks_per_program
+
+
 def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, u: Tensor, tau: Tensor,
               end: Tensor, lists: Tensor, topk: int, window: int, gate: str,
               scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,14 +195,9 @@ def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     tiles = backward_tiles(head_dim)["list"]
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     slot_tiles = triton.cdiv(n_slots, tiles["BLOCK_N"])
-    # One program per slot tile walks all blocks and stores each key's sums once. When that leaves at least
-    # half of the GPU idle, the blocks are split in chunks whose programs add atomically into zeroed scratch
-    # (a program fills an SM: splitting 128 programs in 256 on 132 SMs only adds a second, short wave).
     programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else \
         torch.cuda.get_device_properties(q.device).multi_processor_count
-    chunks = max(1, min(n_blocks, programs_wanted // (slot_tiles * batch * n_kv_heads)))
-    blocks_per_program = triton.cdiv(n_blocks, chunks)
-    chunks = triton.cdiv(n_blocks, blocks_per_program)
+    chunks, blocks_per_program = list_pass_chunks(n_blocks, slot_tiles * batch * n_kv_heads, programs_wanted)
     scratch = torch.zeros if chunks > 1 else _empty
     dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
     du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)

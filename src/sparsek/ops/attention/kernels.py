@@ -64,8 +64,9 @@ def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.const
     """Recompute one tile and return (p * m, dlogit * m * scale, dm): the factors of dv, of dq / dk, and
     the gradient of the mask (zero for gate "none"). [queries, keys] for the dq pass; KEYS_AS_ROWS: [keys,
     queries] for the key-major passes, whose dk, dv products then take the tile as it is, with the keys as
-    the rows of every product: that makes them wgmma products on Hopper once a tile has 64 keys (as rows of
-    32 keys, dS^T q compiled to mma.sync). weight and allowed come in the same orientation. MASKED False: a
+    the rows of every product: that makes them wgmma products on Hopper once a tile has 64 keys (the old
+    [queries, keys] tiles of 32 keys made dS^T q and P^T dO mma.sync). weight and allowed come in the same
+    orientation. MASKED False: a
     tile inside every query's window, where m = 1 and no mask gradient flows (weight and allowed are None,
     dm is zero)."""
     if KEYS_AS_ROWS:
