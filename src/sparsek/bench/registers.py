@@ -6,10 +6,10 @@ whether each matrix product became Hopper's wgmma or the older mma.sync.
 
 Each kernel is compiled for sm_90 with the host code's tiles and the specialisations a real launch at that
 shape gets (pointers and integer arguments divisible by 16 are marked so, an argument equal to 1 becomes a
-constant: GROUP at 16/16), then `ptxas -v` (the one Triton uses for sm_90) reports registers and spill bytes. A product
-with fewer than 64 rows per warp group cannot be a wgmma; that is what made the backward's dk and dv products
-slow before their tiles put 64 or more keys in the rows (docs/kernels.md). The numbers come from the Triton
-installed here, which may differ from the GPU machine's: compare variants under the same Triton. Needs
+constant: GROUP at 16/16), then `ptxas -v` (the one Triton uses for sm_90) reports registers and spill bytes.
+A product with fewer than 64 rows per warp group cannot be a wgmma; that is what made the backward's dk and dv
+products slow before their tiles put 64 or more keys in the rows (docs/kernels.md). The numbers come from the
+Triton installed here, which may differ from the GPU machine's: compare variants under the same Triton. Needs
 Triton 3.5 or newer (its compiler and ptxas interfaces).
 """
 

@@ -66,9 +66,8 @@ def _bwd_tile(q, do, kt, vt, weight, allowed, lse2, delta, scale, GATE: tl.const
     queries] for the key-major passes, whose dk, dv products then take the tile as it is, with the keys as
     the rows of every product: that makes them wgmma products on Hopper once a tile has 64 keys (the old
     [queries, keys] tiles of 32 keys made dS^T q and P^T dO mma.sync). weight and allowed come in the same
-    orientation. MASKED False: a
-    tile inside every query's window, where m = 1 and no mask gradient flows (weight and allowed are None,
-    dm is zero)."""
+    orientation. MASKED False: a tile inside every query's window, where m = 1 and no mask gradient flows
+    (weight and allowed are None, dm is zero)."""
     if KEYS_AS_ROWS:
         qk = tl.dot(kt, tl.trans(q), input_precision=DOT)
         lse2 = lse2[None, :]
@@ -523,8 +522,9 @@ def sparsek_bwd_list_kernel(
             weight = tl.minimum(tl.maximum(gap, 0.0), 1.0)
             # Pairs with a fractional mask, for du. Where not allowed p = 0, so dm = 0 and '& allowed' is not
             # needed; on an H100 it made the list pass 2% faster with GQA and 7% slower with one head per KV
-            # head (register allocation, measured with 32-slot tiles; with the 128-slot tiles ptxas spills less
-            # with it too under GQA and more without), hence the flag, which changes speed only.
+            # head (register allocation, measured with 32-slot tiles; with the 128-slot tiles ptxas agrees: fewer
+            # spills with it under GQA, fewer without it at one head per KV head), hence the flag, which changes
+            # speed only.
             frac = (gap > 0.0) & (gap < 1.0)
             if not ONE_HEAD:
                 frac = frac & allowed
