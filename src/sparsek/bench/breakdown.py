@@ -4,8 +4,8 @@
     python -m sparsek.bench.breakdown --seq-lens 32768 --heads 32 --kv-heads 8
 
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
-kernel, the backward's dq, band and list passes (on the forward's lists; the list pass with its scratch, as the
-attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Medians of
+kernel, the backward's dq, list and band passes (on the forward's lists; each with its outputs and scratch, as
+the attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Medians of
 triton.testing.do_bench in ms; a table is printed last.
 """
 
@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
 from triton.testing import do_bench
 
-from sparsek.ops.attention import fused, kernels
+from sparsek.ops.attention import fused
 from sparsek.ops.select.fused import select_rows_triton
 
 
@@ -30,7 +29,6 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     q = torch.randn(1, t_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, t_len, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scores = torch.randn(1, t_len, kv_heads, device="cuda")
-    group = heads // kv_heads
     u = fused._rows(scores)
     scale = head_dim ** -0.5
     row = dict(T=t_len)
@@ -43,27 +41,16 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
                                                        scale))
     out, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, "kv", scale)
     grad_out = torch.randn_like(q)
-    delta = torch.empty(heads, t_len, device="cuda")               # written by the dq pass
-    tiles = fused.backward_tiles(head_dim)
-    list_block = tiles["list"]["BLOCK_M"]
-    n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    n_tiles = triton.cdiv(t_len, tiles["dq"]["BLOCK_M"])          # query tiles of the dq pass
-    dq, dtau = torch.empty_like(q), torch.empty(heads, t_len, device="cuda")
-    dk_list, dv_list = torch.zeros(k.shape, device="cuda"), torch.zeros(k.shape, device="cuda")
-    du_list, du = torch.zeros(kv_heads, t_len, device="cuda"), torch.zeros(kv_heads, t_len, device="cuda")
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    strides = fused._strides(q, k, v, grad_out)
-    common = dict(GATE=0, DOT="tf32", HEAD_DIM=head_dim)
-    row["bwd dq pass"] = ms(lambda: kernels.sparsek_bwd_dq_kernel[(n_tiles, heads)](
-        q, k, v, u, tau, start, end, lists, grad_out, out, lse, delta, dq, dtau, *strides,
-        t_len, n_slots, n_blocks, window, heads, group, scale, **common, LIST_BLOCK=list_block, **tiles["dq"]))
-    row["bwd band pass"] = ms(lambda: kernels.sparsek_bwd_band_kernel[
-        (triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), kv_heads)](
-        q, k, v, u, tau, start, end, grad_out, lse, delta, dk_list, dv_list, du_list, dk, dv, du, *strides,
-        t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, heads, group, scale, **common,
-        LIST_BLOCK=list_block, **tiles["band"]))
+    # Each backward pass as the attention runs it, its outputs allocated inside (as there).
+    row["bwd dq pass"] = ms(lambda: fused.dq_pass(grad_out, q, k, v, out, lse, u, tau, start, end, lists, window,
+                                                  "kv", scale))
+    _, dtau, delta = fused.dq_pass(grad_out, q, k, v, out, lse, u, tau, start, end, lists, window, "kv", scale)
     row["bwd list pass"] = ms(lambda: fused.list_pass(grad_out, q, k, v, lse, delta, u, tau, end, lists, topk, window,
                                                       "kv", scale))
+    scratch = fused.list_pass(grad_out, q, k, v, lse, delta, u, tau, end, lists, topk, window, "kv", scale)
+    row["bwd band pass"] = ms(lambda: fused.band_pass(grad_out, q, k, v, lse, delta, u, tau, start, end, scratch,
+                                                      window, "kv", scale))
+    _, _, du = fused.band_pass(grad_out, q, k, v, lse, delta, u, tau, start, end, scratch, window, "kv", scale)
     row["threshold bwd (graphed)"] = ms(lambda: fused.graphed_threshold_backward((u, tau, dtau, du), (window,)))
     return row
 

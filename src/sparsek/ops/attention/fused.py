@@ -140,36 +140,52 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32).
     lists: the forward's block key lists."""
-    batch, t_len, n_q_heads, head_dim = q.shape
-    window = min(window, t_len)                  # same pairs; keeps the kernels' int32 index math small
-    n_kv_heads = k.shape[2]
-    group = n_q_heads // n_kv_heads
-    tiles = backward_tiles(head_dim)
-    list_block = tiles["list"]["BLOCK_M"]
-    n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
-        o = o.contiguous()
-    strides = _strides(q, k, v, do)
-
-    dq = _empty(q.shape, q.dtype, q.device)
-    dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
-    delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)  # written by the dq pass
-    kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, tiles["dq"]["BLOCK_M"]), batch * n_q_heads)](
-        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *strides,
-        t_len, n_slots, n_blocks, window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["dq"])
-
+    window = min(window, q.shape[1])             # same pairs; keeps the kernels' int32 index math small
+    dq, dtau, delta = dq_pass(do, q, k, v, o, lse, u, tau, start, end, lists, window, gate, scale)
     # The list pass writes the sums of listed keys to float32 scratch; the band pass adds them to its own and
     # stores dk, dv in the dtype of k, v.
-    dk_list, dv_list, du_list = list_pass(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
+    scratch = list_pass(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
+    dk, dv, du = band_pass(do, q, k, v, lse, delta, u, tau, start, end, scratch, window, gate, scale)
+    return dq, dk, dv, du, dtau
+
+
+def dq_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor, tau: Tensor,
+            start: Tensor, end: Tensor, lists: Tensor, window: int, gate: str,
+            scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's dq pass: dq (dtype of q), dtau and delta = rowsum(dO * O) [B * Hq, T] (float32), which
+    the other two passes read. Window already clamped to T."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    tiles = backward_tiles(head_dim)
+    if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
+        o = o.contiguous()
+    dq = _empty(q.shape, q.dtype, q.device)
+    dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
+    delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
+    kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, tiles["dq"]["BLOCK_M"]), batch * n_q_heads)](
+        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
+        t_len, lists.shape[2], lists.shape[1], window, n_q_heads, n_q_heads // k.shape[2], scale,
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=tiles["list"]["BLOCK_M"],
+        **tiles["dq"])
+    return dq, dtau, delta
+
+
+def band_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, u: Tensor, tau: Tensor,
+              start: Tensor, end: Tensor, scratch: tuple[Tensor, Tensor, Tensor], window: int, gate: str,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's band pass: dk, dv (dtypes of k, v) and du [R, T] (float32), the band's sums plus the list
+    pass's (scratch: its dk, dv, du). Window already clamped to T."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    tiles = backward_tiles(head_dim)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
     kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), batch * n_kv_heads)](
-        q, k, v, u, tau, start, end, do, lse, delta, dk_list, dv_list, du_list, dk, dv, du, *strides,
-        t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, n_q_heads, group, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=list_block, **tiles["band"])
-    return dq, dk, dv, du, dtau
+        q, k, v, u, tau, start, end, do, lse, delta, *scratch, dk, dv, du, *_strides(q, k, v, do),
+        t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, n_q_heads, n_q_heads // n_kv_heads, scale,
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=tiles["list"]["BLOCK_M"],
+        **tiles["band"])
+    return dk, dv, du
 
 
 def list_pass_chunks(n_blocks: int, programs: int, programs_wanted: int) -> tuple[int, int]:

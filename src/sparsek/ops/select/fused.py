@@ -123,9 +123,8 @@ def _rank_sequences(u: Tensor, uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     of u_j and u_j - 1 among the breakpoints, best-first ranks) and their weights [2R, L] float64 (see
     breakpoint_ranks_kernel and keys_by_rank_kernel). The sort runs in the scores' own dtype: each float
     converts exactly and in order to float64, so the order is the same for every non-NaN score (NaN scores
-    make the attention's output NaN anyway), and a radix sort of float32 keys takes
-    half the passes of float64 (16 rows on an H100: selection + lists 0.51 -> 0.47 ms at T = 16k, 3.02 -> 2.84
-    ms at 128k)."""
+    make the attention's output NaN anyway), and a radix sort of float32 keys takes half the passes of float64
+    (16 rows on an H100: selection + lists 0.51 -> 0.47 ms at T = 16k, 3.02 -> 2.84 ms at 128k)."""
     rows, n = uc.shape
     desc, by_rank = _best_first_order(u)
     desc = desc.double()
