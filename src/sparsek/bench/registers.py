@@ -108,7 +108,8 @@ def attention_kernels(t_len: int, heads: int, kv_heads: int, head_dim: int, dtyp
                     backward["dq"]),
         "band pass": (kernels.sparsek_bwd_band_kernel, dict(N_BLOCKS=triton.cdiv(t_len, backward["band"]["BLOCK_M"])),
                       dict(common, LIST_BLOCK=list_block), backward["band"]),
-        "list pass": (kernels.sparsek_bwd_list_kernel, dict(N_BLOCKS=n_lists, BLOCKS_PER_PROGRAM=blocks_per_program),
+        "list pass": (kernels.sparsek_bwd_list_kernel, dict(N_BLOCKS=n_lists, BLOCKS_PER_PROGRAM=blocks_per_program,
+                                                             DK="*fp32", DV="*fp32"),                 # scratch
                       dict(common, ATOMIC=chunks > 1, ONE_HEAD=heads == kv_heads), backward["list"]),
     }
     out = {}
