@@ -97,7 +97,7 @@ def attention_kernels(t_len: int, heads: int, kv_heads: int, head_dim: int, dtyp
     dot = "ieee" if dtype == "fp32" else "tf32"
     common = dict(GATE=0, DOT=dot, HEAD_DIM=head_dim)
     forward = dict(fused.forward_tiles(head_dim))
-    backward = {name: dict(tiles) for name, tiles in fused.backward_tiles(head_dim).items()}
+    backward = {name: dict(tiles) for name, tiles in fused.backward_tiles(head_dim, heads // kv_heads).items()}
     list_block = backward["list"]["BLOCK_M"]
     n_lists = triton.cdiv(t_len, list_block)
     slot_tiles = triton.cdiv(args["N_SLOTS"], backward["list"]["BLOCK_N"])
