@@ -2,11 +2,14 @@
 
     python -m sparsek.bench.breakdown                      # T = 4k, 32k, 128k; 16 heads, D = 128, bf16
     python -m sparsek.bench.breakdown --seq-lens 32768 --heads 32 --kv-heads 8
+    ncu --set full -o attention python -m sparsek.bench.breakdown --seq-lens 32768 --once
 
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
 kernel, the backward's dq, list and band passes (on the forward's lists; each with its outputs and scratch, as
 the attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Medians of
-triton.testing.do_bench in ms; a table is printed last.
+triton.testing.do_bench in ms; a table is printed last. `--once` times nothing and prints nothing: the selection, the
+forward and the three backward passes then run once each, so that a profiler (Nsight Compute) sees one launch
+of each attention kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ def ms(fn) -> float:
     return do_bench(fn, warmup=20, rep=100, return_mode="median")
 
 
-def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, window: int) -> dict:
+def untimed(fn) -> float:
+    """--once: time nothing; breakdown() still runs each kernel once, for the outputs the next stage needs."""
+    return float("nan")
+
+
+def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, window: int, ms=ms) -> dict:
     window = min(window, t_len)                                    # as the attention clamps it
     q = torch.randn(1, t_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, t_len, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -63,12 +71,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--once", action="store_true", help="run each stage once, untimed (for a profiler)")
     args = parser.parse_args()
     torch.manual_seed(0)
     kv_heads = args.kv_heads or args.heads
     if args.heads % kv_heads:
         parser.error("--heads must be a multiple of --kv-heads")
-    rows = [breakdown(t, args.heads, kv_heads, args.head_dim, args.topk, args.window) for t in args.seq_lens]
+    time = untimed if args.once else ms
+    rows = [breakdown(t, args.heads, kv_heads, args.head_dim, args.topk, args.window, time) for t in args.seq_lens]
+    if args.once:
+        return
     print(f"{torch.cuda.get_device_name()}, heads={args.heads}/{kv_heads}, D={args.head_dim}, topk={args.topk}, "
           f"window={args.window}, bf16, median ms")
     names = list(rows[0])
