@@ -28,12 +28,14 @@ def run(fn, inputs, cotangent, **kwargs):
     return [out, *grads]
 
 
-@pytest.mark.parametrize("t_len,hq,hk,gate", [
-    (4096, 4, 4, "kv"), (8191, 8, 2, "kv"), (16384, 2, 2, "v"), (32768, 2, 1, "kv"), (4096, 4, 4, "none"),
+@pytest.mark.parametrize("t_len,hq,hk,gate,d", [
+    (4096, 4, 4, "kv", 128), (8191, 8, 2, "kv", 128), (16384, 2, 2, "v", 128), (32768, 2, 1, "kv", 128),
+    (4096, 4, 4, "none", 128),
+    (8192, 4, 1, "kv", 256), (16384, 4, 1, "kv", 256),   # Gemma 3 270M's global layers: 4 / 1 heads of dim 256
 ])
-def test_bf16_error_within_twice_pytorch_bf16(t_len, hq, hk, gate):
+def test_bf16_error_within_twice_pytorch_bf16(t_len, hq, hk, gate, d):
     torch.manual_seed(t_len)
-    d, topk, window = 128, 1024, 512
+    topk, window = 1024, 512
     q = torch.randn(1, t_len, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, t_len, hk, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, t_len, hk, d, device="cuda", dtype=torch.bfloat16)

@@ -180,7 +180,8 @@ def test_auto_falls_back_to_the_reference():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device (TRITON_INTERPRET unset)")
 @pytest.mark.parametrize("gate", ["kv", "none"])
-@pytest.mark.parametrize("batch,n_kv_heads,group,n_entries,head_dim", [(16, 3, 3, 1536, 64), (1, 8, 4, 4096, 128)])
+@pytest.mark.parametrize("batch,n_kv_heads,group,n_entries,head_dim",
+                         [(16, 3, 3, 1536, 64), (1, 8, 4, 4096, 128), (1, 1, 4, 1024, 256)])
 def test_bf16_error_within_twice_pytorch_bf16(fused, batch, n_kv_heads, group, n_entries, head_dim, gate):
     """Criterion of flash-attention's tests: against float64, the kernel's error stays within 2x the error of
     the same math in PyTorch bf16 (plus a small floor), with the automatic split count and with one split."""

@@ -1,0 +1,52 @@
+"""The teacher signal of scorer distillation: how much full attention each key receives from the queries that
+see it outside their window (reference.py has the definition; kernels.py the Triton version)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .reference import REDUCTIONS, kept_attention_reference, teacher_mass_reference
+
+try:
+    from . import fused
+except ImportError:  # triton not installed: the PyTorch path only
+    fused = None
+
+__all__ = ["REDUCTIONS", "kept_attention", "teacher_mass"]
+
+kept_attention = kept_attention_reference
+
+
+def teacher_mass(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean", scale: float | None = None,
+                 backend: str = "auto") -> Tensor:
+    """Attention mass each key receives from later queries outside their window, per KV head.
+
+    Args:
+        q: [B, T, Hq, D] queries as the attention sees them (after RoPE and norms).
+        k: [B, T, Hk, D] keys; Hq a multiple of Hk (GQA: a key's mass reduces over its group's query heads).
+        window: w >= 0; only queries i >= j + w count for key j (those for which j is a SparseK candidate).
+        reduction: "sum", "mean" or "max" over those queries and the group's heads (reference.py).
+        scale: softmax scale of q.k; head_dim ** -0.5 when None.
+        backend: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "reference".
+
+    Returns:
+        [B, T, Hk] float32 (float64 from the reference with float64 inputs); 0 for the last w keys.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] \
+            or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"need q [B, T, Hq, D] and k [B, T, Hk, D] with Hq a multiple of Hk, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    usable = fused is not None and fused.supports(q)
+    if backend == "triton" and not usable:
+        raise ValueError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1) in float16, "
+                         f"bfloat16 or float32 with a power-of-two head dim in [16, 256]; got {q.device}, "
+                         f"{q.dtype}, D={q.shape[-1]}")
+    if backend == "triton" or (backend == "auto" and usable and q.is_cuda):
+        return fused.teacher_mass_triton(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
+    return teacher_mass_reference(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)

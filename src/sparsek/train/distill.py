@@ -1,0 +1,304 @@
+"""Scorer distillation: teach a converted model's scorers to keep what the original attention looks at.
+
+    sparsek distill --model gemma3 --layers global --topk 512 --window 512 --context 8192 --steps 200
+    distill(DistillConfig(model="smollm2", topk=256, window=256, context=2048, steps=200))
+
+Why: fine-tuning on plain text gives the scorers no reason to keep a far fact, and the SPARSEK mask passes
+gradient only to keys within 1 of the threshold, so a key far below it never learns that it matters. Here the
+original model is the teacher. For each converted layer and KV head its signal is the attention mass each key
+receives from the queries that see it outside their window (`sparsek.ops.teacher.teacher_mass`). The student
+is the scorer's u = x . w + slope * t, and the loss is listwise: for query positions i every `stride` tokens,
+the cross-entropy between the teacher's mass over i's candidates {j <= i - window}, normalised, and
+softmax(u) over the same keys. Its gradient, softmax(u)_j - target_j, reaches every key, and its optimum is
+u_j = log mass_j + const: the top-k of u is then the top-k of the teacher.
+
+Only the scorers train; the model's own weights stay frozen, and one teacher forward (exact attention in every
+layer, through `teacher_attention`) gives both the teacher's q, k and the scorer's input. The run folder holds
+model/ (save_pretrained of the converted model with its distilled scorers, plus the tokenizer), state.json
+(settings and summary: kept attention and ranking loss before and after) and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..ops.teacher import REDUCTIONS, kept_attention, teacher_mass
+from . import checkpoint
+from .loop import resolve_device
+
+TEACHER = "sparsek_teacher"
+
+
+def ranking_loss(scores: Tensor, mass: Tensor, *, topk: int, window: int, stride: int) -> Tensor:
+    """Listwise distillation loss of one layer: scores [B, T, H] (the student's u, with grad), mass [B, T, H]
+    (the teacher's, >= 0) -> scalar, the mean over (batch, head, query position) of the cross-entropy between
+    mass and softmax(scores) over the candidates of query positions i = window + topk, + stride, ... (before
+    that every candidate is selected, so nothing is to be learned)."""
+    t_len = scores.shape[1]
+    if window + topk >= t_len:
+        return scores.sum() * 0
+    queries = torch.arange(window + topk, t_len, stride, device=scores.device)
+    candidate = torch.arange(t_len, device=scores.device) <= (queries - window)[:, None]       # [P, T]
+    u = scores.float().transpose(1, 2)[:, :, None, :]                                          # [B, H, 1, T]
+    log_p = torch.log_softmax(u.masked_fill(~candidate, -torch.inf), dim=-1)                    # [B, H, P, T]
+    target = mass.float().transpose(1, 2)[:, :, None, :] * candidate
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
+    return -(target * log_p.masked_fill(~candidate, 0)).sum(-1).mean()
+
+
+@dataclass
+class _Collector:
+    """What the teacher attention gathers in one forward, per converted layer."""
+
+    reduction: str
+    stride: int
+    measure: bool = False                 # also the share of attention the current scorers keep (no grad)
+    losses: dict = dataclasses.field(default_factory=dict)
+    kept: dict = dataclasses.field(default_factory=dict)
+
+
+_active: _Collector | None = None
+
+
+def _teacher_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
+                       dropout: float = 0.0, sparsek_scores: Tensor | None = None, sparsek_layer=None, **kwargs):
+    """The original model's exact attention in every layer; at converted layers it also scores the scorer.
+    query [B, Hq, T, D], key, value [B, H, T, D] -> ([B, T, Hq, D], None)."""
+    from ..integrations.hf import causal_attention
+
+    out = causal_attention(query, key, value, attention_mask, scaling, kwargs.get("sliding_window"))
+    if sparsek_scores is not None and _active is not None:
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("distillation takes unpadded batches")
+        settings = module.config.sparsek
+        q, k = query.transpose(1, 2), key.transpose(1, 2)                                # [B, T, heads, D]
+        mass = teacher_mass(q, k, window=settings["window"], reduction=_active.reduction, scale=scaling)
+        _active.losses[module.layer_idx] = ranking_loss(sparsek_scores, mass, topk=settings["topk"],
+                                                        window=settings["window"], stride=_active.stride)
+        if _active.measure:
+            _active.kept[module.layer_idx] = kept_attention(q, k, sparsek_scores, topk=settings["topk"],
+                                                            window=settings["window"], scale=scaling).mean().item()
+    return out, None
+
+
+def _mask(attention_mask=None, **kwargs):
+    return attention_mask
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(TEACHER, _teacher_attention)
+    AttentionMaskInterface.register(TEACHER, _mask)
+
+
+@contextlib.contextmanager
+def teacher_attention(model, reduction: str = "mean", stride: int = 64, measure: bool = False):
+    """Within it, a converted model runs its original exact attention and collects per-layer distillation losses
+    (and with measure, the kept share of attention) into the yielded collector."""
+    global _active
+    if not getattr(model.config, "sparsek", None):
+        raise ValueError("distillation needs a model converted with sparsek.integrations.hf.convert")
+    _register()
+    implementation = model.config._attn_implementation
+    _active = _Collector(reduction, stride, measure)
+    model.set_attn_implementation(TEACHER)
+    try:
+        yield _active
+    finally:
+        model.set_attn_implementation(implementation)
+        _active = None
+
+
+def _forward(model, ids: Tensor, autocast_dtype: torch.dtype | None) -> None:
+    device = ids.device
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)   # only the attention's side effects matter
+
+
+@torch.no_grad()
+def measure(model, batches: list[Tensor], *, reduction: str = "mean", stride: int = 64,
+            autocast_dtype: torch.dtype | None = None) -> dict:
+    """Mean ranking loss and mean kept share of the original attention over the converted layers and batches
+    (each [B, T] token ids on the model's device): {"loss", "kept", "kept_by_layer"}."""
+    losses, kept = [], {}
+    with teacher_attention(model, reduction, stride, measure=True) as collected:
+        for ids in batches:
+            _forward(model, ids, autocast_dtype)
+            losses.append(torch.stack(list(collected.losses.values())).mean().item())
+            for layer, share in collected.kept.items():
+                kept.setdefault(layer, []).append(share)
+    by_layer = {layer: sum(v) / len(v) for layer, v in kept.items()}
+    return {"loss": sum(losses) / len(losses), "kept": sum(by_layer.values()) / len(by_layer),
+            "kept_by_layer": by_layer}
+
+
+def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: float = 1e-2,
+                    reduction: str = "mean", stride: int = 64, autocast_dtype: torch.dtype | None = None,
+                    progress: bool = True, log: Callable[[dict], None] | None = None) -> list[float]:
+    """Train only the scorers of a converted model for `steps` steps of Adam (cosine to 10% of lr); batch(step)
+    gives [B, T] token ids on the model's device. Returns the loss of every step."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    scorers = [p for name, p in model.named_parameters() if "sparsek_scorer" in name]
+    if not scorers:
+        raise ValueError("the model has no SparseK scorers: convert it first")
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in scorers:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(scorers, lr=lr)
+    bar: Iterator[int] = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc="distill scorers", unit="step")
+    history = []
+    was_training = model.training
+    model.eval()   # no dropout in the teacher
+    try:
+        with teacher_attention(model, reduction, stride) as collected:
+            for step in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+                started = time.perf_counter()
+                _forward(model, batch(step), autocast_dtype)
+                loss = torch.stack(list(collected.losses.values())).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"distillation loss is {value} at step {step + 1}")
+                history.append(value)
+                if progress:
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if log is not None:
+                    log({"step": step + 1, "distill_loss": value, "seconds": time.perf_counter() - started})
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return history
+
+
+@dataclass
+class DistillConfig:
+    """Convert a pretrained model and distill its scorers (module docstring).
+
+    model: "smollm2", "gemma3", a .gguf file, a checkpoint folder or a hub name. layers: "all", "global" (the
+    full-attention layers of a model with local ones, such as Gemma 3) or comma-separated indices. slope: the
+    scorer's recency term; 0 lets the distilled content alone rank the keys (ties still go to the newer key).
+    reduction: how the teacher's mass of a key reduces over the queries that see it (ops/teacher). stride: the
+    spacing of the query positions whose candidate lists enter the loss. eval_batches: held-out batches on
+    which the kept share of attention and the loss are measured before and after.
+    """
+
+    model: str = "smollm2"
+    run_dir: str = "runs/distill"
+    data: str = "shakespeare"
+    heldout_fraction: float = 0.1
+    topk: int = 256
+    window: int = 256
+    slope: float = 0.0
+    gate: str = "kv"
+    layers: str = "all"
+    context: int = 2048
+    batch_size: int = 1
+    steps: int = 200
+    lr: float = 1e-2
+    reduction: str = "mean"
+    stride: int = 64
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        for name in ("context", "batch_size", "steps", "stride", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.topk < 1 or self.window < 0:
+            raise ValueError(f"distillation needs topk >= 1 and window >= 0, got {self.topk}, {self.window}")
+        if self.context <= self.topk + self.window:
+            raise ValueError(f"context {self.context} must exceed topk + window = {self.topk + self.window}: "
+                             "shorter rows select every candidate and teach the scorers nothing")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        parse_layers(self.layers)
+
+
+def parse_layers(text: str) -> list[int] | str | None:
+    """"all" -> None, "global" -> "global", "0,3,5" -> [0, 3, 5] (what `convert` takes)."""
+    text = text.strip()
+    if text in ("all", "global"):
+        return None if text == "all" else text
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0:
+        raise ValueError(f"layers must be 'all', 'global' or comma-separated indices >= 0, got {text!r}")
+    return layers
+
+
+def distill(config: DistillConfig) -> dict:
+    """Load, convert, distill, measure and save (module docstring); returns the summary."""
+    from ..data.corpus import DocumentSampler
+    from ..integrations.hf import convert
+    from ..integrations.pretrained import load_pretrained
+    from .distributed import World
+    from .finetune import tokenized_corpus
+
+    device = resolve_device(config.device, World())
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_pretrained(config.model, device=device)
+    if getattr(model.config, "sparsek", None):
+        raise ValueError(f"{config.model} is already a SparseK model: distill from the original it came from")
+    convert(model, topk=config.topk, window=config.window, slope=config.slope, gate=config.gate,
+            layers=parse_layers(config.layers))
+    train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
+    sampler = DocumentSampler(train_docs, config.context - 1, config.batch_size, config.seed)
+    heldout = DocumentSampler(heldout_docs, config.context - 1, config.batch_size, config.seed + 1)
+    eval_batches = [heldout.batch(i).to(device) for i in range(config.eval_batches)]
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+
+    def check(name: str) -> dict:
+        result = measure(model, eval_batches, reduction=config.reduction, stride=config.stride,
+                         autocast_dtype=autocast_dtype)
+        print(f"  {name:<10} ranking loss {result['loss']:.4f}, kept share of the original attention "
+              f"{result['kept']:.4f} ({', '.join(f'{k}: {v:.3f}' for k, v in result['kept_by_layer'].items())})")
+        return result
+
+    print(f"{config.model}: layers {model.config.sparsek['layers']} -> SparseK topk={config.topk} "
+          f"window={config.window}, context {config.context}, {config.steps} distillation steps")
+    summary = {"before": check("before")}
+    started = time.perf_counter()
+    distill_scorers(model, lambda step: sampler.batch(step).to(device), steps=config.steps, lr=config.lr,
+                    reduction=config.reduction, stride=config.stride, autocast_dtype=autocast_dtype,
+                    progress=config.progress, log=lambda row: checkpoint.append_metrics(run_dir, row))
+    summary["seconds"] = time.perf_counter() - started
+    summary["after"] = check("after")
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    checkpoint.save_state(run_dir, {"config": dataclasses.asdict(config), "summary": summary})
+    return summary

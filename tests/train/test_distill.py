@@ -1,0 +1,96 @@
+"""Scorer distillation: the listwise loss, the teacher forward, and a tiny model whose ranking loss falls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparsek.integrations.hf import convert  # noqa: E402
+from sparsek.ops.teacher import teacher_mass  # noqa: E402
+from sparsek.train.distill import DistillConfig, distill_scorers, measure, ranking_loss, teacher_attention  # noqa: E402
+
+
+def test_ranking_loss_gradient_reaches_every_candidate_and_vanishes_at_log_mass():
+    torch.manual_seed(0)
+    mass = torch.rand(2, 40, 3) + 0.01
+    u = torch.zeros(2, 40, 3, requires_grad=True)
+    ranking_loss(u, mass, topk=4, window=5, stride=3).backward()
+    candidates = 40 - 1 - 5 + 1                      # keys j <= last query - window
+    assert (u.grad[:, :candidates] != 0).all()       # far keys too, not only those near a threshold
+    assert (u.grad[:, candidates:] == 0).all()       # never a candidate: nothing to learn
+    best = mass.log().requires_grad_(True)           # softmax(log mass) over any subset is the normalised mass
+    ranking_loss(best, mass, topk=4, window=5, stride=3).backward()
+    assert best.grad.abs().max() < 1e-7
+
+
+def test_ranking_loss_without_selection_is_zero():
+    u = torch.randn(1, 10, 2, requires_grad=True)
+    assert ranking_loss(u, torch.rand(1, 10, 2), topk=8, window=4, stride=1).item() == 0
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_teacher_forward_is_the_original_model_and_sees_its_attention():
+    """Inside teacher_attention a converted model computes the original logits, and the mass it hands the loss
+    is the teacher mass of the layer's own q and k (captured here independently with a hook on k_proj)."""
+    original = tiny_llama()
+    model = convert(tiny_llama(), topk=4, window=4, slope=0.0)
+    ids = torch.randint(0, 61, (2, 48))
+    with teacher_attention(model, stride=4) as collected:
+        logits = model(ids, use_cache=False).logits
+    torch.testing.assert_close(logits, original(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    assert sorted(collected.losses) == [0, 1] and all(v.requires_grad for v in collected.losses.values())
+    assert model.config._attn_implementation == "sparsek"
+
+
+def sharpened(model):
+    """A random model's attention is nearly uniform (weights of std 0.02): larger q and k give it preferences
+    for some keys, which is what a teacher must have for the scorers to learn anything."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    return model
+
+
+def test_distillation_lowers_the_ranking_loss_and_raises_kept_attention():
+    torch.manual_seed(0)
+    model = convert(sharpened(tiny_llama()), topk=4, window=4, slope=0.0)
+    train = torch.randint(0, 61, (64, 2, 64))
+    held_out = [torch.randint(0, 61, (2, 64)) for _ in range(2)]
+    before = measure(model, held_out, stride=4)
+    losses = distill_scorers(model, lambda step: train[step], steps=60, lr=0.05, stride=4, progress=False)
+    after = measure(model, held_out, stride=4)
+    assert len(losses) == 60
+    assert after["loss"] < before["loss"] - 0.05
+    assert after["kept"] > before["kept"] + 0.05
+    # Only the scorers moved, and they are trainable again as before (all were).
+    reference = sharpened(tiny_llama())
+    for name, p in model.named_parameters():
+        if "sparsek_scorer" not in name:
+            assert torch.equal(p, reference.get_parameter(name))
+        assert p.requires_grad
+
+
+def test_kept_attention_is_one_with_room_for_every_key():
+    from sparsek.ops.teacher import kept_attention
+    q, k = torch.randn(1, 20, 4, 8), torch.randn(1, 20, 2, 8)
+    kept = kept_attention(q, k, torch.randn(1, 20, 2), topk=20, window=0)
+    torch.testing.assert_close(kept, torch.ones_like(kept))
+    assert teacher_mass(q, k, window=0).shape == (1, 20, 2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(reduction="median"), "reduction"), (dict(context=512, topk=256, window=256), "exceed"),
+    (dict(layers="odd"), "layers"), (dict(steps=0), "steps"),
+])
+def test_config_refuses_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**kwargs)
