@@ -8,6 +8,8 @@
     sparsek compare --attention full,window,fixed,hash,sparsek,sparsek_window --context 4096 --budget 512 ...
     sparsek train --run-dir runs/a --attention sparsek_window --context 1024 --budget 128 --steps 2000
     sparsek finetune --context 2048 --topk 256 --window 256 --steps 500   # convert SmolLM2-135M and fine-tune it
+    sparsek distill --model gemma3 --layers global --topk 512 --window 512 --context 8192 --steps 200
+    sparsek eval gemma3 --suite ruler --context 4096,8192   # the RULER-style long-context suite, any model
     sparsek eval runs/a --context 2048,4096,8192   # perplexity, by position, passkey and recall of any model
 """
 
@@ -120,7 +122,8 @@ def evaluate_cli(args: argparse.Namespace) -> None:
                                else Path("runs/eval") / subject.name)
     evaluate_subject(subject, contexts, out_dir, tasks=tasks, distances=numbers(args.distances),
                      examples=args.examples, max_tokens=args.max_tokens, batch_size=args.batch_size, seed=args.seed,
-                     progress=args.progress)
+                     progress=args.progress, suite=args.suite is not None,
+                     depths=[float(d) for d in args.depths.split(",") if d.strip()])
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -222,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     p_finetune = sub.add_parser("finetune", allow_abbrev=False,
                                 help="convert a pretrained transformers model to SparseK and fine-tune it")
     add_dataclass_options(p_finetune, FinetuneConfig)
+    from .train.distill import DistillConfig
+    p_distill = sub.add_parser("distill", allow_abbrev=False, help="convert a pretrained model and distill its "
+                               "scorers from the original attention (only the scorers train)")
+    add_dataclass_options(p_distill, DistillConfig)
     p_eval = sub.add_parser("eval", allow_abbrev=False, help="held-out perplexity (overall and by position), "
                             "passkey and associative recall of any model, at one or more contexts")
     p_eval.add_argument("target", help="a run folder (sparsek train/compare/finetune), 'smollm2', a checkpoint "
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--context", default=None, help="comma-separated lengths (default: the training one)")
     p_eval.add_argument("--data", default=None, help="corpus (default: the held-out split of the training data)")
     p_eval.add_argument("--tasks", default="passkey,recall", help="comma-separated, or 'none'")
+    p_eval.add_argument("--suite", choices=("ruler",), default=None, help="also the RULER-style suite "
+                        "(passkey, multikey, multivalue, vartrack, cwe, recall) against depth")
+    p_eval.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="suite: depths of the needed fact")
     p_eval.add_argument("--distances", default=None, help="comma-separated (default: 16, 32, ... up to what fits)")
     p_eval.add_argument("--examples", type=int, default=32, help="task examples per distance")
     p_eval.add_argument("--max-tokens", type=int, default=0, help="cap on perplexity tokens (0: all)")
@@ -250,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         from .train.finetune import finetune
         finetune(finetune_config(args, argv))
+    elif args.command == "distill":
+        from .train.distill import distill
+        distill(dataclass_from_args(DistillConfig, args))
     elif args.command == "eval":
         evaluate_cli(args)
     if args.command == "generate":

@@ -94,3 +94,32 @@ def test_kept_attention_is_one_with_room_for_every_key():
 def test_config_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillConfig(**kwargs)
+
+
+def test_distill_command_saves_a_model_that_reloads_with_its_scorers(tmp_path, corpus_dir, capsys):
+    from sparsek.cli import main
+    from sparsek.integrations.pretrained import load_pretrained
+
+    from ..conftest import tiny_transformers_model
+
+    run = tmp_path / "run"
+    main(["distill", "--model", str(tiny_transformers_model(tmp_path)), "--data", str(corpus_dir), "--context", "96",
+          "--topk", "16", "--window", "16", "--steps", "3", "--eval-batches", "1", "--run-dir", str(run),
+          "--no-progress"])
+    assert "kept share of the original attention" in capsys.readouterr().out
+    state = (run / "state.json").read_text()
+    assert '"before"' in state and '"after"' in state
+    model, _ = load_pretrained(str(run / "model"))
+    weights = [p for n, p in model.named_parameters() if "sparsek_scorer" in n]
+    assert len(weights) == 2 and all(w.abs().sum() > 0 for w in weights)   # moved from their zero start
+
+
+def test_finetune_with_distillation_first(tmp_path, corpus_dir):
+    from sparsek.train.finetune import FinetuneConfig, finetune
+
+    from ..conftest import tiny_transformers_model
+
+    summary = finetune(FinetuneConfig(model=str(tiny_transformers_model(tmp_path)), run_dir=str(tmp_path / "ft"),
+                                      data=str(corpus_dir), context=96, topk=16, window=16, batch_size=2, steps=2,
+                                      distill_steps=3, eval_tokens=512, progress=False))
+    assert {"original", "converted", "distilled", "finetuned"} <= set(summary)

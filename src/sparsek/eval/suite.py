@@ -96,10 +96,12 @@ def _documents(data: str, encode: Encode) -> list[Tensor]:
 
 def evaluate_subject(subject: Subject, contexts: list[int], out_dir: str | Path, *, tasks: tuple[str, ...] = TASKS,
                      distances: list[int] | None = None, examples: int = 32, max_tokens: int = 0,
-                     batch_size: int = 4, seed: int = 0, progress: bool = True) -> dict[int, dict]:
+                     batch_size: int = 4, seed: int = 0, progress: bool = True, suite: bool = False,
+                     depths: list[float] | None = None) -> dict[int, dict]:
     """Perplexity and task accuracy at each context; writes eval_<T>.json and plots into out_dir.
 
-    Returns {T: {"perplexity": evaluate(...) output, "tasks": evaluate_tasks(...) output, ...}}.
+    suite: also the RULER-style suite of `sparsek.eval.ruler` (examples per task and depth, at `depths`).
+    Returns {T: {"perplexity": evaluate(...) output, "tasks": evaluate_tasks(...) output, "suite": ...}}.
     """
     # Checked before the first context's perplexity, which can take minutes.
     unknown = [task for task in tasks if task not in TASKS]
@@ -125,6 +127,12 @@ def evaluate_subject(subject: Subject, contexts: list[int], out_dir: str | Path,
                                           batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress)
         result = {"name": subject.name, "context": context, "trained_context": subject.context,
                   "window": subject.window, **subject.info, "perplexity": perplexity, "tasks": task_results}
+        if suite:
+            from ..data.ruler import DEPTHS
+            from .ruler import evaluate_suite
+            result["suite"] = evaluate_suite(subject.model, subject.heldout, subject.encode, length=context + 1,
+                                             depths=depths or DEPTHS, examples=examples, seed=seed,
+                                             batch_size=batch_size, autocast_dtype=autocast_dtype, progress=progress)
         (out_dir / f"eval_{context}.json").write_text(json.dumps(result))
         _plots(result, out_dir)
         results[context] = result
@@ -141,6 +149,12 @@ def format_result(result: dict) -> str:
     for task, rows in result["tasks"].items():
         cells = "  ".join(f"{r['distance']}:{r['accuracy']:.2f}" for r in rows)
         lines.append(f"  {task:<8} accuracy by distance  {cells}")
+    for task, rows in result.get("suite", {}).items():
+        if task == "average":
+            lines.append(f"  suite average {rows:.3f}")
+        else:
+            cells = "  ".join(f"{r['depth']}:{r['accuracy']:.2f}" for r in rows)
+            lines.append(f"  {task:<10} accuracy by depth  {cells}")
     return "\n".join(lines)
 
 

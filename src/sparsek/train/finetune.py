@@ -32,6 +32,7 @@ from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
 from ..ops.attention.interface import GATES
+from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
 from .loop import learning_rate_factor, resolve_device
 
@@ -52,7 +53,10 @@ class FinetuneConfig:
     comma-separated) turns task_fraction of the training rows into long-range task examples written into the
     row's own text, as for training from scratch; "" fine-tunes on the text alone. save_every writes a
     checkpoint every that many steps (0: none); resume continues the run in run_dir from it, with the same
-    settings apart from RESUMABLE ones.
+    settings apart from RESUMABLE ones. distill_steps > 0 first distills the new scorers from the original
+    attention for that many steps (`sparsek.train.distill`, only the scorers train, at distill_lr with the teacher
+    mass reduced by distill_reduction), then fine-tunes; layers may also be "global" (the full-attention layers of
+    a model with local ones, such as Gemma 3).
     """
 
     model: str = "smollm2"
@@ -89,6 +93,9 @@ class FinetuneConfig:
     progress: bool = True
     save_every: int = 0
     resume: bool = False
+    distill_steps: int = 0
+    distill_lr: float = 1e-2
+    distill_reduction: str = "mean"
 
     def __post_init__(self):
         # Checked here, not when converting: that comes after the model has loaded and been evaluated.
@@ -100,6 +107,11 @@ class FinetuneConfig:
         for name in ("context", "batch_size", "steps", "log_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_reduction not in REDUCTIONS:
+            raise ValueError(f"need distill_steps >= 0, distill_lr > 0 and distill_reduction in {REDUCTIONS}; got "
+                             f"{self.distill_steps}, {self.distill_lr}, {self.distill_reduction!r}")
+        if self.distill_steps and self.attention != "sparsek":
+            raise ValueError("distill_steps needs attention='sparsek': there are no scorers to distill")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
         if self.attention == "sparsek" and not 0 <= self.slope < 1:
@@ -111,17 +123,10 @@ class FinetuneConfig:
         if self.tasks:
             check_mix(parse_tasks(self.tasks), self.task_fraction)
 
-    def layer_list(self) -> list[int] | None:
-        """The layers to convert, None for all."""
-        if self.layers.strip() == "all":
-            return None
-        try:
-            layers = [int(x) for x in self.layers.split(",") if x.strip()]
-        except ValueError:
-            layers = []
-        if not layers or min(layers) < 0:
-            raise ValueError(f"layers must be 'all' or comma-separated indices >= 0, got {self.layers!r}")
-        return layers
+    def layer_list(self) -> list[int] | str | None:
+        """The layers to convert: None for all, "global", or their indices."""
+        from .distill import parse_layers
+        return parse_layers(self.layers)
 
 
 # Settings a resumed run may change; the rest must match its checkpoint. (A different `steps` stretches the
@@ -239,6 +244,12 @@ def finetune(config: FinetuneConfig) -> dict:
         model = _convert(model, config)
         if saved is None:
             summary["converted"] = held_out(model)
+            if config.distill_steps:
+                from .distill import distill_scorers
+                distill_scorers(model, lambda step: sampler.batch(step)[:, :-1].to(device), steps=config.distill_steps,
+                                lr=config.distill_lr, reduction=config.distill_reduction, autocast_dtype=autocast_dtype,
+                                progress=config.progress)
+                summary["distilled"] = held_out(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -329,6 +340,6 @@ def _report(config: FinetuneConfig, summary: dict) -> None:
     what = (f"SparseK topk={config.topk} window={config.window}" if config.attention == "sparsek"
             else "full attention")
     print(f"{config.model} -> {what}, context {config.context}, {config.steps} steps ({config.method}):")
-    for name in ("original", "converted", "finetuned"):
+    for name in ("original", "converted", "distilled", "finetuned"):
         if name in summary:
             print(f"  {name:<10} held-out ppl {summary[name]['ppl']:.3f} over {summary[name]['tokens']:,} tokens")
