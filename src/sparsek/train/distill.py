@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..ops.select import prefix_selection
 from ..ops.teacher import REDUCTIONS, kept_attention, teacher_mass
 from . import checkpoint
 from .loop import resolve_device
@@ -64,6 +65,7 @@ class _Collector:
     measure: bool = False                 # also the share of attention the current scorers keep (no grad)
     losses: dict = dataclasses.field(default_factory=dict)
     kept: dict = dataclasses.field(default_factory=dict)
+    first: dict = dataclasses.field(default_factory=dict)   # share of (row, head) whose key 0 is never evicted
 
 
 _active: _Collector | None = None
@@ -85,8 +87,11 @@ def _teacher_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
         _active.losses[module.layer_idx] = ranking_loss(sparsek_scores, mass, topk=settings["topk"],
                                                         window=settings["window"], stride=_active.stride)
         if _active.measure:
-            _active.kept[module.layer_idx] = kept_attention(q, k, sparsek_scores, topk=settings["topk"],
-                                                            window=settings["window"], scale=scaling).mean().item()
+            topk, window = settings["topk"], settings["window"]
+            _active.kept[module.layer_idx] = kept_attention(q, k, sparsek_scores, topk=topk, window=window,
+                                                            scale=scaling).mean().item()
+            end = prefix_selection(sparsek_scores.detach().float(), topk, window).end[:, 0]       # [B, H]
+            _active.first[module.layer_idx] = (end == q.shape[1]).float().mean().item()
     return out, None
 
 
@@ -130,17 +135,19 @@ def _forward(model, ids: Tensor, autocast_dtype: torch.dtype | None) -> None:
 def measure(model, batches: list[Tensor], *, reduction: str = "mean", stride: int = 64,
             autocast_dtype: torch.dtype | None = None) -> dict:
     """Mean ranking loss and mean kept share of the original attention over the converted layers and batches
-    (each [B, T] token ids on the model's device): {"loss", "kept", "kept_by_layer"}."""
-    losses, kept = [], {}
+    (each [B, T] token ids on the model's device), and how often the first token (the attention sink of most
+    pretrained models) stays selected to the end: {"loss", "kept", "kept_by_layer", "first_kept"}."""
+    losses, kept, first = [], {}, []
     with teacher_attention(model, reduction, stride, measure=True) as collected:
         for ids in batches:
             _forward(model, ids, autocast_dtype)
             losses.append(torch.stack(list(collected.losses.values())).mean().item())
             for layer, share in collected.kept.items():
                 kept.setdefault(layer, []).append(share)
+            first += list(collected.first.values())
     by_layer = {layer: sum(v) / len(v) for layer, v in kept.items()}
     return {"loss": sum(losses) / len(losses), "kept": sum(by_layer.values()) / len(by_layer),
-            "kept_by_layer": by_layer}
+            "kept_by_layer": by_layer, "first_kept": sum(first) / len(first)}
 
 
 def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: float = 1e-2,
@@ -286,7 +293,8 @@ def distill(config: DistillConfig) -> dict:
         result = measure(model, eval_batches, reduction=config.reduction, stride=config.stride,
                          autocast_dtype=autocast_dtype)
         print(f"  {name:<10} ranking loss {result['loss']:.4f}, kept share of the original attention "
-              f"{result['kept']:.4f} ({', '.join(f'{k}: {v:.3f}' for k, v in result['kept_by_layer'].items())})")
+              f"{result['kept']:.4f} ({', '.join(f'{k}: {v:.3f}' for k, v in result['kept_by_layer'].items())}), "
+              f"first token kept in {result['first_kept']:.0%} of rows")
         return result
 
     print(f"{config.model}: layers {model.config.sparsek['layers']} -> SparseK topk={config.topk} "

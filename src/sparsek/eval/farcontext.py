@@ -1,0 +1,284 @@
+"""Far context on a pretrained model: SparseK (zero, distilled) against constant-memory peers at one KV budget.
+
+    python -m sparsek.eval.farcontext --model gemma3 --layers global --topk 512 --window 512 \
+        --contexts 4096,8192,16384 --examples 8 --distill-steps 200 --out runs/farcontext
+    python -m sparsek.eval.farcontext --model smollm2 --topk 256 --window 256 --contexts 2048 --out runs/fc_smollm2
+
+Methods (--methods, in this order by default):
+  original   the model as it ships: full attention, the ceiling
+  zero       converted (`layers`), scorers at zero: with slope 0 every score ties and the newest keys win, so
+             this is a sliding window of topk + window
+  distilled  converted, scorers distilled from the original attention (`sparsek.train.distill`), one row per
+             --reductions entry ("distilled" for the first, "distilled_<reduction>" for the others)
+  streaming_llm, h2o, snapkv   the peers of `sparsek.integrations.peers`, compressing the same layers to the same
+             budget of topk + window KV pairs per layer and KV head
+For every method and context: the RULER-style suite (`sparsek.eval.ruler`) and, for the methods that run in
+parallel (original and SparseK), held-out perplexity at --ppl-context. For SparseK, the KV bytes of its cache after
+prefills of two lengths (constant memory, measured from the cache tensors). The peers compress the cache after a
+full-attention prefill of all but the last --tail tokens; the tail (question, answer and a little text) then
+attends to the compressed cache, as kvpress evaluates them.
+
+Results go to <out>/results.json, one entry per (method, context), written as each finishes: a second run with the
+same --out skips what is done (long jobs resume). Distilled scorers are saved to <out>/scorers_<reduction>.pt and
+reused. A table is printed last; <out>/suite.png plots accuracy against depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.corpus import DocumentSampler
+from ..data.ruler import SUITE
+from ..ops.teacher import REDUCTIONS
+from ..train.distill import distill_scorers, measure, parse_layers
+from .lm import TransformersLM, evaluate
+from .ruler import evaluate_suite
+
+PEERS = ("streaming_llm", "h2o", "snapkv")
+METHODS = ("original", "zero", "distilled", *PEERS)
+
+
+def _load(args, device):
+    from ..integrations.pretrained import load_pretrained
+    return load_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                           device=device, cache_dir=args.cache_dir)
+
+
+def _convert(model, args):
+    from ..integrations.hf import convert
+    return convert(model, topk=args.topk, window=args.window, slope=args.slope, layers=parse_layers(args.layers))
+
+
+class WithBOS(torch.nn.Module):
+    """A causal LM whose every input starts with its BOS token, as in its training (Gemma's tokenizer adds one):
+    forward(input_ids [B, T], ...) runs on [BOS, input_ids] and returns the logits of the T input positions."""
+
+    def __init__(self, model, bos_token_id: int):
+        super().__init__()
+        self.model, self.bos = model, bos_token_id
+
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs):
+        bos = input_ids.new_full((input_ids.shape[0], 1), self.bos)
+        out = self.model(torch.cat([bos, input_ids], dim=1), logits_to_keep=logits_to_keep, **kwargs)
+        if not logits_to_keep:
+            out.logits = out.logits[:, 1:]
+        return out
+
+
+class CompressedTail(torch.nn.Module):
+    """A model compressed by a peer method, scored as kvpress does: forward(input_ids [B, T]) prefills all but
+    the last `tail` tokens with exact attention into a PeerCache (which then keeps its budget), feeds the tail
+    through it, and returns the tail's logits (logits_to_keep of them, at most `tail`)."""
+
+    def __init__(self, model, tail: int):
+        super().__init__()
+        self.model, self.tail = model, tail
+
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs):
+        from ..integrations.hf import cache_argument
+        from ..integrations.peers import PeerCache
+
+        if not 0 < logits_to_keep <= self.tail < input_ids.shape[1]:
+            raise ValueError(f"CompressedTail scores 1 to tail={self.tail} last tokens of a longer input, got "
+                             f"logits_to_keep={logits_to_keep} for {input_ids.shape[1]} tokens")
+        cache = {cache_argument(self.model): PeerCache()}
+        self.model(input_ids[:, :-self.tail], use_cache=True, logits_to_keep=1, **cache)
+        return self.model(input_ids[:, -self.tail:], use_cache=True, logits_to_keep=logits_to_keep, **cache)
+
+
+def _bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer adds it by default, else None."""
+    ids = tokenizer("a").input_ids
+    return ids[0] if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else None
+
+
+def _kv_bytes(model, ids: torch.Tensor) -> list[int]:
+    """KV bytes of a SparseKHFCache after prefills of half and all of ids [1, T]."""
+    from ..integrations.hf import SparseKHFCache, cache_argument
+    sizes = []
+    for n in (ids.shape[1] // 2, ids.shape[1]):
+        cache = SparseKHFCache()
+        with torch.no_grad():
+            model(ids[:, :n], use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+        sizes.append(cache.kv_bytes())
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma3")
+    parser.add_argument("--layers", default="global", help="all, global or comma-separated layer indices")
+    parser.add_argument("--topk", type=int, default=512)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--slope", type=float, default=0.0)
+    parser.add_argument("--contexts", default="4096,8192,16384")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tasks", default=",".join(SUITE))
+    parser.add_argument("--examples", type=int, default=8, help="examples per task and depth")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--distill-context", type=int, default=8192)
+    parser.add_argument("--distill-lr", type=float, default=3e-3)
+    parser.add_argument("--reductions", default="mean", help=f"comma-separated, of {REDUCTIONS}")
+    parser.add_argument("--ppl-context", type=int, default=8192)
+    parser.add_argument("--ppl-tokens", type=int, default=65536)
+    parser.add_argument("--tail", type=int, default=64, help="peers: tokens fed after compressing the prefill")
+    parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM's sink tokens")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cache-dir", default=None, help="where a GGUF model's de-quantized copy is kept")
+    parser.add_argument("--out", default="runs/farcontext")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    contexts = [int(c) for c in args.contexts.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    reductions = [r.strip() for r in args.reductions.split(",") if r.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS] + [r for r in reductions if r not in REDUCTIONS]
+    if unknown:
+        raise ValueError(f"unknown methods or reductions {unknown}: methods are {METHODS}, reductions {REDUCTIONS}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    from ..train.finetune import FinetuneConfig, tokenized_corpus
+    model, tokenizer = _load(args, device)
+    train_docs, heldout = tokenized_corpus(FinetuneConfig(), tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def record(key: str, row: dict) -> None:
+        results[key] = row
+        results_file.write_text(json.dumps(results, indent=1))
+
+    bos = _bos(tokenizer)
+    print(f"{args.model}: inputs start with BOS {bos}" if bos is not None else f"{args.model}: no BOS token")
+
+    def with_bos(net):
+        return net if bos is None else WithBOS(net, bos)
+
+    def suite_and_ppl(name: str, net, parallel: bool) -> None:
+        net = with_bos(net)
+        for context in contexts:
+            key = f"{name}@{context}"
+            if key in results:
+                continue
+            started = time.perf_counter()
+            row = {"method": name, "context": context,
+                   "suite": evaluate_suite(net, heldout, encode, length=context, tasks=tasks, depths=depths,
+                                           examples=args.examples, batch_size=args.batch_size,
+                                           autocast_dtype=autocast_dtype, progress=True)}
+            if parallel and context == args.ppl_context:
+                ppl = evaluate(TransformersLM(net), heldout, context, batch_size=1, max_tokens=args.ppl_tokens,
+                               autocast_dtype=autocast_dtype)
+                row["ppl"] = ppl["ppl"]
+            row["seconds"] = time.perf_counter() - started
+            record(key, row)
+            print(f"{key}: suite average {row['suite']['average']:.3f}"
+                  + (f", ppl {row['ppl']:.3f}" if "ppl" in row else ""), flush=True)
+
+    if "original" in methods:
+        suite_and_ppl("original", model, parallel=True)
+    if "zero" in methods or "distilled" in methods:
+        _convert(model, args)
+        sample = max(heldout, key=len)[: max(contexts)][None].to(device)
+        if "zero" in methods:
+            suite_and_ppl("zero", model, parallel=True)
+            results.setdefault("kv_bytes", {})
+            record("kv_bytes", {**results["kv_bytes"], f"{sample.shape[1] // 2},{sample.shape[1]}":
+                                _kv_bytes(model, sample)})
+        if "distilled" in methods:
+            sampler = DocumentSampler(train_docs, args.distill_context - 2, 1, seed=0)
+            probe = DocumentSampler(heldout, args.distill_context - 2, 1, seed=1)
+
+            def rows(source, step):  # [1, distill_context], BOS first when the model has one
+                ids = source.batch(step)
+                return (ids if bos is None else torch.cat([ids.new_full((1, 1), bos), ids], 1)).to(device)
+
+            probes = [rows(probe, i) for i in range(4)]
+            scorers = [m for name, m in model.named_modules() if name.endswith("sparsek_scorer")]
+            for reduction in reductions:
+                name = "distilled" if reduction == reductions[0] else f"distilled_{reduction}"
+                saved = out / f"scorers_{reduction}.pt"
+                for scorer in scorers:
+                    torch.nn.init.zeros_(scorer.weight)
+                if saved.is_file():
+                    for scorer, weight in zip(scorers, torch.load(saved)):
+                        scorer.weight.data.copy_(weight)
+                else:
+                    before = measure(model, probes, reduction=reduction, autocast_dtype=autocast_dtype)
+                    started = time.perf_counter()
+                    losses = distill_scorers(model, lambda step: rows(sampler, step), steps=args.distill_steps,
+                                    lr=args.distill_lr, reduction=reduction, autocast_dtype=autocast_dtype)
+                    seconds = time.perf_counter() - started
+                    after = measure(model, probes, reduction=reduction, autocast_dtype=autocast_dtype)
+                    torch.save([s.weight.detach().cpu() for s in scorers], saved)
+                    record(f"distill_{reduction}", {"before": before, "after": after, "seconds": seconds,
+                                                    "steps": args.distill_steps, "losses": losses[::10]})
+                    print(f"distilled ({reduction}, {seconds:.0f} s): kept attention {before['kept']:.3f} -> "
+                          f"{after['kept']:.3f}, ranking loss {before['loss']:.3f} -> {after['loss']:.3f}, "
+                          f"first token kept {before['first_kept']:.0%} -> {after['first_kept']:.0%}", flush=True)
+                suite_and_ppl(name, model, parallel=True)
+    peers = [m for m in methods if m in PEERS]
+    if peers:
+        from ..integrations.peers import compress
+        if "zero" in methods or "distilled" in methods:
+            model, _ = _load(args, device)      # convert changed the model in place
+        for peer in peers:
+            compress(model, peer, args.topk + args.window, layers=parse_layers(args.layers), sinks=args.sinks)
+            suite_and_ppl(peer, CompressedTail(model, args.tail), parallel=False)
+    print_table(results, contexts)
+    try:
+        plot_suite(results, out / "suite.png")
+    except ImportError as error:
+        print(f"no plot ({error}): pip install 'sparsek[training]'")
+    return results
+
+
+def print_table(results: dict, contexts: list[int]) -> None:
+    """Suite average per method and context, perplexity where measured."""
+    names = list(dict.fromkeys(r["method"] for k, r in results.items() if "@" in k))
+    print(f"\n{'method':<20}" + "".join(f"{'suite@' + str(c):>13}" for c in contexts) + f"{'ppl':>9}")
+    for name in names:
+        cells = [results.get(f"{name}@{c}", {}).get("suite", {}).get("average") for c in contexts]
+        ppl = next((r["ppl"] for k, r in results.items() if "@" in k and r["method"] == name and "ppl" in r), None)
+        print(f"{name:<20}" + "".join(f"{c:>13.3f}" if c is not None else f"{'-':>13}" for c in cells)
+              + (f"{ppl:>9.3f}" if ppl is not None else f"{'-':>9}"))
+
+
+def plot_suite(results: dict, path: Path) -> None:
+    """Accuracy against depth, one panel per context, a line per method (averaged over tasks)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for k, r in results.items() if "@" in k]
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for row in (r for r in rows if r["context"] == context):
+            per_task = [v for k, v in row["suite"].items() if k != "average"]
+            depths = [cell["depth"] for cell in per_task[0]]
+            mean = [sum(t[i]["accuracy"] for t in per_task) / len(per_task) for i in range(len(depths))]
+            ax.plot(depths, mean, marker="o", label=row["method"])
+        ax.set(title=f"context {context}", xlabel="depth of the needed fact", ylabel="suite accuracy",
+               ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
