@@ -1,0 +1,37 @@
+"""The far-context comparison end to end on a tiny model: every method runs, results resume, the table prints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from sparsek.eval.farcontext import main  # noqa: E402
+
+from ..conftest import tiny_transformers_model  # noqa: E402
+
+
+def test_every_method_runs_and_a_second_run_resumes(tmp_path, corpus_dir, capsys):
+    args = ["--model", str(tiny_transformers_model(tmp_path)), "--data", str(corpus_dir), "--layers", "all",
+            "--topk", "32", "--window", "16", "--contexts", "384", "--examples", "1", "--depths", "0.5",
+            "--tasks", "passkey,recall", "--distill-steps", "2", "--distill-context", "96", "--ppl-context", "384",
+            "--ppl-tokens", "768", "--batch-size", "2", "--tail", "48", "--out", str(tmp_path / "out"),
+            "--device", "cpu"]
+    results = main(args)
+    expected = {"original@384", "zero@384", "distilled@384", "streaming_llm@384", "h2o@384", "snapkv@384"}
+    assert expected <= set(results)
+    assert "ppl" in results["original@384"] and "ppl" not in results["h2o@384"]   # peers are not run in parallel
+    assert results["distill_mean"]["steps"] == 2
+    assert (tmp_path / "out" / "scorers_mean.pt").is_file()
+    first = capsys.readouterr().out
+    assert "streaming_llm" in first.split("method")[-1]                          # the table, printed last
+    again = main(args)                                                            # everything done: nothing reruns
+    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
+    assert "suite average" not in capsys.readouterr().out
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        main(["--methods", "original,streaming", "--out", str(tmp_path)])
