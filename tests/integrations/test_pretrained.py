@@ -181,3 +181,13 @@ def test_heldout_tokens_slice():
     assert "".join(map(chr, heldout_tokens(CharTokenizer(), text, 300)[0].tolist())) == text[700:]
     with pytest.raises(ValueError, match="1000 tokens"):
         heldout_tokens(CharTokenizer(), text, 1001)
+
+
+def test_gemma_gguf_tokenizer_refused_on_transformers_that_convert_it_wrongly():
+    from sparsek.integrations.pretrained import check_gguf_tokenizer
+
+    with pytest.raises(RuntimeError, match="5.25"):
+        check_gguf_tokenizer("GemmaTokenizer", "5.17.0")
+    check_gguf_tokenizer("GemmaTokenizer", "5.25.0")
+    check_gguf_tokenizer("GemmaTokenizer", "6.0.1")
+    check_gguf_tokenizer("GPT2Tokenizer", "5.17.0")      # only the classes known to be wrong are refused

@@ -273,28 +273,33 @@ def print_table(results: dict, contexts: list[int]) -> None:
 
 
 def plot_suite(results: dict, path: Path) -> None:
-    """Accuracy against depth, one panel per context, a line per method (averaged over tasks)."""
+    """Accuracy against depth, one column per context: the suite average (top) and passkey alone (bottom, the
+    task a small model can do at all), a line per method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for k, r in results.items() if "@" in k]
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
-    for ax, context in zip(axes[0], contexts):
+    fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 7), squeeze=False)
+    for column, context in enumerate(contexts):
         for row in (r for r in rows if r["context"] == context):
-            per_task = [v for k, v in row["suite"].items() if k != "average"]
-            depths = [cell["depth"] for cell in per_task[0]]
-            mean = [sum(t[i]["accuracy"] for t in per_task) / len(per_task) for i in range(len(depths))]
-            ax.plot(depths, mean, marker="o", label=row["method"])
-        ax.set(title=f"context {context}", xlabel="depth of the needed fact", ylabel="suite accuracy",
-               ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
+            per_task = {k: v for k, v in row["suite"].items() if k != "average"}
+            cells = next(iter(per_task.values()))
+            depths = [cell["depth"] for cell in cells]
+            mean = [sum(t[i]["accuracy"] for t in per_task.values()) / len(per_task) for i in range(len(depths))]
+            axes[0][column].plot(depths, mean, marker="o", label=row["method"])
+            if "passkey" in per_task:
+                axes[1][column].plot(depths, [c["accuracy"] for c in per_task["passkey"]], marker="o",
+                                     label=row["method"])
+        for ax, what in zip(axes[:, column], ("suite average", "passkey")):
+            ax.set(title=f"{what}, context {context}", xlabel="depth of the needed fact (0 = first token)",
+                   ylabel="accuracy", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 if __name__ == "__main__":
     main()
