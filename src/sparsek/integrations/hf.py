@@ -25,7 +25,7 @@ import copy
 import functools
 import inspect
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -200,8 +200,10 @@ class SparseKHFCache(Cache):
         return sum(layer.kv_bytes() for layer in self.layers)
 
 
-def _padding_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
-    """transformers builds this once per forward: SparseK needs only the 2D [B, kv_len] padding mask (bool)."""
+def padding_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """A transformers attention-mask function (AttentionMaskInterface), called once per forward: it passes on
+    the 2D [B, kv_len] padding mask (1 = real token) or None as it came, for attention functions that apply
+    causality (and any window) themselves, as SparseK's, the peers' and the distillation teacher's do."""
     return attention_mask
 
 
@@ -321,17 +323,19 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
 
 
 AttentionInterface.register(IMPLEMENTATION, sparsek_attention_forward)
-AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
+AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)
 
 
-def _cache_kwarg(kwargs: dict) -> Cache | None:
+def cache_kwarg(kwargs: dict) -> Cache | None:
+    """The cache among an attention module's keyword arguments (as a forward pre-hook sees them), under any of
+    the names transformers models use for it (`cache`, `past_key_values`, `layer_past`); None if none."""
     return next((kwargs[name] for name in ("cache", "past_key_values", "layer_past") if name in kwargs), None)
 
 
 def _score_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before each attention call: scores from the module's input, and its layer of the SparseK cache."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    cache = _cache_kwarg(kwargs)
+    cache = cache_kwarg(kwargs)
     positions = kwargs.get("position_ids")
     if positions is None:  # the models we know pass position_ids; else count from the cache
         start = cache.get_seq_length(module.layer_idx) if isinstance(cache, Cache) else 0
@@ -349,14 +353,15 @@ def _exact_cache_hook(module: nn.Module, args: tuple, kwargs: dict, sliding_wind
     """Before an unconverted layer's attention: its layer of a SparseKHFCache keeps the last sliding_window - 1
     keys and values (a sliding-window layer, as `convert` read from the config) or every one (sliding_window None).
     """
-    cache = _cache_kwarg(kwargs)
+    cache = cache_kwarg(kwargs)
     if isinstance(cache, SparseKHFCache):
         kwargs["sparsek_layer"] = cache.layer(module.layer_idx, converted=False, sliding_window=sliding_window)
     return args, kwargs
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules of the transformers 5 kind: a layer_idx, a config, a name ending in Attention."""
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Self-attention modules of the transformers 5 kind: a layer_idx, a config, a name ending in Attention.
+    Raises ValueError when the model has none."""
     found = [m for m in model.modules()
              if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")]
     if not found:
@@ -424,7 +429,7 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
         raise ValueError(f"topk and window must be ints >= 0, not both 0; got {topk!r}, {window!r}")
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if any(hasattr(module, "sparsek_scorer") for module in modules):
         raise ValueError("model is already converted to SparseK")
     bidirectional = sorted(module.layer_idx for module in modules if getattr(module, "is_causal", True) is False)
@@ -445,7 +450,7 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
         module.register_forward_pre_hook(_score_hook, with_kwargs=True)
     config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate, "layers": converted}
     model.set_attn_implementation(IMPLEMENTATION)
-    _default_generation_cache(model)
+    default_generation_cache(model, SparseKHFCache)
     return model
 
 
@@ -455,16 +460,23 @@ def cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _default_generation_cache(model: PreTrainedModel) -> None:
-    """generate() builds a SparseKHFCache when the caller passes none (instead of transformers' DynamicCache)."""
+def default_generation_cache(model: PreTrainedModel, make_cache: Callable[[], Cache]) -> None:
+    """Make generate() build make_cache() (e.g. SparseKHFCache or PeerCache) when the caller passes no cache and
+    use_cache is not False, instead of transformers' DynamicCache, by wrapping the model's
+    _prepare_cache_for_generation. The wrapper is installed once per model (model.generation_cache_factory
+    records it); a later call only changes the cache it builds."""
+    installed = getattr(model, "generation_cache_factory", None) is not None
+    model.generation_cache_factory = make_cache
+    if installed:
+        return
     prepare, name = model._prepare_cache_for_generation, cache_argument(model)
 
-    def prepare_sparsek(generation_config, model_kwargs, *args, **kwargs):
+    def prepare_with_default(generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get(name) is None and generation_config.use_cache is not False:
-            model_kwargs[name] = SparseKHFCache()
+            model_kwargs[name] = model.generation_cache_factory()
         return prepare(generation_config, model_kwargs, *args, **kwargs)
 
-    model._prepare_cache_for_generation = prepare_sparsek
+    model._prepare_cache_for_generation = prepare_with_default
 
 
 def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:

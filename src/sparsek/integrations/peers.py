@@ -50,7 +50,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
-from .hf import cache_argument, causal_attention
+from .hf import attention_modules, cache_kwarg, causal_attention, default_generation_cache, padding_mask
 
 IMPLEMENTATION = "peers"
 METHODS = ("streaming_llm", "h2o", "snapkv")
@@ -355,11 +355,12 @@ class PeerCache(Cache):
 # ------------------------------------------------------------------------------------ the attention function
 
 
-def _padding_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
-    """transformers builds this once per forward; the peers take no padding, so the 2D mask must be all ones."""
+def _unpadded_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """hf's `padding_mask`, for batches without padding only: the peers take none, so the 2D mask must be all
+    ones."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("the KV compression peers take batches without padding: attention_mask has zeros")
-    return attention_mask
+    return padding_mask(attention_mask, **kwargs)
 
 
 def peer_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -388,19 +389,15 @@ def peer_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
 
 
 AttentionInterface.register(IMPLEMENTATION, peer_attention_forward)
-AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
+AttentionMaskInterface.register(IMPLEMENTATION, _unpadded_mask)
 
 
 # -------------------------------------------------------------------------------------- preparing a model
 
 
-def _cache_kwarg(kwargs: dict) -> Cache | None:
-    return next((kwargs[name] for name in ("cache", "past_key_values", "layer_past") if name in kwargs), None)
-
-
 def _peer_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Before each attention call: the module's layer of the PeerCache, under the module's settings."""
-    cache, settings = _cache_kwarg(kwargs), module.peer_settings
+    cache, settings = cache_kwarg(kwargs), module.peer_settings
     if isinstance(cache, PeerCache):
         kwargs["peer_layer"] = cache.layer(module.layer_idx, settings)
     elif cache is not None and settings is not None:
@@ -409,20 +406,11 @@ def _peer_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
     return args, kwargs
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules of the transformers 5 kind: a layer_idx, a config, a name ending in Attention."""
-    found = [m for m in model.modules()
-             if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")]
-    if not found:
-        raise ValueError(f"no transformers attention modules found in {type(model).__name__}")
-    return found
-
-
 def full_attention_layers(model: PreTrainedModel) -> list[int]:
     """Indices of the attention layers without a sliding window (config.layer_types), e.g. Gemma 3's global
     layers; every attention layer for models with no layer_types (Llama, Qwen2, ...)."""
     layer_types = getattr(model.config.get_text_config(), "layer_types", None)
-    available = sorted(module.layer_idx for module in _attention_modules(model))
+    available = sorted(module.layer_idx for module in attention_modules(model))
     if not layer_types:
         return available
     return [i for i in available if layer_types[i] != "sliding_attention"]
@@ -437,7 +425,7 @@ def _layer_indices(layers: Sequence[int] | str | None, model: PreTrainedModel) -
         return full
     if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
         raise ValueError(f'layers must be a non-empty sequence of layer indices, "global" or None, got {layers!r}')
-    available = sorted(module.layer_idx for module in _attention_modules(model))
+    available = sorted(module.layer_idx for module in attention_modules(model))
     wrong = [i for i in layers if not _is_int(i) or i not in available]
     if wrong:
         raise ValueError(f"layers must be attention layer indices from 0 to {available[-1]}, got {wrong}")
@@ -463,7 +451,7 @@ def compress(model: PreTrainedModel, method: str, budget: int, *, layers: Sequen
     streaming_llm and h2o; snapkv has no eviction rule). See the module docstring for the protocol.
     """
     settings = PeerSettings(method, budget, sinks=sinks, recent=recent, obs=obs, kernel=kernel, evict=evict)
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if any(hasattr(module, "sparsek_scorer") for module in modules):
         raise ValueError("model is converted to SparseK; compress the original model")
     bidirectional = sorted(module.layer_idx for module in modules if getattr(module, "is_causal", True) is False)
@@ -476,19 +464,5 @@ def compress(model: PreTrainedModel, method: str, budget: int, *, layers: Sequen
         module.peer_settings = settings if module.layer_idx in compressed else None
     model.config.peers = {"method": method, "budget": budget, "layers": compressed}
     model.set_attn_implementation(IMPLEMENTATION)
-    if not getattr(model, "peer_generation", False):
-        _default_generation_cache(model)
+    default_generation_cache(model, PeerCache)
     return model
-
-
-def _default_generation_cache(model: PreTrainedModel) -> None:
-    """generate() builds a PeerCache when the caller passes none (instead of transformers' DynamicCache)."""
-    prepare, name = model._prepare_cache_for_generation, cache_argument(model)
-
-    def prepare_peers(generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get(name) is None and generation_config.use_cache is not False:
-            model_kwargs[name] = PeerCache()
-        return prepare(generation_config, model_kwargs, *args, **kwargs)
-
-    model._prepare_cache_for_generation = prepare_peers
-    model.peer_generation = True

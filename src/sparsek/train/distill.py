@@ -95,16 +95,14 @@ def _teacher_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
     return out, None
 
 
-def _mask(attention_mask=None, **kwargs):
-    return attention_mask
-
-
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from ..integrations.hf import padding_mask
+
     AttentionInterface.register(TEACHER, _teacher_attention)
-    AttentionMaskInterface.register(TEACHER, _mask)
+    AttentionMaskInterface.register(TEACHER, padding_mask)
 
 
 @contextlib.contextmanager
@@ -150,7 +148,7 @@ def measure(model, batches: list[Tensor], *, reduction: str = "mean", stride: in
             "kept_by_layer": by_layer, "first_kept": sum(first) / len(first)}
 
 
-def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: float = 1e-2,
+def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: float = 3e-3,
                     reduction: str = "mean", stride: int = 64, autocast_dtype: torch.dtype | None = None,
                     progress: bool = True, log: Callable[[dict], None] | None = None) -> list[float]:
     """Train only the scorers of a converted model for `steps` steps of Adam (cosine to 10% of lr); batch(step)
@@ -223,7 +221,7 @@ class DistillConfig:
     context: int = 2048
     batch_size: int = 1
     steps: int = 200
-    lr: float = 1e-2
+    lr: float = 3e-3
     reduction: str = "mean"
     stride: int = 64
     eval_batches: int = 4

@@ -94,7 +94,7 @@ class FinetuneConfig:
     save_every: int = 0
     resume: bool = False
     distill_steps: int = 0
-    distill_lr: float = 1e-2
+    distill_lr: float = 3e-3
     distill_reduction: str = "mean"
 
     def __post_init__(self):

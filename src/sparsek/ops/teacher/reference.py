@@ -16,6 +16,8 @@ memory is O(Q * T), never T x T.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,22 @@ REDUCTIONS = ("sum", "mean", "max")
 
 # Elements of one chunk's [B, Hk, G, Q, T] logits.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _causal_probs(q_c: Tensor, k_c: Tensor, scale: float, t_len: int
+                  ) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
+    """Full causal softmax rows, one chunk of queries at a time: q_c [B, T, Hk, G, D], k_c [B, T, Hk, D] (both in
+    the compute dtype) -> yields (q_start, q_end, i [Q, 1] query positions, j [T] key positions,
+    probs [B, Hk, G, Q, N]) over the N = q_end keys the chunk's queries may see (0 beyond each query's own)."""
+    batch, _, n_kv_heads, group, _ = q_c.shape
+    j = torch.arange(t_len, device=q_c.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * n_kv_heads * group * t_len))
+    for q_start in range(0, t_len, chunk):
+        q_end = min(q_start + chunk, t_len)
+        i = torch.arange(q_start, q_end, device=q_c.device)[:, None]                # [Q, 1]
+        logits = torch.einsum("bqhgd,bnhd->bhgqn", q_c[:, q_start:q_end], k_c[:, :q_end]) * scale
+        probs = torch.softmax(logits.masked_fill(j[:q_end] > i, -torch.inf), dim=-1)   # [B, Hk, G, Q, N]
+        yield q_start, q_end, i, j, probs
 
 
 @torch.no_grad()
@@ -40,13 +58,7 @@ def teacher_mass_reference(q: Tensor, k: Tensor, *, window: int, reduction: str 
     q_c = q.to(cdtype).view(batch, t_len, n_kv_heads, group, head_dim)
     k_c = k.to(cdtype)
     out = torch.zeros(batch, n_kv_heads, t_len, dtype=cdtype, device=q.device)   # [B, Hk, T]
-    j = torch.arange(t_len, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * n_q_heads * t_len))
-    for q_start in range(0, t_len, chunk):
-        q_end = min(q_start + chunk, t_len)
-        i = torch.arange(q_start, q_end, device=q.device)[:, None]                 # [Q, 1]
-        logits = torch.einsum("bqhgd,bnhd->bhgqn", q_c[:, q_start:q_end], k_c[:, :q_end]) * scale
-        probs = torch.softmax(logits.masked_fill(j[:q_end] > i, -torch.inf), dim=-1)   # [B, Hk, G, Q, N]
+    for _, q_end, i, j, probs in _causal_probs(q_c, k_c, scale, t_len):
         seen_outside = j[:q_end] <= i - window                                      # [Q, N]
         probs = probs.masked_fill(~seen_outside, 0)
         if reduction == "max":
@@ -54,6 +66,7 @@ def teacher_mass_reference(q: Tensor, k: Tensor, *, window: int, reduction: str 
         else:
             out[..., :q_end] += probs.sum(dim=(2, 3))
     if reduction == "mean":
+        j = torch.arange(t_len, device=q.device)
         seen_by = (t_len - window - j).clamp(min=0) * group                         # (i, g) pairs per key
         out = out / seen_by.clamp(min=1)
     return out.permute(0, 2, 1).float() if cdtype != torch.float64 else out.permute(0, 2, 1)
@@ -79,13 +92,7 @@ def kept_attention_reference(q: Tensor, k: Tensor, scores: Tensor, *, topk: int,
     q_c = q.float().view(batch, t_len, n_kv_heads, group, head_dim)
     k_c = k.float()
     out = torch.empty(batch, n_kv_heads, group, t_len, dtype=torch.float32, device=q.device)
-    j = torch.arange(t_len, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * n_q_heads * t_len))
-    for q_start in range(0, t_len, chunk):
-        q_end = min(q_start + chunk, t_len)
-        i = torch.arange(q_start, q_end, device=q.device)[:, None]                  # [Q, 1]
-        logits = torch.einsum("bqhgd,bnhd->bhgqn", q_c[:, q_start:q_end], k_c[:, :q_end]) * scale
-        probs = torch.softmax(logits.masked_fill(j[:q_end] > i, -torch.inf), dim=-1)   # [B, Hk, G, Q, N]
+    for q_start, q_end, i, j, probs in _causal_probs(q_c, k_c, scale, t_len):
         in_window = j[:q_end] > i - window                                          # [Q, N] (with j <= i)
         selected = (start[..., :q_end] <= i) & (i < end[..., :q_end])              # [B, Hk, 1, Q, N]
         out[..., q_start:q_end] = (probs * (in_window | selected)).sum(-1)
