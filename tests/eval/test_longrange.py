@@ -142,3 +142,18 @@ def test_bad_evaluation_settings_are_refused_before_any_work(tmp_path):
         options = dict(contexts=[64], tasks=TASKS, examples=2, progress=False) | bad
         with pytest.raises(ValueError, match=message):
             evaluate_subject(subject, out_dir=tmp_path, **options)
+
+
+def test_sparsek_eval_suite_ruler(tmp_path, corpus_dir, capsys):
+    pytest.importorskip("transformers")
+    from sparsek.cli import main
+    from sparsek.data.ruler import SUITE
+
+    folder = tiny_transformers_model(tmp_path)
+    main(["eval", str(folder), "--context", "600", "--data", str(corpus_dir), "--examples", "1", "--tasks", "none",
+          "--suite", "ruler", "--depths", "0.2,0.8", "--max-tokens", "600", "--out-dir", str(tmp_path / "hf"),
+          "--no-progress", "--device", "cpu"])
+    result = json.loads((tmp_path / "hf" / "eval_600.json").read_text())
+    assert set(result["suite"]) == {*SUITE, "average"}
+    assert all([cell["depth"] for cell in result["suite"][task]] == [0.2, 0.8] for task in SUITE)
+    assert "suite average" in capsys.readouterr().out
