@@ -12,10 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
-from sparsek.integrations.hf import cache_argument, convert  # noqa: E402
+from sparsek.integrations.hf import FullKVLayer, cache_argument, convert  # noqa: E402
 from sparsek.integrations.peers import (  # noqa: E402
     METHODS,
-    FullLayer,
     PeerCache,
     PeerLayer,
     PeerSettings,
@@ -146,7 +145,7 @@ def test_prefill_keeps_the_budget_chosen_by_the_definition(recorded, family, met
     cache = PeerCache()
     run(model, torch.randint(0, VOCAB, (2, 40)), cache)
     assert cache.get_seq_length() == 40
-    assert isinstance(cache.layers[1], FullLayer) and cache.layers[1].keys.shape[2] == 40
+    assert isinstance(cache.layers[1], FullKVLayer) and cache.layers[1].keys.shape[2] == 40
     for layer_idx, query, key, scale in recorded:
         layer = cache.layers[layer_idx]
         if layer_idx == 1:

@@ -42,16 +42,33 @@ IMPLEMENTATION = "sparsek"
 SETTINGS = ("topk", "window", "slope", "gate", "layers")
 
 
-class SparseKLayer(CacheLayerMixin):
-    """One layer of `SparseKHFCache`: transformers' bookkeeping around a `SparseKCache` (built at prefill)."""
+class ForgettingLayer(CacheLayerMixin):
+    """A transformers cache layer that keeps fewer tokens than it has seen (SparseK's, the peers'): it reports the
+    tokens seen as the sequence length, from which transformers derives the next position ids and mask sizes."""
 
     is_compileable = False
     is_sliding = False
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state: SparseKCache | None = None
         self.seen = 0  # tokens passed through, padding included: what transformers calls the sequence length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SparseKLayer(ForgettingLayer):
+    """One layer of `SparseKHFCache`: transformers' bookkeeping around a `SparseKCache` (built at prefill)."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: SparseKCache | None = None
         self.next_positions: Tensor | None = None  # [B, 1] position ids of each row's next token
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -66,15 +83,6 @@ class SparseKLayer(CacheLayerMixin):
                              "(reload saved ones with sparsek.integrations.hf.load)")
         self.seen += key_states.shape[-2]
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def kv_bytes(self) -> int:
         return self.state.kv_bytes() if self.state is not None else 0
@@ -105,8 +113,9 @@ class SparseKLayer(CacheLayerMixin):
 
 
 class FullKVLayer(DynamicLayer):
-    """One layer of `SparseKHFCache` for a layer `convert` left alone: every key and value [B, H, S, D], grown
-    by concatenation like transformers' DynamicLayer (whose update returns them all for exact attention)."""
+    """One layer of `SparseKHFCache` (or the peers' `PeerCache`) for a layer left alone: every key and value
+    [B, H, S, D], grown by concatenation like transformers' DynamicLayer (whose update returns them all for exact
+    attention)."""
 
     def kv_bytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0

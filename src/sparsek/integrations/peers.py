@@ -47,10 +47,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
 
-from .hf import attention_modules, cache_kwarg, causal_attention, default_generation_cache, padding_mask
+from .hf import (
+    ForgettingLayer,
+    FullKVLayer,
+    attention_modules,
+    cache_kwarg,
+    causal_attention,
+    default_generation_cache,
+    padding_mask,
+)
 
 IMPLEMENTATION = "peers"
 METHODS = ("streaming_llm", "h2o", "snapkv")
@@ -212,18 +220,15 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index.view(*index.shape, *(1,) * (x.dim() - 3)).expand(*index.shape, *x.shape[3:]))
 
 
-class PeerLayer(CacheLayerMixin):
+class PeerLayer(ForgettingLayer):
     """One compressed layer of `PeerCache`: the kept keys and values [B, H, n, D], in sequence order, with
     `positions` [B, H, n] (each pair's index in the sequence) and, for h2o, the accumulated `scores` [B, H, n]."""
 
-    is_compileable = False
-    is_sliding = False
     is_croppable = False
 
     def __init__(self, settings: PeerSettings, **kwargs):
         super().__init__()
         self.settings = settings
-        self.seen = 0               # tokens passed through: what transformers calls the sequence length
         self.prefilled = False
         self.positions: Tensor | None = None
         self.scores: Tensor | None = None
@@ -273,15 +278,6 @@ class PeerLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores = _gather(self.scores, kept)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def kv_bytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
 
@@ -311,31 +307,20 @@ class PeerLayer(CacheLayerMixin):
         raise NotImplementedError("a compressed KV cache forgets evicted tokens for good: it cannot be rolled back")
 
 
-class FullLayer(DynamicLayer):
-    """One layer of `PeerCache` that `compress` left alone: every key and value [B, H, S, D]."""
-
-    def kv_bytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
-
-    def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
-
-
 class PeerCache(Cache):
     """A transformers `Cache` for models prepared by `compress`: a `PeerLayer` (B pairs per KV head after the
-    prefill) per compressed layer, a `FullLayer` per other layer. Made on first use by the model's pre-hooks."""
+    prefill) per compressed layer, a `FullKVLayer` per other layer. Made on first use by the model's pre-hooks."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(layers=[])
 
-    def layer(self, layer_idx: int, settings: PeerSettings | None) -> PeerLayer | FullLayer:
-        """The cache of layer `layer_idx`: a PeerLayer under `settings`, or a FullLayer for settings None."""
+    def layer(self, layer_idx: int, settings: PeerSettings | None) -> PeerLayer | FullKVLayer:
+        """The cache of layer `layer_idx`: a PeerLayer under `settings`, or a FullKVLayer for settings None."""
         if layer_idx > len(self.layers):
             raise ValueError(f"PeerCache layers are made in order: layer {layer_idx} came before layer "
                              f"{len(self.layers)}")
         if layer_idx == len(self.layers):
-            self.layers.append(FullLayer() if settings is None else PeerLayer(settings))
+            self.layers.append(FullKVLayer() if settings is None else PeerLayer(settings))
         layer = self.layers[layer_idx]
         if getattr(layer, "settings", None) != settings:
             raise ValueError(f"this PeerCache was filled under other settings for layer {layer_idx} "
@@ -365,7 +350,7 @@ def _unpadded_mask(attention_mask: Tensor | None = None, **kwargs) -> Tensor | N
 
 def peer_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                            attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                           peer_layer: PeerLayer | FullLayer | None = None, **kwargs) -> tuple[Tensor, None]:
+                           peer_layer: PeerLayer | FullKVLayer | None = None, **kwargs) -> tuple[Tensor, None]:
     """transformers attention function: query [B, Hq, T, D], key, value [B, H, S, D] (the layer's cache after
     appending the T new tokens) -> ([B, T, Hq, D], None). Exact causal attention over what the cache holds; then,
     in a compressed layer, the cache is compressed (after the prefill) or cut back to the budget (eviction)."""
