@@ -36,6 +36,8 @@ from ..data.corpus import DocumentSampler
 from ..data.ruler import SUITE
 from ..ops.teacher import REDUCTIONS
 from ..train.distill import distill_scorers, measure, parse_layers
+from ..train.distributed import World
+from ..train.loop import resolve_device
 from .lm import TransformersLM, evaluate
 from .ruler import evaluate_suite
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device, World())
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     contexts = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
@@ -202,16 +204,16 @@ def main(argv: list[str] | None = None) -> dict:
     if "zero" in methods or "distilled" in methods:
         _convert(model, args)
         scorers = [m for name, m in model.named_modules() if name.endswith("sparsek_scorer")]
-        sample = max(heldout, key=len)[: max(contexts)][None].to(device)
         if "zero" in methods:
             for scorer in scorers:
                 scorer.slope = args.zero_slope
             suite_and_ppl("zero", model, parallel=True)
             for scorer in scorers:
                 scorer.slope = args.slope
-            results.setdefault("kv_bytes", {})
-            record("kv_bytes", {**results["kv_bytes"], f"{sample.shape[1] // 2},{sample.shape[1]}":
-                                _kv_bytes(model, sample)})
+            sample = max(heldout, key=len)[: max(contexts)][None].to(device)
+            lengths = f"{sample.shape[1] // 2},{sample.shape[1]}"
+            if lengths not in results.get("kv_bytes", {}):    # measured once: a resumed run skips it too
+                record("kv_bytes", {**results.get("kv_bytes", {}), lengths: _kv_bytes(model, sample)})
         if "distilled" in methods:
             sampler = DocumentSampler(train_docs, args.distill_context - 2, 1, seed=0)
             probe = DocumentSampler(heldout, args.distill_context - 2, 1, seed=1)
