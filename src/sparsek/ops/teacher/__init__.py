@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..attention.interface import BACKENDS, kernel_if_available
 from .reference import REDUCTIONS, kept_attention_reference, teacher_mass_reference
 
 try:
@@ -40,13 +41,9 @@ def teacher_mass(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean", 
         raise ValueError(f"window must be an int >= 0, got {window!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    usable = fused is not None and fused.supports(q)
-    if backend == "triton" and not usable:
-        raise ValueError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1) in float16, "
-                         f"bfloat16 or float32 with a power-of-two head dim in [16, 256]; got {q.device}, "
-                         f"{q.dtype}, D={q.shape[-1]}")
-    if backend == "triton" or (backend == "auto" and usable and q.is_cuda):
-        return fused.teacher_mass_triton(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kernel = kernel_if_available(fused, "teacher_mass_triton", q, required=backend == "triton")
+    if kernel is not None and (backend == "triton" or q.is_cuda):   # "auto" keeps the interpreter for tests
+        return kernel(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
     return teacher_mass_reference(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)

@@ -8,15 +8,9 @@ import torch
 import triton
 from torch import Tensor
 
+from ..attention.fused import supports  # noqa: F401 (the attention kernels' devices, dtypes and head dims)
 from ..select.fused import interpreting
 from .kernels import teacher_column_kernel, teacher_lse_kernel
-
-
-def supports(q: Tensor) -> bool:
-    """CUDA tensors (or CPU ones under TRITON_INTERPRET=1), 16/32-bit floats, a power-of-two head dim 16..256."""
-    head_dim = q.shape[-1]
-    return ((q.is_cuda or interpreting()) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0)
 
 
 def teacher_mass_triton(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean",
