@@ -34,7 +34,7 @@ from torch import Tensor
 from ..ops.select import prefix_selection
 from ..ops.teacher import REDUCTIONS, kept_attention, teacher_mass
 from . import checkpoint
-from .loop import resolve_device
+from .loop import resolve_device, uses_bf16
 
 TEACHER = "sparsek_teacher"
 
@@ -271,7 +271,7 @@ def distill(config: DistillConfig) -> dict:
     from .finetune import tokenized_corpus
 
     device = resolve_device(config.device, World())
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(config.precision, device)
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     torch.manual_seed(config.seed)
     model, tokenizer = load_pretrained(config.model, device=device)

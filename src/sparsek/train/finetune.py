@@ -34,7 +34,7 @@ from ..eval.lm import TransformersLM, evaluate
 from ..ops.attention.interface import GATES
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
-from .loop import learning_rate_factor, resolve_device
+from .loop import learning_rate_factor, resolve_device, uses_bf16
 
 
 @dataclass
@@ -215,7 +215,7 @@ def finetune(config: FinetuneConfig) -> dict:
     from ..integrations.pretrained import load_pretrained
 
     device = resolve_device(config.device, distributed.World())
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(config.precision, device)
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     torch.manual_seed(config.seed)
     model, tokenizer = load_pretrained(config.model, device=device)

@@ -87,6 +87,11 @@ def learning_rate_factor(config, step: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: when asked for, or with precision "auto" on a GPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def resolve_device(name: str, world: distributed.World) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,7 +166,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     if world.size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(config.precision, device)
     autocast_dtype = torch.bfloat16 if use_bf16 else None
 
     def save(summary: dict | None = None) -> None:
