@@ -27,6 +27,8 @@ from sparsek.integrations.hf import (  # noqa: E402
     load,
 )
 
+from .test_hf import logits_step_by_step  # noqa: E402
+
 VOCAB, SLIDING_WINDOW = 61, 8
 LAYER_TYPES = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"]
 GLOBAL = [2, 5]
@@ -72,19 +74,6 @@ def converted_layers(model) -> list[int]:
 
 def left_padded(lengths: list[int], t_len: int) -> torch.Tensor:
     return (torch.arange(t_len) >= t_len - torch.tensor(lengths)[:, None]).long()
-
-
-def logits_step_by_step(model, ids, prompt_len, mask=None):
-    """Prefill ids[:, :prompt_len], then feed one token at a time through a SparseKHFCache."""
-    cache = SparseKHFCache()
-    mask = torch.ones_like(ids) if mask is None else mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = [model(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], position_ids=positions[:, :prompt_len],
-                 **{cache_argument(model): cache}, use_cache=True).logits]
-    for t in range(prompt_len, ids.shape[1]):
-        out.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
-                         **{cache_argument(model): cache}, use_cache=True).logits)
-    return torch.cat(out, dim=1), cache
 
 
 @torch.no_grad()
