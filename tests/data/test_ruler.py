@@ -215,3 +215,27 @@ def test_evaluate_suite_scores_an_oracle_one_and_a_constant_zero():
                           depths=depths, examples=3)
     assert set(zero) == {"cwe", "vartrack", "average"} and zero["average"] == 0.0
     assert all(r["accuracy"] == r["token_accuracy"] == 0.0 for task in ("cwe", "vartrack") for r in zero[task])
+
+
+def test_lookup_rows_ask_about_their_facts_and_use_no_suite_template():
+    """Distillation rows: every question's answer (the teacher-forced ones and the row's last) is the value its
+    fact gave, read back from the text; the text matches none of the suite's fact or question patterns."""
+    from sparsek.data.ruler import LOOKUP_ASKED, LOOKUP_FACTS, make_lookup_row
+
+    codec = CODECS["bytes"]
+    filler = DOCS["bytes"][0].tolist()
+    row = make_lookup_row(filler, 1200, random.Random(5), ENCODE)
+    assert row.shape == (1200,) and torch.equal(row, make_lookup_row(filler, 1200, random.Random(5), ENCODE))
+    text, _ = decode(row, codec)
+    facts = {}
+    for pattern in (r" Note: the key to the (\w+) is in drawer (\d+)\.", r" Record: (\w+) paid (\d+) coins on Monday\.",
+                    r" Memo: the (\w+) code is (\d+)\."):
+        facts.update(re.findall(pattern, text))
+    assert len(facts) == LOOKUP_FACTS
+    questions = re.findall(r" (?:Which drawer holds the key to the (\w+)\? Drawer|How many coins did (\w+) pay on "
+                           r"Monday\? \2 paid|What is the (\w+) code\? The \3 code is) (\d+)(?=\.|$)", text)
+    assert len(questions) == LOOKUP_ASKED
+    assert all(facts["".join(q[:3])] == q[3] for q in questions)
+    assert not re.search(r"pass key|special magic|'s number is|VAR |numbered list", text)
+    with pytest.raises(ValueError, match="filler has"):
+        make_lookup_row(filler[:100], 1200, random.Random(5), ENCODE)

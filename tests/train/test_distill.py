@@ -9,7 +9,14 @@ transformers = pytest.importorskip("transformers")
 
 from sparsek.integrations.hf import convert  # noqa: E402
 from sparsek.ops.teacher import teacher_mass  # noqa: E402
-from sparsek.train.distill import DistillConfig, distill_scorers, measure, ranking_loss, teacher_attention  # noqa: E402
+from sparsek.train.distill import (  # noqa: E402
+    DistillConfig,
+    distill_scorers,
+    measure,
+    ranking_loss,
+    teacher_attention,
+    with_lookup_rows,
+)
 
 
 def test_ranking_loss_gradient_reaches_every_candidate_and_vanishes_at_log_mass():
@@ -123,3 +130,19 @@ def test_finetune_with_distillation_first(tmp_path, corpus_dir):
                                       data=str(corpus_dir), context=96, topk=16, window=16, batch_size=2, steps=2,
                                       distill_steps=3, eval_tokens=512, progress=False))
     assert {"original", "converted", "distilled", "finetuned"} <= set(summary)
+
+
+def test_lookup_rows_replace_the_chosen_share_of_rows_deterministically():
+    encode = lambda text: list(text.encode())          # noqa: E731 (bytes: every fact fits in 600 tokens)
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog " * 60))[:600]
+    batch = lambda step: text.repeat(8, 1)              # noqa: E731
+    assert torch.equal(with_lookup_rows(batch, 0.0, encode)(3), batch(3))
+    every = with_lookup_rows(batch, 1.0, encode)(3)
+    assert every.shape == (8, 600) and every.dtype == text.dtype
+    assert all(bytes(row.tolist()).count(b"?") == 3 for row in every)      # LOOKUP_ASKED questions in each row
+    half = with_lookup_rows(batch, 0.5, encode, seed=1)
+    assert torch.equal(half(7), half(7)) and not torch.equal(half(7), half(8))
+    changed = [not torch.equal(row, text) for step in range(10) for row in half(step)]
+    assert 20 < sum(changed) < 60
+    with pytest.raises(ValueError, match="fraction"):
+        with_lookup_rows(batch, 1.5, encode)

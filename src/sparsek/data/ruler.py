@@ -142,6 +142,49 @@ def _cwe(rng: random.Random, encode: Encode, length: int) -> Drawn:
 DRAWERS = {"multikey": _multikey, "multivalue": _multivalue, "vartrack": _vartrack, "cwe": _cwe}
 
 
+# Distillation data, never evaluated: facts in templates, words and names that no SUITE task uses, several of them
+# asked about at the end with their answers. Rows like these give the teacher's attention a reason to reach far
+# back (the questions look at their facts), and the suite then measures whether that transfers to its own tasks.
+LOOKUP_WORDS = ("attic", "barrel", "cellar", "chapel", "cottage", "garage", "kitchen", "library", "market", "office",
+                "pantry", "stable", "studio", "tavern", "tower", "vault", "warehouse", "workshop")
+LOOKUP_PEOPLE = ("Aurelio", "Beatrix", "Casimir", "Dagny", "Edmund", "Florin", "Greta", "Horatio", "Ingrid",
+                 "Jasper", "Klara", "Leopold", "Mirela", "Oskar", "Petra", "Rosalind", "Tobias", "Wilma")
+LOOKUP_FACTS = 6         # facts per row
+LOOKUP_ASKED = 3         # of which the last ones are asked about, in random order
+_LOOKUP_TEMPLATES = (    # (keys, fact, question with its answer's lead-in)
+    (LOOKUP_WORDS, " Note: the key to the {key} is in drawer {value}.", " Which drawer holds the key to the {key}? "
+     "Drawer"),
+    (LOOKUP_PEOPLE, " Record: {key} paid {value} coins on Monday.", " How many coins did {key} pay on Monday? {key} "
+     "paid"),
+    (LOOKUP_WORDS, " Memo: the {key} code is {value}.", " What is the {key} code? The {key} code is"),
+)
+
+
+def _lookup(rng: random.Random) -> Drawn:
+    """LOOKUP_FACTS facts, each of a random template, and questions about LOOKUP_ASKED of them with the answers of
+    all but the last (teacher-forced), which is the row's answer."""
+    facts, questions, answers = [], [], []
+    templates = [rng.choice(_LOOKUP_TEMPLATES) for _ in range(LOOKUP_FACTS)]
+    keys = {id(pool): rng.sample(pool, LOOKUP_FACTS) for pool in (LOOKUP_WORDS, LOOKUP_PEOPLE)}
+    for (pool, fact, question), value in zip(templates, _numbers(rng, 4, LOOKUP_FACTS)):
+        key = keys[id(pool)].pop()
+        facts.append(fact.format(key=key, value=value))
+        questions.append(question.format(key=key))
+        answers.append(f" {value}")
+    asked = rng.sample(range(LOOKUP_FACTS), LOOKUP_ASKED)
+    text = "".join(questions[i] + answers[i] + "." for i in asked[:-1]) + questions[asked[-1]]
+    return [facts[asked[-1]]], [[fact] for i, fact in enumerate(facts) if i != asked[-1]], text, answers[asked[-1]]
+
+
+def make_lookup_row(filler: Sequence[int], length: int, rng: random.Random, encode: Encode) -> Tensor:
+    """Distillation data: `length` token ids [length] of filler with LOOKUP_FACTS facts at random places and
+    questions about some of them at the end, each followed by its answer. Not a SUITE task, so that distilling on
+    it and evaluating on the suite are different things."""
+    if len(filler) < length:
+        raise ValueError(f"filler has {len(filler)} tokens; a row of {length} needs at least as many")
+    return _assemble("lookup", _lookup(rng), filler, length, rng.random(), rng, encode).tokens
+
+
 def _check(task: str, depth: float) -> None:
     if task not in SUITE:
         raise ValueError(f"task must be one of {SUITE}, got {task!r}")

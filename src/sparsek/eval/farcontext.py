@@ -34,8 +34,9 @@ import torch
 
 from ..data.corpus import DocumentSampler
 from ..data.ruler import SUITE
+from ..integrations.pretrained import WithBOS, bos_token_id, load_pretrained, prepend_bos
 from ..ops.teacher import REDUCTIONS
-from ..train.distill import distill_scorers, measure, parse_layers
+from ..train.distill import distill_scorers, measure, parse_layers, with_lookup_rows
 from ..train.distributed import World
 from ..train.loop import resolve_device
 from .lm import TransformersLM, evaluate
@@ -46,30 +47,13 @@ METHODS = ("original", "zero", "distilled", *PEERS)
 
 
 def _load(args, device):
-    from ..integrations.pretrained import load_pretrained
     return load_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                           device=device, cache_dir=args.cache_dir)
+                           device=device, cache_dir=args.cache_dir, tokenizer=args.tokenizer)
 
 
 def _convert(model, args):
     from ..integrations.hf import convert
     return convert(model, topk=args.topk, window=args.window, slope=args.slope, layers=parse_layers(args.layers))
-
-
-class WithBOS(torch.nn.Module):
-    """A causal LM whose every input starts with its BOS token, as in its training (Gemma's tokenizer adds one):
-    forward(input_ids [B, T], ...) runs on [BOS, input_ids] and returns the logits of the T input positions."""
-
-    def __init__(self, model, bos_token_id: int):
-        super().__init__()
-        self.model, self.bos = model, bos_token_id
-
-    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs):
-        bos = input_ids.new_full((input_ids.shape[0], 1), self.bos)
-        out = self.model(torch.cat([bos, input_ids], dim=1), logits_to_keep=logits_to_keep, **kwargs)
-        if not logits_to_keep:
-            out.logits = out.logits[:, 1:]
-        return out
 
 
 class CompressedTail(torch.nn.Module):
@@ -91,16 +75,6 @@ class CompressedTail(torch.nn.Module):
         cache = {cache_argument(self.model): PeerCache()}
         self.model(input_ids[:, :-self.tail], use_cache=True, logits_to_keep=1, **cache)
         return self.model(input_ids[:, -self.tail:], use_cache=True, logits_to_keep=logits_to_keep, **cache)
-
-
-def _bos(tokenizer, model) -> int | None:
-    """The BOS id when the model expects one first (Gemma models do, though their GGUF tokenizer does not add it;
-    without it Gemma 3 270M's held-out perplexity at 8k is over 1000) or the tokenizer adds it; else None."""
-    if tokenizer.bos_token_id is None:
-        return None
-    ids = tokenizer("a").input_ids
-    wanted = model.config.model_type.startswith("gemma") or (ids and ids[0] == tokenizer.bos_token_id)
-    return tokenizer.bos_token_id if wanted else None
 
 
 def _kv_bytes(model, ids: torch.Tensor) -> list[int]:
@@ -136,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--distill-context", type=int, default=8192)
     parser.add_argument("--distill-lr", type=float, default=3e-3)
+    parser.add_argument("--distill-lookup", type=float, default=0.0, help="share of distillation rows with "
+                        "lookup facts and questions (sparsek.data.ruler.make_lookup_row; not suite tasks)")
     parser.add_argument("--reductions", default="mean", help=f"comma-separated, of {REDUCTIONS}")
     parser.add_argument("--ppl-context", type=int, default=8192)
     parser.add_argument("--ppl-tokens", type=int, default=65536)
@@ -143,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM's sink tokens")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cache-dir", default=None, help="where a GGUF model's de-quantized copy is kept")
+    parser.add_argument("--tokenizer", default=None, help="a folder whose tokenizer replaces the model's (one "
+                        "saved by a transformers version that converts a GGUF's tokenizer correctly)")
     parser.add_argument("--out", default="runs/farcontext")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -173,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[key] = row
         results_file.write_text(json.dumps(results, indent=1))
 
-    bos = _bos(tokenizer, model)
+    bos = bos_token_id(model, tokenizer)
     print(f"{args.model}: inputs start with BOS {bos}" if bos is not None else f"{args.model}: no BOS token")
 
     def with_bos(net):
@@ -218,14 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
             sampler = DocumentSampler(train_docs, args.distill_context - 2, 1, seed=0)
             probe = DocumentSampler(heldout, args.distill_context - 2, 1, seed=1)
 
+            lookup = with_lookup_rows(sampler.batch, args.distill_lookup, encode)
+
             def rows(source, step):  # [1, distill_context], BOS first when the model has one
-                ids = source.batch(step)
-                return (ids if bos is None else torch.cat([ids.new_full((1, 1), bos), ids], 1)).to(device)
+                ids = lookup(step) if source is sampler else source.batch(step)
+                return prepend_bos(ids, bos).to(device)
 
             probes = [rows(probe, i) for i in range(4)]
             for reduction in reductions:
                 name = "distilled" if reduction == reductions[0] else f"distilled_{reduction}"
-                saved = out / f"scorers_{reduction}.pt"
+                lookup_tag = f"_lookup{args.distill_lookup:g}" if args.distill_lookup else ""
+                saved = out / f"scorers_{reduction}{lookup_tag}.pt"
                 for scorer in scorers:
                     torch.nn.init.zeros_(scorer.weight)
                 if saved.is_file():
@@ -239,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seconds = time.perf_counter() - started
                     after = measure(model, probes, reduction=reduction, autocast_dtype=autocast_dtype)
                     torch.save([s.weight.detach().cpu() for s in scorers], saved)
-                    record(f"distill_{reduction}", {"before": before, "after": after, "seconds": seconds,
+                    record(f"distill_{reduction}{lookup_tag}", {"before": before, "after": after, "seconds": seconds,
                                                     "steps": args.distill_steps, "losses": losses[::10]})
                     print(f"distilled ({reduction}, {seconds:.0f} s): kept attention {before['kept']:.3f} -> "
                           f"{after['kept']:.3f}, ranking loss {before['loss']:.3f} -> {after['loss']:.3f}, "

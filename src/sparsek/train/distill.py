@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -197,6 +198,27 @@ def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: fl
     return history
 
 
+def with_lookup_rows(batch: Callable[[int], Tensor], fraction: float, encode: Callable[[str], list[int]],
+                     seed: int = 0) -> Callable[[int], Tensor]:
+    """batch(step) -> [B, T] with each row, with probability `fraction`, replaced by a lookup row
+    (`sparsek.data.ruler.make_lookup_row`) written over its own tokens as filler: facts that questions at the end
+    of the row look back at. Plain text rarely makes a query attend far, so the teacher then has little to say
+    about far facts. Deterministic in (seed, step)."""
+    from ..data.ruler import make_lookup_row
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the lookup fraction must lie in [0, 1], got {fraction}")
+
+    def mixed(step: int) -> Tensor:
+        ids = batch(step)
+        rng = random.Random(f"sparsek.distill:{seed}:{step}")
+        rows = [make_lookup_row(row.tolist(), ids.shape[1], rng, encode).to(ids) if rng.random() < fraction
+                else row for row in ids]
+        return torch.stack(rows)
+
+    return mixed
+
+
 @dataclass
 class DistillConfig:
     """Convert a pretrained model and distill its scorers (module docstring).
@@ -204,7 +226,8 @@ class DistillConfig:
     model: "smollm2", "gemma3", a .gguf file, a checkpoint folder or a hub name. layers: "all", "global" (the
     full-attention layers of a model with local ones, such as Gemma 3) or comma-separated indices. slope: the
     scorer's recency term; 0 lets the distilled content alone rank the keys (ties still go to the newer key).
-    reduction: how the teacher's mass of a key reduces over the queries that see it (ops/teacher). stride: the
+    reduction: how the teacher's mass of a key reduces over the queries that see it (ops/teacher). lookup: the
+    share of training rows that carry facts asked about at their end (with_lookup_rows). stride: the
     spacing of the query positions whose candidate lists enter the loss. eval_batches: held-out batches on
     which the kept share of attention and the loss are measured before and after.
     """
@@ -223,6 +246,7 @@ class DistillConfig:
     steps: int = 200
     lr: float = 3e-3
     reduction: str = "mean"
+    lookup: float = 0.0
     stride: int = 64
     eval_batches: int = 4
     seed: int = 0
@@ -236,6 +260,8 @@ class DistillConfig:
         for name in ("context", "batch_size", "steps", "stride", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.lookup <= 1.0:
+            raise ValueError(f"lookup must lie in [0, 1], got {self.lookup}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.topk < 1 or self.window < 0:
@@ -266,7 +292,7 @@ def distill(config: DistillConfig) -> dict:
     """Load, convert, distill, measure and save (module docstring); returns the summary."""
     from ..data.corpus import DocumentSampler
     from ..integrations.hf import convert
-    from ..integrations.pretrained import load_pretrained
+    from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos
     from .distributed import World
     from .finetune import tokenized_corpus
 
@@ -280,9 +306,11 @@ def distill(config: DistillConfig) -> dict:
     convert(model, topk=config.topk, window=config.window, slope=config.slope, gate=config.gate,
             layers=parse_layers(config.layers))
     train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
-    sampler = DocumentSampler(train_docs, config.context - 1, config.batch_size, config.seed)
-    heldout = DocumentSampler(heldout_docs, config.context - 1, config.batch_size, config.seed + 1)
-    eval_batches = [heldout.batch(i).to(device) for i in range(config.eval_batches)]
+    bos = bos_token_id(model, tokenizer)
+    length = config.context - 1 - (bos is not None)       # rows of `context` tokens, BOS included
+    sampler = DocumentSampler(train_docs, length, config.batch_size, config.seed)
+    heldout = DocumentSampler(heldout_docs, length, config.batch_size, config.seed + 1)
+    eval_batches = [prepend_bos(heldout.batch(i), bos).to(device) for i in range(config.eval_batches)]
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
@@ -299,7 +327,10 @@ def distill(config: DistillConfig) -> dict:
           f"window={config.window}, context {config.context}, {config.steps} distillation steps")
     summary = {"before": check("before")}
     started = time.perf_counter()
-    distill_scorers(model, lambda step: sampler.batch(step).to(device), steps=config.steps, lr=config.lr,
+    rows = with_lookup_rows(sampler.batch, config.lookup, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                            config.seed)
+    distill_scorers(model, lambda step: prepend_bos(rows(step), bos).to(device), steps=config.steps,
+                    lr=config.lr,
                     reduction=config.reduction, stride=config.stride, autocast_dtype=autocast_dtype,
                     progress=config.progress, log=lambda row: checkpoint.append_metrics(run_dir, row))
     summary["seconds"] = time.perf_counter() - started

@@ -31,6 +31,7 @@ import torch
 from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
+from ..integrations.pretrained import WithBOS, bos_token_id, load_pretrained, prepend_bos
 from ..ops.attention.interface import GATES
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
@@ -206,14 +207,11 @@ def _optimizer(model, config: FinetuneConfig) -> torch.optim.AdamW:
 
 def load_finetuned(run_dir: str | Path, **kwargs):
     """(model, tokenizer) of a fine-tuning run; a SparseK one comes back converted, with its trained scorers."""
-    from ..integrations.pretrained import load_pretrained
     return load_pretrained(str(Path(run_dir) / "model"), **kwargs)
 
 
 def finetune(config: FinetuneConfig) -> dict:
     """Convert (unless attention="full"), fine-tune, evaluate and save; returns the summary (in state.json too)."""
-    from ..integrations.pretrained import load_pretrained
-
     device = resolve_device(config.device, distributed.World())
     use_bf16 = uses_bf16(config.precision, device)
     autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -235,8 +233,11 @@ def finetune(config: FinetuneConfig) -> dict:
                           lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
         mixer.check_length(config.context + 1)
 
+    bos = bos_token_id(model, tokenizer)       # Gemma's inputs start with it; its GGUF tokenizer does not add it
+
     def held_out(net) -> dict:
-        return evaluate(TransformersLM(net), heldout_docs, config.context, batch_size=config.batch_size,
+        return evaluate(TransformersLM(net if bos is None else WithBOS(net, bos)), heldout_docs, config.context,
+                        batch_size=config.batch_size,
                         max_tokens=config.eval_tokens, autocast_dtype=autocast_dtype, progress=config.progress)
 
     summary = saved["summary"] if saved else {"original": held_out(model)}
@@ -246,7 +247,8 @@ def finetune(config: FinetuneConfig) -> dict:
             summary["converted"] = held_out(model)
             if config.distill_steps:
                 from .distill import distill_scorers
-                distill_scorers(model, lambda step: sampler.batch(step)[:, :-1].to(device), steps=config.distill_steps,
+                distill_scorers(model, lambda step: prepend_bos(sampler.batch(step)[:, :-1], bos).to(device),
+                                steps=config.distill_steps,
                                 lr=config.distill_lr, reduction=config.distill_reduction, autocast_dtype=autocast_dtype,
                                 progress=config.progress)
                 summary["distilled"] = held_out(model)
@@ -281,7 +283,7 @@ def finetune(config: FinetuneConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            logits = model(input_ids=prepend_bos(batch[:, :-1], bos), use_cache=False).logits[:, int(bos is not None):]
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
