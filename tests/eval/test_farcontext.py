@@ -35,3 +35,21 @@ def test_every_method_runs_and_a_second_run_resumes(tmp_path, corpus_dir, capsys
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         main(["--methods", "original,streaming", "--out", str(tmp_path)])
+
+
+def test_runs_are_scored_as_they_are_and_must_be_sparsek(tmp_path, corpus_dir):
+    from sparsek.integrations.hf import convert
+    from sparsek.integrations.pretrained import load_pretrained
+
+    base = tiny_transformers_model(tmp_path)
+    model, tokenizer = load_pretrained(str(base))
+    convert(model, topk=32, window=16, slope=1.0)
+    model.save_pretrained(tmp_path / "run" / "model")
+    tokenizer.save_pretrained(tmp_path / "run" / "model")
+    args = ["--model", str(base), "--data", str(corpus_dir), "--contexts", "384", "--examples", "1", "--depths",
+            "0.5", "--tasks", "passkey", "--ppl-context", "384", "--ppl-tokens", "768", "--batch-size", "2",
+            "--methods", "", "--device", "cpu"]
+    results = main(args + ["--runs", f"mine={tmp_path / 'run'}", "--out", str(tmp_path / "out")])
+    assert set(k for k in results if "@" in k) == {"mine@384"} and "ppl" in results["mine@384"]
+    with pytest.raises(ValueError, match="SparseK models"):
+        main(args + ["--runs", f"plain={base}", "--out", str(tmp_path / "out2")])

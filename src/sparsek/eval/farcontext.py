@@ -10,6 +10,7 @@ Methods (--methods, in this order by default):
              this is a sliding window of topk + window
   distilled  converted, scorers distilled from the original attention (`sparsek.train.distill`), one row per
              --reductions entry ("distilled" for the first, "distilled_<reduction>" for the others)
+  --runs NAME=FOLDER   models already converted elsewhere, such as `sparsek finetune` runs, scored as they are
   streaming_llm, h2o, snapkv   the peers of `sparsek.integrations.peers`, compressing the same layers to the same
              budget of topk + window KV pairs per layer and KV head
 For every method and context: the RULER-style suite (`sparsek.eval.ruler`) and, for the methods that run in
@@ -46,8 +47,12 @@ PEERS = ("streaming_llm", "h2o", "snapkv")
 METHODS = ("original", "zero", "distilled", *PEERS)
 
 
+def _load_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _load(args, device):
-    return load_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    return load_pretrained(args.model, dtype=_load_dtype(device),
                            device=device, cache_dir=args.cache_dir, tokenizer=args.tokenizer)
 
 
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reductions", default="mean", help=f"comma-separated, of {REDUCTIONS}")
     parser.add_argument("--ppl-context", type=int, default=8192)
     parser.add_argument("--ppl-tokens", type=int, default=65536)
+    parser.add_argument("--runs", default="", help="NAME=FOLDER,...: SparseK models saved elsewhere (a `sparsek "
+                        "finetune` run folder or its model/), scored as they are")
     parser.add_argument("--tail", type=int, default=64, help="peers: tokens fed after compressing the prefill")
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM's sink tokens")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -228,6 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
                 for scorer in scorers:
                     scorer.weight.data.mul_(args.sharpen)
                 suite_and_ppl(name, model, parallel=True)
+    for name, folder in (item.split("=", 1) for item in args.runs.split(",") if item.strip()):
+        folder = Path(folder) / "model" if (Path(folder) / "model").is_dir() else Path(folder)
+        run, _ = load_pretrained(str(folder), dtype=_load_dtype(device), device=device)
+        if not getattr(run.config, "sparsek", None):
+            raise ValueError(f"--runs takes SparseK models; {folder} is not one")
+        suite_and_ppl(name, run, parallel=True)
+        del run
     peers = [m for m in methods if m in PEERS]
     if peers:
         from ..integrations.peers import compress

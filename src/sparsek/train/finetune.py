@@ -56,7 +56,8 @@ class FinetuneConfig:
     checkpoint every that many steps (0: none); resume continues the run in run_dir from it, with the same
     settings apart from RESUMABLE ones. distill_steps > 0 first distills the new scorers from the original
     attention for that many steps (`sparsek.train.distill`, only the scorers train, at distill_lr with the teacher
-    mass reduced by distill_reduction), then fine-tunes; layers may also be "global" (the full-attention layers of
+    mass reduced by distill_reduction, on rows of which distill_lookup carry facts asked about at their end), then
+    fine-tunes; layers may also be "global" (the full-attention layers of
     a model with local ones, such as Gemma 3).
     """
 
@@ -97,6 +98,7 @@ class FinetuneConfig:
     distill_steps: int = 0
     distill_lr: float = 3e-3
     distill_reduction: str = "mean"
+    distill_lookup: float = 0.0
 
     def __post_init__(self):
         # Checked here, not when converting: that comes after the model has loaded and been evaluated.
@@ -111,6 +113,8 @@ class FinetuneConfig:
         if self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_reduction not in REDUCTIONS:
             raise ValueError(f"need distill_steps >= 0, distill_lr > 0 and distill_reduction in {REDUCTIONS}; got "
                              f"{self.distill_steps}, {self.distill_lr}, {self.distill_reduction!r}")
+        if not 0.0 <= self.distill_lookup <= 1.0:
+            raise ValueError(f"distill_lookup must lie in [0, 1], got {self.distill_lookup}")
         if self.distill_steps and self.attention != "sparsek":
             raise ValueError("distill_steps needs attention='sparsek': there are no scorers to distill")
         if self.save_every < 0:
@@ -246,8 +250,10 @@ def finetune(config: FinetuneConfig) -> dict:
         if saved is None:
             summary["converted"] = held_out(model)
             if config.distill_steps:
-                from .distill import distill_scorers
-                distill_scorers(model, lambda step: prepend_bos(sampler.batch(step)[:, :-1], bos).to(device),
+                from .distill import distill_scorers, with_lookup_rows
+                rows = with_lookup_rows(lambda step: sampler.batch(step)[:, :-1], config.distill_lookup,
+                                        lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
+                distill_scorers(model, lambda step: prepend_bos(rows(step), bos).to(device),
                                 steps=config.distill_steps,
                                 lr=config.distill_lr, reduction=config.distill_reduction, autocast_dtype=autocast_dtype,
                                 progress=config.progress)
