@@ -67,17 +67,22 @@ def sharpened(model):
     return model
 
 
-def test_distillation_lowers_the_ranking_loss_and_raises_kept_attention():
+# On a random model "max" targets are noisier than "mean" and "sum" ones: it gains less in 60 steps (measured:
+# loss -0.018 and kept +0.037, against about -0.09 and +0.08), so its margins are smaller.
+@pytest.mark.parametrize("reduction,loss_drop,kept_gain", [("mean", 0.05, 0.05), ("sum", 0.05, 0.05),
+                                                         ("max", 0.01, 0.02)])
+def test_distillation_lowers_the_ranking_loss_and_raises_kept_attention(reduction, loss_drop, kept_gain):
     torch.manual_seed(0)
     model = convert(sharpened(tiny_llama()), topk=4, window=4, slope=0.0)
     train = torch.randint(0, 61, (64, 2, 64))
     held_out = [torch.randint(0, 61, (2, 64)) for _ in range(2)]
-    before = measure(model, held_out, stride=4)
-    losses = distill_scorers(model, lambda step: train[step], steps=60, lr=0.05, stride=4, progress=False)
-    after = measure(model, held_out, stride=4)
+    before = measure(model, held_out, stride=4, reduction=reduction)
+    losses = distill_scorers(model, lambda step: train[step], steps=60, lr=0.05, stride=4, reduction=reduction,
+                             progress=False)
+    after = measure(model, held_out, stride=4, reduction=reduction)
     assert len(losses) == 60
-    assert after["loss"] < before["loss"] - 0.05
-    assert after["kept"] > before["kept"] + 0.05
+    assert after["loss"] < before["loss"] - loss_drop
+    assert after["kept"] > before["kept"] + kept_gain
     # Only the scorers moved, and they are trainable again as before (all were).
     reference = sharpened(tiny_llama())
     for name, p in model.named_parameters():
@@ -110,7 +115,7 @@ def test_distill_command_saves_a_model_that_reloads_with_its_scorers(tmp_path, c
     from ..conftest import tiny_transformers_model
 
     run = tmp_path / "run"
-    main(["distill", "--model", str(tiny_transformers_model(tmp_path)), "--data", str(corpus_dir), "--context", "96",
+    main(["distill", "--model", str(tiny_transformers_model(tmp_path)), "--data", str(corpus_dir), "--context", "640",
           "--topk", "16", "--window", "16", "--steps", "3", "--eval-batches", "1", "--run-dir", str(run),
           "--no-progress"])
     assert "kept share of the original attention" in capsys.readouterr().out
@@ -128,7 +133,7 @@ def test_finetune_with_distillation_first(tmp_path, corpus_dir):
 
     summary = finetune(FinetuneConfig(model=str(tiny_transformers_model(tmp_path)), run_dir=str(tmp_path / "ft"),
                                       data=str(corpus_dir), context=96, topk=16, window=16, batch_size=2, steps=2,
-                                      distill_steps=3, eval_tokens=512, progress=False))
+                                      distill_steps=3, distill_lookup=0.0, eval_tokens=512, progress=False))
     assert {"original", "converted", "distilled", "finetuned"} <= set(summary)
 
 

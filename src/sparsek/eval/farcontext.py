@@ -37,7 +37,7 @@ from ..data.corpus import DocumentSampler
 from ..data.ruler import SUITE
 from ..integrations.pretrained import WithBOS, bos_token_id, load_pretrained, prepend_bos
 from ..ops.teacher import REDUCTIONS
-from ..train.distill import distill_scorers, measure, parse_layers, with_lookup_rows
+from ..train.distill import LOOKUP, REDUCTION, distill_scorers, measure, parse_layers, with_lookup_rows
 from ..train.distributed import World
 from ..train.loop import resolve_device
 from .lm import TransformersLM, evaluate
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--distill-context", type=int, default=8192)
     parser.add_argument("--distill-lr", type=float, default=3e-3)
-    parser.add_argument("--distill-lookup", type=float, default=0.0, help="share of distillation rows with "
+    parser.add_argument("--distill-lookup", type=float, default=LOOKUP, help="share of distillation rows with "
                         "lookup facts and questions (sparsek.data.ruler.make_lookup_row; not suite tasks)")
-    parser.add_argument("--reductions", default="mean", help=f"comma-separated, of {REDUCTIONS}")
+    parser.add_argument("--reductions", default=REDUCTION, help=f"comma-separated, of {REDUCTIONS}")
     parser.add_argument("--ppl-context", type=int, default=8192)
     parser.add_argument("--ppl-tokens", type=int, default=65536)
     parser.add_argument("--runs", default="", help="NAME=FOLDER,...: SparseK models saved elsewhere (a `sparsek "

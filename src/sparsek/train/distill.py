@@ -38,6 +38,10 @@ from . import checkpoint
 from .loop import resolve_device, uses_bf16
 
 TEACHER = "sparsek_teacher"
+#: The teacher's reduction and the share of lookup rows that retrieve best on Gemma 3 270M (docs/longrange.md):
+#: with "mean" or "sum", or without lookup rows, the distilled scorers miss facts beyond the window.
+REDUCTION = "max"
+LOOKUP = 1.0
 
 
 def ranking_loss(scores: Tensor, mass: Tensor, *, topk: int, window: int, stride: int) -> Tensor:
@@ -107,7 +111,7 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def teacher_attention(model, reduction: str = "mean", stride: int = 64, measure: bool = False):
+def teacher_attention(model, reduction: str = REDUCTION, stride: int = 64, measure: bool = False):
     """Within it, a converted model runs its original exact attention and collects per-layer distillation losses
     (and with measure, the kept share of attention) into the yielded collector."""
     global _active
@@ -131,7 +135,7 @@ def _forward(model, ids: Tensor, autocast_dtype: torch.dtype | None) -> None:
 
 
 @torch.no_grad()
-def measure(model, batches: list[Tensor], *, reduction: str = "mean", stride: int = 64,
+def measure(model, batches: list[Tensor], *, reduction: str = REDUCTION, stride: int = 64,
             autocast_dtype: torch.dtype | None = None) -> dict:
     """Mean ranking loss and mean kept share of the original attention over the converted layers and batches
     (each [B, T] token ids on the model's device), and how often the first token (the attention sink of most
@@ -150,7 +154,7 @@ def measure(model, batches: list[Tensor], *, reduction: str = "mean", stride: in
 
 
 def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: float = 3e-3,
-                    reduction: str = "mean", stride: int = 64, autocast_dtype: torch.dtype | None = None,
+                    reduction: str = REDUCTION, stride: int = 64, autocast_dtype: torch.dtype | None = None,
                     progress: bool = True, log: Callable[[dict], None] | None = None) -> list[float]:
     """Train only the scorers of a converted model for `steps` steps of Adam (cosine to 10% of lr); batch(step)
     gives [B, T] token ids on the model's device. Returns the loss of every step."""
@@ -245,8 +249,8 @@ class DistillConfig:
     batch_size: int = 1
     steps: int = 200
     lr: float = 3e-3
-    reduction: str = "mean"
-    lookup: float = 0.0
+    reduction: str = REDUCTION
+    lookup: float = LOOKUP
     stride: int = 64
     eval_batches: int = 4
     seed: int = 0

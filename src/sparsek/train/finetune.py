@@ -35,6 +35,7 @@ from ..integrations.pretrained import WithBOS, bos_token_id, load_pretrained, pr
 from ..ops.attention.interface import GATES
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
+from .distill import LOOKUP, REDUCTION
 from .loop import learning_rate_factor, resolve_device, uses_bf16
 
 
@@ -97,8 +98,8 @@ class FinetuneConfig:
     resume: bool = False
     distill_steps: int = 0
     distill_lr: float = 3e-3
-    distill_reduction: str = "mean"
-    distill_lookup: float = 0.0
+    distill_reduction: str = REDUCTION
+    distill_lookup: float = LOOKUP
 
     def __post_init__(self):
         # Checked here, not when converting: that comes after the model has loaded and been evaluated.
