@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import SparseKAttention, SparseKConfig, prefix_selection, sparsek, sparsek_threshold
+from . import SparseKAttention, SparseKConfig, __version__, prefix_selection, sparsek, sparsek_threshold
 
 
 def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_heads: int, seed: int,
@@ -126,20 +127,54 @@ def evaluate_cli(args: argparse.Namespace) -> None:
                      depths=[float(d) for d in args.depths.split(",") if d.strip()])
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --option per field of a config dataclass, typed and defaulted from the field."""
+#: Help of the config fields whose meaning the name alone does not give.
+FIELD_HELP = {
+    "data": "shakespeare, shakespeare:<work>, bible, a UTF-8 text file, a folder of .txt/.md files, or "
+            "hf:<dataset>[:<split>][:<column>]",
+    "device": "auto (cuda when there is one), cpu, cuda or cuda:N",
+    "context": "tokens per training row",
+    "budget": "keys each query attends to, window and selection together",
+    "topk": "keys each query selects beyond its window",
+    "window": "the newest keys each query always sees",
+    "max_minutes": "stop after this many minutes (0: no limit)",
+    "eval_tokens": "held-out tokens per evaluation (0: all)",
+}
+
+
+def _choices(name: str, cls) -> tuple | None:
+    """The allowed values of a config field, shown by --help and checked by argparse before anything runs."""
+    from .models.lm import ATTENTIONS
+    from .ops.attention.interface import GATES
+    from .ops.teacher import REDUCTIONS
+
+    if name == "attention":
+        return ("sparsek", "full") if cls.__name__ == "FinetuneConfig" else tuple(ATTENTIONS)
+    return {"gate": tuple(GATES), "method": ("full", "lora"), "precision": ("auto", "bf16", "fp32"),
+            "reduction": REDUCTIONS, "distill_reduction": REDUCTIONS}.get(name)
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                          defaults: dict | None = None) -> None:
+    """One --option per field of a config dataclass, typed and defaulted from the field (or `defaults`, which the
+    help then shows too), in a group named after the class."""
     hints = typing.get_type_hints(cls)
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    group = parser.add_argument_group(f"{cls.__name__} options", summary)
+    defaults = defaults or {}
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        default = defaults.get(field.name, field.default)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             continue
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": the int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        parser.add_argument(flag, type=kind, default=field.default, help=f"(default {field.default})")
+        help_text = FIELD_HELP.get(field.name, "")
+        group.add_argument(flag, type=kind, default=default, choices=_choices(field.name, cls),
+                           help=f"{help_text} (default {default})".strip())
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
@@ -182,9 +217,66 @@ def finetune_config(args: argparse.Namespace, argv: list[str]):
     return dataclass_from_args(FinetuneConfig, args)
 
 
+def warn_full(config) -> None:
+    """A sparse variant whose budget covers the whole context attends to every key: say so."""
+    if config.attention != "full" and config.budget >= config.context:
+        print(f"sparsek: warning: budget {config.budget} >= context {config.context}: {config.attention} attends "
+              f"to every key, which is full attention", file=sys.stderr)
+
+
+#: What a user's mistake raises (bad option values, missing files or packages); anything else keeps its traceback
+#: (SPARSEK_TRACEBACK=1 shows it for these too).
+USER_ERRORS = (ValueError, ModuleNotFoundError, OSError)   # OSError: missing files, an unreachable hub
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run one parsed command; every config is built (and so checked) before anything trains."""
+    from .models import LMConfig
+    from .train import TrainConfig
+    from .train.distill import DistillConfig
+
+    if args.command == "train":
+        from .train import train
+        configs = resumed_configs(args, argv)
+        warn_full(configs[1])
+        summary = train(*configs)
+        print(json.dumps({k: v for k, v in summary.items() if k != "loss_by_position"}, indent=1))
+    elif args.command == "compare":
+        from .train.compare import compare
+        variants = [v.strip() for v in args.attention.split(",") if v.strip()]
+        if not variants:
+            raise ValueError("--attention names no variant")
+        for variant in variants:                        # all checked before the first one trains
+            warn_full(dataclass_from_args(LMConfig, args, attention=variant))
+        compare(variants, dataclass_from_args(TrainConfig, args, run_dir=args.out_dir),
+                dataclass_from_args(LMConfig, args, attention="full"), args.out_dir, sample_tokens=args.sample_tokens)
+    elif args.command == "finetune":
+        from .train.finetune import finetune
+        finetune(finetune_config(args, argv))
+    elif args.command == "distill":
+        from .train.distill import distill
+        distill(dataclass_from_args(DistillConfig, args))
+    elif args.command == "eval":
+        evaluate_cli(args)
+    elif args.command == "generate":
+        generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device)
+    elif args.command == "demo":
+        demo(args.seq_len, args.topk, args.window, args.d_model, args.n_heads, args.n_kv_heads, args.seed,
+             args.device)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line (no usage block) with status 2, like ours."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsek", description=__doc__, allow_abbrev=False,
+    parser = Parser(prog="sparsek", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sparsek {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="show the operator, the selection and the layer on random data")
     p_demo.add_argument("--seq-len", type=int, default=2048)
@@ -209,18 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     tiny = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=256, budget=32)  # CPU: minutes
     p_train = sub.add_parser("train", allow_abbrev=False,
                              help="train a language model from scratch (resumes a run folder)")
-    add_dataclass_options(p_train, TrainConfig)
-    add_dataclass_options(p_train, LMConfig)
-    p_train.set_defaults(**tiny)
+    add_dataclass_options(p_train, TrainConfig, defaults=tiny)
+    add_dataclass_options(p_train, LMConfig, defaults=tiny)
     p_compare = sub.add_parser("compare", allow_abbrev=False,
                                help="train several attention variants alike and compare them")
     p_compare.add_argument("--out-dir", default="runs/compare")
     p_compare.add_argument("--attention", default="sparsek_window,full",
                            help="comma-separated variants: full, window, fixed, hash, sparsek, sparsek_window")
     p_compare.add_argument("--sample-tokens", type=int, default=300)
-    add_dataclass_options(p_compare, TrainConfig, skip=("run_dir",))
-    add_dataclass_options(p_compare, LMConfig, skip=("attention",))
-    p_compare.set_defaults(**tiny)
+    add_dataclass_options(p_compare, TrainConfig, skip=("run_dir",), defaults=tiny)
+    add_dataclass_options(p_compare, LMConfig, skip=("attention",), defaults=tiny)
     from .train.finetune import FinetuneConfig
     p_finetune = sub.add_parser("finetune", allow_abbrev=False,
                                 help="convert a pretrained transformers model to SparseK and fine-tune it")
@@ -249,25 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    if args.command == "train":
-        from .train import train
-        summary = train(*resumed_configs(args, argv))
-        print(json.dumps({k: v for k, v in summary.items() if k != "loss_by_position"}, indent=1))
-    elif args.command == "compare":
-        from .train.compare import compare
-        compare(args.attention.split(","), dataclass_from_args(TrainConfig, args, run_dir=args.out_dir),
-                dataclass_from_args(LMConfig, args, attention="full"), args.out_dir, sample_tokens=args.sample_tokens)
-    elif args.command == "finetune":
-        from .train.finetune import finetune
-        finetune(finetune_config(args, argv))
-    elif args.command == "distill":
-        from .train.distill import distill
-        distill(dataclass_from_args(DistillConfig, args))
-    elif args.command == "eval":
-        evaluate_cli(args)
-    if args.command == "generate":
-        generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device)
-    elif args.command == "demo":
-        demo(args.seq_len, args.topk, args.window, args.d_model, args.n_heads, args.n_kv_heads, args.seed,
-             args.device)
+    try:
+        run(args, argv)
+    except USER_ERRORS as error:
+        if os.environ.get("SPARSEK_TRACEBACK"):
+            raise
+        # A bad argument, file or setting: one line, as argparse reports its own errors, and status 2.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"sparsek {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0

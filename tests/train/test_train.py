@@ -100,7 +100,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
-def test_cli_train_resumes_from_the_run_folder_alone(tmp_path, corpus_dir):
+def test_cli_train_resumes_from_the_run_folder_alone(tmp_path, corpus_dir, capsys):
     from sparsek.cli import main
     run = str(tmp_path / "run")
     main(["train", "--run-dir", run, "--data", str(corpus_dir), "--context", "48", "--budget", "12", "--d-model", "32",
@@ -108,8 +108,9 @@ def test_cli_train_resumes_from_the_run_folder_alone(tmp_path, corpus_dir):
     main(["train", "--run-dir", run, "--steps", "4", "--no-progress"])  # model and data come from the checkpoint
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["step"] == 4 and state["model"]["context"] == 48 and state["train"]["data"] == str(corpus_dir)
-    with pytest.raises(ValueError, match="different model"):
-        main(["train", "--run-dir", run, "--steps", "6", "--budget", "16", "--no-progress"])
+    capsys.readouterr()
+    assert main(["train", "--run-dir", run, "--steps", "6", "--budget", "16", "--no-progress"]) == 2
+    assert "different model" in capsys.readouterr().err             # one line, status 2 (tests/test_cli_errors.py)
 
 
 def test_cli_compare(tmp_path, corpus_dir, capsys):

@@ -72,7 +72,8 @@ def load_documents(source: str = "shakespeare") -> list[Document]:
             under hidden folders, named by relative path with "/" and sorted by it), or
             "hf:<dataset>[:<split>][:<text column>]" (split "train" and column "text" by default; the split may be
             sliced, as in "train[:1000]"; one document per row, named by its row index).
-            Files are read as UTF-8 (invalid bytes replaced) and Project Gutenberg headers and licences removed.
+            Files must be UTF-8 text (binary or invalid UTF-8 is refused) and lose Project Gutenberg headers
+            and licences.
 
     Returns:
         The non-empty documents (empty or whitespace-only ones are dropped).

@@ -48,14 +48,14 @@ def load_text(source: str = "shakespeare:hamlet") -> str:
     Args:
         source: "shakespeare:<work>" (see `shakespeare_works()`; a unique substring of the name is enough, and a
             "_folio" suffix picks the First Folio text), "shakespeare" for all works in one string, or a path
-            to a UTF-8 text file.
+            to a UTF-8 text file (a binary or non-UTF-8 file is refused with ValueError).
 
     Returns:
         The text, with "\\n" line ends.
     """
     path = Path(source).expanduser()
     if path.is_file():
-        return strip_gutenberg(_read(path))
+        return strip_gutenberg(_read_user_text(path))
     corpus, _, work = source.partition(":")
     if corpus == "shakespeare":
         if not work:
@@ -125,6 +125,19 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _read(path) -> str:
     return path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def _read_user_text(path: Path) -> str:
+    """A user's text file, refused when it is binary or not UTF-8: training on replacement characters would
+    pass without a word."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path} looks binary (it holds NUL bytes); text sources must be UTF-8 text")
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {error.start}); re-encode it as "
+                         "UTF-8") from error
 
 
 def _shakespeare_texts():

@@ -145,6 +145,9 @@ def load_pretrained(
             tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
         return model.to(device).eval(), tokenizer
     gguf = _gguf_location(name_or_path)
+    if gguf is None and not Path(name_or_path).expanduser().is_dir() and _looks_like_path(name_or_path):
+        # Said at once: from_pretrained would take it for a hub name and wait on the network first.
+        raise FileNotFoundError(f"no model folder at {name_or_path} (a hub name has the form org/name)")
     replacement = None if tokenizer is None else transformers.AutoTokenizer.from_pretrained(tokenizer)
     cached = None if gguf is None or cache_dir is None else _cache_folder(Path(cache_dir), gguf, dtype, transformers)
     with _quiet(transformers):
@@ -276,6 +279,14 @@ def _gguf_location(name_or_path: str) -> Path | None:
             f"{path} has no config.json and {len(ggufs)} .gguf files; pass a save_pretrained folder or one .gguf file"
         )
     return None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub name ("org/name"): it starts like a path, has more than one "/", uses "\\",
+    or its parent folder exists here (runs/typo)."""
+    path = Path(name).expanduser()
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or (path.parent != Path(".") and path.parent.is_dir()))
 
 
 def _drop_quantizer(model) -> None:
