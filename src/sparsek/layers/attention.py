@@ -38,6 +38,10 @@ class SparseKConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in ("d_model", "n_heads", "n_kv_heads") + (("head_dim",) if self.head_dim is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
@@ -78,6 +82,8 @@ class SparseKAttention(nn.Module):
         """x [B, T, d_model]; positions [T] or [B, T] (default 0..T-1, or restarting per packed sequence);
         cu_seqlens [N + 1] for B = 1 packed sequences."""
         c = self.config
+        if x.dim() != 3 or x.shape[-1] != c.d_model:
+            raise ValueError(f"x must be [B, T, d_model={c.d_model}], got shape {tuple(x.shape)}")
         batch, t_len, _ = x.shape
         if positions is None:
             positions = (positions_from_cu_seqlens(cu_seqlens, t_len) if cu_seqlens is not None

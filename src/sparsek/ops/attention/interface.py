@@ -53,6 +53,8 @@ def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.shape[0] != batch or k.shape[1] != t_len or k.shape[3] != head_dim:
         raise ValueError(f"k and v must be [B, T, H_kv, D] = [{batch}, {t_len}, H_kv, {head_dim}] "
                          f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if head_dim == 0:
+        raise ValueError(f"the head dim D must be >= 1, got q {tuple(q.shape)}")
     n_kv_heads = k.shape[2]
     if n_kv_heads == 0 or n_q_heads % n_kv_heads:
         raise ValueError(f"query heads ({n_q_heads}) must be a multiple of KV heads ({n_kv_heads})")
