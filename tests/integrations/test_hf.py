@@ -451,3 +451,75 @@ def test_autocast_runs_and_stays_close(family):
     with torch.autocast(device, dtype=torch.bfloat16):
         got = model.to(device)(ids.to(device)).logits.float().cpu()
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.1)
+
+
+# A refused convert changes nothing: checks first, and undoes what it did if a later step fails.
+
+
+def snapshot(model, ids):
+    """What a refused convert must leave as it was: logits, parameters, config, attention, pre-hooks."""
+    with torch.no_grad():
+        logits = model(ids).logits
+    return (logits, {name: p.detach().clone() for name, p in model.named_parameters()}, model.config.to_dict(),
+            model.config._attn_implementation, sum(len(m._forward_pre_hooks) for m in model.modules()))
+
+
+def assert_unchanged(model, before, ids):
+    logits, parameters, config, attention, hooks = snapshot(model, ids)
+    torch.testing.assert_close(logits, before[0], atol=0, rtol=0)
+    assert parameters.keys() == before[1].keys()
+    for name, p in parameters.items():
+        torch.testing.assert_close(p, before[1][name], atol=0, rtol=0)
+    assert (config, attention, hooks) == before[2:]
+    assert converted_layers(model) == [] and not hasattr(model.config, "sparsek")
+
+
+def tiny_bert(is_decoder: bool) -> transformers.PreTrainedModel:
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, is_decoder=is_decoder)
+    return transformers.BertForMaskedLM(config).eval()
+
+
+@pytest.mark.parametrize("is_decoder, message", [(True, "causal LM"), (False, "bidirectionally")])
+def test_convert_refuses_unsupported_model_untouched(is_decoder, message):
+    """BertForMaskedLM: causal self-attention modules (is_decoder) but no generation, or bidirectional ones.
+    Refused with the model as it was, and refused again the same way (not "already converted")."""
+    model, ids = tiny_bert(is_decoder), torch.randint(0, VOCAB, (2, 9))
+    before = snapshot(model, ids)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=message):
+            convert(model, topk=3, window=2)
+        assert_unchanged(model, before, ids)
+
+
+@pytest.mark.parametrize("slope", [float("nan"), float("inf"), -float("inf"), "0.1", None, True])
+def test_convert_refuses_bad_slope_untouched(slope):
+    model, ids = tiny_model("llama"), torch.randint(0, VOCAB, (2, 9))
+    before = snapshot(model, ids)
+    with pytest.raises(ValueError, match="slope"):
+        convert(model, topk=3, window=2, slope=slope)
+    assert_unchanged(model, before, ids)
+    assert converted_layers(convert(model, topk=3, window=2, slope=0.5)) == [0, 1]
+    assert model.config.sparsek["slope"] == 0.5 and model.config._attn_implementation == "sparsek"
+
+
+def test_convert_failing_part_way_is_undone(monkeypatch):
+    """A failure after the scorers, hooks, settings and attention were put in (here: installing generate()'s
+    cache) takes them all out again; the same model then converts and decodes."""
+    import sparsek.integrations.hf as hf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation cache broke")
+
+    model, ids = tiny_model("llama"), torch.randint(0, VOCAB, (2, 9))
+    before = snapshot(model, ids)
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "default_generation_cache", broken)
+        with pytest.raises(RuntimeError, match="generation cache broke"):
+            convert(model, topk=3, window=2, layers=[1])
+    assert_unchanged(model, before, ids)
+    assert getattr(model, "generation_cache_factory", None) is None
+    convert(model, topk=3, window=2, slope=0.05)
+    with torch.no_grad():
+        got, _ = logits_step_by_step(model, ids, 4)
+        torch.testing.assert_close(got, model(ids, use_cache=False).logits, atol=2e-5, rtol=2e-5)

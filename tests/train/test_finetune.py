@@ -164,3 +164,48 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, corpus_d
     assert steps == [4, 6]                                                    # log_every=4: no step twice
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         finetune(dataclasses.replace(parts, resume=True))
+
+
+def test_fresh_finetune_refuses_a_folder_holding_a_run(tmp_path, corpus_dir):
+    import re
+
+    from sparsek.train.checkpoint import RunExistsError
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
+    with pytest.raises(RunExistsError, match=re.escape(str(run)) + ".*--resume.*--overwrite"):
+        finetune(settings(tmp_path, corpus_dir, steps=2))
+    assert (run / "metrics.jsonl").read_text() == '{"step": 9, "loss": 1.0}\n'   # untouched
+    finetune(settings(tmp_path, corpus_dir, steps=2, overwrite=True))
+    assert json.loads((run / "state.json").read_text())["config"]["overwrite"] is False
+    assert all(r["step"] <= 2 for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+    with pytest.raises(ValueError, match="exclude each other"):
+        settings(tmp_path, corpus_dir, resume=True, overwrite=True)
+
+
+def test_crash_while_saving_resumes_the_last_complete_checkpoint(tmp_path, corpus_dir, monkeypatch):
+    """The step-4 save dies after writing its weights: the resumed run goes on from step 2 and ends where the
+    uninterrupted one does (not from step-4 weights with step-2 state)."""
+    from sparsek.train import checkpoint
+
+    whole = settings(tmp_path, corpus_dir, steps=6, save_every=2, run_dir=str(tmp_path / "whole"))
+    expected = finetune(whole)
+    write_state, calls = checkpoint.save_state, []
+
+    def crash_on_the_second_save(folder, state):
+        calls.append(state.get("step"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_state(folder, state)
+
+    parts = dataclasses.replace(whole, run_dir=str(tmp_path / "parts"))
+    monkeypatch.setattr(checkpoint, "save_state", crash_on_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(parts)
+    monkeypatch.undo()
+    assert calls == [2, 4]
+    resumed = finetune(dataclasses.replace(parts, resume=True))
+    assert resumed["finetuned"]["loss"] == pytest.approx(expected["finetuned"]["loss"], abs=1e-6)
+    a, b = (dict(load_finetuned(run)[0].named_parameters()) for run in (whole.run_dir, parts.run_dir))
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)

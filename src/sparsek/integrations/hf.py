@@ -21,9 +21,11 @@ Shapes: B batch, T new tokens, Hq / H query / KV heads, D head dim.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -418,6 +420,40 @@ def _layer_indices(layers: Sequence[int] | str | None, modules: list[nn.Module],
     return sorted(int(i) for i in layers)
 
 
+_ABSENT = object()
+
+
+class _Undo:
+    """What `convert` changed in a model, to put back if it fails part-way: hooks, scorers, config.sparsek, the
+    attention implementation and the generation-cache wrapper (instance attributes)."""
+
+    ATTRIBUTES = ("generation_cache_factory", "_prepare_cache_for_generation")
+
+    def __init__(self, model: PreTrainedModel):
+        self.model, self.hooks, self.scorers = model, [], []
+        self.attn_implementation = model.config._attn_implementation
+        self.settings = vars(model.config).get("sparsek", _ABSENT)
+        self.attributes = {name: vars(model).get(name, _ABSENT) for name in self.ATTRIBUTES}
+
+    def __call__(self) -> None:
+        model = self.model
+        for handle in self.hooks:
+            handle.remove()
+        for module in self.scorers:
+            del module.sparsek_scorer
+        if self.settings is _ABSENT:
+            vars(model.config).pop("sparsek", None)
+        else:
+            model.config.sparsek = self.settings
+        for name, value in self.attributes.items():
+            if value is _ABSENT:
+                vars(model).pop(name, None)
+            else:
+                vars(model)[name] = value
+        if model.config._attn_implementation != self.attn_implementation:
+            model.set_attn_implementation(self.attn_implementation)
+
+
 def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv",
             layers: Sequence[int] | str | None = None) -> PreTrainedModel:
     """Turn a transformers causal LM into SparseK attention, in place; returns the model.
@@ -431,11 +467,16 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     attention (within their sliding window, if they have one) and, in a SparseKHFCache, a KV cache of the last
     sliding_window - 1 tokens for the layers config.layer_types marks "sliding_attention", a full one for the
     rest. The settings, the sorted layer indices included, go into `model.config.sparsek`, so `save_pretrained`
-    records them; reload with `sparsek.integrations.hf.load`.
+    records them; reload with `sparsek.integrations.hf.load`. Raises ValueError for a model or settings it cannot
+    convert, and leaves the model as it was on any failure.
     """
+    # Everything is checked before the model changes, and a failure part-way is undone: a failed convert leaves
+    # the model as it was (a retry would otherwise find it "already converted").
     if isinstance(topk, bool) or not isinstance(topk, int) or isinstance(window, bool) or not isinstance(window, int) \
             or topk < 0 or window < 0 or topk + window == 0:
         raise ValueError(f"topk and window must be ints >= 0, not both 0; got {topk!r}, {window!r}")
+    if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
+        raise ValueError(f"slope must be a finite number, got {slope!r}")
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     modules = attention_modules(model)
@@ -446,20 +487,32 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
         raise ValueError(f"layers {bidirectional} attend bidirectionally; SparseK attention (and the exact "
                          "attention of unconverted layers) is causal")
     converted = _layer_indices(layers, modules, model)
+    if not callable(getattr(model, "_prepare_cache_for_generation", None)):  # e.g. BertForMaskedLM, LlamaModel
+        raise ValueError(f"{type(model).__name__} is not a transformers causal LM that generates: convert one built "
+                         "with AutoModelForCausalLM")
     sliding = _sliding_windows(model)
     config = model.config
     n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    for module in modules:
-        if module.layer_idx not in converted:
-            hook = functools.partial(_exact_cache_hook, sliding_window=sliding.get(module.layer_idx))
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-            continue
-        device = next(module.parameters()).device  # each layer's own device (models split over GPUs)
-        module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
-        module.register_forward_pre_hook(_score_hook, with_kwargs=True)
-    config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate, "layers": converted}
-    model.set_attn_implementation(IMPLEMENTATION)
-    default_generation_cache(model, SparseKHFCache)
+    undo = _Undo(model)
+    try:
+        for module in modules:
+            if module.layer_idx not in converted:
+                hook = functools.partial(_exact_cache_hook, sliding_window=sliding.get(module.layer_idx))
+                undo.hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                continue
+            device = next(module.parameters()).device  # each layer's own device (models split over GPUs)
+            module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
+            undo.scorers.append(module)
+            undo.hooks.append(module.register_forward_pre_hook(_score_hook, with_kwargs=True))
+        config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate, "layers": converted}
+        model.set_attn_implementation(IMPLEMENTATION)
+        if model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns for such models
+            raise ValueError(f"{type(model).__name__} kept attention {model.config._attn_implementation!r}: its "
+                             "attention does not dispatch through transformers' AttentionInterface")
+        default_generation_cache(model, SparseKHFCache)
+    except BaseException:
+        undo()
+        raise
     return model
 
 
@@ -489,7 +542,9 @@ def default_generation_cache(model: PreTrainedModel, make_cache: Callable[[], Ca
 
 
 def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
-    """A converted model saved with `save_pretrained`: base weights, SparseK settings and scorer weights."""
+    """A converted model saved with `save_pretrained`: base weights, SparseK settings and scorer weights.
+
+    (Plain `from_pretrained` of such a folder raises, once this module is imported: it would drop the scorers.)"""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -497,7 +552,11 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
     if not settings:
         raise ValueError(f"{path} holds no SparseK model (config.json has no 'sparsek' settings)")
     from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")  # switched to sparsek by convert
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
+    token = _loading.set(True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
+    finally:
+        _loading.reset(token)
     # Configs saved before partial conversion have no "layers": all layers were converted (convert's default).
     convert(model, **{name: settings[name] for name in SETTINGS if name in settings})
     scorer_state = {}
@@ -512,6 +571,36 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
         raise ValueError(f"{path}: weights do not match the model: missing {info['missing_keys'][:4]}, "
                          f"unexpected {sorted(unexplained)[:4]}")
     return model
+
+
+_loading = contextvars.ContextVar("sparsek_loading", default=False)  # True while `load` builds a model
+
+
+def _checked_post_init(post_init: Callable) -> Callable:
+    """PreTrainedModel.post_init (the end of every transformers model's __init__), refusing a config with SparseK
+    settings (config.sparsek, as save_pretrained records them) outside `load`: the model transformers builds has
+    no scorers, so from_pretrained would drop their weights and give the original model without a word. Inside
+    `load`, the scorer keys are left out of transformers' load report: `load` puts them in itself."""
+
+    @functools.wraps(post_init)
+    def checked(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        if not getattr(self.config, "sparsek", None):
+            return
+        if not _loading.get():
+            raise ValueError("this config holds SparseK settings (config.sparsek), but transformers builds the "
+                             "model without its SparseK scorers and would drop their weights: load a saved SparseK "
+                             "model with sparsek.integrations.hf.load(path) (or delete config.sparsek to build the "
+                             "original model)")
+        ignored = set(self._keys_to_ignore_on_load_unexpected or ())
+        self._keys_to_ignore_on_load_unexpected = ignored | {r"\.sparsek_scorer\."}
+
+    checked.sparsek_checked = True
+    return checked
+
+
+if not getattr(PreTrainedModel.post_init, "sparsek_checked", False):  # once, even if this module is reloaded
+    PreTrainedModel.post_init = _checked_post_init(PreTrainedModel.post_init)
 
 
 class GraphedDecoder:

@@ -59,7 +59,8 @@ class FinetuneConfig:
     attention for that many steps (`sparsek.train.distill`, only the scorers train, at distill_lr with the teacher
     mass reduced by distill_reduction, on rows of which distill_lookup carry facts asked about at their end), then
     fine-tunes; layers may also be "global" (the full-attention layers of
-    a model with local ones, such as Gemma 3).
+    a model with local ones, such as Gemma 3). A run_dir that already holds a run is refused unless resume or
+    overwrite (which deletes that run first; not saved, so a later resume never overwrites) is given.
     """
 
     model: str = "smollm2"
@@ -96,6 +97,7 @@ class FinetuneConfig:
     progress: bool = True
     save_every: int = 0
     resume: bool = False
+    overwrite: bool = False
     distill_steps: int = 0
     distill_lr: float = 3e-3
     distill_reduction: str = REDUCTION
@@ -120,6 +122,8 @@ class FinetuneConfig:
             raise ValueError("distill_steps needs attention='sparsek': there are no scorers to distill")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in run_dir or replace it")
         if self.attention == "sparsek" and not 0 <= self.slope < 1:
             raise ValueError(f"slope must lie in [0, 1) for the scorers to learn (with slope >= 1 a zero scorer's "
                              f"mask is exactly 0 or 1 and gets no gradient), got {self.slope}")
@@ -139,6 +143,8 @@ class FinetuneConfig:
 # cosine from the checkpoint on, as for training from scratch.)
 RESUMABLE = ("steps", "eval_every", "log_every", "progress", "device", "save_every", "resume")
 CHECKPOINT_DIR = "checkpoint"
+# What a fine-tuning run writes into its folder: a fresh run refuses a folder holding any of them unless overwrite.
+RUN_FILES = (checkpoint.STATE_FILE, checkpoint.METRICS_FILE, "model", CHECKPOINT_DIR)
 
 
 def _save_progress(run_dir: Path, model, optimizer, state: dict) -> None:
@@ -150,6 +156,7 @@ def _save_progress(run_dir: Path, model, optimizer, state: dict) -> None:
 def _saved_progress(run_dir: Path, config: FinetuneConfig) -> dict:
     """The state of run_dir's checkpoint, after checking that config may continue it."""
     folder = run_dir / CHECKPOINT_DIR
+    checkpoint.recover(folder)  # a save stopped after its commit still counts
     if not (folder / checkpoint.STATE_FILE).is_file():
         raise FileNotFoundError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/ (run with save_every > 0)")
     state = checkpoint.load_state(folder)
@@ -227,9 +234,12 @@ def finetune(config: FinetuneConfig) -> dict:
     run_dir = Path(config.run_dir)
     saved = _saved_progress(run_dir, config) if config.resume else None
     if saved is None:
+        found = checkpoint.existing_run_files(run_dir, RUN_FILES)
+        if found and not config.overwrite:
+            raise checkpoint.RunExistsError(f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to "
+                                            f"continue it, --overwrite to replace it, or use a new run_dir")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        checkpoint.remove_run_files(run_dir, RUN_FILES)  # nothing of a replaced run may mix with this one
     train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
     sampler = DocumentSampler(train_docs, config.context, config.batch_size, config.seed)
     mixer = None
@@ -265,7 +275,7 @@ def finetune(config: FinetuneConfig) -> dict:
     if config.method == "lora":
         model = _add_lora(model, config)
     optimizer = _optimizer(model, config)
-    state = {"config": dataclasses.asdict(config), "tokens": 0,
+    state = {"config": dataclasses.asdict(dataclasses.replace(config, overwrite=False)), "tokens": 0,
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     first_step = 0
     if saved:

@@ -37,7 +37,9 @@ class TrainConfig:
     Raising `steps` when resuming stretches the cosine from the current step on (the run is then not the one
     it would have been with the larger `steps` from the start). tasks ("passkey", "recall" or both,
     comma-separated) turns task_fraction of the training rows into long-range task examples written into the
-    row's own text (`sparsek.data.tasks.TaskMixer`); "" trains on the text alone.
+    row's own text (`sparsek.data.tasks.TaskMixer`); "" trains on the text alone. overwrite starts afresh in a
+    run_dir that already holds a run (deleting it) instead of resuming it; without it such a folder is resumed
+    when it holds a checkpoint and refused otherwise. It is not saved: a later resume never overwrites.
     """
 
     run_dir: str = "runs/sparsek_window"
@@ -61,6 +63,7 @@ class TrainConfig:
     progress: bool = True
     tasks: str = ""
     task_fraction: float = 0.5
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -123,8 +126,9 @@ def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.Ad
 def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: bool = True) -> dict:
     """Train (or resume) the run in config.run_dir; returns its summary (also saved in state.json).
 
-    A run folder that holds a checkpoint is resumed when `resume` (its model config is used and the train config
-    must agree apart from RESUMABLE settings); otherwise model_config is required and the folder starts afresh.
+    A run folder that holds a checkpoint is resumed when `resume` and not config.overwrite (its model config is
+    used and the train config must agree apart from RESUMABLE settings); otherwise model_config is required and
+    the run starts afresh, which a folder already holding run files allows only with config.overwrite.
     """
     run_dir = Path(config.run_dir)
     world = distributed.setup("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -132,7 +136,10 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     if config.batch_size % world.size:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world.size} processes")
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
-    if resume and (run_dir / checkpoint.STATE_FILE).is_file():
+    if world.main:
+        checkpoint.recover(run_dir)  # one process finishes a stopped save before any reads the folder
+    distributed.barrier(world)
+    if resume and not config.overwrite and (run_dir / checkpoint.STATE_FILE).is_file():
         state = checkpoint.load_state(run_dir)
         changed = checkpoint.changed_settings(TrainConfig(**state["train"]), config, RESUMABLE)
         if changed:
@@ -144,6 +151,11 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
         state.pop("summary", None)  # written again when this run finishes
     elif model_config is None:
         raise ValueError(f"no checkpoint in {run_dir} to resume: pass a model config")
+    elif not config.overwrite and (found := checkpoint.existing_run_files(run_dir)):
+        hint = ("pass resume=True to continue it, " if checkpoint.STATE_FILE in found
+                else f"it cannot be resumed (no {checkpoint.STATE_FILE}): pass ")
+        raise checkpoint.RunExistsError(f"{run_dir} already holds a run ({', '.join(found)}); {hint}--overwrite "
+                                        f"(overwrite=True) to replace it, or use a new run_dir")
 
     train_docs, heldout_docs = load_corpus(config)
     sampler = DocumentSampler(train_docs, model_config.context, config.batch_size, config.seed)
@@ -161,7 +173,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
             checkpoint.truncate_metrics(run_dir, state["step"])
     elif world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+        checkpoint.remove_run_files(run_dir)  # an overwrite: nothing of the old run may mix with the new one
     trained = model
     if world.size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -170,7 +182,8 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     autocast_dtype = torch.bfloat16 if use_bf16 else None
 
     def save(summary: dict | None = None) -> None:
-        state.update(train=dataclasses.asdict(config), model=dataclasses.asdict(model_config),
+        state.update(train=dataclasses.asdict(dataclasses.replace(config, overwrite=False)),
+                     model=dataclasses.asdict(model_config),
                      parameters=model.num_parameters(), world_size=world.size)
         if summary is not None:
             state["summary"] = summary

@@ -35,7 +35,22 @@ def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     selected = (start_j <= i) & (i < end_j)                                        # [B, Hk, Q, N]
     attended = (in_window | selected).unsqueeze(2)                                 # [B, Hk, 1, Q, N]
 
+    # A key whose k or v holds NaN/inf would poison every query through 0 * NaN in the dense products, masked
+    # or not. Such keys (rare: usually none) are zeroed in the dense products and added back one pair at a
+    # time with torch.where, so only the queries that attend to them see them, forward and backward.
+    bad = (~(torch.isfinite(k) & torch.isfinite(v))).flatten(2).any(-1).any(0).nonzero().squeeze(1)  # [Nb]
+    if bad.numel():
+        zero = torch.zeros(n_k, dtype=torch.bool, device=k.device).index_fill(0, bad, True).view(1, n_k, 1, 1)
+        k, v, k_bad, v_bad = k.masked_fill(zero, 0), v.masked_fill(zero, 0), k[:, bad], v[:, bad]
+        seen = attended[..., bad].unsqueeze(-1)                                   # [B, Hk, 1, Q, Nb, 1]
+
+        def per_pair(x: Tensor) -> Tensor:  # [B, Nb, Hk, D] -> [B, Hk, 1, Q, Nb, D], 0 where not attended
+            return torch.where(seen, x.permute(0, 2, 1, 3)[:, :, None, None], 0)
+
     logits = torch.einsum("bqhgd,bnhd->bhgqn", q, k) * scale                       # [B, Hk, G, Q, N]
+    if bad.numel():
+        q_b = q.permute(0, 2, 3, 1, 4).unsqueeze(-2)                               # [B, Hk, G, Q, 1, D]
+        logits = logits.index_copy(-1, bad, (q_b * per_pair(k_bad)).sum(-1) * scale)
     if gate == "none":
         weight = None
     else:
@@ -55,7 +70,10 @@ def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     probs = torch.softmax(logits, dim=-1)
     if weight is not None:
         probs = probs * weight
-    return torch.einsum("bhgqn,bnhd->bqhgd", probs, v)
+    out = torch.einsum("bhgqn,bnhd->bhgqd", probs, v)                             # [B, Hk, G, Q, D]
+    if bad.numel():
+        out = out + (probs[..., bad].unsqueeze(-1) * per_pair(v_bad)).sum(-2)
+    return out.permute(0, 3, 1, 2, 4)
 
 
 def sparsek_attention_reference(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,

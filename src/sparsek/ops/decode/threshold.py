@@ -29,7 +29,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..sparsek.reference import _threshold_last
+from ..sparsek import sparsek_threshold
 
 try:
     import triton
@@ -86,9 +86,9 @@ def kept_threshold(kept_u: Tensor, k: int) -> Tensor:
 
     Returns:
         tau [B, H] float64 with sum_c clip(kept_u[b, h, c] - tau, 0, 1) = k, equal to the reference
-        `_threshold_last` (to about 1e-12 relative to the scores' magnitude; the midpoint of the solution
+        `sparsek_threshold` (to about 1e-12 relative to the scores' magnitude; the midpoint of the solution
         interval where f is flat at k), and -inf where k >= the number of finite entries. Triton on CUDA
-        tensors (or CPU tensors under TRITON_INTERPRET=1), the PyTorch reference otherwise.
+        tensors (or CPU tensors under TRITON_INTERPRET=1), the PyTorch reference (`sparsek_threshold`) otherwise.
     """
     if not isinstance(kept_u, Tensor) or kept_u.dim() != 3 or kept_u.dtype != torch.float64:
         raise ValueError(f"kept_u must be a [B, H, C] float64 tensor, got {getattr(kept_u, 'dtype', type(kept_u))} "
@@ -100,5 +100,4 @@ def kept_threshold(kept_u: Tensor, k: int) -> Tensor:
         return kept_threshold_triton(kept_u, k)
     if kept_u.shape[-1] == 0:
         return torch.full(kept_u.shape[:-1], -torch.inf, dtype=torch.float64, device=kept_u.device)
-    k_t = torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64, device=kept_u.device)
-    return _threshold_last(kept_u, k_t)
+    return sparsek_threshold(kept_u, k)

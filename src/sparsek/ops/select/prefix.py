@@ -48,10 +48,21 @@ class Selection:
     end: Tensor    # int64, first query at or after start that no longer selects key j (<= T)
 
 
-def _prefix_thresholds(u: Tensor, topk: int) -> Tensor:
-    """tau of every prefix: u [R, T] float64 -> [R, T] float64, entry c - 1 for the prefix of length c."""
+# Scores farther than this from their row's median enter the threshold sums clamped (see _prefix_thresholds).
+_SPREAD = 2.0 ** 20
+
+
+def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """tau of every prefix: u [R, T] float64 -> tau [R, T] float64, entry c - 1 for the prefix of length c;
+    fractional [R, T] bool, whether the prefix has entries strictly between 0 and 1 (f not flat at tau); and
+    error [R, T] float64, how far such a tau may be off (inf where the clamped sums cannot resolve it)."""
     rows, t_len = u.shape
     n_breaks = 2 * t_len
+    u_abs = u
+    # Thresholds are shift invariant: descend relative to the row's median, or the sums of a large common
+    # offset (1e15 + noise) cancel away the differences that decide tau.
+    shift = u.median(dim=1, keepdim=True).values
+    u = u - shift
     breaks_unsorted = torch.cat([u, u - 1], dim=1)                        # [R, 2T]
     order = torch.argsort(breaks_unsorted, dim=1, stable=True)
     breaks = breaks_unsorted.gather(1, order)                             # ascending
@@ -66,7 +77,12 @@ def _prefix_thresholds(u: Tensor, topk: int) -> Tensor:
     n_p, n_q = zeros_i, zeros_i                                           # counts of ranks >= node end
     s_p = s_q = torch.zeros_like(u)                                       # sums of u over those
 
-    for level, (lev_p, lev_q) in enumerate(zip(wavelet_levels(rank_p, nbits, u), wavelet_levels(rank_q, nbits, u))):
+    # The sums only need u exactly where an entry can be fractional; clamping the rest keeps one far entry
+    # (3e38 among values near 0) from swamping them, and keeps every decision of the descent right (clamped
+    # weights err towards the side the descent takes anyway). A tau beyond the clamp is flagged below.
+    weight = u.clamp(-_SPREAD, _SPREAD)
+    levels = zip(wavelet_levels(rank_p, nbits, weight), wavelet_levels(rank_q, nbits, weight))
+    for level, (lev_p, lev_q) in enumerate(levels):
         half = 1 << (nbits - 1 - level)
         zp_lo, zp_hi, ones_p = lev_p.count(lo_p, hi_p)
         zq_lo, zq_hi, ones_q = lev_q.count(lo_q, hi_q)
@@ -91,24 +107,52 @@ def _prefix_thresholds(u: Tensor, topk: int) -> Tensor:
     # A gap of >= 1 below the k-th best value theta makes f == topk on the whole interval [u_(k+1), theta - 1];
     # rounding in f decides where in it the descent stopped. Take the midpoint, as the SPARSEK operator does:
     # every entry then sits clearly at 0 or 1 and gets no gradient.
-    by_rank, rank = _best_first(u)
+    by_rank, rank = _best_first(u_abs)
 
     def best_in_prefix(kth: int) -> Tensor:  # the kth best value of every prefix (valid where c >= kth)
         kth_rank = kth_smallest_in_prefix(rank, bits_needed(t_len), prefix_len, kth).clamp(max=t_len - 1)
-        return u.gather(1, by_rank.gather(1, kth_rank))
+        return u_abs.gather(1, by_rank.gather(1, kth_rank))
 
     theta, below = best_in_prefix(topk), best_in_prefix(topk + 1)
-    tau = torch.where(theta - below >= 1, 0.5 * (below + theta - 1), tau.clamp(min=theta - 1))
+    flat = theta - below >= 1
+    fractional = (prefix_len > topk) & ~flat
+    # Adding the shift back rounds (3e38 - 0.5 is 3e38 even in float64): count that in the error.
+    tau_abs = tau + shift
+    error = torch.where(tau.abs() > _SPREAD - 2, torch.inf, (tau_abs - shift - tau).abs())
+    tau = torch.where(flat, 0.5 * (below + theta - 1), tau_abs.clamp(min=theta - 1))
     tau = torch.where(prefix_len > topk, tau, -torch.inf)
-    return torch.cummax(tau, dim=1).values  # mathematically non-decreasing; remove rounding wiggles
+    return torch.cummax(tau, dim=1).values, fractional, error  # cummax: remove rounding wiggles
 
 
-def _query_thresholds(u: Tensor, topk: int, window: int) -> Tensor:
-    """tau_i for every query, u [R, T] float64 -> [R, T] float64: the prefix of length i - window + 1."""
+# Largest rounding of tau (to the dtype it is returned in) accepted where the mask is fractional:
+# m_ij = u_j - tau_i moves by as much, so beyond it the masks no longer sum to topk.
+_TAU_ROUNDING = 2.0 ** -10
+
+
+def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """tau_i for every query, u [R, T] float64 -> [R, T] float64: the prefix of length i - window + 1.
+
+    Raises ValueError where a fractional tau_i is too far from its row's median for the clamped sums, or too
+    large to round to `dtype` (the dtype the caller returns it in) within _TAU_ROUNDING.
+    """
     t_len = u.shape[1]
     tau = torch.full_like(u, -torch.inf)
     if window < t_len:
-        tau[:, window:] = _prefix_thresholds(u[:, : t_len - window], topk)
+        tau_p, fractional, error = _prefix_thresholds(u[:, : t_len - window], topk)
+        tau[:, window:] = tau_p
+        if (fractional & torch.isinf(error)).any():
+            raise ValueError(f"scores spread too wide: a threshold lies more than {_SPREAD:.0f} from its row's "
+                             f"median, beyond what the float64 threshold sums resolve")
+        # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
+        magnitude = tau_p.abs().to(dtype)
+        half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
+        bad = fractional & (error + half_unit > _TAU_ROUNDING)
+        if bad.any():
+            worst = float(tau_p[bad].abs().max())
+            raise ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} "
+                             f"rounds it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; "
+                             f"subtract a per-row offset from the scores (SPARSEK is shift invariant) or pass "
+                             f"float64 scores")
     return tau
 
 
@@ -140,8 +184,8 @@ def threshold_backward(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor) ->
 
 class _QueryThresholds(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, topk: int, window: int) -> Tensor:
-        tau = _query_thresholds(u, topk, window)
+    def forward(ctx, u: Tensor, topk: int, window: int, dtype: torch.dtype) -> Tensor:
+        tau = _query_thresholds(u, topk, window, dtype)
         ctx.save_for_backward(u, tau)
         ctx.window = window
         return tau
@@ -149,7 +193,7 @@ class _QueryThresholds(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tau: Tensor):
         u, tau = ctx.saved_tensors
-        return threshold_backward(u, tau, ctx.window, grad_tau), None, None
+        return threshold_backward(u, tau, ctx.window, grad_tau), None, None, None
 
 
 def _best_first_order(u: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,6 +237,10 @@ def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
         Selection with tau, start, end as [B, T, H]: key j is selected by exactly the queries
         start_j <= i < end_j, and m_ij = clip(u_j - tau_i, 0, 1) there. tau carries the gradient of the
         threshold w.r.t. the scores (the tau path of SPEC section 3b).
+
+    Raises:
+        ValueError: for invalid arguments, and where tau is so large that rounding it to the scores' dtype
+            would move a fractional m_ij by more than 2^-10 (float32: |tau| >= 2^15).
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, T, H], got shape {tuple(scores.shape)}")
@@ -210,7 +258,7 @@ def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
     if t_len == 0 or topk == 0:
         tau_rows = torch.full_like(rows, -torch.inf)
     else:
-        tau_rows = _QueryThresholds.apply(rows.double(), topk, window).to(scores.dtype)
+        tau_rows = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype).to(scores.dtype)
     start, end = _key_ranges(rows.detach(), topk, window)
 
     def to_bth(x: Tensor) -> Tensor:

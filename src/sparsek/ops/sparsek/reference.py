@@ -7,6 +7,8 @@ f is continuous, non-increasing and piecewise linear with breakpoints {z_i} and 
 evaluate f at all 2n breakpoints with prefix sums and binary searches, take the linear piece where f crosses
 k, and solve it in closed form: tau = (sum of z_i strictly inside (tau, tau + 1) + U - k) / (W - U), U the
 entries clipped to 1 and W the entries above tau. Cost O(n log n) per row, memory O(n).
+All of it runs relative to the ceil(k)-th largest entry (`_relative`), so large offsets and far-away
+entries cannot swamp the differences that decide tau.
 
 Shapes: the operator works along `dim` of any tensor; below the working dim is always the last one, [..., n].
 """
@@ -54,8 +56,49 @@ def _prepare(z: Tensor, k, dim: int) -> tuple[Tensor, Tensor, int]:
     return z_last.contiguous(), k_t, dim
 
 
+def _relative(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """z [..., n] relative to theta, its ceil(k)-th largest entry: (y [..., n], theta [...], below [...]).
+
+    SPARSEK is shift invariant and tau lies in [theta - 1, theta), so entries at or below theta - 1 get 0
+    and those at or above theta + 1 get 1 whatever their value: y = clamp(z - theta, -2, 2) (-inf stays
+    -inf) has the same mask. Computed in z's units, large offsets (1e8 + noise in float32) make tau
+    unrepresentable, and far entries (+-3e38) overflow or swamp the sums that locate tau. Near theta,
+    z - theta is exact (Sterbenz) once |theta| >= 2, so float32 stays exact. below is the next entry under
+    theta (the (k+1)-th largest for integer k). theta is 0 where the row has fewer than ceil(k) finite
+    entries (tau is -inf there anyway).
+    """
+    n = z.shape[-1]
+    z_sorted = torch.sort(z, dim=-1).values
+    kth_index = (n - k.ceil().long()).clamp(0, n - 1).unsqueeze(-1)
+    theta = z_sorted.gather(-1, kth_index).squeeze(-1)
+    below = z_sorted.gather(-1, (kth_index - 1).clamp(min=0)).squeeze(-1)
+    theta = torch.where(theta > -torch.inf, theta, torch.zeros_like(theta))
+    y = torch.where(z > -torch.inf, (z - theta.unsqueeze(-1)).clamp(-2, 2), -torch.inf)
+    return y, theta, below
+
+
 def _threshold_last(z: Tensor, k: Tensor) -> Tensor:
     """tau for z [..., n] and k [...] (validated, compute dtype) -> [...]; -inf where k >= #finite."""
+    return _relative_threshold(z, k)[2]
+
+
+def _relative_threshold(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For z [..., n] and k [...] (validated, compute dtype): (y [..., n], tau_y [...], tau [...]).
+
+    p = clip(y - tau_y, 0, 1) exactly (y from `_relative`); tau is the threshold in z's units, rounded
+    there. Both thresholds are -inf where k >= #finite.
+    """
+    y, theta, below = _relative(z, k)
+    tau_y, flat = _threshold_core(y, k)
+    # Flat f: the midpoint of the true interval [z_(k+1), theta - 1], not of the clamped one; halves first
+    # so that +-3e38 does not overflow.
+    tau = torch.where(flat, 0.5 * below + 0.5 * (theta - 1), theta + tau_y)
+    return y, tau_y, torch.where(tau_y > -torch.inf, tau, tau_y)
+
+
+def _threshold_core(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """tau for z [..., n] and k [...] -> (tau, flat), both [...]; tau is -inf where k >= #finite and flat
+    marks the rows where f == k on a whole interval (tau is then its midpoint)."""
     n = z.shape[-1]
     finite = z > -torch.inf
     n_finite = finite.sum(-1)
@@ -94,7 +137,7 @@ def _threshold_last(z: Tensor, k: Tensor) -> Tensor:
     below = z_sorted.gather(-1, (kth_index - 1).clamp(min=0)).squeeze(-1)
     flat = (k == k.round()) & (theta - below >= 1)
     tau = torch.where(flat, 0.5 * (below + theta - 1), tau)
-    return torch.where(k >= n_finite, torch.full_like(tau, -torch.inf), tau)
+    return torch.where(k >= n_finite, torch.full_like(tau, -torch.inf), tau), flat
 
 
 def _mask_from_threshold(z: Tensor, tau: Tensor) -> Tensor:
@@ -105,7 +148,8 @@ def _mask_from_threshold(z: Tensor, tau: Tensor) -> Tensor:
 class _SparseKFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, k: Tensor) -> Tensor:
-        p = _mask_from_threshold(z, _threshold_last(z, k))
+        y, tau_y, _ = _relative_threshold(z, k)
+        p = _mask_from_threshold(y, tau_y)
         ctx.save_for_backward(p)
         return p
 
@@ -121,14 +165,14 @@ class _SparseKFunction(torch.autograd.Function):
 class _ThresholdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, k: Tensor) -> Tensor:
-        tau = _threshold_last(z, k)
-        ctx.save_for_backward(z, tau)
+        y, tau_y, tau = _relative_threshold(z, k)
+        ctx.save_for_backward(y, tau_y)
         return tau
 
     @staticmethod
     def backward(ctx, grad_tau: Tensor):
-        z, tau = ctx.saved_tensors
-        shifted = z - tau.unsqueeze(-1)
+        y, tau_y = ctx.saved_tensors
+        shifted = y - tau_y.unsqueeze(-1)  # relative: the free set is exact even when tau rounds in z's units
         free = ((shifted > 0) & (shifted < 1)).to(grad_tau.dtype)
         n_free = free.sum(-1, keepdim=True).clamp(min=1)
         return free * (grad_tau.unsqueeze(-1) / n_free), None
