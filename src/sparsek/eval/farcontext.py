@@ -35,7 +35,7 @@ import torch
 
 from ..data.corpus import DocumentSampler
 from ..data.ruler import SUITE
-from ..integrations.pretrained import WithBOS, bos_token_id, load_pretrained, prepend_bos
+from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
 from ..ops.teacher import REDUCTIONS
 from ..train.distill import LOOKUP, REDUCTION, distill_scorers, measure, parse_layers, with_lookup_rows
 from ..train.distributed import World
@@ -161,11 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     bos = bos_token_id(model, tokenizer)
     print(f"{args.model}: inputs start with BOS {bos}" if bos is not None else f"{args.model}: no BOS token")
 
-    def with_bos(net):
-        return net if bos is None else WithBOS(net, bos)
-
     def suite_and_ppl(name: str, net, parallel: bool) -> None:
-        net, name = with_bos(net), name + args.tag
+        net, name = with_bos(net, bos), name + args.tag
         for context in contexts:
             key = f"{name}@{context}"
             if key in results:
@@ -210,9 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
                 return prepend_bos(ids, bos).to(device)
 
             probes = [rows(probe, i) for i in range(4)]
+            lookup_tag = f"_lookup{args.distill_lookup:g}" if args.distill_lookup else ""
             for reduction in reductions:
                 name = "distilled" if reduction == reductions[0] else f"distilled_{reduction}"
-                lookup_tag = f"_lookup{args.distill_lookup:g}" if args.distill_lookup else ""
                 saved = out / f"scorers_{reduction}{lookup_tag}.pt"
                 for scorer in scorers:
                     torch.nn.init.zeros_(scorer.weight)

@@ -86,8 +86,8 @@ def load_subject(target: str, device: torch.device, data: str | None = None) -> 
         heldout = tokenized_corpus(config or FinetuneConfig(), tokenizer)[1]
     else:
         heldout = _documents(data, encode)
-    from ..integrations.pretrained import with_bos
-    model = with_bos(model, tokenizer)          # Gemma scores only with its BOS first
+    from ..integrations.pretrained import bos_token_id, with_bos
+    model = with_bos(model, bos_token_id(model, tokenizer))     # Gemma scores only with its BOS first
     return Subject(folder.name or target, model, TransformersLM(model), encode, heldout,
                    config.context if config else None, window, info)
 

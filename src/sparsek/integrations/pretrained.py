@@ -207,9 +207,8 @@ class WithBOS(torch.nn.Module):
         return out
 
 
-def with_bos(model, tokenizer) -> torch.nn.Module:
-    """`model` wrapped in WithBOS when it expects a BOS first (bos_token_id), else `model` itself."""
-    bos = bos_token_id(model, tokenizer)
+def with_bos(model, bos: int | None) -> torch.nn.Module:
+    """`model` wrapped in WithBOS when bos (from bos_token_id) is a token, else `model` itself."""
     return model if bos is None else WithBOS(model, bos)
 
 

@@ -31,7 +31,7 @@ import torch
 from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
-from ..integrations.pretrained import WithBOS, bos_token_id, load_pretrained, prepend_bos
+from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
 from ..ops.attention.interface import GATES
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
@@ -251,7 +251,7 @@ def finetune(config: FinetuneConfig) -> dict:
     bos = bos_token_id(model, tokenizer)       # Gemma's inputs start with it; its GGUF tokenizer does not add it
 
     def held_out(net) -> dict:
-        return evaluate(TransformersLM(net if bos is None else WithBOS(net, bos)), heldout_docs, config.context,
+        return evaluate(TransformersLM(with_bos(net, bos)), heldout_docs, config.context,
                         batch_size=config.batch_size,
                         max_tokens=config.eval_tokens, autocast_dtype=autocast_dtype, progress=config.progress)
 
