@@ -23,13 +23,26 @@ def test_every_method_runs_and_a_second_run_resumes(tmp_path, corpus_dir, capsys
     expected = {"original@384", "zero@384", "distilled@384", "streaming_llm@384", "h2o@384", "snapkv@384"}
     assert expected <= set(results)
     assert "ppl" in results["original@384"] and "ppl" not in results["h2o@384"]   # peers are not run in parallel
-    assert results["distill_max_lookup1"]["steps"] == 2
-    assert (tmp_path / "out" / "scorers_max_lookup1.pt").is_file()
+    assert results["distill_max_lookup1_ctx640_steps2"]["steps"] == 2
+    assert (tmp_path / "out" / "scorers_max_lookup1_ctx640_steps2.pt").is_file()
     first = capsys.readouterr().out
     assert "streaming_llm" in first.split("method")[-1]                          # the table, printed last
     again = main(args)                                                            # everything done: nothing reruns
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
     assert "suite average" not in capsys.readouterr().out
+
+
+def test_scorers_saved_under_other_distill_settings_are_not_reused():
+    from argparse import Namespace
+
+    from sparsek.eval.farcontext import DISTILL_CONTEXT, DISTILL_LR, DISTILL_STEPS, _distill_setting
+    default = dict(distill_lookup=1.0, distill_context=DISTILL_CONTEXT, distill_steps=DISTILL_STEPS,
+                   distill_lr=DISTILL_LR)
+    names = {_distill_setting(Namespace(**{**default, **change}))
+             for change in ({}, {"distill_lookup": 0.0}, {"distill_lookup": 0.5}, {"distill_context": 16384},
+                            {"distill_steps": 600}, {"distill_lr": 1e-3})}
+    assert len(names) == 6
+    assert _distill_setting(Namespace(**default)) == "_lookup1"   # files of earlier runs keep their names
 
 
 def test_unknown_method_is_refused(tmp_path):

@@ -45,6 +45,7 @@ from .ruler import evaluate_suite
 
 PEERS = ("streaming_llm", "h2o", "snapkv")
 METHODS = ("original", "zero", "distilled", *PEERS)
+DISTILL_STEPS, DISTILL_CONTEXT, DISTILL_LR = 200, 8192, 3e-3
 
 
 def _load_dtype(device: torch.device) -> torch.dtype:
@@ -82,6 +83,17 @@ class CompressedTail(torch.nn.Module):
         return self.model(input_ids[:, -self.tail:], use_cache=True, logits_to_keep=logits_to_keep, **cache)
 
 
+def _distill_setting(args) -> str:
+    """The part of a saved scorers file's name that says how they were distilled: a rerun with other settings
+    distills again instead of reusing them. (Lookup share always named when not 0, the rest only when changed.)"""
+    parts = [f"_lookup{args.distill_lookup:g}"] if args.distill_lookup else []
+    for flag, value, default in (("ctx", args.distill_context, DISTILL_CONTEXT),
+                                 ("steps", args.distill_steps, DISTILL_STEPS), ("lr", args.distill_lr, DISTILL_LR)):
+        if value != default:
+            parts.append(f"_{flag}{value:g}")
+    return "".join(parts)
+
+
 def _kv_bytes(model, ids: torch.Tensor) -> list[int]:
     """KV bytes of a SparseKHFCache after prefills of half and all of ids [1, T]."""
     from ..integrations.hf import SparseKHFCache, cache_argument
@@ -112,9 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", default=",".join(SUITE))
     parser.add_argument("--examples", type=int, default=8, help="examples per task and depth")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--distill-context", type=int, default=8192)
-    parser.add_argument("--distill-lr", type=float, default=3e-3)
+    parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS)
+    parser.add_argument("--distill-context", type=int, default=DISTILL_CONTEXT)
+    parser.add_argument("--distill-lr", type=float, default=DISTILL_LR)
     parser.add_argument("--distill-lookup", type=float, default=LOOKUP, help="share of distillation rows with "
                         "lookup facts and questions (sparsek.data.ruler.make_lookup_row; not suite tasks)")
     parser.add_argument("--reductions", default=REDUCTION, help=f"comma-separated, of {REDUCTIONS}")
@@ -207,10 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
                 return prepend_bos(ids, bos).to(device)
 
             probes = [rows(probe, i) for i in range(4)]
-            lookup_tag = f"_lookup{args.distill_lookup:g}" if args.distill_lookup else ""
+            setting = _distill_setting(args)
             for reduction in reductions:
                 name = "distilled" if reduction == reductions[0] else f"distilled_{reduction}"
-                saved = out / f"scorers_{reduction}{lookup_tag}.pt"
+                saved = out / f"scorers_{reduction}{setting}.pt"
                 for scorer in scorers:
                     torch.nn.init.zeros_(scorer.weight)
                 if saved.is_file():
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seconds = time.perf_counter() - started
                     after = measure(model, probes, reduction=reduction, autocast_dtype=autocast_dtype)
                     torch.save([s.weight.detach().cpu() for s in scorers], saved)
-                    record(f"distill_{reduction}{lookup_tag}", {"before": before, "after": after, "seconds": seconds,
+                    record(f"distill_{reduction}{setting}", {"before": before, "after": after, "seconds": seconds,
                                                     "steps": args.distill_steps, "losses": losses[::10]})
                     print(f"distilled ({reduction}, {seconds:.0f} s): kept attention {before['kept']:.3f} -> "
                           f"{after['kept']:.3f}, ranking loss {before['loss']:.3f} -> {after['loss']:.3f}, "
@@ -275,23 +287,29 @@ def plot_suite(results: dict, path: Path) -> None:
 
     rows = [r for k, r in results.items() if "@" in k]
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 7), squeeze=False)
+    passkey_only = all(set(r["suite"]) == {"passkey", "average"} for r in rows)   # the two rows would be the same
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    color = {m: palette(i % palette.N) for i, m in enumerate(methods)}   # one colour per method in every panel
+    n_rows = 1 if passkey_only else 2
+    fig, axes = plt.subplots(n_rows, len(contexts), figsize=(5 * len(contexts), 3.5 * n_rows), squeeze=False,
+                             layout="constrained")
     for column, context in enumerate(contexts):
         for row in (r for r in rows if r["context"] == context):
             per_task = {k: v for k, v in row["suite"].items() if k != "average"}
             cells = next(iter(per_task.values()))
             depths = [cell["depth"] for cell in cells]
             mean = [sum(t[i]["accuracy"] for t in per_task.values()) / len(per_task) for i in range(len(depths))]
-            axes[0][column].plot(depths, mean, marker="o", label=row["method"])
-            if "passkey" in per_task:
-                axes[1][column].plot(depths, [c["accuracy"] for c in per_task["passkey"]], marker="o",
-                                     label=row["method"])
-        for ax, what in zip(axes[:, column], ("suite average", "passkey")):
+            style = {"marker": "o", "label": row["method"], "color": color[row["method"]]}
+            axes[0][column].plot(depths, mean, **style)
+            if "passkey" in per_task and not passkey_only:
+                axes[1][column].plot(depths, [c["accuracy"] for c in per_task["passkey"]], **style)
+        for ax, what in zip(axes[:, column], ("passkey",) if passkey_only else ("suite average", "passkey")):
             ax.set(title=f"{what}, context {context}", xlabel="depth of the needed fact (0 = first token)",
                    ylabel="accuracy", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    handles = {line.get_label(): line for ax in axes.flat for line in ax.get_lines()}   # methods missing somewhere too
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
