@@ -87,3 +87,14 @@ def tiny_transformers_model(folder):
     tokenizer.decoder = decoders.Fuse()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
     return path
+
+
+#: How `damage_file` damages a file: what a stopped copy, a wrong download or a full disk leaves.
+DAMAGES = ("truncated", "garbage", "empty")
+
+
+def damage_file(path, how: str) -> None:
+    """Cut the file in half, replace it with text, or empty it (how: one of DAMAGES)."""
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"<html>404 Not Found</html>\n" * 8,
+                      "empty": b""}[how])

@@ -92,10 +92,76 @@ def test_select_rows_reorders_the_state():
     assert torch.equal(cache.keys, keys[[2, 2, 0]])
 
 
+def test_select_rows_negative_rows_and_lists():
+    """Rows in [-B, 0) count from the end, as in Python indexing; a list of ints works like the tensor."""
+    k, v = (torch.randn(3, 9, 1, 4) for _ in range(2))
+    cache = SparseKCache.prefill(k, v, torch.randn(3, 9, 1), topk=2, window=2)
+    other = copy.deepcopy(cache)
+    cache.select_rows(torch.tensor([-1, 0, -3]))
+    other.select_rows([2, 0, 0])
+    for name in SparseKCache._STATE:
+        assert torch.equal(getattr(cache, name), getattr(other, name)), name
+
+
+def test_select_rows_repeated_rows_decode_independently():
+    """A row repeated by select_rows (sampling) is a copy: stepping one copy leaves the other as the original."""
+    torch.manual_seed(5)
+    k, v = (torch.randn(2, 9, 1, 4, dtype=torch.float64) for _ in range(2))
+    cache = SparseKCache.prefill(k, v, torch.randn(2, 9, 1), topk=2, window=2)
+    single = copy.deepcopy(cache)
+    single.select_rows(torch.tensor([1]))
+    cache.select_rows(torch.tensor([1, 1]))
+    for _ in range(6):
+        q, kk, vv = (torch.randn(2, heads, 4, dtype=torch.float64) for heads in (2, 1, 1))
+        u = torch.randn(2, 1)
+        out = cache.step(q, kk, vv, u)
+        torch.testing.assert_close(out[:1], single.step(q[:1], kk[:1], vv[:1], u[:1]), atol=0, rtol=0)
+
+
 def test_prefill_rejects_bad_lengths():
     k = torch.randn(2, 5, 1, 4)
     with pytest.raises(ValueError, match="lengths"):
         SparseKCache.prefill(k, k, torch.randn(2, 5, 1), topk=2, window=2, lengths=torch.tensor([6, 1]))
+
+
+@pytest.mark.parametrize("name,value", [("topk", 2.0), ("topk", True), ("topk", "2"), ("topk", -1),
+                                        ("window", 2.0), ("window", None), ("window", -1)])
+def test_prefill_names_a_bad_topk_or_window(name, value):
+    """topk and window must be ints >= 0 (not floats or bools): the error names the argument."""
+    k = torch.randn(2, 5, 1, 4)
+    budget = {"topk": 2, "window": 2, name: value}
+    with pytest.raises(ValueError, match=rf"^{name} must be an int >= 0, got {value!r}"):
+        SparseKCache.prefill(k, k, torch.randn(2, 5, 1), **budget)
+
+
+@pytest.mark.parametrize("lengths", [[5, 3], (5, 3)])
+def test_prefill_takes_lengths_as_a_list(lengths):
+    """lengths as a list (or tuple) of ints gives the cache of the equal tensor."""
+    torch.manual_seed(0)
+    k, v = (torch.randn(2, 5, 1, 4) for _ in range(2))
+    scores = torch.randn(2, 5, 1)
+    got = SparseKCache.prefill(k, v, scores, topk=2, window=1, lengths=lengths)
+    want = SparseKCache.prefill(k, v, scores, topk=2, window=1, lengths=torch.tensor([5, 3]))
+    for name in SparseKCache._STATE:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("lengths", [torch.tensor([5.0, 2.5]), [5, 2.5], [5, True], "53", torch.tensor([[5, 3]]),
+                                     [5], [5, 6], [5, -1]])
+def test_prefill_names_bad_lengths(lengths):
+    """Non-integer lengths (a float 2.5 used to be truncated), a wrong shape or an out-of-range length: the
+    error names lengths."""
+    k = torch.randn(2, 5, 1, 4)
+    with pytest.raises(ValueError, match=r"^lengths must be"):
+        SparseKCache.prefill(k, k, torch.randn(2, 5, 1), topk=2, window=2, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "scores"])
+def test_prefill_names_a_missing_tensor(name):
+    k = torch.randn(2, 5, 1, 4)
+    tensors = {"k": k, "v": k, "scores": torch.randn(2, 5, 1), name: None}
+    with pytest.raises(ValueError, match=rf"^{name} must be a tensor"):
+        SparseKCache.prefill(tensors["k"], tensors["v"], tensors["scores"], topk=2, window=2)
 
 
 def test_long_decode_prunes_and_reserve_holds_the_buffer():

@@ -64,6 +64,22 @@ def test_failed_kernel_dispatch_is_undone():
     assert_same_state(cache, clean)
 
 
+@pytest.mark.parametrize("index,message", [
+    (torch.tensor([0, 2]), r"index must hold rows in \[-2, 2\)"), (torch.tensor([-3]), r"index must hold rows in"),
+    (torch.tensor([0.0, 1.0]), "index must be a 1-D integer tensor"), (torch.tensor([[0, 1]]), "index must be a 1-D"),
+    (torch.tensor([True, False]), "index must be a 1-D"), ([0, 1.0], "index must be a 1-D"), (1, "index must be a 1-D"),
+])
+def test_select_rows_refuses_a_bad_index_before_changing_anything(index, message):
+    """A row out of [-B, B) (a device assert on CUDA), a float, bool or 2-D index: ValueError naming index, the
+    cache untouched and still decoding."""
+    cache, steps = small_cache()
+    clean = copy.deepcopy(cache)
+    with pytest.raises(ValueError, match=message):
+        cache.select_rows(index)
+    assert_same_state(cache, clean)
+    torch.testing.assert_close(cache.step(*steps[0]), clean.step(*steps[0]), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_step_rejects_non_finite_scores(value):
     """A NaN score is never selected yet moves tau for the others: refused, naming the score, as

@@ -25,11 +25,22 @@ from torch import Tensor
 
 from .ops.decode import decode_attention
 from .ops.decode.threshold import kept_threshold
-from .ops.select import prefix_selection
+from .ops.select import check_budget, prefix_selection
 from .ops.sparsek import sparsek_threshold
 
 # Default bound on the kept scores, per slot: max_kept = KEPT_PER_SLOT * (topk + 1).
 KEPT_PER_SLOT = 8
+
+
+def _int_vector(name: str, value, what: str) -> Tensor:
+    """value, a 1-D integer tensor or a list of ints, as a tensor; otherwise a ValueError naming `name`."""
+    if isinstance(value, (list, tuple)) and not any(isinstance(x, bool) or not isinstance(x, int) for x in value):
+        value = torch.tensor(value, dtype=torch.int64)
+    if (not isinstance(value, Tensor) or value.dim() != 1 or value.is_floating_point() or value.is_complex()
+            or value.dtype == torch.bool):
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+        raise ValueError(f"{name} must be a 1-D integer tensor or a list of ints {what}, got {got:.120}")
+    return value
 
 
 class SparseKCache:
@@ -66,8 +77,7 @@ class SparseKCache:
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, topk: int, window: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", score_dtype: torch.dtype = torch.float32,
                  max_kept: int | str | None = "auto"):
-        if topk < 0 or window < 0 or topk + window == 0:
-            raise ValueError(f"need topk >= 0, window >= 0 and not both 0, got {topk}, {window}")
+        check_budget(topk, window)
         if max_kept == "auto":
             max_kept = KEPT_PER_SLOT * (topk + 1)
         if max_kept is not None and (isinstance(max_kept, bool) or not isinstance(max_kept, int)
@@ -108,11 +118,18 @@ class SparseKCache:
             getattr(self, name).copy_(getattr(other, name))
         self.n_kept = other.n_kept
 
-    def select_rows(self, index: Tensor) -> None:
-        """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them). New tensors: a
-        CUDA graph captured before this no longer sees the cache."""
+    def select_rows(self, index: Tensor | list[int]) -> None:
+        """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them): ints in [-B, B),
+        repeats allowed. A bad index is a ValueError before anything changes; checking its range waits for the
+        device once. New tensors: a CUDA graph captured before this no longer sees the cache."""
+        index = _int_vector("index", index, "of batch rows").to(self.keys.device)
+        # Checked here: an out-of-range index_select on CUDA is a device assert, not an exception.
+        if index.numel() and not (-self.batch <= index.min() and index.max() < self.batch):
+            raise ValueError(f"index must hold rows in [-{self.batch}, {self.batch}) (the cache's batch), "
+                             f"got {index.tolist()[:16]}")
+        index = torch.where(index < 0, index + self.batch, index)
         for name in self._STATE[:-1]:
-            setattr(self, name, getattr(self, name).index_select(0, index.to(self.keys.device)))
+            setattr(self, name, getattr(self, name).index_select(0, index))
 
     @classmethod
     def prefill(cls, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
@@ -122,17 +139,16 @@ class SparseKCache:
         lengths [B]: real tokens per row, right-aligned (row b's prompt is the last lengths[b] positions, the
         rest is left padding); all T when None. max_kept: the bound on kept scores (see `SparseKCache`).
         """
+        for name, x in (("k", k), ("v", v), ("scores", scores)):
+            if not isinstance(x, Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
         if k.dim() != 4 or v.shape != k.shape or scores.shape != k.shape[:3] or not scores.is_floating_point():
             raise ValueError(f"need k, v [B, T, H, D] and float scores [B, T, H], got {tuple(k.shape)}, "
                              f"{tuple(v.shape)}, {tuple(scores.shape)} {scores.dtype}")
         batch, t_len, heads, head_dim = k.shape
         score_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         cache = cls(batch, heads, head_dim, topk, window, k.dtype, k.device, score_dtype, max_kept)
-        if lengths is None:
-            lengths = torch.full((batch,), t_len, dtype=torch.int64)
-        lengths = lengths.to(torch.int64).cpu()
-        if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > t_len).any():
-            raise ValueError(f"lengths must be [B] = [{batch}] in [0, {t_len}], got {lengths.tolist()}")
+        lengths = cls._check_lengths(lengths, batch, t_len)
         kept = []
         for b, n in enumerate(lengths.tolist()):  # once per prompt: a loop over rows keeps the indexing plain
             kept.append(cache._fill_row(b, k[b, t_len - n:], v[b, t_len - n:], scores[b, t_len - n:]))
@@ -143,6 +159,17 @@ class SparseKCache:
                                          for row in kept]))
             cache._prune()
         return cache
+
+    @staticmethod
+    def _check_lengths(lengths: Tensor | list[int] | None, batch: int, t_len: int) -> Tensor:
+        """lengths (a tensor or list of ints, or None for all t_len) as an int64 CPU tensor [B] in [0, T]."""
+        if lengths is None:
+            return torch.full((batch,), t_len, dtype=torch.int64)
+        lengths = _int_vector("lengths", lengths, f"[B] = [{batch}]")
+        lengths = lengths.to(torch.int64).cpu()
+        if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > t_len).any():
+            raise ValueError(f"lengths must be [B] = [{batch}] in [0, {t_len}], got {lengths.tolist()}")
+        return lengths
 
     def _fill_row(self, b: int, k: Tensor, v: Tensor, u: Tensor) -> Tensor:
         """Row b from its n real tokens k, v [n, H, D], u [n, H] -> its candidate scores [H, n - w] (float64)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from sparsek.integrations.hf import (  # noqa: E402
     convert,
     load,
 )
+from sparsek.integrations.pretrained import load_pretrained  # noqa: E402
+
+from ..conftest import DAMAGES, damage_file  # noqa: E402
 
 VOCAB = 61
 
@@ -157,6 +161,17 @@ def test_save_and_load_round_trip(tmp_path):
     with pytest.raises(ValueError, match="no SparseK model"):
         tiny_model("llama").save_pretrained(tmp_path / "plain")
         load(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_load_names_a_damaged_weights_file(tmp_path, how):
+    """A saved SparseK model whose model.safetensors is cut short or not safetensors: the error names the file
+    (safetensors' own, passed on by from_pretrained, does not), through hf.load and load_pretrained alike."""
+    converted("llama", topk=3, window=2).save_pretrained(tmp_path)
+    damage_file(tmp_path / "model.safetensors", how)
+    for loader in (load, lambda path: load_pretrained(str(path))):
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "model.safetensors"))):
+            loader(tmp_path)
 
 
 @torch.no_grad()
@@ -501,6 +516,17 @@ def test_convert_refuses_bad_slope_untouched(slope):
     assert_unchanged(model, before, ids)
     assert converted_layers(convert(model, topk=3, window=2, slope=0.5)) == [0, 1]
     assert model.config.sparsek["slope"] == 0.5 and model.config._attn_implementation == "sparsek"
+
+
+@pytest.mark.parametrize("name,value", [("topk", 3.0), ("topk", True), ("topk", -1), ("window", "2"),
+                                        ("window", None)])
+def test_convert_names_a_bad_topk_or_window_untouched(name, value):
+    """topk and window must be ints >= 0: the error names the one that is not, and the model stays as it was."""
+    model, ids = tiny_model("llama"), torch.randint(0, VOCAB, (2, 9))
+    before = snapshot(model, ids)
+    with pytest.raises(ValueError, match=rf"^{name} must be an int >= 0, got {re.escape(repr(value))}$"):
+        convert(model, **{"topk": 3, "window": 2, name: value})
+    assert_unchanged(model, before, ids)
 
 
 def test_convert_failing_part_way_is_undone(monkeypatch):

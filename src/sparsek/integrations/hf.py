@@ -39,6 +39,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..cache import SparseKCache
 from ..layers.scorer import Scorer
 from ..ops.attention.interface import GATES, sparsek_attention
+from ..ops.select import check_budget
+from ..weights import check_safetensors_folder, load_safetensors
 
 IMPLEMENTATION = "sparsek"
 SETTINGS = ("topk", "window", "slope", "gate", "layers")
@@ -472,9 +474,7 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     """
     # Everything is checked before the model changes, and a failure part-way is undone: a failed convert leaves
     # the model as it was (a retry would otherwise find it "already converted").
-    if isinstance(topk, bool) or not isinstance(topk, int) or isinstance(window, bool) or not isinstance(window, int) \
-            or topk < 0 or window < 0 or topk + window == 0:
-        raise ValueError(f"topk and window must be ints >= 0, not both 0; got {topk!r}, {window!r}")
+    check_budget(topk, window)
     if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
         raise ValueError(f"slope must be a finite number, got {slope!r}")
     if gate not in GATES:
@@ -545,12 +545,11 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
     """A converted model saved with `save_pretrained`: base weights, SparseK settings and scorer weights.
 
     (Plain `from_pretrained` of such a folder raises, once this module is imported: it would drop the scorers.)"""
-    from safetensors.torch import load_file
-
     path = Path(path)
     settings = getattr(AutoConfig.from_pretrained(path), "sparsek", None)
     if not settings:
         raise ValueError(f"{path} holds no SparseK model (config.json has no 'sparsek' settings)")
+    check_safetensors_folder(path)  # transformers' own error would not say which file is damaged
     from_pretrained_kwargs.setdefault("attn_implementation", "sdpa")  # switched to sparsek by convert
     token = _loading.set(True)
     try:
@@ -561,7 +560,7 @@ def load(path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
     convert(model, **{name: settings[name] for name in SETTINGS if name in settings})
     scorer_state = {}
     for file in sorted(path.glob("*.safetensors")):
-        scorer_state.update({k: t for k, t in load_file(file).items() if ".sparsek_scorer." in k})
+        scorer_state.update({k: t for k, t in load_safetensors(file).items() if ".sparsek_scorer." in k})
     wanted = {k for k in model.state_dict() if ".sparsek_scorer." in k}
     if set(scorer_state) != wanted:
         raise ValueError(f"{path}: scorer weights missing or unexpected: {sorted(wanted ^ set(scorer_state))[:4]}")

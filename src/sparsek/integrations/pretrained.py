@@ -153,6 +153,9 @@ def load_pretrained(
     with _quiet(transformers):
         if gguf is None or (cached is not None and cached.is_dir()):
             source = name_or_path if gguf is None else cached  # for a hub name, from_pretrained says what's missing
+            if Path(source).is_dir():
+                from ..weights import check_safetensors_folder
+                check_safetensors_folder(source)  # transformers' own error would not say which file is damaged
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
             model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         else:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.attention import sparsek_attention
 from ..ops.attention.interface import GATES
+from ..ops.select import check_budget
 from .rotary import RotaryEmbedding
 from .scorer import Scorer
 
@@ -49,8 +50,7 @@ class SparseKConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.topk < 0 or self.window < 0 or self.topk + self.window == 0:
-            raise ValueError(f"need topk >= 0, window >= 0 and not both 0, got {self.topk}, {self.window}")
+        check_budget(self.topk, self.window)
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
 

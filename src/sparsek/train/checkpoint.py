@@ -26,8 +26,9 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..weights import UnreadableWeightsError, load_safetensors, safetensors_metadata
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, METRICS_FILE = (
     "model.safetensors", "optimizer.safetensors", "state.json", "metrics.jsonl")
@@ -175,10 +176,9 @@ def _check(path: Path, state: dict) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint at step {state.get('step')} is incomplete")
     try:
-        with safe_open(path, "pt") as file:
-            tag = file.metadata() or {}
-    except (OSError, SafetensorError) as error:
-        raise CheckpointError(f"{path} is unreadable ({error}); the run cannot be resumed from it") from error
+        tag = safetensors_metadata(path)
+    except UnreadableWeightsError as error:
+        raise CheckpointError(f"{error}; the run cannot be resumed from it") from error
     if tag.get("checkpoint") != state["checkpoint"]["id"]:
         raise CheckpointError(f"{path} (step {tag.get('step')}) was not saved with {path.parent / STATE_FILE} "
                               f"(step {state.get('step')}): a torn checkpoint; resuming it would diverge")
@@ -186,9 +186,9 @@ def _check(path: Path, state: dict) -> None:
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(path)
-    except (OSError, SafetensorError) as error:
-        raise CheckpointError(f"{path} is missing or unreadable ({error})") from error
+        return load_safetensors(path)
+    except UnreadableWeightsError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def _atomic(path: Path, write) -> None:

@@ -36,7 +36,17 @@ from torch import Tensor
 
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
-__all__ = ["Selection", "prefix_selection", "select_rows", "threshold_backward"]
+__all__ = ["Selection", "check_budget", "prefix_selection", "select_rows", "threshold_backward"]
+
+
+def check_budget(topk, window, *, allow_empty: bool = False) -> None:
+    """ValueError naming the argument unless topk and window are ints >= 0 (bool is not an int here), and,
+    unless allow_empty, not both 0. The budget rule of the cache, the layer config and `convert`."""
+    for name, value in (("topk", topk), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if not allow_empty and topk + window == 0:
+        raise ValueError("topk and window must be not both 0 (every query would attend to nothing)")
 
 
 @dataclass
@@ -248,10 +258,7 @@ def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
         raise ValueError(f"scores must be float32 or float64, got {scores.dtype}")
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite (found NaN or inf)")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
-        raise ValueError(f"topk must be an int >= 0, got {topk!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    check_budget(topk, window, allow_empty=True)
 
     batch, t_len, heads = scores.shape
     rows = scores.permute(0, 2, 1).reshape(batch * heads, t_len)         # [R, T]

@@ -15,6 +15,9 @@ Shapes: the operator works along `dim` of any tensor; below the working dim is a
 
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 from torch import Tensor
 
@@ -26,6 +29,51 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _check_dim(dim) -> int:
+    """dim as a Python int; ValueError for anything else (bool included: True is not an axis)."""
+    if isinstance(dim, bool):
+        raise ValueError(f"dim must be an int, got bool {dim!r}")
+    try:
+        return operator.index(dim)
+    except TypeError:
+        raise ValueError(f"dim must be an int, got {type(dim).__name__} {dim!r}") from None
+
+
+def _budget_tensor(k, z_last: Tensor, dim: int) -> Tensor:
+    """k as a tensor of z_last.shape[:-1] in z_last's dtype and device (z_last is z with `dim` moved last).
+
+    k is a real number, a real tensor (or a list/array of numbers) broadcastable to z's shape without `dim`,
+    or that shape with `dim` kept as size 1 (what a reduction with keepdim=True gives).
+    """
+    accepted = "a positive number or a real tensor broadcastable to z's shape without dim (or with dim kept as 1)"
+    if isinstance(k, bool):
+        raise ValueError(f"k must be {accepted}, got bool {k!r}")
+    if isinstance(k, Tensor) and (k.dtype == torch.bool or k.is_complex()):
+        raise ValueError(f"k must be {accepted}, got a {k.dtype} tensor")
+    if isinstance(k, numbers.Real):
+        k_t = torch.tensor(float(k), dtype=z_last.dtype, device=z_last.device)
+    else:
+        if not isinstance(k, Tensor):
+            try:
+                values = torch.as_tensor(k)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"k must be {accepted}, got {type(k).__name__} {k!r:.80}") from None
+            if values.dtype == torch.bool or values.is_complex():
+                raise ValueError(f"k must be {accepted}, got {values.dtype} values")
+            k = torch.as_tensor(k, dtype=torch.float64)  # not via float32: k = [2.1] stays 2.1 in float64
+        k_t = k.detach().to(dtype=z_last.dtype, device=z_last.device)
+    if torch.isnan(k_t).any() or (k_t <= 0).any():
+        raise ValueError(f"k must be > 0 everywhere, got {k if k_t.numel() == 1 else 'a tensor with k <= 0'}")
+    batch_shape, k_shape = z_last.shape[:-1], tuple(k_t.shape)
+    if k_t.dim() == len(batch_shape) + 1 and k_t.shape[dim] == 1:
+        k_t = k_t.squeeze(dim)  # keepdim layout: k has z's rank with size 1 along dim
+    try:
+        return torch.broadcast_to(k_t, batch_shape)
+    except RuntimeError:
+        raise ValueError(f"k of shape {k_shape} broadcasts neither to z's shape without dim, "
+                         f"{tuple(batch_shape)}, nor to it with dim kept as size 1") from None
+
+
 def _prepare(z: Tensor, k, dim: int) -> tuple[Tensor, Tensor, int]:
     """Validate, move `dim` last and return (z [..., n], k [...], dim) in the compute dtype."""
     if not isinstance(z, Tensor) or not z.is_floating_point():
@@ -33,6 +81,7 @@ def _prepare(z: Tensor, k, dim: int) -> tuple[Tensor, Tensor, int]:
                          f"{getattr(z, 'dtype', '')}")
     if z.dim() == 0:
         raise ValueError("z must have at least one dimension (dim)")
+    dim = _check_dim(dim)
     if not -z.dim() <= dim < z.dim():
         raise ValueError(f"dim={dim} is out of range for z with {z.dim()} dimensions")
     dim = dim % z.dim()
@@ -43,17 +92,8 @@ def _prepare(z: Tensor, k, dim: int) -> tuple[Tensor, Tensor, int]:
     if torch.isposinf(z).any():
         raise ValueError("z contains +inf; entries must be finite or -inf")
 
-    cdtype = _compute_dtype(z.dtype)
-    z_last = z.detach().movedim(dim, -1).to(cdtype)
-    k_t = torch.as_tensor(k, dtype=cdtype, device=z.device).detach()
-    if torch.isnan(k_t).any() or (k_t <= 0).any():
-        raise ValueError(f"k must be > 0 everywhere, got {k if k_t.numel() == 1 else 'a tensor with k <= 0'}")
-    try:
-        k_t = torch.broadcast_to(k_t, z_last.shape[:-1])
-    except RuntimeError as err:
-        raise ValueError(f"k of shape {tuple(k_t.shape)} does not broadcast to z's shape without dim, "
-                         f"{tuple(z_last.shape[:-1])}") from err
-    return z_last.contiguous(), k_t, dim
+    z_last = z.detach().movedim(dim, -1).to(_compute_dtype(z.dtype))
+    return z_last.contiguous(), _budget_tensor(k, z_last, dim), dim
 
 
 def _relative(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,9 +224,10 @@ def sparsek(z: Tensor, k, dim: int = -1) -> Tensor:
     Args:
         z: scores, any shape [..., n, ...] with n along `dim`; float16/bfloat16 are computed in float32.
             -inf entries are allowed and get 0; NaN and +inf are errors.
-        k: budget, a positive Python number or a tensor broadcastable to z's shape without `dim`.
-            Non-integer k is allowed; k >= (number of finite entries) gives all ones.
-        dim: the dimension to project along.
+        k: budget, a positive Python number or a real tensor broadcastable to z's shape without `dim`,
+            or to z's shape with `dim` kept as size 1 (a keepdim=True reduction). Non-integer k is allowed;
+            k >= (number of finite entries) gives all ones. bool, None and strings are a ValueError.
+        dim: the dimension to project along, an int.
 
     Returns:
         p, same shape and dtype as z, with values in [0, 1] summing to min(k, #finite) along `dim`.
