@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .gathered import sparsek_attention_gathered
 from .reference import sparsek_attention_reference
 
 # Imported up front when triton is installed, not inside the call: torch.compile then traces the dispatch
@@ -31,7 +32,15 @@ def kernel_if_available(module, name: str, q: Tensor, required: bool):
 
 
 GATES = ("kv", "v", "none")
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "gather", "reference")
+
+
+def gather_is_cheaper(t_len: int, topk: int, window: int) -> bool:
+    """Whether backend "auto" off CUDA takes the gathered path rather than the dense reference for sequences of
+    length t_len. Why: the reference's O(T^2) work overtakes the gathered path's O(T * (topk + window + 16))
+    and its larger fixed cost near T = 2 * (topk + window) (forward + backward, 2-core CPU, 1 to 8 sequences;
+    below T = 64 both are overhead and within 20% of each other)."""
+    return t_len >= max(64, 2 * (topk + window))
 
 
 def _check_int(name: str, value) -> None:
@@ -129,8 +138,10 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
         scale: softmax scale, default D ** -0.5.
         cu_seqlens: optional [N + 1] integer offsets of N sequences packed along T (B must be 1), as in
             flash-attention; each sequence restarts at position 0 and attends only within itself.
-        backend: "triton" (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1), "reference" (exact
-            PyTorch: O(T log T) selection, chunked O(T^2) attention) or "auto" (triton on CUDA when available).
+        backend: "triton" (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1), "gather" (PyTorch over each
+            query block's selected keys and window band: O(T * (topk + window)) time and memory), "reference"
+            (exact PyTorch, float64-able oracle: O(T log T) selection, chunked O(T^2) attention) or "auto"
+            (triton on CUDA when available; elsewhere gather when `gather_is_cheaper`, else reference).
 
     Returns:
         [B, T, Hq, D] in q's dtype. Gradients reach q, k, v and scores (through m and through tau).
@@ -145,19 +156,23 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     if q.shape[1] == 0:
         return q.new_zeros(q.shape)
 
+    bounds = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, q)
     attention = None
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         attention = kernel_if_available(fused, "sparsek_attention_fused", q, required=backend == "triton")
-    attention = attention or sparsek_attention_reference
+    if attention is None:
+        longest = q.shape[1] if bounds is None else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        gather = backend == "gather" or (backend == "auto" and not q.is_cuda
+                                         and gather_is_cheaper(longest, topk, window))
+        attention = sparsek_attention_gathered if gather else sparsek_attention_reference
 
     def attend(q_, k_, v_, s_):
         return attention(q_, k_, v_, s_, topk=topk, window=window, gate=gate, scale=scale)
 
-    if cu_seqlens is None:
+    if bounds is None:
         return attend(q, k, v, scores)
-    bounds = _validate_cu_seqlens(cu_seqlens, q)
     sequences = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if attention is sparsek_attention_reference:  # chunked O(T^2) math: padding would only add work
+    if attention in (sparsek_attention_reference, sparsek_attention_gathered):  # padding would only add work
         return torch.cat([attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in sequences], dim=1)
     outputs = {}
     for group in padding_groups(sequences):
