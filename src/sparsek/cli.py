@@ -69,7 +69,7 @@ def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_
 
 
 def generate(model_name: str, prompt: str, topk: int, window: int, max_new_tokens: int, sample: bool,
-             device: str) -> None:
+             device: str, slope: float = -1.0) -> None:
     """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original; a
     saved SparseK model (sparsek finetune's run/model folder) generates as it is."""
     try:
@@ -94,8 +94,9 @@ def generate(model_name: str, prompt: str, topk: int, window: int, max_new_token
         torch.manual_seed(0)
         model.generate(ids, **options)
         print()
-        convert(model, topk=topk, window=window)
-    trained = "saved model" if settings else "recency only until fine-tuned"
+        convert(model, topk=topk, window=window, slope=slope)
+    kept = "the first tokens" if slope < 0 else "the newest tokens" if slope > 0 else "ties to the newest"
+    trained = "saved model" if settings else f"untrained scorer, slope {slope:g}: keeps {kept}"
     print(f"SparseK topk={topk} window={window} ({trained}):\n{prompt}", end="", flush=True)
     cache = SparseKHFCache()
     torch.manual_seed(0)
@@ -263,7 +264,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     elif args.command == "eval":
         evaluate_cli(args)
     elif args.command == "generate":
-        generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device)
+        generate(args.model, args.prompt, args.topk, args.window, args.max_new_tokens, args.sample, args.device,
+                 args.slope)
     elif args.command == "demo":
         demo(args.seq_len, args.topk, args.window, args.d_model, args.n_heads, args.n_kv_heads, args.seed,
              args.device)
@@ -297,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--prompt", default="The old king called his three daughters and said:")
     p_gen.add_argument("--topk", type=int, default=32)
     p_gen.add_argument("--window", type=int, default=32)
+    p_gen.add_argument("--slope", type=float, default=-1.0, help="the converted model's untrained scorer is "
+                       "u = slope * position: -1 keeps the first topk tokens (attention sinks and the prompt, as "
+                       "StreamingLLM; fluent), +1 the newest (a plain window of topk + window; degenerates once the "
+                       "prompt leaves it) (default -1)")
     p_gen.add_argument("--max-new-tokens", type=int, default=200)
     p_gen.add_argument("--sample", action="store_true", help="nucleus sampling (top_p 0.9) instead of greedy")
     p_gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
