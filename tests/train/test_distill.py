@@ -125,6 +125,17 @@ def test_distill_command_saves_a_model_that_reloads_with_its_scorers(tmp_path, c
     weights = [p for n, p in model.named_parameters() if "sparsek_scorer" in n]
     assert len(weights) == 2 and all(w.abs().sum() > 0 for w in weights)   # moved from their zero start
 
+    args = ["distill", "--model", str(tmp_path / "tiny_llama"), "--data", str(corpus_dir), "--context", "640",
+            "--topk", "16", "--window", "16", "--steps", "1", "--eval-batches", "1", "--run-dir", str(run),
+            "--no-progress"]
+    before = (run / "model" / "model.safetensors").read_bytes()
+    assert main(args) == 2                                    # a second run never replaces the first unasked
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "model" / "model.safetensors").read_bytes() == before
+    main([*args, "--overwrite"])
+    assert '"steps": 1' in (run / "state.json").read_text()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the replaced run's rows are gone
+
 
 def test_finetune_with_distillation_first(tmp_path, corpus_dir):
     from sparsek.train.finetune import FinetuneConfig, finetune

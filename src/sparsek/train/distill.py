@@ -257,6 +257,7 @@ class DistillConfig:
     device: str = "auto"
     precision: str = "auto"
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
@@ -292,6 +293,10 @@ def parse_layers(text: str) -> list[int] | str | None:
     return layers
 
 
+# What a distillation run writes into its folder: a run refuses a folder holding any of them unless overwrite.
+RUN_FILES = (checkpoint.STATE_FILE, checkpoint.METRICS_FILE, "model")
+
+
 def distill(config: DistillConfig) -> dict:
     """Load, convert, distill, measure and save (module docstring); returns the summary."""
     from ..data.corpus import DocumentSampler
@@ -300,6 +305,11 @@ def distill(config: DistillConfig) -> dict:
     from .distributed import World
     from .finetune import tokenized_corpus
 
+    run_dir = Path(config.run_dir)
+    found = checkpoint.existing_run_files(run_dir, RUN_FILES)   # checked before the model loads: fail at once
+    if found and not config.overwrite:
+        raise checkpoint.RunExistsError(f"{run_dir} already holds a run ({', '.join(found)}): pass --overwrite to "
+                                        f"replace it, or use a new run_dir")
     device = resolve_device(config.device, World())
     use_bf16 = uses_bf16(config.precision, device)
     autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -315,9 +325,8 @@ def distill(config: DistillConfig) -> dict:
     sampler = DocumentSampler(train_docs, length, config.batch_size, config.seed)
     heldout = DocumentSampler(heldout_docs, length, config.batch_size, config.seed + 1)
     eval_batches = [prepend_bos(heldout.batch(i), bos).to(device) for i in range(config.eval_batches)]
-    run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
+    checkpoint.remove_run_files(run_dir, RUN_FILES)   # nothing of a replaced run may mix with this one
 
     def check(name: str) -> dict:
         result = measure(model, eval_batches, reduction=config.reduction, stride=config.stride,
