@@ -155,7 +155,7 @@ class SparseKCache:
         cache.lengths = lengths.to(k.device, copy=True)  # updated in place while decoding
         if topk:
             width = max(row.shape[-1] for row in kept)
-            cache._set_kept(torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-torch.inf)
+            cache.set_kept(torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-torch.inf)
                                          for row in kept]))
             cache._prune()
         return cache
@@ -200,7 +200,7 @@ class SparseKCache:
         self.scores[b, :, entries] = u.T.to(self.scores.dtype)
         self.positions[b, :, entries] = pos
 
-    def _set_kept(self, kept: Tensor, room: int = 0) -> None:
+    def set_kept(self, kept: Tensor, room: int = 0) -> None:
         """kept [B, H, n] (-inf pads) becomes the kept scores, in a buffer with room for `room` more at least."""
         n = kept.shape[-1]
         # Twice what is kept: pruning costs O(n log n) once per n steps. Not the old capacity: after a long
@@ -224,7 +224,7 @@ class SparseKCache:
             # (see `exact`); rows are sorted, so the best dropped is the first past the cut (-inf if it was dead).
             torch.maximum(self.dropped_u, ranked[..., self.max_kept], out=self.dropped_u)
             width = self.max_kept
-        self._set_kept(ranked[..., :width])
+        self.set_kept(ranked[..., :width])
 
     def reserve(self, steps: int) -> None:
         """Make room for `steps` more tokens: until then `append` and `step` do no host work (no pruning, no
@@ -232,7 +232,7 @@ class SparseKCache:
         if self.topk and self.n_kept + steps > self.kept_u.shape[-1]:
             self._prune()
             if self.n_kept + steps > self.kept_u.shape[-1]:
-                self._set_kept(self.kept_u[..., :self.n_kept], room=steps)
+                self.set_kept(self.kept_u[..., :self.n_kept], room=steps)
 
     def check_token(self, k: Tensor, v: Tensor, scores: Tensor, q: Tensor | None = None) -> None:
         """ValueError unless k, v [B, H, D] (and q [B, Hq, D]) match the cache's shapes, dtype and device, and

@@ -37,7 +37,7 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     q = torch.randn(1, t_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, t_len, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scores = torch.randn(1, t_len, kv_heads, device="cuda")
-    u = fused._rows(scores)
+    u = fused.score_rows(scores)
     scale = head_dim ** -0.5
     row = dict(T=t_len)
     row["select"] = ms(lambda: select_rows_triton(u, topk, window))

@@ -74,7 +74,7 @@ def sparsek_cache(model, batch: int, context: int, static: bool = False):
         state.values.normal_()
         state.scores.normal_()
         state.positions.copy_(torch.arange(topk + window, device=model.device))  # every entry holds a token
-        state._set_kept(torch.randn(batch, config.num_key_value_heads, topk + 1, dtype=torch.float64,
+        state.set_kept(torch.randn(batch, config.num_key_value_heads, topk + 1, dtype=torch.float64,
                                     device=model.device))
         state.lengths.fill_(context)
         state.reserve(64)

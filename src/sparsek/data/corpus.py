@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .text import _shakespeare_path, load_text, shakespeare_works
+from .text import load_text, shakespeare_path, shakespeare_works
 
 __all__ = ["ByteTokenizer", "Document", "DocumentSampler", "document_windows", "load_documents", "split_documents"]
 
@@ -259,7 +259,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def _shakespeare_work(work: str) -> Document:
-    filename = _shakespeare_path(work).name
+    filename = shakespeare_path(work).name
     name = filename.removesuffix("_gut_f.txt") + "_folio" if filename.endswith("_gut_f.txt") else filename
     return Document(name.removesuffix("_gut.txt"), load_text(f"shakespeare:{work}"))
 

@@ -59,8 +59,8 @@ def load_text(source: str = "shakespeare:hamlet") -> str:
     corpus, _, work = source.partition(":")
     if corpus == "shakespeare":
         if not work:
-            return "\n\n\n".join(_read(_shakespeare_path(name)) for name in shakespeare_works())
-        return _read(_shakespeare_path(work))
+            return "\n\n\n".join(_read(shakespeare_path(name)) for name in shakespeare_works())
+        return _read(shakespeare_path(work))
     if os.sep in source or source.endswith(".txt"):
         raise FileNotFoundError(f"no text file at {path}")
     raise ValueError(f"unknown text source {source!r}: use 'shakespeare', 'shakespeare:<work>' or a file path")
@@ -151,7 +151,7 @@ def _shakespeare_texts():
         ) from error
 
 
-def _shakespeare_path(work: str):
+def shakespeare_path(work: str):
     """The file of one work: its exact name, else the one name containing `work` (spaces and case ignored)."""
     query = re.sub(r"[^a-z0-9]+", "_", work.lower()).strip("_")
     folio = query.endswith(_FOLIO)

@@ -113,7 +113,7 @@ def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _rows(x: Tensor) -> Tensor:
+def score_rows(x: Tensor) -> Tensor:
     """[B, T, H] -> [B * H, T] contiguous."""
     batch, t_len, heads = x.shape
     return x.permute(0, 2, 1).reshape(batch * heads, t_len).contiguous()
@@ -242,7 +242,7 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
     with _on_device_of(q):
         # Select in the scores' own precision (float64 scores may differ in the last float32 bit); the kernels
         # read them as float32.
-        u_exact = _rows(scores.detach())
+        u_exact = score_rows(scores.detach())
         block = forward_tiles(q.shape[-1])["BLOCK_M"]
         tau, start, end, lists, poison = forward_selection((u_exact,), (topk, window, block))
         u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..select import prefix_selection
 from ..select.blocks import block_key_lists
-from ..sparsek.reference import _compute_dtype
+from ..sparsek.reference import compute_dtype
 
 # Queries per block: each query also computes the P - 1 band keys past its window, but a block shares one
 # gather of its list and one batched matmul; 16 was fastest on a 2-core CPU (8 to 64 tried, topk = window
@@ -227,7 +227,7 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     group = n_q_heads // n_kv_heads
     rows = batch * n_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = compute_dtype(q.dtype)
     score_dtype = torch.float64 if torch.float64 in (q.dtype, scores.dtype) else torch.float32
 
     u = scores.to(score_dtype)

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..select import prefix_selection
-from ..sparsek.reference import _compute_dtype
+from ..sparsek.reference import compute_dtype
 
 # Elements of one chunk's [B, Hk, G, Q, N] logits; a few times this many bytes are live at once.
 _CHUNK_ELEMENTS = 1 << 24
@@ -90,7 +90,7 @@ def sparsek_attention_reference(q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
     n_kv_heads = k.shape[2]
     group = n_q_heads // n_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    cdtype = _compute_dtype(q.dtype) if upcast else q.dtype
+    cdtype = compute_dtype(q.dtype) if upcast else q.dtype
     score_dtype = torch.float64 if torch.float64 in (q.dtype, scores.dtype) else torch.float32
 
     u = scores.to(score_dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sparsek.reference import _compute_dtype
+from ..sparsek.reference import compute_dtype
 
 
 def decode_attention_reference(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, attended: Tensor,
@@ -23,7 +23,7 @@ def decode_attention_reference(q: Tensor, keys: Tensor, values: Tensor, weight: 
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = keys.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
-    cdtype = _compute_dtype(q.dtype) if upcast else q.dtype
+    cdtype = compute_dtype(q.dtype) if upcast else q.dtype
 
     q_c = q.to(cdtype).reshape(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)    # [B, H, G, D]
     logits = torch.einsum("bhgd,bhnd->bhgn", q_c, keys.to(cdtype)) * scale               # [B, H, G, N]

@@ -17,7 +17,7 @@ import triton
 from torch import Tensor
 
 from . import kernels
-from .prefix import _best_first_order, _key_ranges
+from .prefix import best_first_order, key_ranges
 from .wavelet import bits_needed
 
 
@@ -85,7 +85,7 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     rows, t_len = u.shape
     n = t_len - window                                                    # candidate positions
     if n <= 0 or topk == 0:
-        start, end = _key_ranges(u, topk, window)
+        start, end = key_ranges(u, topk, window)
         return torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device), start, end
     uc = u[:, :n].double().contiguous()
     by_rank, breaks, vals, weights = _rank_sequences(u[:, :n], uc)
@@ -119,14 +119,14 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
 
 def _rank_sequences(u: Tensor, uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One sort of the scores u [R, L] (uc: the same in float64) -> the best-first order by_rank [R, L] int64
-    (prefix._best_first_order), the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks
+    (prefix.best_first_order), the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks
     of u_j and u_j - 1 among the breakpoints, best-first ranks) and their weights [2R, L] float64 (see
     breakpoint_ranks_kernel and keys_by_rank_kernel). The sort runs in the scores' own dtype: each float
     converts exactly and in order to float64, so the order is the same for every non-NaN score (NaN scores
     make the attention's output NaN anyway), and a radix sort of float32 keys takes half the passes of float64
     (16 rows on an H100: selection + lists 0.51 -> 0.47 ms at T = 16k, 3.02 -> 2.84 ms at 128k)."""
     rows, n = uc.shape
-    desc, by_rank = _best_first_order(u)
+    desc, by_rank = best_first_order(u)
     desc = desc.double()
     breaks = torch.empty(rows, 2 * n, dtype=torch.float64, device=uc.device)
     vals = torch.empty(3 * rows, n, dtype=torch.int32, device=uc.device)

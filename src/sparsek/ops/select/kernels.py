@@ -235,7 +235,7 @@ def finish_tau_kernel(U, BY_RANK, KTH, KTH_NEXT, TAU, CHUNK_MAX, N, N_CHUNKS, to
 
 @triton.jit
 def key_ranges_kernel(KTH, RANK_BEST, START, END, N, T, WINDOW, topk, STEPS, CHUNK: tl.constexpr):
-    """Every key's selection range [START, END) [R, T] int64 (prefix._key_ranges): start_j = min(j + w, T), and a
+    """Every key's selection range [START, END) [R, T] int64 (prefix.key_ranges): start_j = min(j + w, T), and a
     candidate (j < N) leaves the top-k at the first prefix whose topk-th best ranks above it (that rank only
     improves, so a binary search of STEPS >= bit_length(N) halvings finds it): end_j = min(max(that prefix,
     j) + w, T). KTH [R, N] int32: best-first rank of the topk-th best key of each prefix; RANK_BEST [R, N]

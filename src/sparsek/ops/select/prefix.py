@@ -206,7 +206,7 @@ class _QueryThresholds(torch.autograd.Function):
         return threshold_backward(u, tau, ctx.window, grad_tau), None, None, None
 
 
-def _best_first_order(u: Tensor) -> tuple[Tensor, Tensor]:
+def best_first_order(u: Tensor) -> tuple[Tensor, Tensor]:
     """Sort keys under the total order (higher score, ties to the newer key), u [R, T] -> (the scores in that
     order, by_rank: position of the rank-r key [R, T] int64)."""
     t_len = u.shape[1]
@@ -217,12 +217,12 @@ def _best_first_order(u: Tensor) -> tuple[Tensor, Tensor]:
 def _best_first(u: Tensor) -> tuple[Tensor, Tensor]:
     """Rank keys under the total order (higher score, ties to the newer key), u [R, T] ->
     (by_rank: position of the rank-r key, rank: rank of the key at each position), both [R, T] int64."""
-    _, by_rank = _best_first_order(u)
+    _, by_rank = best_first_order(u)
     positions = torch.arange(u.shape[1], device=u.device).expand_as(by_rank)
     return by_rank, torch.empty_like(by_rank).scatter_(1, by_rank, positions)
 
 
-def _key_ranges(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor]:
+def key_ranges(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor]:
     """start_j and end_j for every key, u [R, T] -> two [R, T] int64."""
     rows, t_len = u.shape
     positions = torch.arange(t_len, device=u.device).expand(rows, t_len)
@@ -266,7 +266,7 @@ def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
         tau_rows = torch.full_like(rows, -torch.inf)
     else:
         tau_rows = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype).to(scores.dtype)
-    start, end = _key_ranges(rows.detach(), topk, window)
+    start, end = key_ranges(rows.detach(), topk, window)
 
     def to_bth(x: Tensor) -> Tensor:
         return x.reshape(batch, heads, t_len).permute(0, 2, 1)
@@ -285,5 +285,5 @@ def select_rows(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tens
         tau = torch.full_like(u, -torch.inf)
     else:
         tau = _query_thresholds(u, topk, window)
-    start, end = _key_ranges(u, topk, window)
+    start, end = key_ranges(u, topk, window)
     return tau, start, end

@@ -24,8 +24,9 @@ from torch import Tensor
 __all__ = ["sparsek", "sparsek_threshold"]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half precision cannot resolve tau between close scores; do the projection in float32.
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the PyTorch paths compute in: float32 for half precision (which cannot resolve tau between close
+    scores), else the input's own."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -92,7 +93,7 @@ def _prepare(z: Tensor, k, dim: int) -> tuple[Tensor, Tensor, int]:
     if torch.isposinf(z).any():
         raise ValueError("z contains +inf; entries must be finite or -inf")
 
-    z_last = z.detach().movedim(dim, -1).to(_compute_dtype(z.dtype))
+    z_last = z.detach().movedim(dim, -1).to(compute_dtype(z.dtype))
     return z_last.contiguous(), _budget_tensor(k, z_last, dim), dim
 
 
