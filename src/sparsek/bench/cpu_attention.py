@@ -15,13 +15,13 @@ The table is printed last.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from sparsek.bench.select import time_call
 from sparsek.ops.attention import sparsek_attention
+from sparsek.ops.attention.interface import GATES
 
 PATHS = ("sdpa", "reference", "gather")
 
@@ -49,13 +49,7 @@ def time_fwd_bwd(fn, inputs, repeats: int, **kwargs) -> float:
             x.grad = None
         fn(*inputs, **kwargs).backward(cotangent)
 
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_call(step, repeats, "cpu")
 
 
 def main() -> None:
@@ -67,7 +61,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--gate", default="kv", choices=("kv", "v", "none"))
+    parser.add_argument("--gate", default="kv", choices=GATES)
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
