@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..select import check_budget
 from .gathered import sparsek_attention_gathered
 from .reference import sparsek_attention_reference
 
@@ -41,11 +42,6 @@ def gather_is_cheaper(t_len: int, topk: int, window: int) -> bool:
     and its larger fixed cost near T = 2 * (topk + window) (forward + backward, 2-core CPU, 1 to 8 sequences;
     below T = 64 both are overhead and within 20% of each other)."""
     return t_len >= max(64, 2 * (topk + window))
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -90,10 +86,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gat
         raise ValueError(f"scores must be float32 or float64 (keep the scorer in float32), got {scores.dtype}")
     if scores.device != q.device:
         raise ValueError(f"scores must be on the device of q, k, v ({q.device}), got {scores.device}")
-    _check_int("topk", topk)
-    _check_int("window", window)
-    if topk == 0 and window == 0:
-        raise ValueError("topk and window are both 0: every query would attend to nothing")
+    check_budget(topk, window)
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     validate_scale(scale)
