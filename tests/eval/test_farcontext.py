@@ -37,7 +37,7 @@ def test_scorers_saved_under_other_distill_settings_are_not_reused():
 
     from sparsek.eval.farcontext import DISTILL_CONTEXT, DISTILL_LR, DISTILL_STEPS, _distill_setting
     default = dict(distill_lookup=1.0, distill_context=DISTILL_CONTEXT, distill_steps=DISTILL_STEPS,
-                   distill_lr=DISTILL_LR)
+                   distill_lr=DISTILL_LR, distill_sinks=0)
     names = {_distill_setting(Namespace(**{**default, **change}))
              for change in ({}, {"distill_lookup": 0.0}, {"distill_lookup": 0.5}, {"distill_context": 16384},
                             {"distill_steps": 600}, {"distill_lr": 1e-3})}

@@ -44,10 +44,11 @@ def tiny_model(family: str, n_layers: int = 2) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
-def converted(family: str, topk: int, window: int, gate: str = "kv", layers=None, n_layers: int = 2
-              ) -> transformers.PreTrainedModel:
-    """Converted, with random scorer weights so the selection is not plain recency."""
-    model = convert(tiny_model(family, n_layers), topk=topk, window=window, slope=0.05, gate=gate, layers=layers)
+def converted(family: str, topk: int, window: int, gate: str = "kv", layers=None, n_layers: int = 2,
+              sinks: int = 0) -> transformers.PreTrainedModel:
+    """Converted, with random scorer weights (sink biases included) so the selection is not plain recency."""
+    model = convert(tiny_model(family, n_layers), topk=topk, window=window, slope=0.05, gate=gate, layers=layers,
+                    sinks=sinks)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "sparsek_scorer" in name:
@@ -81,6 +82,23 @@ def test_decoding_equals_parallel_forward(family, prompt_len):
     want = model(ids, use_cache=False).logits
     got, _ = logits_step_by_step(model, ids, prompt_len)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@torch.no_grad()
+def test_decoding_with_sink_biases_equals_parallel_forward():
+    """The sink bias enters through the scores, at the positions the cache is told: decoding stays exact."""
+    model = converted("llama", topk=3, window=2, sinks=2)
+    for module in model.modules():
+        if hasattr(module, "sparsek_scorer"):
+            module.sparsek_scorer.sink_bias.data.add_(20.0)     # the first two keys outrank every other
+    ids = torch.randint(0, VOCAB, (2, 24))
+    want = model(ids, use_cache=False).logits
+    got, _ = logits_step_by_step(model, ids, 5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    for module in model.modules():
+        if hasattr(module, "sparsek_scorer"):
+            module.sparsek_scorer.sink_bias.data.zero_()
+    assert not torch.allclose(model(ids, use_cache=False).logits, want)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -146,11 +164,12 @@ def test_cache_memory_constant_while_generating():
 
 @torch.no_grad()
 def test_save_and_load_round_trip(tmp_path):
-    model = converted("qwen2", topk=3, window=2, gate="v")
+    model = converted("qwen2", topk=3, window=2, gate="v", sinks=1)
     model.save_pretrained(tmp_path)
     assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
     loaded = load(tmp_path)
-    assert loaded.config.sparsek == {"topk": 3, "window": 2, "slope": 0.05, "gate": "v", "layers": [0, 1]}
+    assert loaded.config.sparsek == {"topk": 3, "window": 2, "slope": 0.05, "gate": "v", "layers": [0, 1],
+                                     "sinks": 1}
     ids = torch.randint(0, VOCAB, (1, 17))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     # Saved before partial conversion: no "layers" in the settings means every layer.

@@ -202,3 +202,21 @@ def test_config_validation():
         sparsek.SparseKConfig(d_model=32, n_heads=4, topk=0, window=0)
     with pytest.raises(ValueError):
         sparsek.SparseKConfig(d_model=32, n_heads=4, gate="gate")
+
+
+def test_scorer_sink_bias_reaches_only_the_first_positions():
+    from sparsek.layers.scorer import Scorer
+
+    scorer = Scorer(8, 2, slope=0.5, sinks=2)
+    torch.nn.init.normal_(scorer.weight)
+    plain = Scorer(8, 2, slope=0.5)
+    plain.weight.data.copy_(scorer.weight.data)
+    scorer.sink_bias.data.copy_(torch.tensor([[3.0, -1.0], [2.0, 5.0]]))
+    x = torch.randn(3, 6, 8)
+    for positions in (torch.arange(6), torch.tensor([[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9], [-1, -1, 0, 1, 2, 3]])):
+        expected = plain(x, positions)
+        expanded = positions.expand(3, 6)
+        for sink in range(2):
+            expected = expected + (expanded == sink).unsqueeze(-1) * scorer.sink_bias[sink]
+        torch.testing.assert_close(scorer(x, positions), expected)
+    assert "sinks=2" in repr(scorer) and not hasattr(plain, "sink_bias")

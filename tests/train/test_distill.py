@@ -32,6 +32,30 @@ def test_ranking_loss_gradient_reaches_every_candidate_and_vanishes_at_log_mass(
     assert best.grad.abs().max() < 1e-7
 
 
+def test_ranking_loss_with_sinks_lifts_them_above_the_rest_without_touching_the_rest():
+    """The sinks leave the cross-entropy: the other keys' gradient does not depend on the sinks' scores, and
+    minimising the loss puts each sink more than 1 above every other candidate (so SPARSEK keeps it whole)."""
+    torch.manual_seed(0)
+    mass = torch.rand(1, 40, 2) + 0.01
+    mass[:, :2] = 1e-6                              # the teacher gives them almost nothing
+    grads = []
+    for sink_score in (0.0, 100.0):
+        u = torch.randn(1, 40, 2, generator=torch.Generator().manual_seed(1))
+        u[:, :2] = sink_score
+        u.requires_grad_(True)
+        ranking_loss(u, mass, topk=4, window=5, stride=1, sinks=2).backward()
+        grads.append(u.grad[:, 2:])
+    torch.testing.assert_close(grads[0], grads[1])
+    u = torch.zeros(1, 40, 2, requires_grad=True)
+    optimizer = torch.optim.Adam([u], lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        ranking_loss(u, mass, topk=4, window=5, stride=1, sinks=2).backward()
+        optimizer.step()
+    candidates = 40 - 1 - 5 + 1
+    assert (u[:, :2].min(1).values > u[:, 2:candidates].max(1).values + 1).all()
+
+
 def test_ranking_loss_without_selection_is_zero():
     u = torch.randn(1, 10, 2, requires_grad=True)
     assert ranking_loss(u, torch.rand(1, 10, 2), topk=8, window=4, stride=1).item() == 0
@@ -91,6 +115,17 @@ def test_distillation_lowers_the_ranking_loss_and_raises_kept_attention(reductio
         assert p.requires_grad
 
 
+def test_distillation_with_sinks_trains_their_biases_and_keeps_the_first_token():
+    torch.manual_seed(0)
+    model = convert(sharpened(tiny_llama()), topk=4, window=4, slope=0.0, sinks=1)
+    train = torch.randint(0, 61, (40, 2, 64))
+    held_out = [torch.randint(0, 61, (2, 64)) for _ in range(2)]
+    distill_scorers(model, lambda step: train[step], steps=40, lr=0.05, stride=4, sinks=1, progress=False)
+    biases = [m.sink_bias for m in model.modules() if hasattr(m, "sink_bias")]
+    assert len(biases) == 2 and all((b > 1.5).all() for b in biases)     # at SINK_LR: lr alone moves them < 1.1
+    assert measure(model, held_out, stride=4, sinks=1)["first_kept"] == 1.0
+
+
 def test_kept_attention_is_one_with_room_for_every_key():
     from sparsek.ops.teacher import kept_attention
     q, k = torch.randn(1, 20, 4, 8), torch.randn(1, 20, 2, 8)
@@ -101,7 +136,7 @@ def test_kept_attention_is_one_with_room_for_every_key():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(reduction="median"), "reduction"), (dict(context=512, topk=256, window=256), "exceed"),
-    (dict(layers="odd"), "layers"), (dict(steps=0), "steps"),
+    (dict(layers="odd"), "layers"), (dict(steps=0), "steps"), (dict(sinks=257), "sinks"), (dict(sinks=-1), "sinks"),
 ])
 def test_config_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -59,7 +59,8 @@ def _load(args, device):
 
 def _convert(model, args):
     from ..integrations.hf import convert
-    return convert(model, topk=args.topk, window=args.window, slope=args.slope, layers=parse_layers(args.layers))
+    return convert(model, topk=args.topk, window=args.window, slope=args.slope, layers=parse_layers(args.layers),
+                   sinks=args.distill_sinks)
 
 
 class CompressedTail(torch.nn.Module):
@@ -87,7 +88,7 @@ def _distill_setting(args) -> str:
     """The part of a saved scorers file's name that says how they were distilled: a rerun with other settings
     distills again instead of reusing them. (Lookup share always named when not 0, the rest only when changed.)"""
     parts = [f"_lookup{args.distill_lookup:g}"] if args.distill_lookup else []
-    for flag, value, default in (("ctx", args.distill_context, DISTILL_CONTEXT),
+    for flag, value, default in (("ctx", args.distill_context, DISTILL_CONTEXT), ("sinks", args.distill_sinks, 0),
                                  ("steps", args.distill_steps, DISTILL_STEPS), ("lr", args.distill_lr, DISTILL_LR)):
         if value != default:
             parts.append(f"_{flag}{value:g}")
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-lr", type=float, default=DISTILL_LR)
     parser.add_argument("--distill-lookup", type=float, default=LOOKUP, help="share of distillation rows with "
                         "lookup facts and questions (sparsek.data.ruler.make_lookup_row; not suite tasks)")
+    parser.add_argument("--distill-sinks", type=int, default=0, help="the first positions, which get a scorer "
+                        "bias of their own and are taught to rank first (sparsek.train.distill.ranking_loss)")
     parser.add_argument("--reductions", default=REDUCTION, help=f"comma-separated, of {REDUCTIONS}")
     parser.add_argument("--ppl-context", type=int, default=8192)
     parser.add_argument("--ppl-tokens", type=int, default=65536)
@@ -223,26 +226,29 @@ def main(argv: list[str] | None = None) -> dict:
             for reduction in reductions:
                 name = "distilled" if reduction == reductions[0] else f"distilled_{reduction}"
                 saved = out / f"scorers_{reduction}{setting}.pt"
-                for scorer in scorers:
-                    torch.nn.init.zeros_(scorer.weight)
+                for parameter in (p for scorer in scorers for p in scorer.parameters()):
+                    torch.nn.init.zeros_(parameter)
                 if saved.is_file():
-                    for scorer, weight in zip(scorers, torch.load(saved)):
-                        scorer.weight.data.copy_(weight)
+                    for scorer, state in zip(scorers, torch.load(saved)):
+                        scorer.load_state_dict(state if isinstance(state, dict) else {"weight": state})
                 else:
-                    before = measure(model, probes, reduction=reduction, autocast_dtype=autocast_dtype)
+                    before = measure(model, probes, reduction=reduction, sinks=args.distill_sinks,
+                                     autocast_dtype=autocast_dtype)
                     started = time.perf_counter()
                     losses = distill_scorers(model, lambda step: rows(sampler, step), steps=args.distill_steps,
-                                    lr=args.distill_lr, reduction=reduction, autocast_dtype=autocast_dtype)
+                                    lr=args.distill_lr, reduction=reduction, sinks=args.distill_sinks,
+                                    autocast_dtype=autocast_dtype)
                     seconds = time.perf_counter() - started
-                    after = measure(model, probes, reduction=reduction, autocast_dtype=autocast_dtype)
-                    torch.save([s.weight.detach().cpu() for s in scorers], saved)
+                    after = measure(model, probes, reduction=reduction, sinks=args.distill_sinks,
+                                    autocast_dtype=autocast_dtype)
+                    torch.save([{k: v.cpu() for k, v in s.state_dict().items()} for s in scorers], saved)
                     record(f"distill_{reduction}{setting}", {"before": before, "after": after, "seconds": seconds,
                                                     "steps": args.distill_steps, "losses": losses[::10]})
                     print(f"distilled ({reduction}, {seconds:.0f} s): kept attention {before['kept']:.3f} -> "
                           f"{after['kept']:.3f}, ranking loss {before['loss']:.3f} -> {after['loss']:.3f}, "
                           f"first token kept {before['first_kept']:.0%} -> {after['first_kept']:.0%}", flush=True)
-                for scorer in scorers:
-                    scorer.weight.data.mul_(args.sharpen)
+                for parameter in (p for scorer in scorers for p in scorer.parameters()):
+                    parameter.data.mul_(args.sharpen)
                 suite_and_ppl(name, model, parallel=True)
     for name, folder in (item.split("=", 1) for item in args.runs.split(",") if item.strip()):
         folder = Path(folder) / "model" if (Path(folder) / "model").is_dir() else Path(folder)

@@ -43,7 +43,7 @@ from ..ops.select import check_budget
 from ..weights import check_safetensors_folder, load_safetensors
 
 IMPLEMENTATION = "sparsek"
-SETTINGS = ("topk", "window", "slope", "gate", "layers")
+SETTINGS = ("topk", "window", "slope", "gate", "layers", "sinks")
 
 
 class ForgettingLayer(CacheLayerMixin):
@@ -457,7 +457,7 @@ class _Undo:
 
 
 def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv",
-            layers: Sequence[int] | str | None = None) -> PreTrainedModel:
+            layers: Sequence[int] | str | None = None, sinks: int = 0) -> PreTrainedModel:
     """Turn a transformers causal LM into SparseK attention, in place; returns the model.
 
     Each attention module of `layers` (indices as in module.layer_idx; None = all; "global" = the layers
@@ -468,7 +468,8 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     over about 1 / slope keys at the threshold; `sparsek finetune` uses 0.1). The other layers keep exact causal
     attention (within their sliding window, if they have one) and, in a SparseKHFCache, a KV cache of the last
     sliding_window - 1 tokens for the layers config.layer_types marks "sliding_attention", a full one for the
-    rest. The settings, the sorted layer indices included, go into `model.config.sparsek`, so `save_pretrained`
+    rest. sinks > 0 gives each scorer a learned bias for the first `sinks` positions (layers.Scorer; zero until
+    distilled). The settings, the sorted layer indices included, go into `model.config.sparsek`, so `save_pretrained`
     records them; reload with `sparsek.integrations.hf.load`. Raises ValueError for a model or settings it cannot
     convert, and leaves the model as it was on any failure.
     """
@@ -479,6 +480,8 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
         raise ValueError(f"slope must be a finite number, got {slope!r}")
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= topk:
+        raise ValueError(f"sinks must be an int in [0, topk] = [0, {topk}], got {sinks!r}")
     modules = attention_modules(model)
     if any(hasattr(module, "sparsek_scorer") for module in modules):
         raise ValueError("model is already converted to SparseK")
@@ -501,10 +504,11 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
                 undo.hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 continue
             device = next(module.parameters()).device  # each layer's own device (models split over GPUs)
-            module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope).to(device)
+            module.sparsek_scorer = Scorer(config.hidden_size, n_kv_heads, slope, sinks).to(device)
             undo.scorers.append(module)
             undo.hooks.append(module.register_forward_pre_hook(_score_hook, with_kwargs=True))
-        config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate, "layers": converted}
+        config.sparsek = {"topk": topk, "window": window, "slope": float(slope), "gate": gate, "layers": converted,
+                          "sinks": sinks}
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns for such models
             raise ValueError(f"{type(model).__name__} kept attention {model.config._attn_implementation!r}: its "

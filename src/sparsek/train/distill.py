@@ -42,23 +42,36 @@ TEACHER = "sparsek_teacher"
 #: with "mean" or "sum", or without lookup rows, the distilled scorers miss facts beyond the window.
 REDUCTION = "max"
 LOOKUP = 1.0
+SINK_LR = 0.1
+SINK_MARGIN = 2.0
 
 
-def ranking_loss(scores: Tensor, mass: Tensor, *, topk: int, window: int, stride: int) -> Tensor:
+def ranking_loss(scores: Tensor, mass: Tensor, *, topk: int, window: int, stride: int, sinks: int = 0) -> Tensor:
     """Listwise distillation loss of one layer: scores [B, T, H] (the student's u, with grad), mass [B, T, H]
     (the teacher's, >= 0) -> scalar, the mean over (batch, head, query position) of the cross-entropy between
     mass and softmax(scores) over the candidates of query positions i = window + topk, + stride, ... (before
-    that every candidate is selected, so nothing is to be learned)."""
+    that every candidate is selected, so nothing is to be learned).
+
+    sinks: the first `sinks` keys (the attention sinks of pretrained models) leave the cross-entropy, whose
+    optimum then ranks the other keys as before, and enter a margin term instead: softplus(SINK_MARGIN - (u_s -
+    the best other candidate's u)), whose gradient reaches only the sinks' own scores. Then a sink is kept
+    (mask 1) wherever it clears the margin, since tau never exceeds the best other score. Lifting the sinks'
+    target inside the cross-entropy instead cost far-context retrieval on Gemma 3 (docs/longrange.md)."""
     t_len = scores.shape[1]
     if window + topk >= t_len:
         return scores.sum() * 0
     queries = torch.arange(window + topk, t_len, stride, device=scores.device)
-    candidate = torch.arange(t_len, device=scores.device) <= (queries - window)[:, None]       # [P, T]
+    keys = torch.arange(t_len, device=scores.device)
+    candidate = (keys <= (queries - window)[:, None]) & (keys >= sinks)                      # [P, T]
     u = scores.float().transpose(1, 2)[:, :, None, :]                                          # [B, H, 1, T]
     log_p = torch.log_softmax(u.masked_fill(~candidate, -torch.inf), dim=-1)                    # [B, H, P, T]
     target = mass.float().transpose(1, 2)[:, :, None, :] * candidate
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
-    return -(target * log_p.masked_fill(~candidate, 0)).sum(-1).mean()
+    loss = -(target * log_p.masked_fill(~candidate, 0)).sum(-1).mean()
+    if sinks:
+        best_other = u.detach().masked_fill(~candidate, -torch.inf).amax(-1, keepdim=True)     # [B, H, P, 1]
+        loss = loss + torch.nn.functional.softplus(SINK_MARGIN - (u[..., :sinks] - best_other)).mean()
+    return loss
 
 
 @dataclass
@@ -67,6 +80,7 @@ class _Collector:
 
     reduction: str
     stride: int
+    sinks: int = 0
     measure: bool = False                 # also the share of attention the current scorers keep (no grad)
     losses: dict = dataclasses.field(default_factory=dict)
     kept: dict = dataclasses.field(default_factory=dict)
@@ -90,7 +104,8 @@ def _teacher_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
         q, k = query.transpose(1, 2), key.transpose(1, 2)                                # [B, T, heads, D]
         mass = teacher_mass(q, k, window=settings["window"], reduction=_active.reduction, scale=scaling)
         _active.losses[module.layer_idx] = ranking_loss(sparsek_scores, mass, topk=settings["topk"],
-                                                        window=settings["window"], stride=_active.stride)
+                                                        window=settings["window"], stride=_active.stride,
+                                                        sinks=_active.sinks)
         if _active.measure:
             topk, window = settings["topk"], settings["window"]
             _active.kept[module.layer_idx] = kept_attention(q, k, sparsek_scores, topk=topk, window=window,
@@ -111,15 +126,15 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def teacher_attention(model, reduction: str = REDUCTION, stride: int = 64, measure: bool = False):
+def teacher_attention(model, reduction: str = REDUCTION, stride: int = 64, measure: bool = False, sinks: int = 0):
     """Within it, a converted model runs its original exact attention and collects per-layer distillation losses
-    (and with measure, the kept share of attention) into the yielded collector."""
+    (ranking_loss; and with measure, the kept share of attention) into the yielded collector."""
     global _active
     if not getattr(model.config, "sparsek", None):
         raise ValueError("distillation needs a model converted with sparsek.integrations.hf.convert")
     _register()
     implementation = model.config._attn_implementation
-    _active = _Collector(reduction, stride, measure)
+    _active = _Collector(reduction, stride, sinks, measure)
     model.set_attn_implementation(TEACHER)
     try:
         yield _active
@@ -135,13 +150,13 @@ def _forward(model, ids: Tensor, autocast_dtype: torch.dtype | None) -> None:
 
 
 @torch.no_grad()
-def measure(model, batches: list[Tensor], *, reduction: str = REDUCTION, stride: int = 64,
+def measure(model, batches: list[Tensor], *, reduction: str = REDUCTION, stride: int = 64, sinks: int = 0,
             autocast_dtype: torch.dtype | None = None) -> dict:
     """Mean ranking loss and mean kept share of the original attention over the converted layers and batches
     (each [B, T] token ids on the model's device), and how often the first token (the attention sink of most
     pretrained models) stays selected to the end: {"loss", "kept", "kept_by_layer", "first_kept"}."""
     losses, kept, first = [], {}, []
-    with teacher_attention(model, reduction, stride, measure=True) as collected:
+    with teacher_attention(model, reduction, stride, measure=True, sinks=sinks) as collected:
         for ids in batches:
             _forward(model, ids, autocast_dtype)
             losses.append(torch.stack(list(collected.losses.values())).mean().item())
@@ -154,21 +169,26 @@ def measure(model, batches: list[Tensor], *, reduction: str = REDUCTION, stride:
 
 
 def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: float = 3e-3,
-                    reduction: str = REDUCTION, stride: int = 64, autocast_dtype: torch.dtype | None = None,
-                    progress: bool = True, log: Callable[[dict], None] | None = None) -> list[float]:
+                    reduction: str = REDUCTION, stride: int = 64, sinks: int = 0,
+                    autocast_dtype: torch.dtype | None = None, progress: bool = True,
+                    log: Callable[[dict], None] | None = None) -> list[float]:
     """Train only the scorers of a converted model for `steps` steps of Adam (cosine to 10% of lr); batch(step)
-    gives [B, T] token ids on the model's device. Returns the loss of every step."""
+    gives [B, T] token ids on the model's device; sinks as in ranking_loss. Returns the loss of every step."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     scorers = [p for name, p in model.named_parameters() if "sparsek_scorer" in name]
     if not scorers:
         raise ValueError("the model has no SparseK scorers: convert it first")
+    biases = [p for name, p in model.named_parameters() if "sparsek_scorer.sink_bias" in name]
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in scorers:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(scorers, lr=lr)
+    # Adam moves each parameter by about lr a step: the weight's steps are multiplied by x's scale, a sink bias's
+    # are not, so the biases take SINK_LR to span the scores' range within a few hundred steps.
+    optimizer = torch.optim.Adam([{"params": [p for p in scorers if all(p is not b for b in biases)], "base": lr},
+                                  {"params": biases, "base": SINK_LR}])
     bar: Iterator[int] = range(steps)
     if progress:
         from tqdm.auto import tqdm
@@ -177,10 +197,10 @@ def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: fl
     was_training = model.training
     model.eval()   # no dropout in the teacher
     try:
-        with teacher_attention(model, reduction, stride) as collected:
+        with teacher_attention(model, reduction, stride, sinks=sinks) as collected:
             for step in bar:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+                    group["lr"] = group["base"] * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
                 started = time.perf_counter()
                 _forward(model, batch(step), autocast_dtype)
                 loss = torch.stack(list(collected.losses.values())).mean()
@@ -251,6 +271,7 @@ class DistillConfig:
     lr: float = 3e-3
     reduction: str = REDUCTION
     lookup: float = LOOKUP
+    sinks: int = 0
     stride: int = 64
     eval_batches: int = 4
     seed: int = 0
@@ -271,6 +292,8 @@ class DistillConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.topk < 1 or self.window < 0:
             raise ValueError(f"distillation needs topk >= 1 and window >= 0, got {self.topk}, {self.window}")
+        if not 0 <= self.sinks <= self.topk:
+            raise ValueError(f"sinks must lie in [0, topk] = [0, {self.topk}], got {self.sinks}")
         if self.context <= self.topk + self.window:
             raise ValueError(f"context {self.context} must exceed topk + window = {self.topk + self.window}: "
                              "shorter rows select every candidate and teach the scorers nothing")
@@ -318,7 +341,7 @@ def distill(config: DistillConfig) -> dict:
     if getattr(model.config, "sparsek", None):
         raise ValueError(f"{config.model} is already a SparseK model: distill from the original it came from")
     convert(model, topk=config.topk, window=config.window, slope=config.slope, gate=config.gate,
-            layers=parse_layers(config.layers))
+            layers=parse_layers(config.layers), sinks=config.sinks)
     train_docs, heldout_docs = tokenized_corpus(config, tokenizer)
     bos = bos_token_id(model, tokenizer)
     length = config.context - 1 - (bos is not None)       # rows of `context` tokens, BOS included
@@ -329,7 +352,7 @@ def distill(config: DistillConfig) -> dict:
     checkpoint.remove_run_files(run_dir, RUN_FILES)   # nothing of a replaced run may mix with this one
 
     def check(name: str) -> dict:
-        result = measure(model, eval_batches, reduction=config.reduction, stride=config.stride,
+        result = measure(model, eval_batches, reduction=config.reduction, stride=config.stride, sinks=config.sinks,
                          autocast_dtype=autocast_dtype)
         print(f"  {name:<10} ranking loss {result['loss']:.4f}, kept share of the original attention "
               f"{result['kept']:.4f} ({', '.join(f'{k}: {v:.3f}' for k, v in result['kept_by_layer'].items())}), "
@@ -344,7 +367,7 @@ def distill(config: DistillConfig) -> dict:
                             config.seed)
     distill_scorers(model, lambda step: prepend_bos(rows(step), bos).to(device), steps=config.steps,
                     lr=config.lr,
-                    reduction=config.reduction, stride=config.stride, autocast_dtype=autocast_dtype,
+                    reduction=config.reduction, stride=config.stride, sinks=config.sinks, autocast_dtype=autocast_dtype,
                     progress=config.progress, log=lambda row: checkpoint.append_metrics(run_dir, row))
     summary["seconds"] = time.perf_counter() - started
     summary["after"] = check("after")

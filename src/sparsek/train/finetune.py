@@ -55,10 +55,11 @@ class FinetuneConfig:
     comma-separated) turns task_fraction of the training rows into long-range task examples written into the
     row's own text, as for training from scratch; "" fine-tunes on the text alone. save_every writes a
     checkpoint every that many steps (0: none); resume continues the run in run_dir from it, with the same
-    settings apart from RESUMABLE ones. distill_steps > 0 first distills the new scorers from the original
-    attention for that many steps (`sparsek.train.distill`, only the scorers train, at distill_lr with the teacher
-    mass reduced by distill_reduction, on rows of which distill_lookup carry facts asked about at their end), then
-    fine-tunes; layers may also be "global" (the full-attention layers of
+    settings apart from RESUMABLE ones. sinks > 0 gives the first `sinks` positions a scorer bias of their own
+    (layers.Scorer). distill_steps > 0 first distills the new scorers from the original attention for that many
+    steps (`sparsek.train.distill`, only the scorers train, at distill_lr with the teacher mass reduced by
+    distill_reduction, on rows of which distill_lookup carry facts asked about at their end, the sinks taught to
+    rank first), then fine-tunes; layers may also be "global" (the full-attention layers of
     a model with local ones, such as Gemma 3). A run_dir that already holds a run is refused unless resume or
     overwrite (which deletes that run first; not saved, so a later resume never overwrites) is given.
     """
@@ -102,6 +103,7 @@ class FinetuneConfig:
     distill_lr: float = 3e-3
     distill_reduction: str = REDUCTION
     distill_lookup: float = LOOKUP
+    sinks: int = 0
 
     def __post_init__(self):
         # Checked here, not when converting: that comes after the model has loaded and been evaluated.
@@ -118,6 +120,8 @@ class FinetuneConfig:
                              f"{self.distill_steps}, {self.distill_lr}, {self.distill_reduction!r}")
         if not 0.0 <= self.distill_lookup <= 1.0:
             raise ValueError(f"distill_lookup must lie in [0, 1], got {self.distill_lookup}")
+        if not 0 <= self.sinks <= max(self.topk, 0):
+            raise ValueError(f"sinks must lie in [0, topk] = [0, {self.topk}], got {self.sinks}")
         if self.distill_steps and self.attention != "sparsek":
             raise ValueError("distill_steps needs attention='sparsek': there are no scorers to distill")
         if self.save_every < 0:
@@ -193,7 +197,7 @@ def tokenized_corpus(config: FinetuneConfig, tokenizer) -> tuple[list[torch.Tens
 def _convert(model, config: FinetuneConfig):
     from ..integrations.hf import convert
     return convert(model, topk=config.topk, window=config.window, slope=config.slope, gate=config.gate,
-                   layers=config.layer_list())
+                   layers=config.layer_list(), sinks=config.sinks)
 
 
 def _add_lora(model, config: FinetuneConfig):
@@ -265,9 +269,8 @@ def finetune(config: FinetuneConfig) -> dict:
                 rows = with_lookup_rows(lambda step: sampler.batch(step)[:, :-1], config.distill_lookup,
                                         lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
                 distill_scorers(model, lambda step: prepend_bos(rows(step), bos).to(device),
-                                steps=config.distill_steps,
-                                lr=config.distill_lr, reduction=config.distill_reduction, autocast_dtype=autocast_dtype,
-                                progress=config.progress)
+                                steps=config.distill_steps, lr=config.distill_lr, reduction=config.distill_reduction,
+                                sinks=config.sinks, autocast_dtype=autocast_dtype, progress=config.progress)
                 summary["distilled"] = held_out(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
