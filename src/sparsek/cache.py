@@ -23,9 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .ops.common import check_budget
 from .ops.decode import decode_attention
 from .ops.decode.threshold import kept_threshold
-from .ops.select import check_budget, prefix_selection
+from .ops.select import prefix_selection
 from .ops.sparsek import sparsek_threshold
 
 # Default bound on the kept scores, per slot: max_kept = KEPT_PER_SLOT * (topk + 1).

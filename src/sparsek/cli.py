@@ -149,7 +149,7 @@ FIELD_HELP = {
 def _choices(name: str, cls) -> tuple | None:
     """The allowed values of a config field, shown by --help and checked by argparse before anything runs."""
     from .models.lm import ATTENTIONS
-    from .ops.attention.interface import GATES
+    from .ops.common import GATES
     from .ops.teacher import REDUCTIONS
 
     if name == "attention":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from ..ops.attention.interface import validate_qkv, validate_scale
+from ..ops.common import check_qkv, check_scale
 
 # ----------------------------------------------------------------------------------------------------------
 # validation
@@ -33,8 +33,8 @@ def _check_budget(name: str, value) -> None:
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, scale) -> None:
-    validate_qkv(q, k, v)
-    validate_scale(scale)
+    check_qkv(q, k, v)
+    check_scale(scale)
 
 
 def _validate_rotations(k: Tensor, rotations: Tensor) -> None:

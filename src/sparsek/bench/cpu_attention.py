@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparsek.bench.select import time_call
 from sparsek.ops.attention import sparsek_attention
-from sparsek.ops.attention.interface import GATES
+from sparsek.ops.common import GATES
 
 PATHS = ("sdpa", "reference", "gather")
 

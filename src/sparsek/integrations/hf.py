@@ -38,8 +38,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..cache import SparseKCache
 from ..layers.scorer import Scorer
-from ..ops.attention.interface import GATES, sparsek_attention
-from ..ops.select import check_budget
+from ..ops.attention.interface import sparsek_attention
+from ..ops.common import check_budget, check_gate
 from ..weights import check_safetensors_folder, load_safetensors
 
 IMPLEMENTATION = "sparsek"
@@ -478,8 +478,7 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     check_budget(topk, window)
     if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
         raise ValueError(f"slope must be a finite number, got {slope!r}")
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    check_gate(gate)
     if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= topk:
         raise ValueError(f"sinks must be an int in [0, topk] = [0, {topk}], got {sinks!r}")
     modules = attention_modules(model)

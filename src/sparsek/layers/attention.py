@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.attention import sparsek_attention
-from ..ops.attention.interface import GATES
-from ..ops.select import check_budget
+from ..ops.common import check_budget, check_gate
 from .rotary import RotaryEmbedding
 from .scorer import Scorer
 
@@ -51,8 +50,7 @@ class SparseKConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         check_budget(self.topk, self.window)
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        check_gate(self.gate)
 
 
 def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:

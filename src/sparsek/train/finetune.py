@@ -32,7 +32,7 @@ from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
-from ..ops.attention.interface import GATES
+from ..ops.common import GATES
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
 from .distill import LOOKUP, REDUCTION

@@ -14,14 +14,13 @@ import torch
 import triton
 from torch import Tensor
 
+from ..common import GATE_IDS, LOG2E, interpreting
 from ..graphs import GraphedFunction
 from ..select.blocks import block_key_lists
-from ..select.fused import block_key_lists_triton, interpreting, select_rows_triton, threshold_backward_triton
+from ..select.fused import block_key_lists_triton, select_rows_triton, threshold_backward_triton
 from ..select.prefix import select_rows
 from . import kernels
 
-GATE_IDS = {"kv": 0, "v": 1, "none": 2}
-LOG2E = 1.4426950408889634
 # Tests set this to fill kernel outputs with NaN before launch, so an element no program writes shows up.
 POISON_OUTPUTS = False
 # Under the interpreter the list pass splits its blocks between programs below this many programs (on a GPU:
@@ -38,14 +37,6 @@ def _empty(shape, dtype: torch.dtype, device) -> Tensor:
 def _on_device_of(x: Tensor):
     """Launch on x's GPU, whatever the current device is (Triton launches on the current one)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def supports(q: Tensor) -> bool:
-    """Whether the fused kernels can run on q (device, dtype, head dim); float64 goes to the reference."""
-    head_dim = q.shape[-1]
-    on_device = q.is_cuda or (interpreting() and q.device.type == "cpu")
-    kernel_dtype = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    return on_device and kernel_dtype and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
 
 
 def select_on_device(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:

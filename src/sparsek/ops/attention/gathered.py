@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..common import compute_dtype
 from ..select import prefix_selection
 from ..select.blocks import block_key_lists
-from ..sparsek.reference import compute_dtype
 
 # Queries per block: each query also computes the P - 1 band keys past its window, but a block shares one
 # gather of its list and one batched matmul; 16 was fastest on a 2-core CPU (8 to 64 tried, topk = window

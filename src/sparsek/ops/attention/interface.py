@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..select import check_budget
+from ..common import check_backend, check_budget, check_gate, check_qkv, check_scale, kernel_if_available
 from .gathered import sparsek_attention_gathered
 from .reference import sparsek_attention_reference
 
@@ -17,25 +17,6 @@ except ImportError:  # triton is an optional extra
     fused = None
 
 
-def kernel_if_available(module, name: str, q: Tensor, required: bool):
-    """module.name if triton imported (module is not None) and module.supports(q), else None (or an error)."""
-    if module is None:
-        if required:
-            raise ValueError("backend='triton' needs the triton package: pip install 'sparsek[triton]'")
-        return None
-    if not module.supports(q):
-        if required:
-            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) in "
-                             "float16, bfloat16 or float32 and a power-of-two head dim in [16, 256], got "
-                             f"{q.device}, {q.dtype} and D={q.shape[-1]}")
-        return None
-    return getattr(module, name)
-
-
-GATES = ("kv", "v", "none")
-BACKENDS = ("auto", "triton", "gather", "reference")
-
-
 def gather_is_cheaper(t_len: int, topk: int, window: int) -> bool:
     """Whether backend "auto" off CUDA takes the gathered path rather than the dense reference for sequences of
     length t_len. Why: the reference's O(T^2) work overtakes the gathered path's O(T * (topk + window + 16))
@@ -44,39 +25,8 @@ def gather_is_cheaper(t_len: int, topk: int, window: int) -> bool:
     return t_len >= max(64, 2 * (topk + window))
 
 
-def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """ValueError unless q [B, T, Hq, D] and k, v [B, T, Hk, D] are tensors of one floating dtype and device with
-    Hq a multiple of Hk (shared by every attention entry point, the baselines included)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(x.shape)}")
-    batch, t_len, n_q_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[1] != t_len or k.shape[3] != head_dim:
-        raise ValueError(f"k and v must be [B, T, H_kv, D] = [{batch}, {t_len}, H_kv, {head_dim}] "
-                         f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if head_dim == 0:
-        raise ValueError(f"the head dim D must be >= 1, got q {tuple(q.shape)}")
-    n_kv_heads = k.shape[2]
-    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
-        raise ValueError(f"query heads ({n_q_heads}) must be a multiple of KV heads ({n_kv_heads})")
-    if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-
-
-def validate_scale(scale) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not 0 < scale < float("inf")):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-
-
 def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gate, scale, backend) -> None:
-    validate_qkv(q, k, v)
+    check_qkv(q, k, v)
     if not isinstance(scores, Tensor) or scores.dim() != 3:
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"scores must be a [B, T, H_kv] tensor, got {shape}")
@@ -87,11 +37,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gat
     if scores.device != q.device:
         raise ValueError(f"scores must be on the device of q, k, v ({q.device}), got {scores.device}")
     check_budget(topk, window)
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    validate_scale(scale)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_gate(gate)
+    check_scale(scale)
+    check_backend(backend)
 
 
 def _validate_cu_seqlens(cu_seqlens: Tensor, q: Tensor) -> list[int]:

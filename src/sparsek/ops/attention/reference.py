@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..common import compute_dtype
 from ..select import prefix_selection
-from ..sparsek.reference import compute_dtype
 
 # Elements of one chunk's [B, Hk, G, Q, N] logits; a few times this many bytes are live at once.
 _CHUNK_ELEMENTS = 1 << 24

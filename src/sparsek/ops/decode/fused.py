@@ -13,8 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..attention.fused import GATE_IDS, LOG2E, supports
-from ..select.fused import interpreting
+from ..common import GATE_IDS, LOG2E, interpreting, supports
 from . import kernels
 
 __all__ = ["decode_attention_triton", "supports"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention.interface import BACKENDS, GATES, kernel_if_available
+from ..common import check_backend, check_gate, check_scale, kernel_if_available
 from .reference import decode_attention_reference
 
 try:
@@ -45,13 +45,9 @@ def _validate(q, keys, values, weight, attended, gate, scale, backend) -> None:
     devices = [x.device for x in (q, keys, values, weight, attended)]
     if any(d != devices[0] for d in devices):
         raise ValueError(f"q, keys, values, weight, attended must be on one device, got {', '.join(map(str, devices))}")
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0
-                                  and scale != float("inf")):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_gate(gate)
+    check_scale(scale)
+    check_backend(backend)
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, attended: Tensor, *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sparsek.reference import compute_dtype
+from ..common import compute_dtype
 
 
 def decode_attention_reference(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, attended: Tensor,

@@ -10,19 +10,14 @@ keeps it; more rows are processed in groups within 2 GiB.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
 
+from ..common import interpreting
 from . import kernels
 from .prefix import best_first_order, key_ranges
 from .wavelet import bits_needed
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _programs_wanted(device: torch.device) -> int:

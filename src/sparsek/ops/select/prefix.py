@@ -34,19 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..common import check_budget
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
 __all__ = ["Selection", "check_budget", "prefix_selection", "select_rows", "threshold_backward"]
-
-
-def check_budget(topk, window, *, allow_empty: bool = False) -> None:
-    """ValueError naming the argument unless topk and window are ints >= 0 (bool is not an int here), and,
-    unless allow_empty, not both 0. The budget rule of the cache, the layer config and `convert`."""
-    for name, value in (("topk", topk), ("window", window)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if not allow_empty and topk + window == 0:
-        raise ValueError("topk and window must be not both 0 (every query would attend to nothing)")
 
 
 @dataclass

@@ -21,13 +21,9 @@ import operator
 import torch
 from torch import Tensor
 
+from ..common import compute_dtype
+
 __all__ = ["sparsek", "sparsek_threshold"]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the PyTorch paths compute in: float32 for half precision (which cannot resolve tau between close
-    scores), else the input's own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _check_dim(dim) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..attention.interface import BACKENDS, kernel_if_available
+from ..common import check_backend, kernel_if_available
 from .reference import REDUCTIONS, kept_attention_reference, teacher_mass_reference
 
 try:
@@ -41,8 +41,7 @@ def teacher_mass(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean", 
         raise ValueError(f"window must be an int >= 0, got {window!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     kernel = kernel_if_available(fused, "teacher_mass_triton", q, required=backend == "triton")
     if kernel is not None and (backend == "triton" or q.is_cuda):   # "auto" keeps the interpreter for tests
         return kernel(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)

@@ -8,8 +8,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..attention.fused import supports  # noqa: F401 (the attention kernels' devices, dtypes and head dims)
-from ..select.fused import interpreting
+from ..common import interpreting
 from .kernels import teacher_column_kernel, teacher_lse_kernel
 
 
