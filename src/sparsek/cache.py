@@ -235,6 +235,12 @@ class SparseKCache:
             if self.n_kept + steps > self.kept_u.shape[-1]:
                 self.set_kept(self.kept_u[..., :self.n_kept], room=steps)
 
+    def replayed(self, steps: int = 1) -> None:
+        """Bring the host mirror up to date after `steps` decode steps replayed from a CUDA graph (within what
+        `reserve` made room for): the device tensors advanced, the host count of kept scores did not."""
+        if self.topk:
+            self.n_kept += steps
+
     def check_token(self, k: Tensor, v: Tensor, scores: Tensor, q: Tensor | None = None) -> None:
         """ValueError unless k, v [B, H, D] (and q [B, Hq, D]) match the cache's shapes, dtype and device, and
         scores [B, H] are finite floats. Checking finiteness waits for the device, so it runs for CPU tensors

@@ -66,7 +66,7 @@ def test_sum_of_all_mass_is_the_number_of_rows_outside_windows():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(window=-1), "window"), (dict(window=2, reduction="median"), "reduction"),
-    (dict(window=2, backend="cuda"), "backend"),
+    (dict(window=2, backend="cuda"), "backend"), (dict(window=2, backend="gather"), "backend"),
 ])
 def test_bad_arguments(kwargs, match):
     q, k = torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)

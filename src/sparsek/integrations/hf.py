@@ -668,5 +668,5 @@ class GraphedDecoder:
         self.remaining -= 1
         for layer in self.cache.layers:
             layer.seen += 1
-            layer.state.n_kept += 1
+            layer.state.replayed()
         return self.logits.clone()

@@ -41,8 +41,9 @@ def teacher_mass(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean", 
         raise ValueError(f"window must be an int >= 0, got {window!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_backend(backend)
-    kernel = kernel_if_available(fused, "teacher_mass_triton", q, required=backend == "triton")
+    check_backend(backend, ("auto", "triton", "reference"))
+    kernel = None if backend == "reference" else \
+        kernel_if_available(fused, "teacher_mass_triton", q, required=backend == "triton")
     if kernel is not None and (backend == "triton" or q.is_cuda):   # "auto" keeps the interpreter for tests
         return kernel(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
     return teacher_mass_reference(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
