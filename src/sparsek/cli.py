@@ -148,12 +148,12 @@ FIELD_HELP = {
 
 def _choices(name: str, cls) -> tuple | None:
     """The allowed values of a config field, shown by --help and checked by argparse before anything runs."""
-    from .models.lm import ATTENTIONS
+    from .models.variants import VARIANTS
     from .ops.common import GATES
     from .ops.teacher import REDUCTIONS
 
     if name == "attention":
-        return ("sparsek", "full") if cls.__name__ == "FinetuneConfig" else tuple(ATTENTIONS)
+        return ("sparsek", "full") if cls.__name__ == "FinetuneConfig" else tuple(VARIANTS)
     return {"gate": tuple(GATES), "method": ("full", "lora"), "precision": ("auto", "bf16", "fp32"),
             "reduction": REDUCTIONS, "distill_reduction": REDUCTIONS}.get(name)
 
@@ -309,15 +309,21 @@ def main(argv: list[str] | None = None) -> int:
     from .models import LMConfig
     from .train import TrainConfig
     tiny = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, context=256, budget=32)  # CPU: minutes
+    from .models.variants import VARIANTS, describe
+    variants = f"attention variants (--attention):\n{describe()}"
     p_train = sub.add_parser("train", allow_abbrev=False,
-                             help="train a language model from scratch (resumes a run folder)")
+                             help="train a language model from scratch (resumes a run folder)",
+                             description=f"Train a language model from scratch (resumes a run folder).\n\n{variants}",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_options(p_train, TrainConfig, defaults=tiny)
     add_dataclass_options(p_train, LMConfig, defaults=tiny)
     p_compare = sub.add_parser("compare", allow_abbrev=False,
-                               help="train several attention variants alike and compare them")
+                               help="train several attention variants alike and compare them",
+                               description=f"Train several attention variants alike and compare them.\n\n{variants}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p_compare.add_argument("--out-dir", default="runs/compare")
     p_compare.add_argument("--attention", default="sparsek_window,full",
-                           help="comma-separated variants: full, window, fixed, hash, sparsek, sparsek_window")
+                           help=f"comma-separated variants: {', '.join(VARIANTS)}")
     p_compare.add_argument("--sample-tokens", type=int, default=300)
     add_dataclass_options(p_compare, TrainConfig, skip=("run_dir",), defaults=tiny)
     add_dataclass_options(p_compare, LMConfig, skip=("attention",), defaults=tiny)

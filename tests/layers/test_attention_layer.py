@@ -220,3 +220,18 @@ def test_scorer_sink_bias_reaches_only_the_first_positions():
             expected = expected + (expanded == sink).unsqueeze(-1) * scorer.sink_bias[sink]
         torch.testing.assert_close(scorer(x, positions), expected)
     assert "sinks=2" in repr(scorer) and not hasattr(plain, "sink_bias")
+
+
+@torch.no_grad()
+def test_layer_prefill_then_steps_equal_its_forward():
+    torch.manual_seed(0)
+    layer = sparsek.SparseKAttention(sparsek.SparseKConfig(d_model=32, n_heads=4, n_kv_heads=2, topk=3, window=2,
+                                                           slope=0.05)).double()
+    torch.nn.init.normal_(layer.scorer.weight)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    want = layer(x)
+    out, cache = layer.prefill(x[:, :7])
+    steps = [layer.step(x[:, t:t + 1], t, cache) for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat([out, *steps], dim=1), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="d_model"):
+        layer.step(x[:, :1, :16], 20, cache)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsek.baselines import fixed_mask
-from sparsek.models import ATTENTIONS, LMConfig, TransformerLM
+from sparsek.models import ATTENTIONS, VARIANTS, LMConfig, TransformerLM
 
 
 def tiny(attention: str, **overrides) -> LMConfig:
@@ -99,3 +99,32 @@ def test_bad_configs_raise():
         TransformerLM(tiny("full")).generate(torch.zeros(3, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="top_k"):
         TransformerLM(tiny("full")).generate(torch.zeros(1, 3, dtype=torch.long), 2, top_k=0)
+
+
+def test_a_registered_variant_is_one_entry_and_one_function(monkeypatch):
+    """A new baseline: one VARIANTS entry; the config, the model and the CLI's choices take it from there."""
+    from sparsek.cli import _choices
+    from sparsek.models.variants import Variant
+
+    def first_keys(layer, q, k, v):            # each query sees the first `budget` keys (and itself)
+        t_len = q.shape[1]
+        allowed = torch.ones(t_len, t_len, dtype=torch.bool).tril()
+        allowed[:, layer.lm_config.budget:] &= torch.eye(t_len, dtype=torch.bool)[:, layer.lm_config.budget:]
+        groups = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), attn_mask=allowed)
+        return out.transpose(1, 2)
+
+    monkeypatch.setitem(VARIANTS, "first_keys", Variant("the first `budget` keys", first_keys))
+    config = LMConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, attention="first_keys",
+                      budget=4, context=16)
+    model = TransformerLM(config)
+    ids = torch.randint(0, 32, (2, 12))
+    logits = model(ids)
+    changed = ids.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 32     # position 6 is beyond the first 4: later rows cannot see it
+    later = model(changed)
+    torch.testing.assert_close(logits[:, 7:], later[:, 7:])
+    assert "first_keys" in _choices("attention", LMConfig)
+    assert model.blocks[0].attn.scorer is None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..cache import SparseKCache
 from ..ops.attention import sparsek_attention
 from ..ops.common import check_budget, check_gate
 from .rotary import RotaryEmbedding
@@ -61,9 +62,11 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
 
 
 class SparseKAttention(nn.Module):
-    """Causal self-attention whose keys are a learned top-k selection plus a sliding window.
+    """Causal self-attention whose keys are a learned top-k selection plus a sliding window: the one SparseK
+    attention front-end (models/lm.py's layers are this layer).
 
-    forward(x [B, T, d_model], positions=None, cu_seqlens=None) -> [B, T, d_model].
+    forward(x [B, T, d_model], positions=None, cu_seqlens=None) -> [B, T, d_model]. For generation, prefill(x)
+    gives the prompt's output and a constant-size `SparseKCache`; step(x, position, cache) attends one new token.
     """
 
     def __init__(self, config: SparseKConfig):
@@ -73,25 +76,56 @@ class SparseKAttention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=c.bias)
-        self.scorer = Scorer(c.d_model, c.n_kv_heads, c.slope)
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta) if c.rope else None
+        self.scorer: Scorer | None = Scorer(c.d_model, c.n_kv_heads, c.slope)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
-        """x [B, T, d_model]; positions [T] or [B, T] (default 0..T-1, or restarting per packed sequence);
-        cu_seqlens [N + 1] for B = 1 packed sequences."""
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, d_model], positions [T] or [B, T] -> q [B, T, Hq, D], k, v [B, T, Hk, D] (rotary applied)."""
         c = self.config
-        if x.dim() != 3 or x.shape[-1] != c.d_model:
-            raise ValueError(f"x must be [B, T, d_model={c.d_model}], got shape {tuple(x.shape)}")
         batch, t_len, _ = x.shape
-        if positions is None:
-            positions = (positions_from_cu_seqlens(cu_seqlens, t_len) if cu_seqlens is not None
-                         else torch.arange(t_len, device=x.device))
         q = self.q_proj(x).view(batch, t_len, c.n_heads, c.head_dim)
         k = self.k_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
         v = self.v_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return q, k, v
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"x must be [B, T, d_model={self.config.d_model}], got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """x [B, T, d_model]; positions [T] or [B, T] (default 0..T-1, or restarting per packed sequence);
+        cu_seqlens [N + 1] for B = 1 packed sequences."""
+        c = self.config
+        self._check(x)
+        batch, t_len, _ = x.shape
+        if positions is None:
+            positions = (positions_from_cu_seqlens(cu_seqlens, t_len) if cu_seqlens is not None
+                         else torch.arange(t_len, device=x.device))
+        q, k, v = self.project(x, positions)
         scores = self.scorer(x, positions)                                   # [B, T, Hk] float32
         out = sparsek_attention(q, k, v, scores, topk=c.topk, window=c.window, gate=c.gate,
                                 cu_seqlens=cu_seqlens)                        # [B, T, Hq, D]
         return self.o_proj(out.reshape(batch, t_len, c.n_heads * c.head_dim))
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, SparseKCache]:
+        """A prompt x [B, T, d_model] at positions 0..T-1 -> (its output [B, T, d_model], the constant-size cache
+        it leaves for `step`)."""
+        c = self.config
+        self._check(x)
+        positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self.project(x, positions)
+        scores = self.scorer(x, positions)
+        out = sparsek_attention(q, k, v, scores, topk=c.topk, window=c.window, gate=c.gate)
+        return self.o_proj(out.flatten(2)), SparseKCache.prefill(k, v, scores, topk=c.topk, window=c.window)
+
+    def step(self, x: Tensor, position: int, cache: SparseKCache) -> Tensor:
+        """One new token x [B, 1, d_model] at `position`, attending through `cache` (which it extends) ->
+        [B, 1, d_model]; equal to the forward's row at that position."""
+        self._check(x)
+        positions = torch.tensor([position], device=x.device)
+        q, k, v = self.project(x, positions)
+        scores = self.scorer(x, positions)
+        out = cache.step(q[:, 0], k[:, 0], v[:, 0], scores[:, 0], gate=self.config.gate)   # [B, Hq, D]
+        return self.o_proj(out.flatten(1)).unsqueeze(1)

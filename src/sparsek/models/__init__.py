@@ -1,5 +1,6 @@
 """Small decoder language models for training from scratch (`sparsek train`)."""
 
-from .lm import ATTENTIONS, LMConfig, TransformerLM
+from .lm import LMConfig, TransformerLM
+from .variants import ATTENTIONS, VARIANTS
 
-__all__ = ["ATTENTIONS", "LMConfig", "TransformerLM"]
+__all__ = ["ATTENTIONS", "VARIANTS", "LMConfig", "TransformerLM"]

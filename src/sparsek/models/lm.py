@@ -1,17 +1,7 @@
 """A small decoder language model whose attention is chosen by config, for training from scratch and comparing.
 
-Pre-norm blocks (RMSNorm), rotary embeddings, grouped-query attention, a SwiGLU MLP and tied embeddings. Every
-attention variant shares the projections, the rest of the model and the training code; only which keys a query
-sees differs. The sparse variants get the same budget of `budget` keys per query:
-
-    full            dense causal attention (SDPA)
-    window          the `budget` newest keys
-    fixed           Child et al. 2019: a local band of budget / 2 plus strided "summary" columns, budget / 2 of
-                    them at the training context's last position
-    hash            Reformer-style LSH (Kitaev et al. 2020): keys hashed by random rotations, sorted, chunks of
-                    budget / 2, each query sees its chunk and the previous one
-    sparsek         SparseK: the `budget` best keys by a learned score (no window)
-    sparsek_window  SparseK plus a sliding window: topk = budget / 2, window = budget - topk
+Pre-norm blocks (RMSNorm), rotary embeddings, grouped-query attention, a SwiGLU MLP and tied embeddings. The
+attention variants (full, window, fixed, hash, sparsek, sparsek_window) are listed in models/variants.py.
 
 Shape legend: B batch, T tokens, V vocabulary, Hq / Hk query / KV heads, D head dim.
 """
@@ -25,13 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..baselines import fixed_attention, full_attention, hash_attention, window_attention
-from ..cache import SparseKCache
-from ..layers import Scorer
-from ..layers.rotary import RotaryEmbedding
-from ..ops.attention import sparsek_attention
-
-ATTENTIONS = ("full", "window", "fixed", "hash", "sparsek", "sparsek_window")
+from ..layers.attention import SparseKAttention, SparseKConfig
+from .variants import VARIANTS
 
 
 @dataclass
@@ -54,14 +39,14 @@ class LMConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.attention not in VARIANTS:
+            raise ValueError(f"attention must be one of {tuple(VARIANTS)}, got {self.attention!r}")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"need d_model % n_heads == 0 and n_heads % n_kv_heads == 0, got {self.d_model}, "
                              f"{self.n_heads}, {self.n_kv_heads}")
         if self.attention != "full" and not 2 <= self.budget:
             raise ValueError(f"budget must be >= 2 keys per query, got {self.budget}")
-        if self.attention.startswith("sparsek") and not 0 <= self.slope < 1:
+        if VARIANTS[self.attention].sparsek and not 0 <= self.slope < 1:
             # The scorer starts at zero: with integer positions and slope >= 1 the mask is exactly 0 or 1.
             raise ValueError(f"slope must lie in [0, 1) for the scorer to get gradients, got {self.slope}")
         if self.mlp_hidden is None:
@@ -90,68 +75,35 @@ class LMConfig:
         return chunk, max(1, self.context // chunk // 2)
 
 
-class Attention(nn.Module):
-    """Causal self-attention of one block; the variant is `config.attention`.
+class Attention(SparseKAttention):
+    """Causal self-attention of one block; the variant is `config.attention` (models/variants.py).
 
-    forward(x [B, T, d_model]) -> [B, T, d_model]. Positions are 0..T-1 (one sequence per row).
+    forward(x [B, T, d_model]) -> [B, T, d_model]. Positions are 0..T-1 (one sequence per row). The SparseK
+    variants are the SparseK layer itself (prefill and step included); the baselines share its projections and
+    rotary embedding and attend through their VARIANTS entry.
     """
 
     def __init__(self, config: LMConfig):
-        super().__init__()
-        self.config = c = config
-        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
-        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
-        self.scorer = Scorer(c.d_model, c.n_kv_heads, c.slope) if c.attention.startswith("sparsek") else None
-        if c.attention == "hash":  # fixed random rotations, saved with the model so evaluation hashes alike
-            rotations = torch.randn(c.n_kv_heads, c.head_dim, c.hash_buckets()[1])
-            self.register_buffer("rotations", rotations)
-
-    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, d_model], positions [T] -> q [B, T, Hq, D], k, v [B, T, Hk, D] (rotary applied)."""
-        c = self.config
-        batch, t_len, _ = x.shape
-        q = self.q_proj(x).view(batch, t_len, c.n_heads, c.head_dim)
-        k = self.k_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(batch, t_len, c.n_kv_heads, c.head_dim)
-        return self.rotary(q, positions), self.rotary(k, positions), v
+        self.variant = VARIANTS[config.attention]
+        topk, window = config.sparsek_budget() if self.variant.sparsek else (0, 1)   # (unused by the baselines)
+        super().__init__(SparseKConfig(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, topk,
+                                       window, config.gate, config.slope, rope_theta=config.rope_theta))
+        self.lm_config = config
+        if not self.variant.sparsek:
+            self.scorer = None
+        for name, tensor in (self.variant.buffers(config) if self.variant.buffers else {}).items():
+            self.register_buffer(name, tensor)
 
     def forward(self, x: Tensor) -> Tensor:
-        c = self.config
-        positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v = self.project(x, positions)
-        if c.attention == "full":
-            out = full_attention(q, k, v)
-        elif c.attention == "window":
-            out = window_attention(q, k, v, c.budget)
-        elif c.attention == "fixed":
-            out = fixed_attention(q, k, v, *c.fixed_pattern())
-        elif c.attention == "hash":
-            out = hash_attention(q, k, v, self.rotations, c.hash_buckets()[0])
-        else:
-            topk, window = c.sparsek_budget()
-            out = sparsek_attention(q, k, v, self.scorer(x, positions), topk=topk, window=window, gate=c.gate)
-        return self.o_proj(out.flatten(2))
+        if self.variant.sparsek:
+            return super().forward(x)
+        q, k, v = self.project(x, torch.arange(x.shape[1], device=x.device))
+        return self.o_proj(self.variant.attend(self, q, k, v).flatten(2))
 
-    def prefill(self, x: Tensor) -> tuple[Tensor, SparseKCache]:
-        """SparseK variants: the forward of a prompt x [B, T, d_model] and the constant-size cache it leaves."""
-        c = self.config
-        positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v = self.project(x, positions)
-        scores = self.scorer(x, positions)
-        topk, window = c.sparsek_budget()
-        out = sparsek_attention(q, k, v, scores, topk=topk, window=window, gate=c.gate)
-        return self.o_proj(out.flatten(2)), SparseKCache.prefill(k, v, scores, topk=topk, window=window)
-
-    def step(self, x: Tensor, position: int, cache: SparseKCache) -> Tensor:
-        """SparseK variants: one new token x [B, 1, d_model] at `position`, attending through `cache`."""
-        positions = torch.tensor([position], device=x.device)
-        q, k, v = self.project(x, positions)
-        scores = self.scorer(x, positions)
-        out = cache.step(q[:, 0], k[:, 0], v[:, 0], scores[:, 0], gate=self.config.gate)   # [B, Hq, D]
-        return self.o_proj(out.flatten(1)).unsqueeze(1)
+    def prefill(self, x: Tensor):
+        if not self.variant.sparsek:
+            raise ValueError(f"{self.lm_config.attention!r} attention has no SparseK cache")
+        return super().prefill(x)
 
 
 class MLP(nn.Module):
@@ -232,7 +184,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"ids must be [B, T] with T >= 1, got {tuple(ids.shape)}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if self.config.attention.startswith("sparsek"):
+        if VARIANTS[self.config.attention].sparsek:
             return self._generate_cached(ids, max_new_tokens, temperature, top_k, generator)
         for _ in range(max_new_tokens):
             next_id = _sample(self(ids)[:, -1], temperature, top_k, generator)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import ByteTokenizer
-from ..models import LMConfig, TransformerLM
+from ..models import VARIANTS, LMConfig, TransformerLM
 from . import checkpoint
 from .distributed import World
 from .loop import TrainConfig, resolve_device, train
@@ -54,7 +54,7 @@ def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, ou
             print(f"no plots ({error}): pip install 'sparsek[training]'")
         else:
             plot_runs([out_dir / v for v in finished], out_dir, labels=finished)
-    cached = [v for v in finished if v.startswith("sparsek")]
+    cached = [v for v in finished if VARIANTS[v].sparsek]
     if cached and sample_tokens:
         device = resolve_device(config.device, World())
         model = load_model(out_dir / cached[0], device)
