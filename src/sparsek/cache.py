@@ -26,7 +26,7 @@ from torch import Tensor
 from .ops.common import check_budget
 from .ops.decode import decode_attention
 from .ops.decode.threshold import kept_threshold
-from .ops.select import prefix_selection
+from .ops.select import best_first_order
 from .ops.sparsek import sparsek_threshold
 
 # Default bound on the kept scores, per slot: max_kept = KEPT_PER_SLOT * (topk + 1).
@@ -182,10 +182,9 @@ class SparseKCache:
         n_cand = max(0, n - w)
         if not (self.topk and n_cand):
             return u.new_empty(u.shape[1], 0, dtype=torch.float64)
-        sel = prefix_selection(u[None].detach().to(self.scores.dtype), self.topk, w)
-        selected = ((sel.start <= n - 1) & (n - 1 < sel.end))[0].T                      # [H, n]
-        order = torch.argsort(selected.int(), dim=-1, descending=True, stable=True)
-        picked = order[:, : min(self.topk, n_cand)]                                     # [H, s] positions
+        # The last query's selection: its candidates' top-k under the selection rule's one total order.
+        _, by_rank = best_first_order(u[:n_cand].detach().to(self.scores.dtype).T)      # [H, n - w]
+        picked = by_rank[:, : min(self.topk, n_cand)].sort(dim=-1).values              # [H, s] positions
         heads = torch.arange(k.shape[1], device=k.device)[:, None]
         slots = w + torch.arange(picked.shape[1], device=k.device)
         self.keys[b, heads, slots] = k[picked, heads]
