@@ -122,7 +122,7 @@ def test_full_attention_control(tmp_path, corpus_dir):
 @pytest.mark.parametrize("bad, message", [
     (dict(layers="x"), "layers"), (dict(layers=","), "layers"), (dict(layers="0,-1"), "layers"),
     (dict(method="qlora"), "method"), (dict(attention="hash"), "attention"), (dict(context=0), "context"),
-    (dict(gate="kvv"), "gate"), (dict(topk=0, window=0), "not both 0"), (dict(window=-1), "topk and window"),
+    (dict(gate="kvv"), "gate"), (dict(topk=0, window=0), "not both 0"), (dict(window=-1), "window must be an int >= 0"),
     (dict(slope=1.0), "no gradient"), (dict(slope=-0.1), "slope"), (dict(tasks="sorting"), "subset"),
     (dict(tasks="passkey", task_fraction=0.0), "fraction"), (dict(save_every=-1), "save_every"),
 ])

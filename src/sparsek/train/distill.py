@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..ops.common import check_budget
 from ..ops.select import prefix_selection
 from ..ops.teacher import REDUCTIONS, kept_attention, teacher_mass
 from . import checkpoint
@@ -290,8 +291,9 @@ class DistillConfig:
             raise ValueError(f"lookup must lie in [0, 1], got {self.lookup}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.topk < 1 or self.window < 0:
-            raise ValueError(f"distillation needs topk >= 1 and window >= 0, got {self.topk}, {self.window}")
+        check_budget(self.topk, self.window)
+        if self.topk < 1:
+            raise ValueError(f"distillation needs topk >= 1 (scorers to teach), got {self.topk}")
         if not 0 <= self.sinks <= self.topk:
             raise ValueError(f"sinks must lie in [0, topk] = [0, {self.topk}], got {self.sinks}")
         if self.context <= self.topk + self.window:

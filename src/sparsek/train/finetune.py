@@ -32,7 +32,7 @@ from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
-from ..ops.common import GATES
+from ..ops.common import GATES, check_budget
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
 from .distill import LOOKUP, REDUCTION
@@ -120,7 +120,8 @@ class FinetuneConfig:
                              f"{self.distill_steps}, {self.distill_lr}, {self.distill_reduction!r}")
         if not 0.0 <= self.distill_lookup <= 1.0:
             raise ValueError(f"distill_lookup must lie in [0, 1], got {self.distill_lookup}")
-        if not 0 <= self.sinks <= max(self.topk, 0):
+        check_budget(self.topk, self.window)
+        if not 0 <= self.sinks <= self.topk:
             raise ValueError(f"sinks must lie in [0, topk] = [0, {self.topk}], got {self.sinks}")
         if self.distill_steps and self.attention != "sparsek":
             raise ValueError("distill_steps needs attention='sparsek': there are no scorers to distill")
@@ -131,8 +132,6 @@ class FinetuneConfig:
         if self.attention == "sparsek" and not 0 <= self.slope < 1:
             raise ValueError(f"slope must lie in [0, 1) for the scorers to learn (with slope >= 1 a zero scorer's "
                              f"mask is exactly 0 or 1 and gets no gradient), got {self.slope}")
-        if self.topk < 0 or self.window < 0 or self.topk + self.window == 0:
-            raise ValueError(f"topk and window must be >= 0, not both 0; got {self.topk}, {self.window}")
         self.layer_list()
         if self.tasks:
             check_mix(parse_tasks(self.tasks), self.task_fraction)
