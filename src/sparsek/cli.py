@@ -141,6 +141,8 @@ FIELD_HELP = {
     "budget": "keys each query attends to, window and selection together",
     "topk": "keys each query selects beyond its window",
     "window": "the newest keys each query always sees",
+    "sinks": "first positions with a scorer bias of their own, distilled to rank first (keeps the BOS sink; "
+             "on Gemma 3 it restores perplexity and costs far retrieval, docs/longrange.md)",
     "max_minutes": "stop after this many minutes (0: no limit)",
     "eval_tokens": "held-out tokens per evaluation (0: all)",
 }
