@@ -20,10 +20,10 @@ much of the gain is the corpus rather than the attention.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
 from .distill import LOOKUP, REDUCTION
 from .loop import learning_rate_factor, resolve_device, uses_bf16
+from .steps import Interval, StepLoop, append_eval
 
 
 @dataclass
@@ -279,63 +280,36 @@ def finetune(config: FinetuneConfig) -> dict:
     optimizer = _optimizer(model, config)
     state = {"config": dataclasses.asdict(dataclasses.replace(config, overwrite=False)), "tokens": 0,
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    first_step = 0
+    progress = {"step": 0, "tokens": 0}   # the loop's; state.json keeps only the tokens
     if saved:
         _restore_progress(run_dir, model, optimizer, saved)
-        first_step, state["tokens"] = saved["step"], saved["tokens"]
-        checkpoint.truncate_metrics(run_dir, first_step)
+        progress = {"step": saved["step"], "tokens": saved["tokens"]}
+        checkpoint.truncate_metrics(run_dir, saved["step"])
     else:
         checkpoint.append_metrics(run_dir, {"step": 0, "tokens": 0,
                                             "eval_loss": summary.get("converted", summary["original"])["loss"]})
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, initial=first_step, desc=f"finetune {config.attention}", unit="step")
-    model.train()
-    started = window_start = time.perf_counter()
-    for step in range(first_step, config.steps):
+
+    def loss(step: int) -> torch.Tensor:
         batch = sampler.batch(step)
         if mixer is not None:
             batch = mixer(batch, step)
         batch = batch.to(device)
-        factor = learning_rate_factor(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(input_ids=prepend_bos(batch[:, :-1], bos), use_cache=False).logits[:, int(bos is not None):]
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["tokens"] += batch[:, 1:].numel()
-        if bar is not None:
-            bar.update(1)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step + 1}")
-            now = time.perf_counter()
-            checkpoint.append_metrics(run_dir, {"step": step + 1, "tokens": state["tokens"], "loss": value,
-                                                "lr_factor": factor, "grad_norm": grad_norm.item(),
-                                                "seconds": now - window_start})
-            window_start = now
-            if bar is not None:
-                bar.set_postfix(loss=f"{value:.3f}")
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            result = held_out(model)
-            checkpoint.append_metrics(run_dir, {"step": step + 1, "tokens": state["tokens"],
-                                                "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
-            model.train()
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            _save_progress(run_dir, model, optimizer, dict(state, step=step + 1, summary=summary))
-    if bar is not None:
-        bar.close()
-    state["train_seconds"] = time.perf_counter() - started
+        logits = model(input_ids=prepend_bos(batch[:, :-1], bos), use_cache=False).logits[:, int(bos is not None):]
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    model.train()
+    started = time.perf_counter()
+    StepLoop(
+        config, run_dir, optimizer, params=[p for g in optimizer.param_groups for p in g["params"]], loss=loss,
+        lr_factor=partial(learning_rate_factor, config), peak_lrs=[g["base_lr"] for g in optimizer.param_groups],
+        lr_entry=lambda factor: {"lr_factor": factor}, device=device, bf16=use_bf16,
+        tokens_per_step=config.batch_size * config.context, timer=Interval(), evaluate=lambda: held_out(model),
+        save_due=lambda step: bool(config.save_every) and step % config.save_every == 0 and step < config.steps,
+        save=lambda: _save_progress(run_dir, model, optimizer, dict(state, **progress, summary=summary)),
+        desc=f"finetune {config.attention}").run(progress)
+    state["tokens"], state["train_seconds"] = progress["tokens"], time.perf_counter() - started
     final = held_out(model)
-    checkpoint.append_metrics(run_dir, {"step": config.steps, "tokens": state["tokens"],
-                                        "eval_loss": final["loss"], "eval_ppl": final["ppl"]})
+    append_eval(run_dir, config.steps, state["tokens"], final)
     summary["finetuned"] = final
     if config.method == "lora":
         model = model.merge_and_unload()

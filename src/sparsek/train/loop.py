@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import evaluate
 from ..models import LMConfig, TransformerLM
 from . import checkpoint, distributed
+from .steps import StepLoop, Throughput, append_eval
 
 # Settings that may change when a run is resumed (how long, how often); the rest must match the checkpoint.
 RESUMABLE = ("steps", "max_minutes", "eval_every", "eval_tokens", "checkpoint_every", "log_every", "progress",
@@ -194,69 +196,35 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
         return evaluate(model, heldout_docs, model_config.context, batch_size=max(1, config.batch_size),
                         max_tokens=max_tokens, autocast_dtype=autocast_dtype, progress=config.progress)
 
-    bar = None
-    if config.progress and world.main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, initial=state["step"], desc=f"train {model_config.attention}", unit="step")
-    started = time.perf_counter()
-    tokens_per_step = config.batch_size * model_config.context
-    window_start, window_tokens, stopped_early = time.perf_counter(), 0, False
-    model.train()
-    while state["step"] < config.steps:
-        step = state["step"]
+    started = time.perf_counter()  # the training time since then is not yet in state["train_seconds"]
+
+    def save_progress() -> None:
+        nonlocal started
+        state["train_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        save()
+
+    def out_of_time() -> bool:  # max_minutes counts from the latest checkpoint (or this run's start)
+        return bool(config.max_minutes) and time.perf_counter() - started > 60 * config.max_minutes
+
+    def loss(step: int) -> torch.Tensor:
         batch = sampler.batch(step, world.rank, world.size)
         if mixer is not None:
             batch = mixer(batch, step, world.rank, world.size)
         batch = batch.to(device, non_blocking=True)
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = trained(batch[:, :-1], batch[:, 1:]).mean()   # through DDP's forward, which syncs gradients
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"], state["tokens"] = step + 1, state["tokens"] + tokens_per_step
-        window_tokens += tokens_per_step
-        if bar is not None:
-            bar.update(1)
-        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
-            loss_value = distributed.mean(loss.detach(), world).item()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            record = {"step": state["step"], "tokens": state["tokens"], "loss": loss_value,
-                      "lr": lr, "grad_norm": grad_norm.item(),
-                      "tokens_per_s": window_tokens / (now - window_start)}
-            window_start, window_tokens = now, 0
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {state['step']}")
-            if world.main:
-                checkpoint.append_metrics(run_dir, record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if config.eval_every and state["step"] % config.eval_every == 0 and state["step"] < config.steps:
-            if world.main:
-                result = held_out(config.eval_tokens)
-                checkpoint.append_metrics(run_dir, {"step": state["step"], "tokens": state["tokens"],
-                                                    "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
-            distributed.barrier(world)
-            window_start, window_tokens = time.perf_counter(), 0  # keep evaluation out of the throughput
-        out_of_time = bool(config.max_minutes) and time.perf_counter() - started > 60 * config.max_minutes
-        stop = distributed.any_true(out_of_time, world, device) and state["step"] < config.steps
-        if state["step"] % config.checkpoint_every == 0 or stop:
-            state["train_seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            save()
-        if stop:
-            stopped_early = True
-            break
-    if bar is not None:
-        bar.close()
+        return trained(batch[:, :-1], batch[:, 1:]).mean()   # through DDP's forward, which syncs gradients
+
+    model.train()
+    finished = StepLoop(
+        config, run_dir, optimizer, params=list(model.parameters()), loss=loss,
+        lr_factor=partial(learning_rate_factor, config), peak_lrs=[config.lr] * len(optimizer.param_groups),
+        lr_entry=lambda factor: {"lr": config.lr * factor}, device=device, bf16=use_bf16,
+        tokens_per_step=config.batch_size * model_config.context, timer=Throughput(device),
+        evaluate=lambda: held_out(config.eval_tokens), save_due=lambda step: step % config.checkpoint_every == 0,
+        save=save_progress, desc=f"train {model_config.attention}", out_of_time=out_of_time, world=world).run(state)
 
     summary = None
-    if not stopped_early:
+    if finished:
         state["train_seconds"] += time.perf_counter() - started
         summary = {"finished": True, "step": state["step"], "tokens": state["tokens"],
                    "parameters": model.num_parameters()}
@@ -266,8 +234,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
             summary.update(eval_loss=result["loss"], eval_ppl=result["ppl"], eval_tokens=result["tokens"],
                            loss_by_position=result["loss_by_position"],
                            tokens_per_s=rates[len(rates) // 2] if rates else None)
-            checkpoint.append_metrics(run_dir, {"step": state["step"], "tokens": state["tokens"],
-                                                "eval_loss": result["loss"], "eval_ppl": result["ppl"]})
+            append_eval(run_dir, state["step"], state["tokens"], result)
         save(summary)
         if world.main:
             _plot(run_dir)
