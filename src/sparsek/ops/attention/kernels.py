@@ -33,29 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.kernels import softmax_tile
 from ..select.kernels import in_some_list
-
-
-@triton.jit
-def _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.constexpr, DOT: tl.constexpr,
-              MASKED: tl.constexpr):
-    """One online-softmax step over a tile of keys; qk_scale2 = scale * log2(e). MASKED False: every pair
-    attends with weight 1 (a tile inside every query's window; weight and allowed are then None)."""
-    qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
-    if MASKED and GATE == 0:
-        s = qk * (weight * qk_scale2)
-    else:
-        s = qk * qk_scale2
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED and GATE != 2:
-        p = p * weight
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -223,7 +202,7 @@ def sparsek_fwd_kernel(
     for s0 in range(0, _listed_slots(i0, N_SLOTS, WINDOW), BLOCK_N):
         kt, vt, allowed, weight, _ = _list_tile(list_base, s0, N_SLOTS, k_base, v_base, u_row, end_row, stride_kt,
                                                 stride_vt, offs_m, offs_d, tau, BLOCK_N)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
 
     # Phase 2: the band (i0 - w, i0 + BLOCK_M): windows and keys that became candidates in the block. Keys
     # [i0 + BLOCK_M - w, i0] lie in every query's window: their tiles skip the mask.
@@ -233,14 +212,14 @@ def sparsek_fwd_kernel(
     for j0 in range(band_lo, full_lo, BLOCK_N):
         kt, vt, allowed, _, weight, _ = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt,
                                                    stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
     for j0 in range(full_lo, full_hi, BLOCK_N):
         kt, vt = _band_kv(j0, k_base, v_base, stride_kt, stride_vt, offs_d, None, BLOCK_N, False)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, None, None, qk_scale2, GATE, DOT, False)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kt, vt, None, None, qk_scale2, GATE, DOT, False)
     for j0 in range(full_hi, band_hi, BLOCK_N):
         kt, vt, allowed, _, weight, _ = _band_tile(j0, band_hi, k_base, v_base, u_row, start_row, end_row, stride_kt,
                                                    stride_vt, offs_m, offs_d, tau, WINDOW, BLOCK_N)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE, DOT, True)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None] + tl.load(POISON)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..attention.kernels import _fwd_tile
+from ..common.kernels import softmax_tile
 
 
 @triton.jit
@@ -67,8 +67,8 @@ def decode_fwd_kernel(
                      other=0.0)
         weight = tl.load(w_row + offs_n, mask=n_ok, other=0.0)
         allowed = tl.load(a_row + offs_n, mask=n_ok, other=0) != 0
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kt, vt, weight[None, :], allowed[None, :], qk_scale2, GATE, DOT,
-                                  True)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kt, vt, weight[None, :], allowed[None, :], qk_scale2, GATE,
+                                     DOT, True)
 
     if FINAL:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]   # nothing attended: l = 0 and acc = 0, so o = 0
