@@ -311,3 +311,8 @@ def test_block_lists_hold_each_blocks_selection_in_filled_slots(pattern, topk, w
             assert torch.equal(keys >= 0, expected_filled)
             selected = {j for j in range(t_len) if start[r, j] <= i0 < end[r, j]}
             assert set(keys[keys >= 0].tolist()) == selected
+
+
+def test_prefix_selection_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        prefix_selection(torch.randn(1, 8, 2), 2, 1, backend="gather")

@@ -160,3 +160,30 @@ def test_slots_by_pointer_jumping(kind):
         torch.randn(2, 300, device=DEVICE)
     _, start, end = select_rows(u, 2, 3)
     assert torch.equal(_selection_slots(start.int(), end.int(), 2).long(), selection_slots(start, end, 2))
+
+
+@pytest.mark.parametrize("t_len,topk,window", [(37, 5, 3), (24, 4, 0), (16, 0, 2), (20, 30, 2)])
+def test_prefix_selection_backends_share_one_signature(t_len, topk, window):
+    """prefix_selection(backend="triton") gives the reference's ranges, its tau and its gradient."""
+    from sparsek.ops.select import prefix_selection
+
+    torch.manual_seed(t_len + topk)
+    scores = (torch.randn(2, t_len, 3, device=DEVICE) * 2).requires_grad_(True)
+    upstream = torch.randn(2, t_len, 3, device=DEVICE)
+    results = []
+    for backend in ("reference", "triton"):
+        selection = prefix_selection(scores, topk, window, backend=backend)
+        finite = torch.isfinite(selection.tau)
+        grad = torch.zeros_like(scores)
+        if selection.tau.requires_grad and finite.any():
+            (grad,) = torch.autograd.grad((selection.tau[finite] * upstream[finite]).sum(), scores)
+        results.append((selection, grad))
+    (ref, ref_grad), (got, got_grad) = results
+    assert torch.equal(got.start, ref.start) and torch.equal(got.end, ref.end)
+    assert got.tau.dtype == ref.tau.dtype == torch.float32
+    torch.testing.assert_close(got.tau, ref.tau, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-5)
+    if topk and t_len > topk + window:
+        assert ref_grad.ne(0).any()                      # the thresholds pass gradient to the scores
+    with pytest.raises(ValueError, match="float32"):
+        prefix_selection(scores.detach().double(), topk, window, backend="triton")

@@ -208,3 +208,23 @@ def threshold_backward_triton(u: Tensor, tau: Tensor, window: int, grad_tau: Ten
                                                 SCANS_POW2=scans_pow2)
     kernels.add_threshold_grad_kernel[grid](share_before, lo, hi, du, t_len, CHUNK=chunk)
     return du
+
+
+class TritonThresholds(torch.autograd.Function):
+    """select_rows_triton with the thresholds' gradient (threshold_backward_triton): u [R, T] float32 ->
+    tau [R, T] float32 (differentiable), start, end [R, T] int64. The backend "triton" of `prefix_selection`."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+        tau, start, end = select_rows_triton(u, topk, window)
+        tau = tau.float()
+        ctx.save_for_backward(u, tau)
+        ctx.window = window
+        ctx.mark_non_differentiable(start, end)
+        return tau, start, end
+
+    @staticmethod
+    def backward(ctx, grad_tau: Tensor, *_):
+        u, tau = ctx.saved_tensors
+        du = threshold_backward_triton(u, tau, ctx.window, grad_tau.float().contiguous(), torch.zeros_like(u))
+        return du, None, None

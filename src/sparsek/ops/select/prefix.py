@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..common import check_budget
+from ..common import check_backend, check_budget, interpreting
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
 __all__ = ["Selection", "check_budget", "prefix_selection", "select_rows", "threshold_backward"]
@@ -226,13 +226,17 @@ def key_ranges(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor]:
     return start, torch.maximum(end.clamp(max=t_len), start)
 
 
-def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
+def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "reference") -> Selection:
     """Thresholds and selection ranges of causal SparseK attention (SPEC section 3).
 
     Args:
         scores: [B, T, H] float32 or float64, finite; one score per key and KV head.
         topk: number of selected keys per query (>= 0).
         window: sliding-window width w (>= 0); the candidates of query i are the keys j <= i - w.
+        backend: "reference" (this module, in PyTorch: the rule's statement, any device), "triton" (its twin in
+            ops/select/fused.py: float32 scores on CUDA, or on the CPU under TRITON_INTERPRET=1), or "auto"
+            (Triton for float32 scores on CUDA, else the reference). Both give the same selection and tau (to
+            float32 rounding) and the same gradient.
 
     Returns:
         Selection with tau, start, end as [B, T, H]: key j is selected by exactly the queries
@@ -250,19 +254,41 @@ def prefix_selection(scores: Tensor, topk: int, window: int) -> Selection:
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite (found NaN or inf)")
     check_budget(topk, window, allow_empty=True)
+    check_backend(backend, ("auto", "triton", "reference"))
 
     batch, t_len, heads = scores.shape
     rows = scores.permute(0, 2, 1).reshape(batch * heads, t_len)         # [R, T]
+    use_triton = _triton_selection(rows, backend)
     if t_len == 0 or topk == 0:
         tau_rows = torch.full_like(rows, -torch.inf)
+        start, end = key_ranges(rows.detach(), topk, window)
+    elif use_triton:
+        from .fused import TritonThresholds
+        tau_rows, start, end = TritonThresholds.apply(rows.contiguous(), topk, window)
     else:
         tau_rows = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype).to(scores.dtype)
-    start, end = key_ranges(rows.detach(), topk, window)
+        start, end = key_ranges(rows.detach(), topk, window)
 
     def to_bth(x: Tensor) -> Tensor:
         return x.reshape(batch, heads, t_len).permute(0, 2, 1)
 
     return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))
+
+
+def _triton_selection(rows: Tensor, backend: str) -> bool:
+    """Whether prefix_selection runs its Triton twin: for "triton" (ValueError where it cannot), and for "auto"
+    on CUDA float32 scores when triton is installed."""
+    if backend == "reference":
+        return False
+    try:
+        from . import fused  # noqa: F401 (triton is an optional extra)
+    except ImportError:
+        fused = None
+    usable = fused is not None and rows.dtype == torch.float32 and (rows.is_cuda or interpreting())
+    if backend == "triton" and not usable:
+        raise ValueError("backend='triton' needs the triton package and float32 scores on CUDA (or on the CPU with "
+                         f"TRITON_INTERPRET=1), got {rows.dtype} on {rows.device}")
+    return usable and (backend == "triton" or rows.is_cuda)
 
 
 @torch.no_grad()
