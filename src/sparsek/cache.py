@@ -25,9 +25,8 @@ from torch import Tensor
 
 from .ops.common import check_budget
 from .ops.decode import decode_attention
-from .ops.decode.threshold import kept_threshold
 from .ops.select import best_first_order
-from .ops.sparsek import sparsek_threshold
+from .ops.sparsek import kept_threshold, sparsek_threshold
 
 # Default bound on the kept scores, per slot: max_kept = KEPT_PER_SLOT * (topk + 1).
 KEPT_PER_SLOT = 8

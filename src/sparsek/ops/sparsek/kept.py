@@ -24,12 +24,12 @@ be captured in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
 
-from ..sparsek import sparsek_threshold
+from ..common import interpreting
+from .reference import sparsek_threshold
 
 try:
     import triton
@@ -46,12 +46,8 @@ NEWTON_ITERS = 16
 MAX_ITERS = NEWTON_ITERS + 66
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def threshold_tiles(n_columns: int) -> dict:
-    if _interpreting():
+    if interpreting():
         # One chunk per row: the interpreter's cost is per operation, not per element.
         return dict(BLOCK=triton.next_power_of_2(max(n_columns, 1)), num_warps=1)
     # Not yet swept on a GPU: 4 warps and 1024-entry chunks (a 4100-entry row of a top-1024 cache is 5 chunks).
@@ -95,7 +91,7 @@ def kept_threshold(kept_u: Tensor, k: int) -> Tensor:
                          f"of shape {tuple(getattr(kept_u, 'shape', ()))}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    on_device = kept_u.is_cuda or (_interpreting() and kept_u.device.type == "cpu")
+    on_device = kept_u.is_cuda or (interpreting() and kept_u.device.type == "cpu")
     if kernels is not None and on_device:
         return kept_threshold_triton(kept_u, k)
     if kept_u.shape[-1] == 0:

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsek.ops.decode.threshold import kept_threshold, kept_threshold_triton
+from sparsek.ops.sparsek.kept import kept_threshold, kept_threshold_triton
 from sparsek.ops.sparsek.reference import _threshold_last
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -247,7 +247,7 @@ COMPILE_SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparsek.ops.decode import kernels, threshold
+    from sparsek.ops.sparsek import kept as threshold, kernels
 
     fn = kernels.kept_threshold_kernel
     tiles = threshold.threshold_tiles(4100)
