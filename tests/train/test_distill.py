@@ -197,3 +197,9 @@ def test_lookup_rows_replace_the_chosen_share_of_rows_deterministically():
     assert 20 < sum(changed) < 60
     with pytest.raises(ValueError, match="fraction"):
         with_lookup_rows(batch, 1.5, encode)
+
+
+def test_sinks_need_scorers_with_sink_biases():
+    model = convert(tiny_llama(), topk=4, window=4, slope=0.0)
+    with pytest.raises(ValueError, match="sink biases"):
+        distill_scorers(model, lambda step: torch.randint(0, 61, (1, 32)), steps=1, sinks=1, progress=False)

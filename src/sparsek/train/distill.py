@@ -56,8 +56,8 @@ def ranking_loss(scores: Tensor, mass: Tensor, *, topk: int, window: int, stride
     sinks: the first `sinks` keys (the attention sinks of pretrained models) leave the cross-entropy, whose
     optimum then ranks the other keys as before, and enter a margin term instead: softplus(SINK_MARGIN - (u_s -
     the best other candidate's u)), whose gradient reaches only the sinks' own scores. Then a sink is kept
-    (mask 1) wherever it clears the margin, since tau never exceeds the best other score. Lifting the sinks'
-    target inside the cross-entropy instead cost far-context retrieval on Gemma 3 (docs/longrange.md)."""
+    (mask 1) wherever it clears the margin, since tau never exceeds the best other score. On Gemma 3 this
+    restores perplexity and costs far-context retrieval (docs/longrange.md)."""
     t_len = scores.shape[1]
     if window + topk >= t_len:
         return scores.sum() * 0
@@ -181,6 +181,8 @@ def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: fl
     if not scorers:
         raise ValueError("the model has no SparseK scorers: convert it first")
     biases = [p for name, p in model.named_parameters() if "sparsek_scorer.sink_bias" in name]
+    if sinks and not biases:
+        raise ValueError("sinks > 0 needs scorers with sink biases: convert the model with sinks=n")
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
