@@ -469,9 +469,9 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.
     attention (within their sliding window, if they have one) and, in a SparseKHFCache, a KV cache of the last
     sliding_window - 1 tokens for the layers config.layer_types marks "sliding_attention", a full one for the
     rest. sinks > 0 gives each scorer a learned bias for the first `sinks` positions (layers.Scorer; zero until
-    distilled). The settings, the sorted layer indices included, go into `model.config.sparsek`, so `save_pretrained`
-    records them; reload with `sparsek.integrations.hf.load`. Raises ValueError for a model or settings it cannot
-    convert, and leaves the model as it was on any failure.
+    distilled). The settings, the sorted layer indices included, go into `model.config.sparsek`, so
+    `save_pretrained` records them; reload with `sparsek.integrations.hf.load`. Raises ValueError for a model or
+    settings it cannot convert, and leaves the model as it was on any failure.
     """
     # Everything is checked before the model changes, and a failure part-way is undone: a failed convert leaves
     # the model as it was (a retry would otherwise find it "already converted").
