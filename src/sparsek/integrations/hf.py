@@ -4,8 +4,9 @@
 zero-initialised `Scorer` and switches the model to the "sparsek" attention implementation registered here:
   * a forward pre-hook on each attention module computes the scores u = x . w + slope * position from the
     module's input hidden states and hands them, with the layer's cache state, to the attention function;
-  * the attention function (transformers' AttentionInterface) runs `sparsek_attention` over a prompt (left
-    padding handled by packing the real tokens) and `SparseKCache.step` token by token when decoding;
+  * the attention function (transformers' AttentionInterface) attends as a `SparseKAttention` layer does
+    (`layers.attention.attend`): `sparsek_attention` over a prompt (left padding handled by packing the real
+    tokens) and `SparseKCache.step` token by token when decoding;
   * `SparseKHFCache` is a transformers `Cache` whose layers hold a constant-size `SparseKCache`; `generate()`
     on a converted model uses it unless a cache is passed in.
 Layers left out of `layers` keep exact causal attention (through the same attention function, as the
@@ -37,8 +38,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..cache import SparseKCache
+from ..layers.attention import attend
 from ..layers.scorer import Scorer
-from ..ops.attention.interface import sparsek_attention
 from ..ops.common import check_budget, check_gate
 from ..weights import check_safetensors_folder, load_safetensors
 
@@ -315,23 +316,12 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
         # Checked at the first converted layer only: the check waits for the GPU, and the mask is the same for all.
         if module.layer_idx == settings["layers"][0] and _left_padded_lengths(attention_mask, batch, t_len) is not None:
             raise ValueError("padding inside a decoded chunk: new tokens must all be real")
-        outs = [state.step(q[:, t], k[:, t], v[:, t], sparsek_scores[:, t], gate=gate, scale=scaling)
-                for t in range(t_len)]
-        return torch.stack(outs, dim=1), None
-
-    lengths = _left_padded_lengths(attention_mask, batch, t_len)
-    if lengths is None:
-        out = sparsek_attention(q, k, v, sparsek_scores, topk=topk, window=window, gate=gate, scale=scaling)
-    else:  # pack the real tokens (rows are left padded) and run them as varlen sequences
-        real = torch.arange(t_len, device=q.device) >= (t_len - lengths)[:, None]      # [B, T]
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-        packed = sparsek_attention(q[real][None], k[real][None], v[real][None], sparsek_scores[real][None],
-                                   topk=topk, window=window, gate=gate, scale=scaling, cu_seqlens=cu_seqlens)
-        out = q.new_zeros(q.shape)
-        out[real] = packed[0]
+        return attend(q, k, v, sparsek_scores, topk=topk, window=window, gate=gate, scale=scaling, cache=state)[0], None
+    out, cache = attend(q, k, v, sparsek_scores, topk=topk, window=window, gate=gate, scale=scaling,
+                        lengths=_left_padded_lengths(attention_mask, batch, t_len),
+                        build_cache=sparsek_layer is not None)
     if sparsek_layer is not None:
-        sparsek_layer.state = SparseKCache.prefill(k.detach(), v.detach(), sparsek_scores.detach(), topk=topk,
-                                                   window=window, lengths=lengths)
+        sparsek_layer.state = cache
     return out, None
 
 

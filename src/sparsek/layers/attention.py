@@ -61,6 +61,36 @@ def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int, gate: str = "kv",
+           scale: float | None = None, cache: SparseKCache | None = None, lengths: Tensor | None = None,
+           build_cache: bool = False) -> tuple[Tensor, SparseKCache | None]:
+    """How a SparseK layer attends, in parallel or decoding; this layer and the transformers integration both
+    call it. q [B, T, Hq, D], k, v [B, T, Hk, D], scores [B, T, Hk] -> (out [B, T, Hq, D], cache).
+
+    cache None: the parallel forward over the T tokens, rows left padded to lengths [B] real tokens (None: all
+    real); with build_cache, also the constant-size cache they leave (else None). cache given: the T new tokens
+    decoded one at a time through it (it grows in place and is returned), exactly as the forward would.
+    """
+    if cache is not None:
+        outs = [cache.step(q[:, t], k[:, t], v[:, t], scores[:, t], gate=gate, scale=scale)
+                for t in range(q.shape[1])]
+        return torch.stack(outs, dim=1), cache
+    if lengths is None:
+        out = sparsek_attention(q, k, v, scores, topk=topk, window=window, gate=gate, scale=scale)
+    else:  # pack the real tokens (rows are left padded) and run them as varlen sequences
+        t_len = q.shape[1]
+        real = torch.arange(t_len, device=q.device) >= (t_len - lengths.to(q.device))[:, None]      # [B, T]
+        cu_seqlens = torch.nn.functional.pad(lengths.to(q.device).cumsum(0), (1, 0))
+        packed = sparsek_attention(q[real][None], k[real][None], v[real][None], scores[real][None], topk=topk,
+                                   window=window, gate=gate, scale=scale, cu_seqlens=cu_seqlens)
+        out = q.new_zeros(q.shape)
+        out[real] = packed[0]
+    if build_cache:
+        cache = SparseKCache.prefill(k.detach(), v.detach(), scores.detach(), topk=topk, window=window,
+                                     lengths=lengths)
+    return out, cache
+
+
 class SparseKAttention(nn.Module):
     """Causal self-attention whose keys are a learned top-k selection plus a sliding window: the one SparseK
     attention front-end (models/lm.py's layers are this layer).
@@ -112,20 +142,17 @@ class SparseKAttention(nn.Module):
     def prefill(self, x: Tensor) -> tuple[Tensor, SparseKCache]:
         """A prompt x [B, T, d_model] at positions 0..T-1 -> (its output [B, T, d_model], the constant-size cache
         it leaves for `step`)."""
-        c = self.config
-        self._check(x)
-        positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v = self.project(x, positions)
-        scores = self.scorer(x, positions)
-        out = sparsek_attention(q, k, v, scores, topk=c.topk, window=c.window, gate=c.gate)
-        return self.o_proj(out.flatten(2)), SparseKCache.prefill(k, v, scores, topk=c.topk, window=c.window)
+        return self._cached(x, torch.arange(x.shape[1], device=x.device), None)
 
     def step(self, x: Tensor, position: int, cache: SparseKCache) -> Tensor:
         """One new token x [B, 1, d_model] at `position`, attending through `cache` (which it extends) ->
         [B, 1, d_model]; equal to the forward's row at that position."""
+        return self._cached(x, torch.tensor([position], device=x.device), cache)[0]
+
+    def _cached(self, x: Tensor, positions: Tensor, cache: SparseKCache | None) -> tuple[Tensor, SparseKCache]:
+        c = self.config
         self._check(x)
-        positions = torch.tensor([position], device=x.device)
         q, k, v = self.project(x, positions)
-        scores = self.scorer(x, positions)
-        out = cache.step(q[:, 0], k[:, 0], v[:, 0], scores[:, 0], gate=self.config.gate)   # [B, Hq, D]
-        return self.o_proj(out.flatten(1)).unsqueeze(1)
+        out, cache = attend(q, k, v, self.scorer(x, positions), topk=c.topk, window=c.window, gate=c.gate,
+                            cache=cache, build_cache=True)
+        return self.o_proj(out.flatten(2)), cache
