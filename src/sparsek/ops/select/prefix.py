@@ -264,6 +264,10 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
         start, end = key_ranges(rows.detach(), topk, window)
     elif use_triton:
         from .fused import TritonThresholds
+        largest = float(rows.detach().abs().max())
+        if largest >= TRITON_SCORE_LIMIT:
+            raise ValueError(f"backend='triton' takes scores below {TRITON_SCORE_LIMIT:g} in magnitude (its "
+                             f"thresholds are float32), got {largest:.4g}: use backend='reference'")
         tau_rows, start, end = TritonThresholds.apply(rows.contiguous(), topk, window)
     else:
         tau_rows = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype).to(scores.dtype)
@@ -273,6 +277,11 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
         return x.reshape(batch, heads, t_len).permute(0, 2, 1)
 
     return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))
+
+
+# Scores below this magnitude keep |tau| < 2^15, where rounding tau to float32 (the Triton selection's) moves a mask
+# entry by at most half a unit, 2^-10 (_TAU_ROUNDING); the reference checks each threshold instead.
+TRITON_SCORE_LIMIT = 2.0 ** 14
 
 
 def _triton_selection(rows: Tensor, backend: str) -> bool:
