@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import SparseKAttention, SparseKConfig, __version__, prefix_selection, sparsek, sparsek_threshold
+from .layers.scorer import SLOPE_GENERATE
 
 
 def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_heads: int, seed: int,
@@ -69,7 +70,7 @@ def demo(seq_len: int, topk: int, window: int, d_model: int, n_heads: int, n_kv_
 
 
 def generate(model_name: str, prompt: str, topk: int, window: int, max_new_tokens: int, sample: bool,
-             device: str, slope: float = -1.0) -> None:
+             device: str, slope: float = SLOPE_GENERATE) -> None:
     """Convert a pretrained model (no fine-tuning) and generate with the SparseK cache next to the original; a
     saved SparseK model (sparsek finetune's run/model folder) generates as it is."""
     try:
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--prompt", default="The old king called his three daughters and said:")
     p_gen.add_argument("--topk", type=int, default=32)
     p_gen.add_argument("--window", type=int, default=32)
-    p_gen.add_argument("--slope", type=float, default=-1.0, help="the converted model's untrained scorer is "
+    p_gen.add_argument("--slope", type=float, default=SLOPE_GENERATE, help="the converted model's untrained scorer is "
                        "u = slope * position: -1 keeps the first topk tokens (attention sinks and the prompt, as "
                        "StreamingLLM; fluent), +1 the newest (a plain window of topk + window; degenerates once the "
                        "prompt leaves it) (default -1)")

@@ -36,6 +36,7 @@ import torch
 from ..data.corpus import DocumentSampler
 from ..data.ruler import SUITE
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
+from ..layers.scorer import SLOPE_CONVERT, SLOPE_DISTILL
 from ..ops.teacher import REDUCTIONS
 from ..train.distill import LOOKUP, REDUCTION, distill_scorers, measure, parse_layers, with_lookup_rows
 from ..train.distributed import World
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", default="global", help="all, global or comma-separated layer indices")
     parser.add_argument("--topk", type=int, default=512)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--slope", type=float, default=0.0, help="the distilled scorers' recency slope")
-    parser.add_argument("--zero-slope", type=float, default=1.0, help="zero scorers: slope >= 1 makes the mask "
-                        "hard (the newest keys, weight 1); at 0 every score ties and every candidate gets k/n")
+    parser.add_argument("--slope", type=float, default=SLOPE_DISTILL, help="the distilled scorers' recency slope")
+    parser.add_argument("--zero-slope", type=float, default=SLOPE_CONVERT, help="zero scorers: slope >= 1 makes "
+                        "the mask hard (the newest keys, weight 1); at 0 every score ties and every candidate gets k/n")
     parser.add_argument("--sharpen", type=float, default=1.0, help="multiply distilled scorers by this: the same "
                         "ranking, a steeper SPARSEK mask (fewer keys with a fractional weight)")
     parser.add_argument("--tag", default="", help="appended to every method's name in the results")

@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..cache import SparseKCache
 from ..layers.attention import attend
-from ..layers.scorer import Scorer
+from ..layers.scorer import SLOPE_CONVERT, Scorer
 from ..ops.common import check_budget, check_gate
 from ..weights import check_safetensors_folder, load_safetensors
 
@@ -446,7 +446,7 @@ class _Undo:
             model.set_attn_implementation(self.attn_implementation)
 
 
-def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = 1.0, gate: str = "kv",
+def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = SLOPE_CONVERT, gate: str = "kv",
             layers: Sequence[int] | str | None = None, sinks: int = 0) -> PreTrainedModel:
     """Turn a transformers causal LM into SparseK attention, in place; returns the model.
 

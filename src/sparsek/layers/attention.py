@@ -11,7 +11,7 @@ from ..cache import SparseKCache
 from ..ops.attention import sparsek_attention
 from ..ops.common import check_budget, check_gate
 from .rotary import RotaryEmbedding
-from .scorer import Scorer
+from .scorer import SLOPE_TRAIN, Scorer
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SparseKConfig:
     topk: int = 64
     window: int = 64
     gate: str = "kv"
-    slope: float = 0.01
+    slope: float = SLOPE_TRAIN
     rope: bool = True
     rope_theta: float = 10000.0
     bias: bool = False

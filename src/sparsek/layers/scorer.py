@@ -5,6 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+# The scorer's recency slope u = x . w + slope * t, by use. Every entry point takes its default from here; the
+# values differ because the uses want different things from an untrained (zero-weight) scorer. With slope s the
+# SPARSEK mask of a zero scorer ramps over about 1 / s keys at the threshold, and only keys on that ramp get a
+# gradient; at s >= 1 the mask is exactly 0 or 1 (the newest keys) and gives no gradient; at s = 0 every score
+# ties and the distilled content alone ranks the keys; s < 0 keeps the oldest keys (attention sinks, the prompt).
+SLOPE_TRAIN = 0.01       # training from scratch (SparseKConfig, LMConfig): a wide ramp while the scorer learns
+SLOPE_FINETUNE = 0.1     # fine-tuning a converted model (FinetuneConfig): a ramp of about 10 keys
+SLOPE_CONVERT = 1.0      # convert() used as it is: a hard recency mask
+SLOPE_DISTILL = 0.0      # distillation (DistillConfig, eval.farcontext): content alone ranks
+SLOPE_GENERATE = -1.0    # `sparsek generate` without training: keep the first tokens, which reads fluently
+
 
 class Scorer(nn.Module):
     """u[b, t, h] = x[b, t] . w[:, h] + slope * t (+ sink_bias[t, h] for t < sinks), computed and returned in

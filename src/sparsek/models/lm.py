@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..layers.attention import SparseKAttention, SparseKConfig
+from ..layers.scorer import SLOPE_TRAIN
 from .variants import VARIANTS
 
 
@@ -35,7 +36,7 @@ class LMConfig:
     budget: int = 64
     context: int = 512
     gate: str = "kv"
-    slope: float = 0.01
+    slope: float = SLOPE_TRAIN
     rope_theta: float = 10000.0
 
     def __post_init__(self):

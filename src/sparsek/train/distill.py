@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..layers.scorer import SLOPE_DISTILL
 from ..ops.common import check_budget
 from ..ops.select import prefix_selection
 from ..ops.teacher import REDUCTIONS, kept_attention, teacher_mass
@@ -265,7 +266,7 @@ class DistillConfig:
     heldout_fraction: float = 0.1
     topk: int = 256
     window: int = 256
-    slope: float = 0.0
+    slope: float = SLOPE_DISTILL
     gate: str = "kv"
     layers: str = "all"
     context: int = 2048

@@ -32,6 +32,7 @@ from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
+from ..layers.scorer import SLOPE_FINETUNE
 from ..ops.common import GATES, check_budget
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
@@ -72,7 +73,7 @@ class FinetuneConfig:
     attention: str = "sparsek"
     topk: int = 64
     window: int = 64
-    slope: float = 0.1
+    slope: float = SLOPE_FINETUNE
     gate: str = "kv"
     layers: str = "all"
     method: str = "full"
