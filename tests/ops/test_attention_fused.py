@@ -203,16 +203,3 @@ def test_varlen_with_many_empty_sequences():
     got = sparsek_attention(q, k, v, s, topk=3, window=2, backend="triton", cu_seqlens=cu_seqlens)
     want = sparsek_attention(q, k, v, s, topk=3, window=2, backend="reference", cu_seqlens=cu_seqlens)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
-
-
-def test_thresholds_that_do_not_fit_float32_are_refused():
-    """Far from 0, float32 cannot hold tau within 2^-10 of the exact one: where a mask entry is fractional the
-    fused path refuses (on a GPU: NaN output), while integer scores (flat thresholds at exact halves, as a
-    recency scorer with slope 1 gives at long contexts) stay exact."""
-    q, k, v, s = (x.detach() for x in make_inputs(1, 40, 2, 1, 16, torch.float32))
-    with pytest.raises(ValueError, match="float32 thresholds"):
-        sparsek_attention(q, k, v, s * 3 + 1e5, topk=5, window=3, backend="triton")
-    recency = (3e4 + torch.arange(40, device=DEVICE, dtype=torch.float32)).view(1, 40, 1)
-    got = sparsek_attention(q, k, v, recency, topk=5, window=3, backend="triton")
-    want = sparsek_attention_reference(q.double(), k.double(), v.double(), recency.double(), topk=5, window=3)
-    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=2e-4)

@@ -187,6 +187,6 @@ def test_prefix_selection_backends_share_one_signature(t_len, topk, window):
         assert ref_grad.ne(0).any()                      # the thresholds pass gradient to the scores
     with pytest.raises(ValueError, match="float32"):
         prefix_selection(scores.detach().double(), topk, window, backend="triton")
-    if topk and t_len > topk + window:                   # large offsets: float32 thresholds would round off
-        with pytest.raises(ValueError, match="too large for float32"):
+    if topk:                                             # large offsets: float32 thresholds would round off
+        with pytest.raises(ValueError, match="below"):
             prefix_selection(scores.detach() + 1e5, topk, window, backend="triton")

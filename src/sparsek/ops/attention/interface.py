@@ -87,10 +87,8 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     Returns:
         [B, T, Hq, D] in q's dtype. Gradients reach q, k, v and scores (through m and through tau).
 
-    Non-finite scores raise ValueError for CPU tensors, and so do scores whose thresholds do not fit the fused
-    kernels' float32 within TAU_ROUNDING (ops/common; scores of magnitude 2^15 and more with fractional masks).
-    On CUDA the fused kernels return an all-NaN output instead: checking on the host would make every call wait
-    for the GPU.
+    Non-finite scores raise ValueError for CPU tensors. On CUDA the fused kernels return an all-NaN output
+    instead: checking on the host would make every call wait for the GPU.
     """
     _validate(q, k, v, scores, topk, window, gate, scale, backend)
     if scores.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scores).all():

@@ -15,9 +15,6 @@ GATE_IDS = {"kv": 0, "v": 1, "none": 2}       # how the kernels receive the gate
 # rows (attention only, `ops.attention.interface.gather_is_cheaper`), else the reference.
 BACKENDS = ("auto", "triton", "gather", "reference")
 LOG2E = 1.4426950408889634                     # the kernels use exp2: exp(x) = exp2(x * LOG2E)
-# How far rounding a threshold tau to the dtype it is used in may move a fractional mask entry m = u - tau; where
-# it would move one further, the selection raises (or the fused kernels, which cannot stop the GPU, return NaN).
-TAU_ROUNDING = 2.0 ** -10
 
 
 def interpreting() -> bool:

@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..common import TAU_ROUNDING, interpreting
+from ..common import interpreting
 from . import kernels
 from .prefix import best_first_order, key_ranges
 from .wavelet import bits_needed
@@ -210,24 +210,14 @@ def threshold_backward_triton(u: Tensor, tau: Tensor, window: int, grad_tau: Ten
     return du
 
 
-def float_thresholds_round_off(tau_exact: Tensor, tau: Tensor) -> Tensor:
-    """Whether rounding the float64 thresholds tau_exact to tau (float32, same shape) moved any finite one by more
-    than TAU_ROUNDING: a bool tensor [], so that the fused path can check it without waiting for the GPU."""
-    return ((tau_exact - tau.double()).abs() > TAU_ROUNDING).any()
-
-
 class TritonThresholds(torch.autograd.Function):
     """select_rows_triton with the thresholds' gradient (threshold_backward_triton): u [R, T] float32 ->
     tau [R, T] float32 (differentiable), start, end [R, T] int64. The backend "triton" of `prefix_selection`."""
 
     @staticmethod
     def forward(ctx, u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
-        tau_exact, start, end = select_rows_triton(u, topk, window)
-        tau = tau_exact.float()
-        if float_thresholds_round_off(tau_exact, tau).item():
-            raise ValueError(f"scores too large for float32 thresholds: rounding tau moves a mask entry by more than "
-                             f"{TAU_ROUNDING} (|tau| up to {tau_exact.abs().nan_to_num(0, 0, 0).max():.4g}); use "
-                             "backend='reference'")
+        tau, start, end = select_rows_triton(u, topk, window)
+        tau = tau.float()
         ctx.save_for_backward(u, tau)
         ctx.window = window
         ctx.mark_non_differentiable(start, end)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..common import TAU_ROUNDING, check_backend, check_budget, interpreting
+from ..common import check_backend, check_budget, interpreting
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
 __all__ = ["Selection", "check_budget", "prefix_selection", "select_rows", "threshold_backward"]
@@ -127,13 +127,14 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
 
 # Largest rounding of tau (to the dtype it is returned in) accepted where the mask is fractional:
 # m_ij = u_j - tau_i moves by as much, so beyond it the masks no longer sum to topk.
+_TAU_ROUNDING = 2.0 ** -10
 
 
 def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """tau_i for every query, u [R, T] float64 -> [R, T] float64: the prefix of length i - window + 1.
 
     Raises ValueError where a fractional tau_i is too far from its row's median for the clamped sums, or too
-    large to round to `dtype` (the dtype the caller returns it in) within TAU_ROUNDING.
+    large to round to `dtype` (the dtype the caller returns it in) within _TAU_ROUNDING.
     """
     t_len = u.shape[1]
     tau = torch.full_like(u, -torch.inf)
@@ -146,11 +147,11 @@ def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = to
         # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
         magnitude = tau_p.abs().to(dtype)
         half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
-        bad = fractional & (error + half_unit > TAU_ROUNDING)
+        bad = fractional & (error + half_unit > _TAU_ROUNDING)
         if bad.any():
             worst = float(tau_p[bad].abs().max())
             raise ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} "
-                             f"rounds it by more than {TAU_ROUNDING} and the soft masks would not sum to topk; "
+                             f"rounds it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; "
                              f"subtract a per-row offset from the scores (SPARSEK is shift invariant) or pass "
                              f"float64 scores")
     return tau
@@ -263,6 +264,10 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
         start, end = key_ranges(rows.detach(), topk, window)
     elif use_triton:
         from .fused import TritonThresholds
+        largest = float(rows.detach().abs().max())
+        if largest >= TRITON_SCORE_LIMIT:
+            raise ValueError(f"backend='triton' takes scores below {TRITON_SCORE_LIMIT:g} in magnitude (its "
+                             f"thresholds are float32), got {largest:.4g}: use backend='reference'")
         tau_rows, start, end = TritonThresholds.apply(rows.contiguous(), topk, window)
     else:
         tau_rows = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype).to(scores.dtype)
@@ -272,6 +277,11 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
         return x.reshape(batch, heads, t_len).permute(0, 2, 1)
 
     return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))
+
+
+# Scores below this magnitude keep |tau| < 2^15, where rounding tau to float32 (the Triton selection's) moves a mask
+# entry by at most half a unit, 2^-10 (_TAU_ROUNDING); the reference checks each threshold instead.
+TRITON_SCORE_LIMIT = 2.0 ** 14
 
 
 def _triton_selection(rows: Tensor, backend: str) -> bool:
