@@ -128,3 +128,15 @@ def test_a_registered_variant_is_one_entry_and_one_function(monkeypatch):
     torch.testing.assert_close(logits[:, 7:], later[:, 7:])
     assert "first_keys" in _choices("attention", LMConfig)
     assert model.blocks[0].attn.scorer is None
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_every_variant_pickles_and_baselines_have_no_cache(attention, tmp_path):
+    import io
+    model = TransformerLM(LMConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                   attention=attention, budget=4, context=16))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)                  # the whole model, as some users save it
+    if not VARIANTS[attention].sparsek:
+        with pytest.raises(ValueError, match="no SparseK cache"):
+            model.blocks[0].attn.step(torch.randn(1, 1, 32), 0, None)

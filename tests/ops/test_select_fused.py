@@ -190,3 +190,11 @@ def test_prefix_selection_backends_share_one_signature(t_len, topk, window):
     if topk:                                             # large offsets: float32 thresholds would round off
         with pytest.raises(ValueError, match="below"):
             prefix_selection(scores.detach() + 1e5, topk, window, backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 2), (2, 8, 0)])
+def test_prefix_selection_triton_backend_takes_empty_batches(shape):
+    from sparsek.ops.select import prefix_selection
+
+    selection = prefix_selection(torch.randn(*shape, device=DEVICE), 2, 1, backend="triton")
+    assert selection.tau.shape == shape and selection.start.shape == shape

@@ -40,7 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..cache import SparseKCache
 from ..layers.attention import attend
 from ..layers.scorer import SLOPE_CONVERT, Scorer
-from ..ops.common import check_budget, check_gate
+from ..ops.common import check_budget, check_gate, check_sinks
 from ..weights import check_safetensors_folder, load_safetensors
 
 IMPLEMENTATION = "sparsek"
@@ -469,8 +469,7 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = SL
     if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
         raise ValueError(f"slope must be a finite number, got {slope!r}")
     check_gate(gate)
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= topk:
-        raise ValueError(f"sinks must be an int in [0, topk] = [0, {topk}], got {sinks!r}")
+    check_sinks(sinks, topk)
     modules = attention_modules(model)
     if any(hasattr(module, "sparsek_scorer") for module in modules):
         raise ValueError("model is already converted to SparseK")

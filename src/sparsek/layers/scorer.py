@@ -23,8 +23,10 @@ class Scorer(nn.Module):
 
     The weight starts at zero, so an untrained scorer ranks keys by recency alone; `slope` is a fixed
     hyperparameter (only differences between positions matter, so any offset of t is harmless). With sinks > 0
-    the first `sinks` positions get a learned bias of their own (zero at first): a pretrained model's attention
-    sinks can then rank first without the shared weight spending its capacity on them.
+    the positions t < sinks get a learned bias of their own (zero at first), so that a pretrained model's
+    attention sinks can rank first; there t is absolute, so a left-padded batch must pass positions that count
+    from each row's first real token (transformers' generate() does; a bare forward with a padding mask and no
+    position_ids does not).
     """
 
     def __init__(self, d_model: int, n_kv_heads: int, slope: float, sinks: int = 0):

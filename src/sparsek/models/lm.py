@@ -101,10 +101,10 @@ class Attention(SparseKAttention):
         q, k, v = self.project(x, torch.arange(x.shape[1], device=x.device))
         return self.o_proj(self.variant.attend(self, q, k, v).flatten(2))
 
-    def prefill(self, x: Tensor):
+    def _cached(self, x: Tensor, positions: Tensor, cache):
         if not self.variant.sparsek:
-            raise ValueError(f"{self.lm_config.attention!r} attention has no SparseK cache")
-        return super().prefill(x)
+            raise ValueError(f"{self.lm_config.attention!r} attention has no SparseK cache (prefill and step)")
+        return super()._cached(x, positions, cache)
 
 
 class MLP(nn.Module):

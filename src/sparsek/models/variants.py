@@ -32,6 +32,18 @@ class Variant:
         return self.attend is None
 
 
+def _full(layer, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return full_attention(q, k, v)
+
+
+def _window(layer, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return window_attention(q, k, v, layer.lm_config.budget)
+
+
+def _fixed(layer, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return fixed_attention(q, k, v, *layer.lm_config.fixed_pattern())
+
+
 def _hash(layer, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return hash_attention(q, k, v, layer.rotations, layer.lm_config.hash_buckets()[0])
 
@@ -41,12 +53,11 @@ def _hash_rotations(config) -> dict[str, Tensor]:
     return {"rotations": torch.randn(config.n_kv_heads, config.head_dim, config.hash_buckets()[1])}
 
 
+# Module-level functions, not lambdas: a model holding its Variant must pickle (torch.save of a whole model).
 VARIANTS: dict[str, Variant] = {
-    "full": Variant("dense causal attention (SDPA)", lambda layer, q, k, v: full_attention(q, k, v)),
-    "window": Variant("the `budget` newest keys",
-                      lambda layer, q, k, v: window_attention(q, k, v, layer.lm_config.budget)),
-    "fixed": Variant("Child et al. 2019: a local band of budget / 2 plus strided summary columns",
-                     lambda layer, q, k, v: fixed_attention(q, k, v, *layer.lm_config.fixed_pattern())),
+    "full": Variant("dense causal attention (SDPA)", _full),
+    "window": Variant("the `budget` newest keys", _window),
+    "fixed": Variant("Child et al. 2019: a local band of budget / 2 plus strided summary columns", _fixed),
     "hash": Variant("Reformer-style LSH (Kitaev et al. 2020): a query sees its hash chunk and the one before",
                     _hash, _hash_rotations),
     "sparsek": Variant("SparseK: the `budget` best keys by a learned score (no window)"),

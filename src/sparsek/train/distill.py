@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..layers.scorer import SLOPE_DISTILL
-from ..ops.common import check_budget
+from ..ops.common import check_budget, check_sinks
 from ..ops.select import prefix_selection
 from ..ops.teacher import REDUCTIONS, kept_attention, teacher_mass
 from . import checkpoint
@@ -182,8 +182,10 @@ def distill_scorers(model, batch: Callable[[int], Tensor], *, steps: int, lr: fl
     if not scorers:
         raise ValueError("the model has no SparseK scorers: convert it first")
     biases = [p for name, p in model.named_parameters() if "sparsek_scorer.sink_bias" in name]
-    if sinks and not biases:
-        raise ValueError("sinks > 0 needs scorers with sink biases: convert the model with sinks=n")
+    converted_sinks = (getattr(model.config, "sparsek", None) or {}).get("sinks", 0)
+    if sinks != converted_sinks:
+        raise ValueError(f"sinks={sinks}, but the model's scorers have sink biases for {converted_sinks} positions: "
+                         "distill with the sinks the model was converted with (convert(..., sinks=n))")
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -297,8 +299,7 @@ class DistillConfig:
         check_budget(self.topk, self.window)
         if self.topk < 1:
             raise ValueError(f"distillation needs topk >= 1 (scorers to teach), got {self.topk}")
-        if not 0 <= self.sinks <= self.topk:
-            raise ValueError(f"sinks must lie in [0, topk] = [0, {self.topk}], got {self.sinks}")
+        check_sinks(self.sinks, self.topk)
         if self.context <= self.topk + self.window:
             raise ValueError(f"context {self.context} must exceed topk + window = {self.topk + self.window}: "
                              "shorter rows select every candidate and teach the scorers nothing")

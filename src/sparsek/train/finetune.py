@@ -33,7 +33,7 @@ from ..data.tasks import TaskMixer, check_mix, parse_tasks
 from ..eval.lm import TransformersLM, evaluate
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
 from ..layers.scorer import SLOPE_FINETUNE
-from ..ops.common import GATES, check_budget
+from ..ops.common import GATES, check_budget, check_sinks
 from ..ops.teacher import REDUCTIONS
 from . import checkpoint, distributed
 from .distill import LOOKUP, REDUCTION
@@ -123,8 +123,7 @@ class FinetuneConfig:
         if not 0.0 <= self.distill_lookup <= 1.0:
             raise ValueError(f"distill_lookup must lie in [0, 1], got {self.distill_lookup}")
         check_budget(self.topk, self.window)
-        if not 0 <= self.sinks <= self.topk:
-            raise ValueError(f"sinks must lie in [0, topk] = [0, {self.topk}], got {self.sinks}")
+        check_sinks(self.sinks, self.topk)
         if self.distill_steps and self.attention != "sparsek":
             raise ValueError("distill_steps needs attention='sparsek': there are no scorers to distill")
         if self.save_every < 0:

@@ -62,6 +62,12 @@ def check_budget(topk, window, *, allow_empty: bool = False) -> None:
         raise ValueError("topk and window must be not both 0 (every query would attend to nothing)")
 
 
+def check_sinks(sinks, topk: int) -> None:
+    """ValueError unless sinks (the first positions with a scorer bias of their own) is an int in [0, topk]."""
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= topk:
+        raise ValueError(f"sinks must be an int in [0, topk] = [0, {topk}], got {sinks!r}")
+
+
 def check_gate(gate) -> None:
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")

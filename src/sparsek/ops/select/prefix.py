@@ -37,7 +37,7 @@ from torch import Tensor
 from ..common import check_backend, check_budget, interpreting
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
-__all__ = ["Selection", "check_budget", "prefix_selection", "select_rows", "threshold_backward"]
+__all__ = ["Selection", "best_first_order", "prefix_selection", "select_rows", "threshold_backward"]
 
 
 @dataclass
@@ -297,7 +297,7 @@ def _triton_selection(rows: Tensor, backend: str) -> bool:
     if backend == "triton" and not usable:
         raise ValueError("backend='triton' needs the triton package and float32 scores on CUDA (or on the CPU with "
                          f"TRITON_INTERPRET=1), got {rows.dtype} on {rows.device}")
-    return usable and (backend == "triton" or rows.is_cuda)
+    return usable and (backend == "triton" or rows.is_cuda) and rows.numel() > 0   # no rows: nothing to launch
 
 
 @torch.no_grad()
