@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import ATTENTIONS, LMConfig, TransformerLM
+from ..models import VARIANTS, LMConfig, TransformerLM
 
 
 def time_steps(model: TransformerLM, tokens: torch.Tensor, warmup: int, steps: int) -> list[float]:
@@ -47,7 +47,7 @@ def time_steps(model: TransformerLM, tokens: torch.Tensor, warmup: int, steps: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--attention", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS)
+    parser.add_argument("--attention", nargs="+", default=list(VARIANTS), choices=tuple(VARIANTS))
     parser.add_argument("--budget", type=int, default=0, help="keys per query of the sparse variants (0: T / 8)")
     parser.add_argument("--tokens-per-step", type=int, default=32768)
     parser.add_argument("--d-model", type=int, default=512)

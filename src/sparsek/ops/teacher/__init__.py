@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..common import check_backend, kernel_if_available
+from ..common import check_backend, check_budget, kernel_if_available
 from .reference import REDUCTIONS, kept_attention_reference, teacher_mass_reference
 
 try:
@@ -37,8 +37,7 @@ def teacher_mass(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean", 
             or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"need q [B, T, Hq, D] and k [B, T, Hk, D] with Hq a multiple of Hk, got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    check_budget(0, window, allow_empty=True)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_backend(backend, ("auto", "triton", "reference"))
