@@ -92,6 +92,21 @@ class _Chunk:
             self.free = (selected & (gap > 0) & (gap < 1)).to(dtype)                            # [R, n, P, L]
 
 
+def _chunk_softmax(q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows, span, window, gate, scale):
+    """The part of a chunk's math that forward and backward share: its _Chunk, q_c [R * n, P * G, D], the
+    gathered k_c, v_c [R * n, L, D], the logits and the softmax probabilities [R, n, P, G, L]."""
+    rows, _, group, head_dim = q.shape
+    q_start, n_blocks, block, first_list = span
+    q_end = q_start + n_blocks * block
+    c = _Chunk(lists[:, first_list:first_list + n_blocks], q_start, block, window, u_rows,
+               tau[:, q_start:q_end].view(rows, n_blocks, block), start_rows, end_rows, gate, q.dtype)
+    q_c = q[:, q_start:q_end].reshape(rows * n_blocks, block * group, head_dim)
+    k_c, v_c = _rows_select(k_rows, c.keys).flatten(0, 1), _rows_select(v_rows, c.keys).flatten(0, 1)
+    logits = torch.bmm(q_c, k_c.transpose(1, 2)).view(rows, n_blocks, block, group, -1)
+    z = torch.addcmul(c.bias, logits, c.weight * scale) if gate == "kv" else c.bias.add(logits, alpha=scale)
+    return c, q_c, k_c, v_c, logits, torch.softmax(z, dim=-1)
+
+
 class _GatheredAttention(torch.autograd.Function):
     """Block attention over finite k, v: q [R, T, G, D], k_rows, v_rows [R, T + 1, D] (position T a zero
     sentinel), u_rows [R, T + 1], tau [R, T] -> [R, T, G, D]. The rest (lists [R, NB, K] int64, start_rows,
@@ -101,15 +116,11 @@ class _GatheredAttention(torch.autograd.Function):
     def forward(ctx, q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows, spans, window, gate, scale):
         rows, t_len, group, head_dim = q.shape
         out = torch.empty_like(q)
-        for q_start, n_blocks, block, first_list in spans:
+        for span in spans:
+            q_start, n_blocks, block, _ = span
             q_end = q_start + n_blocks * block
-            c = _Chunk(lists[:, first_list:first_list + n_blocks], q_start, block, window, u_rows,
-                       tau[:, q_start:q_end].view(rows, n_blocks, block), start_rows, end_rows, gate, q.dtype)
-            q_c = q[:, q_start:q_end].reshape(rows * n_blocks, block * group, head_dim)
-            k_c, v_c = _rows_select(k_rows, c.keys).flatten(0, 1), _rows_select(v_rows, c.keys).flatten(0, 1)
-            logits = torch.bmm(q_c, k_c.transpose(1, 2)).view(rows, n_blocks, block, group, -1)
-            z = torch.addcmul(c.bias, logits, c.weight * scale) if gate == "kv" else c.bias.add(logits, alpha=scale)
-            probs = torch.softmax(z, dim=-1)
+            c, _, _, v_c, _, probs = _chunk_softmax(q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows,
+                                                    span, window, gate, scale)
             if c.weight is not None:
                 probs = probs * c.weight
             out[:, q_start:q_end] = torch.bmm(probs.view(rows * n_blocks, block * group, -1), v_c).view(
@@ -131,17 +142,13 @@ class _GatheredAttention(torch.autograd.Function):
         grad_tau = torch.zeros(tau.shape, dtype=q.dtype, device=q.device) if scores_grad else None
         # delta_i = sum_j p_ij dp_ij = dout_i . out_i (flash-attention): the softmax backward's row term.
         delta = (grad_out * out).sum(-1)                                                       # [R, T, G]
-        for q_start, n_blocks, block, first_list in ctx.spans:
+        for span in ctx.spans:
+            q_start, n_blocks, block, _ = span
             q_end = q_start + n_blocks * block
-            c = _Chunk(lists[:, first_list:first_list + n_blocks], q_start, block, window, u_rows,
-                       tau[:, q_start:q_end].view(rows, n_blocks, block), start_rows, end_rows, gate, q.dtype)
-            q_c = q[:, q_start:q_end].reshape(rows * n_blocks, block * group, head_dim)
-            k_c, v_c = _rows_select(k_rows, c.keys).flatten(0, 1), _rows_select(v_rows, c.keys).flatten(0, 1)
+            c, q_c, k_c, v_c, logits, probs = _chunk_softmax(q, k_rows, v_rows, u_rows, tau, lists, start_rows,
+                                                             end_rows, span, window, gate, scale)
             dout_c = grad_out[:, q_start:q_end].reshape(rows * n_blocks, block * group, head_dim)
             shape = (rows, n_blocks, block, group, -1)
-            logits = torch.bmm(q_c, k_c.transpose(1, 2)).view(shape)                         # [R, n, P, G, L]
-            z = torch.addcmul(c.bias, logits, c.weight * scale) if gate == "kv" else c.bias.add(logits, alpha=scale)
-            probs = torch.softmax(z, dim=-1)
             weighted = probs * c.weight if c.weight is not None else probs
             grad_v_c = torch.bmm(weighted.view(rows * n_blocks, block * group, -1).transpose(1, 2), dout_c)
             grad_weighted = torch.bmm(dout_c, v_c.transpose(1, 2)).view(shape)
