@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from sparsek.ops.teacher import teacher_mass
+
+# The kernels run compiled on a GPU, interpreted on CPU tensors otherwise (conftest sets TRITON_INTERPRET).
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def dense_mass(q, k, window, reduction, scale):
@@ -42,18 +47,18 @@ def test_reference_equals_dense(reduction, heads, window, t_len):
 @pytest.mark.parametrize("reduction", ["sum", "mean", "max"])
 @pytest.mark.parametrize("heads,window,t_len", [((2, 2), 0, 45), ((4, 2), 7, 70), ((4, 1), 20, 64)])
 def test_triton_equals_dense(reduction, heads, window, t_len):
-    """The kernels (interpreted on CPU) in float32 against float64; odd lengths leave partial tiles."""
+    """The kernels in float32 against float64; odd lengths leave partial tiles."""
     hq, hk = heads
     q, k = torch.randn(1, t_len, hq, 16), torch.randn(1, t_len, hk, 16)
     expected = dense_mass(q, k, window, reduction, 16 ** -0.5).float()
-    got = teacher_mass(q, k, window=window, reduction=reduction, backend="triton")
+    got = teacher_mass(q.to(DEVICE), k.to(DEVICE), window=window, reduction=reduction, backend="triton").cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_fp16_triton_close_to_float64():
     q, k = torch.randn(1, 40, 2, 32).half(), torch.randn(1, 40, 1, 32).half()
     expected = dense_mass(q, k, 4, "sum", 32 ** -0.5).float()
-    got = teacher_mass(q, k, window=4, reduction="sum", backend="triton")
+    got = teacher_mass(q.to(DEVICE), k.to(DEVICE), window=4, reduction="sum", backend="triton").cpu()
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
 
 
