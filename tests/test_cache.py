@@ -164,26 +164,26 @@ def test_prefill_names_a_missing_tensor(name):
         SparseKCache.prefill(tensors["k"], tensors["v"], tensors["scores"], topk=2, window=2)
 
 
-def test_long_decode_prunes_and_reserve_holds_the_buffer():
-    """Many more candidates than the kept-score buffer holds: pruning keeps decoding exact, and after
-    reserve(n) the next n steps leave the buffer (its address and size) alone."""
+def test_long_decode_keeps_its_buffers():
+    """Many near-tied candidates, a kept-score buffer as long as the context (exact whatever the scores): the
+    outputs equal the parallel forward, and no step reallocates a tensor of the cache (CUDA-graph safe)."""
     torch.manual_seed(3)
     t_len, topk, window = 120, 2, 1
     q = torch.randn(1, t_len, 2, 8, dtype=torch.float64)
     k, v = (torch.randn(1, t_len, 1, 8, dtype=torch.float64) for _ in range(2))
     scores = torch.randint(0, 4, (1, t_len, 1)).float() * 0.5            # many near-ties: wide kept sets
     want = naive_sparsek_attention(q, k, v, scores.double(), topk=topk, window=window)
-    got, cache = decode(q[:, :60], k[:, :60], v[:, :60], scores[:, :60], 5, topk=topk, window=window)
-    cache.reserve(60)
-    buffer = cache.kept_u
+    got, cache = decode(q[:, :60], k[:, :60], v[:, :60], scores[:, :60], 5, topk=topk, window=window,
+                        max_kept=t_len)
+    buffers = [getattr(cache, name) for name in SparseKCache._STATE]
     rest = [cache.step(q[:, t], k[:, t], v[:, t], scores[:, t]) for t in range(60, t_len)]
-    assert cache.kept_u is buffer
+    assert all(getattr(cache, name) is x for name, x in zip(SparseKCache._STATE, buffers))
     torch.testing.assert_close(torch.cat([got, torch.stack(rest, 1)], 1), want[:, 5:], atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_step_replays_from_a_cuda_graph():
-    """After reserve(n) a step holds no host state: a captured step replayed n times decodes like eager steps."""
+    """A step holds no host state: a captured step replayed n times decodes like eager steps."""
     torch.manual_seed(0)
     t_len, prompt_len, topk, window = 200, 40, 16, 8
     q = torch.randn(2, t_len, 4, 64, device="cuda")
@@ -192,7 +192,6 @@ def test_step_replays_from_a_cuda_graph():
     eager, _ = decode(q, k, v, scores, prompt_len, topk=topk, window=window)
     cache = SparseKCache.prefill(k[:, :prompt_len], v[:, :prompt_len], scores[:, :prompt_len], topk=topk,
                                  window=window)
-    cache.reserve(t_len)
     inputs = [x[:, prompt_len].clone() for x in (q, k, v, scores)]
     snapshot = copy.deepcopy(cache)
     stream = torch.cuda.Stream()

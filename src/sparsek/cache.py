@@ -1,15 +1,15 @@
 """Constant-memory KV cache of one SparseK attention layer, and exact token-by-token decoding.
 
 Shape legend: B batch, H KV heads, Hq query heads (G = Hq // H per KV head), D head dim, k = topk slots,
-w = window, N = w + k cache entries, M scalar scores kept for the threshold.
+w = window, N = w + k cache entries, C = max_kept scalar scores kept for the threshold.
 
 Per batch row and KV head the cache holds (SPEC section 4), in one buffer of N entries:
   * entries [0, w): the window, a ring of the w newest keys and values (token p sits at p % w);
   * entries [w, w + k): the selection, k slots holding the top-k of all older tokens (the candidates);
-  * the candidate scores that can still move the threshold: a key leaves the top-k for good, and tau never
-    falls below min(theta - 1, u_(k+1)) (theta the k-th best score, u_(k+1) the next), so scores below that
-    bound are dropped. They are scalars; the KV memory is N pairs whatever the context length. Scores bunched
-    within 1 of theta all stay above that bound, so at most `max_kept` are kept (see `SparseKCache`).
+  * the C best candidate scores, for the threshold: a key leaves the top-k for good, and tau never falls
+    below min(theta - 1, u_(k+1)) (theta the k-th best score, u_(k+1) the next), so low scores cannot move it.
+    They are scalars; the KV memory is N pairs whatever the context length (see `SparseKCache` on when a
+    fixed C keeps tau exact).
 Decoding one token: it enters the window; the token leaving the window becomes a candidate and, if it beats
 the worst selected key (ties go to the newer key), takes its slot; tau is the SPARSEK threshold of the kept
 scores; the query attends to the window (m = 1) and the slots (m = clip(u - tau, 0, 1)), as in the parallel
@@ -18,15 +18,18 @@ forward. Rows may hold different numbers of tokens (prompts of different lengths
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from .ops.common import check_budget
+from .ops.common import check_backend, check_budget, check_gate, check_scale, kernel_if_available
 from .ops.decode import decode_attention
 from .ops.select import best_first_order
 from .ops.sparsek import kept_threshold, sparsek_threshold
+
+try:
+    from .ops.decode import fused as decode_fused
+except ImportError:  # triton is an optional extra: the PyTorch step
+    decode_fused = None
 
 # Default bound on the kept scores, per slot: max_kept = KEPT_PER_SLOT * (topk + 1).
 KEPT_PER_SLOT = 8
@@ -46,43 +49,42 @@ def _int_vector(name: str, value, what: str) -> Tensor:
 class SparseKCache:
     """Window ring + k selected slots + kept candidate scores for one layer. Build with `prefill`.
 
-    max_kept bounds the kept candidate scores per (row, KV head): "auto" (default) is 8 (topk + 1), an int must
-    be >= topk + 1, None keeps every score that can still move tau (always exact, but with scores bunched within
-    1 of the k-th best that is about sqrt(2 k n) of n candidates, growing with the context). With the bound the
-    kept-score buffer holds at most max(2 max_kept, 4 (topk + 1)) float64 per (row, KV head) (more only while
-    `reserve(steps)` holds room for steps more), so `nbytes()` stays constant in the context like `kv_bytes()`.
-
-    Past the bound the cache keeps the max_kept best scores and remembers, per (row, KV head), the best one it
-    dropped (`dropped_u`). What stays exact:
+    max_kept is the size of the kept-score buffer per (row, KV head): "auto" (default) is 8 (topk + 1), an int
+    must be >= topk + 1. The buffer holds the max_kept best candidate scores seen so far: a new candidate that
+    beats the lowest takes its column (the first such column), otherwise it is dropped; the cache remembers,
+    per (row, KV head), the best score it ever dropped (`dropped_u`). Every tensor has a fixed size, so
+    `nbytes()` is constant in the context like `kv_bytes()`, and a decode step has static shapes and no host
+    work: it can be captured in a CUDA graph or compiled. For a cache that is exact whatever the scores, pass
+    max_kept at least the number of tokens it will see. What stays exact:
       * the selection (which keys sit in the slots, and their KV) never depends on the kept scores: gate "none"
         decodes like the parallel forward whatever max_kept;
       * tau, the weights m = clip(u - tau, 0, 1) and the outputs, at every step where tau >= every dropped score
-        (`exact()`): then the dropped scores would weigh 0, and results equal the unbounded cache's (and the
-        parallel forward's) up to rounding (about 1e-16: the sums run over fewer entries). That holds whenever
-        at most max_kept candidates lie above tau each time the bound cuts (tau never falls). With the scorer's
-        recency slope (0.01 per position, plus uniform [0, 1) noise) the most candidates above tau in 600
-        steps were 12, 40 and 122 for k = 1, 8, 64: under 8 (k + 1), and decoding matched the unbounded cache
-        at each of 1200 steps;
+        (`exact()`): the dropped scores then weigh 0, and as the buffer holds the best scores, the (k+1)-th
+        best is in it too, so tau equals that of all candidates (and of the parallel forward) up to rounding.
+        A dropped score below min(theta - 1, u_(k+1)) (theta the k-th best) can never reach tau again: tau
+        never falls below that bound. With the scorer's recency slope (0.01 per position, plus uniform [0, 1)
+        noise) the most candidates above tau in 600 steps were 12, 40 and 122 for k = 1, 8, 64: under
+        8 (k + 1), so the default stays exact there;
       * otherwise, more than max_kept candidates above tau (scores stationary within 1 of each other), tau comes
-        out lower than the exact one, never higher, so the slot weights m are larger. Measured with scores
-        uniform in [0, 1), topk 8, window 4, D 16, 3000 steps: the unbounded cache keeps all 2996 candidates
-        (231 above tau, about sqrt(2 k n)), nbytes() 36 KB; max_kept 72 (the default): 4.4 KB, matching it
-        for the first 348 steps, then tau falls behind by up to 0.051 (tending to k / max_kept) and "kv"
-        outputs differ by up to 0.035; max_kept 144: 5.6 KB, exact for 1268 steps, then up to 0.0076 and 0.0046.
+        out lower than the exact one, never higher, so the slot weights m are larger (tests/test_cache_safety.py
+        measures both cases).
     """
 
-    # All its tensors; every one but the write counter (last) is per batch row.
-    _STATE = ("keys", "values", "scores", "positions", "kept_u", "dropped_u", "lengths", "next_column")
+    # All its tensors, each per batch row.
+    _STATE = ("keys", "values", "scores", "positions", "kept_u", "dropped_u", "lengths")
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, topk: int, window: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", score_dtype: torch.dtype = torch.float32,
                  max_kept: int | str | None = "auto"):
         check_budget(topk, window)
+        if max_kept is None:
+            raise ValueError("max_kept=None (a kept-score buffer that grows) is gone: the buffer has a fixed size so "
+                             "that a decode step has static shapes; pass an int at least the number of tokens for "
+                             "a cache that is exact whatever the scores")
         if max_kept == "auto":
             max_kept = KEPT_PER_SLOT * (topk + 1)
-        if max_kept is not None and (isinstance(max_kept, bool) or not isinstance(max_kept, int)
-                                     or max_kept < topk + 1):
-            raise ValueError(f"max_kept must be 'auto', None or an int >= topk + 1 = {topk + 1}, got {max_kept!r}")
+        if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < topk + 1:
+            raise ValueError(f"max_kept must be 'auto' or an int >= topk + 1 = {topk + 1}, got {max_kept!r}")
         self.topk, self.window, self.max_kept = topk, window, max_kept
         shape = (batch, n_kv_heads, window + topk)
         self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
@@ -90,14 +92,11 @@ class SparseKCache:
         # Scores in float32, or float64 when the scores are (the parallel path selects in their precision).
         self.scores = torch.zeros(shape, dtype=score_dtype, device=device)
         self.positions = torch.full(shape, -1, dtype=torch.int64, device=device)      # -1: empty entry
-        # Kept candidate scores: a fixed-capacity buffer padded with -inf; new ones go to column next_column (a
-        # device counter, so a decode step holds no host state and can be captured in a CUDA graph).
-        self.kept_u = torch.full((batch, n_kv_heads, 4 * (topk + 1) if topk else 0), -torch.inf,
-                                 dtype=torch.float64, device=device)
-        # Best score the max_kept bound dropped (-inf: none): tau at or above it means tau is exact.
+        # The max_kept best candidate scores, -inf in unused columns (at any column).
+        self.kept_u = torch.full((batch, n_kv_heads, max_kept if topk else 0), -torch.inf, dtype=torch.float64,
+                                 device=device)
+        # Best score the buffer dropped (-inf: none): tau at or above it means tau is exact.
         self.dropped_u = torch.full((batch, n_kv_heads), -torch.inf, dtype=torch.float64, device=device)
-        self.next_column = torch.zeros(1, dtype=torch.int64, device=device)
-        self.n_kept = 0                                                                # host mirror
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)            # tokens seen per row
 
     @property
@@ -109,14 +108,13 @@ class SparseKCache:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (the kept scalar scores included: bounded by max_kept)."""
+        """Bytes of every tensor the cache holds (the kept scalar scores included: max_kept per row and head)."""
         return sum(getattr(self, name).nbytes for name in self._STATE)
 
     def copy_(self, other: SparseKCache) -> None:
         """Take the state of a cache of the same shapes, in place (tensor addresses kept: CUDA-graph safe)."""
         for name in self._STATE:
             getattr(self, name).copy_(getattr(other, name))
-        self.n_kept = other.n_kept
 
     def select_rows(self, index: Tensor | list[int]) -> None:
         """Keep batch rows `index` [B'] (beam search reorders rows, sampling repeats them): ints in [-B, B),
@@ -128,7 +126,7 @@ class SparseKCache:
             raise ValueError(f"index must hold rows in [-{self.batch}, {self.batch}) (the cache's batch), "
                              f"got {index.tolist()[:16]}")
         index = torch.where(index < 0, index + self.batch, index)
-        for name in self._STATE[:-1]:
+        for name in self._STATE:
             setattr(self, name, getattr(self, name).index_select(0, index))
 
     @classmethod
@@ -149,15 +147,15 @@ class SparseKCache:
         score_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         cache = cls(batch, heads, head_dim, topk, window, k.dtype, k.device, score_dtype, max_kept)
         lengths = cls._check_lengths(lengths, batch, t_len)
-        kept = []
         for b, n in enumerate(lengths.tolist()):  # once per prompt: a loop over rows keeps the indexing plain
-            kept.append(cache._fill_row(b, k[b, t_len - n:], v[b, t_len - n:], scores[b, t_len - n:]))
+            candidates = cache._fill_row(b, k[b, t_len - n:], v[b, t_len - n:], scores[b, t_len - n:])
+            if topk and candidates.shape[-1]:
+                ranked = candidates.sort(dim=-1, descending=True).values                      # [H, n - w]
+                width = min(cache.max_kept, ranked.shape[-1])
+                cache.kept_u[b, :, :width] = ranked[:, :width]
+                if ranked.shape[-1] > width:
+                    cache.dropped_u[b] = ranked[:, width]
         cache.lengths = lengths.to(k.device, copy=True)  # updated in place while decoding
-        if topk:
-            width = max(row.shape[-1] for row in kept)
-            cache.set_kept(torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[-1]), value=-torch.inf)
-                                         for row in kept]))
-            cache._prune()
         return cache
 
     @staticmethod
@@ -199,46 +197,6 @@ class SparseKCache:
         self.scores[b, :, entries] = u.T.to(self.scores.dtype)
         self.positions[b, :, entries] = pos
 
-    def set_kept(self, kept: Tensor, room: int = 0) -> None:
-        """kept [B, H, n] (-inf pads) becomes the kept scores, in a buffer with room for `room` more at least."""
-        n = kept.shape[-1]
-        # Twice what is kept: pruning costs O(n log n) once per n steps. Not the old capacity: after a long
-        # prompt that would hold its width for good.
-        capacity = max(4 * (self.topk + 1), 2 * n, n + room)
-        self.kept_u = torch.nn.functional.pad(kept, (0, capacity - n), value=-torch.inf)
-        self.n_kept = n
-        self.next_column.fill_(n)
-
-    def _prune(self) -> None:
-        """Drop candidate scores below min(theta - 1, u_(k+1)): no later threshold can depend on them. Then keep
-        the max_kept best, recording the best score that cut drops (in dropped_u)."""
-        if self.n_kept <= self.topk + 1:
-            return
-        ranked = torch.sort(self.kept_u[..., :self.n_kept], dim=-1, descending=True).values
-        bound = torch.minimum(ranked[..., self.topk - 1] - 1, ranked[..., self.topk])
-        ranked = torch.where(ranked >= bound[..., None], ranked, -torch.inf)
-        width = max(self.topk + 1, int((ranked > -torch.inf).sum(-1).max()))       # waits for the GPU
-        if self.max_kept is not None and width > self.max_kept:
-            # Bunched scores: this cut may drop live scores. tau stays exact while it is at or above all of them
-            # (see `exact`); rows are sorted, so the best dropped is the first past the cut (-inf if it was dead).
-            torch.maximum(self.dropped_u, ranked[..., self.max_kept], out=self.dropped_u)
-            width = self.max_kept
-        self.set_kept(ranked[..., :width])
-
-    def reserve(self, steps: int) -> None:
-        """Make room for `steps` more tokens: until then `append` and `step` do no host work (no pruning, no
-        reallocation, no synchronisation), so a decode step can be captured in a CUDA graph and replayed."""
-        if self.topk and self.n_kept + steps > self.kept_u.shape[-1]:
-            self._prune()
-            if self.n_kept + steps > self.kept_u.shape[-1]:
-                self.set_kept(self.kept_u[..., :self.n_kept], room=steps)
-
-    def replayed(self, steps: int = 1) -> None:
-        """Bring the host mirror up to date after `steps` decode steps replayed from a CUDA graph (within what
-        `reserve` made room for): the device tensors advanced, the host count of kept scores did not."""
-        if self.topk:
-            self.n_kept += steps
-
     def check_token(self, k: Tensor, v: Tensor, scores: Tensor, q: Tensor | None = None) -> None:
         """ValueError unless k, v [B, H, D] (and q [B, Hq, D]) match the cache's shapes, dtype and device, and
         scores [B, H] are finite floats. Checking finiteness waits for the device, so it runs for CPU tensors
@@ -271,41 +229,32 @@ class SparseKCache:
         self.check_token(k, v, scores)
         self._append(k, v, scores)
 
-    def _append(self, k: Tensor, v: Tensor, scores: Tensor) -> Callable[[], None]:
-        """`append` on checked inputs; returns the function that undoes it (so that `step` is all-or-nothing)."""
+    def _append(self, k: Tensor, v: Tensor, scores: Tensor) -> None:
+        """`append` on checked inputs, in PyTorch (`ops.decode.cache_step` is its fused twin)."""
         rows = torch.arange(self.batch, device=k.device)
         t, w = self.lengths, self.window
         if w:
             ring = t % w                                       # the token at t - w, if any, leaves from here
-            leaving = (t >= w)[:, None]
-            old = [x[rows, :, ring] for x in (self.keys, self.values, self.scores, self.positions)]
-            undo_admit = self._admit(*old[:3], t - w, leaving)
+            leaving = [x[rows, :, ring] for x in (self.keys, self.values, self.scores)]
+            self._admit(*leaving, t - w, (t >= w)[:, None])
             self.keys[rows, :, ring], self.values[rows, :, ring] = k, v
             self.scores[rows, :, ring] = scores.to(self.scores.dtype)
             self.positions[rows, :, ring] = t[:, None]
         else:                                                  # no window: the new token is a candidate at once
-            undo_admit = self._admit(k, v, scores, t, torch.ones_like(t, dtype=torch.bool)[:, None])
+            self._admit(k, v, scores.to(self.scores.dtype), t, torch.ones_like(t, dtype=torch.bool)[:, None])
         self.lengths += 1                                      # in place: a captured graph keeps its address
 
-        def undo() -> None:
-            self.lengths -= 1
-            if w:
-                for x, x_old in zip((self.keys, self.values, self.scores, self.positions), old):
-                    x[rows, :, ring] = x_old
-            undo_admit()
-        return undo
-
-    def _admit(self, k: Tensor, v: Tensor, u: Tensor, position: Tensor, present: Tensor) -> Callable[[], None]:
-        """Candidates k, v [B, H, D], u [B, H] at position [B] (where present [B, 1]): keep the score, and
-        give the key a slot if it makes the top-k. Returns the function that undoes it."""
+    def _admit(self, k: Tensor, v: Tensor, u: Tensor, position: Tensor, present: Tensor) -> None:
+        """Candidates k, v [B, H, D], u [B, H] (in the cache's score dtype) at position [B] (where present
+        [B, 1]): keep the score if it beats the buffer's lowest, and give the key a slot if it makes the top-k."""
         if self.topk == 0:                                     # window only: no threshold, nothing to keep
-            return lambda: None
-        if self.n_kept == self.kept_u.shape[-1]:               # full: prune (rare: the buffer holds 4(k + 1))
-            self.reserve(1)
-        column = self.next_column.view(1, 1, 1).expand(*u.shape, 1)
-        self.kept_u.scatter_(-1, column, torch.where(present, u.double(), -torch.inf)[..., None])
-        self.next_column += 1
-        self.n_kept += 1
+            return
+        u_kept = torch.where(present, u.double(), -torch.inf)[..., None]                 # [B, H, 1]
+        lowest, column = self.kept_u.min(dim=-1, keepdim=True)                          # the first lowest
+        enters = u_kept > lowest
+        self.kept_u.scatter_(-1, column, torch.where(enters, u_kept, lowest))
+        torch.maximum(self.dropped_u, torch.where(enters, lowest, u_kept)[..., 0], out=self.dropped_u)
+
         slot_u, slot_pos = self.scores[..., self.window:], self.positions[..., self.window:]
         # Worst selected key: lowest score, ties to the older one (which the newer candidate then beats).
         # Empty slots come first: while the slots fill, the (j + 1)-th candidate takes slot j.
@@ -315,25 +264,15 @@ class SparseKCache:
         tied = live_u == worst_u[..., None]
         worst = torch.where(tied, slot_pos, torch.iinfo(torch.int64).max).argmin(-1)
         slot = torch.where(filling, position.clamp(0, self.topk - 1)[:, None], worst)
-        take = present & (filling | (u.to(worst_u.dtype) >= worst_u))
+        take = present & (filling | (u >= worst_u))
         entry = (self.window + slot)[..., None]                                        # [B, H, 1]
         d_entry = entry[..., None].expand(-1, -1, -1, k.shape[-1])                     # [B, H, 1, D]
-        old = (self.positions.gather(-1, entry), self.scores.gather(-1, entry), self.keys.gather(2, d_entry),
-               self.values.gather(2, d_entry))
         keep = take[..., None]
-        self.positions.scatter_(-1, entry, torch.where(keep, position[:, None, None], old[0]))
-        self.scores.scatter_(-1, entry, torch.where(keep, u.to(self.scores.dtype)[..., None], old[1]))
-        self.keys.scatter_(2, d_entry, torch.where(keep[..., None], k[..., None, :], old[2]))
-        self.values.scatter_(2, d_entry, torch.where(keep[..., None], v[..., None, :], old[3]))
-
-        def undo() -> None:
-            for x, x_old, index, dim in zip((self.positions, self.scores, self.keys, self.values), old,
-                                            (entry, entry, d_entry, d_entry), (-1, -1, 2, 2)):
-                x.scatter_(dim, index, x_old)
-            self.next_column -= 1
-            self.n_kept -= 1
-            self.kept_u.scatter_(-1, self.next_column.view(1, 1, 1).expand(*u.shape, 1), -torch.inf)
-        return undo
+        self.positions.scatter_(-1, entry, torch.where(keep, position[:, None, None], self.positions.gather(-1, entry)))
+        self.scores.scatter_(-1, entry, torch.where(keep, u[..., None], self.scores.gather(-1, entry)))
+        self.keys.scatter_(2, d_entry, torch.where(keep[..., None], k[..., None, :], self.keys.gather(2, d_entry)))
+        self.values.scatter_(2, d_entry, torch.where(keep[..., None], v[..., None, :],
+                                                     self.values.gather(2, d_entry)))
 
     def threshold(self) -> Tensor:
         """tau [B, H] (float64) of each row's candidates; -inf while at most k of them exist (all weigh 1)."""
@@ -364,19 +303,27 @@ class SparseKCache:
              scale: float | None = None, backend: str = "auto") -> Tensor:
         """Decode one token per row: q [B, Hq, D], k, v [B, H, D], scores [B, H] -> output [B, Hq, D].
 
-        All or nothing: inputs are checked (`check_token`) before the cache changes, and any error after that
-        (gate, scale, backend, the kernel) undoes the append, so a retry does not add the token twice.
-        Non-finite scores raise ValueError for CPU tensors; on CUDA their rows' outputs are NaN instead.
+        backend "triton" runs the fused step (`ops.decode.cache_step`: one kernel updates the cache and writes
+        the mask, one attends); "reference" runs PyTorch; "auto" the first for supported CUDA tensors. All or
+        nothing: the inputs, options and backend are checked before the cache changes. Non-finite scores raise
+        ValueError for CPU tensors; on CUDA their rows' outputs are NaN instead.
         """
         self.check_token(k, v, scores, q)
-        undo = self._append(k, v, scores)
-        try:
+        check_gate(gate)
+        check_scale(scale)
+        check_backend(backend)
+        fused = None
+        if backend == "triton" or (backend == "auto" and q.is_cuda):
+            fused = kernel_if_available(decode_fused, "cache_step", q, required=backend == "triton")
+        if fused is not None:
+            weight, attended = fused(self, k, v, scores)
+            out = decode_fused.decode_attention_triton(q, self.keys, self.values, weight, attended, gate=gate,
+                                                       scale=scale)
+        else:
+            self._append(k, v, scores)
             weight, attended = self.weights()
             out = decode_attention(q, self.keys, self.values, weight, attended, gate=gate, scale=scale,
-                                   backend=backend)
-        except BaseException:
-            undo()
-            raise
+                                   backend="reference")
         if scores.is_cuda:  # not checked on the host (that would wait for the GPU): poison the row instead
             out = out.masked_fill(~torch.isfinite(scores).all(-1)[:, None, None], torch.nan)
         return out

@@ -210,7 +210,7 @@ def test_errors_are_clear():
     model = converted(topk=3, window=2)
     model(ids, **{cache_argument(model): cache}, use_cache=True)
     with pytest.raises(ValueError, match="fully converted"):
-        GraphedDecoder(model, cache, steps=4)
+        GraphedDecoder(model, cache)
     with pytest.raises(NotImplementedError, match="rolled back"):
         cache.crop(3)
     other = converted(topk=3, window=2, layers=[0, 2])       # layer 0 converted here, sliding there

@@ -253,11 +253,9 @@ def test_graphed_decoder_equals_eager_steps():
     want, _ = logits_step_by_step(model, ids, 20, mask)
     cache = SparseKHFCache()
     model(ids[:, :20], attention_mask=mask[:, :20], **{cache_argument(model): cache})   # transformers' own position ids
-    decoder = GraphedDecoder(model, cache, steps=30)
+    decoder = GraphedDecoder(model, cache)
     got = torch.stack([decoder(ids[:, t:t + 1]) for t in range(20, 50)], dim=1)
     torch.testing.assert_close(got, want[:, 20:], atol=1e-3, rtol=1e-3)
-    with pytest.raises(RuntimeError, match="reserved steps"):
-        decoder(ids[:, :1])
 
 
 @torch.no_grad()
@@ -416,7 +414,7 @@ def test_partial_conversion_errors():
     cache = SparseKHFCache()
     model(ids, **{cache_argument(model): cache}, use_cache=True)
     with pytest.raises(ValueError, match="fully converted"):
-        GraphedDecoder(model, cache, steps=4)
+        GraphedDecoder(model, cache)
     other = converted("llama", topk=3, window=2, layers=[0])
     with pytest.raises(ValueError, match="another model"):
         other(ids[:, :1], **{cache_argument(other): cache}, use_cache=True)

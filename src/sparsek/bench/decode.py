@@ -8,11 +8,11 @@ context length instead of running a prefill (which would cost minutes at 128k x 
 else): the full cache holds L keys and values per layer, attended with SDPA; the SparseK cache holds its
 constant window + slots + kept scores with the position counters at L. Each timed step decodes one token for
 every row (logits for that token only; no attention mask). The SparseK state is synthetic: topk + 1 kept
-scores, no pruning during the timed steps; real decoding prunes the kept scores now and then (a host
-synchronisation) and keeps more of them when many scores lie within 1 of the k-th best. Two ways to run a step:
+scores in a buffer of max_kept; a step's cost does not depend on how many are filled (every step scans the
+whole buffer). Two ways to run a step:
   * eager, as generate() does: the full cache is transformers' DynamicCache;
   * captured once in a CUDA graph and replayed: the full cache is transformers' StaticCache (attending over its
-    preallocated length, as its compiled decoding does), the SparseK cache after `reserve`.
+    preallocated length, as its compiled decoding does), the SparseK cache as it is (fixed-size tensors).
 Eager decoding of a 135M model is bound by kernel launches on the host, which hides the attention's cost;
 the graphs remove that.
 """
@@ -74,10 +74,8 @@ def sparsek_cache(model, batch: int, context: int, static: bool = False):
         state.values.normal_()
         state.scores.normal_()
         state.positions.copy_(torch.arange(topk + window, device=model.device))  # every entry holds a token
-        state.set_kept(torch.randn(batch, config.num_key_value_heads, topk + 1, dtype=torch.float64,
-                                    device=model.device))
+        state.kept_u[..., :topk + 1].normal_()           # topk + 1 kept scores, the rest of the buffer empty
         state.lengths.fill_(context)
-        state.reserve(64)
         layer = cache.layer(layer_idx)
         layer.state, layer.seen = state, context
     return cache

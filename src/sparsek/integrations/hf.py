@@ -600,16 +600,16 @@ class GraphedDecoder:
 
         cache = SparseKHFCache()
         model(prompt_ids, attention_mask=mask, past_key_values=cache)   # prefill, as usual
-        decoder = GraphedDecoder(model, cache, steps=256)
-        logits = decoder(next_ids)                                       # [B, 1] -> [B, vocab], `steps` times
+        decoder = GraphedDecoder(model, cache)
+        logits = decoder(next_ids)                                       # [B, 1] -> [B, vocab], each step
 
-    Rows continue at their own positions (left padding allowed). The cache is reserved for `steps` tokens; a
-    call past them raises. Needs CUDA tensors, and every layer converted: the KV cache of a layer left out by
+    Rows continue at their own positions (left padding allowed). Every tensor of a SparseK cache keeps its
+    size and address, so the graph replays for as many steps as wanted. Needs CUDA tensors, and every layer converted: the KV cache of a layer left out by
     `convert(layers=...)` is new tensors each step (concatenated; full, or a sliding window), which a replayed
     graph cannot follow. So a model converted with layers="global" (Gemma 3) decodes eagerly.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: SparseKHFCache, steps: int):
+    def __init__(self, model: PreTrainedModel, cache: SparseKHFCache):
         if any(not isinstance(layer, SparseKLayer) for layer in cache.layers):
             raise ValueError("GraphedDecoder decodes fully converted models only; this one has unconverted layers "
                              "(convert(layers=...)), whose KV cache (full or sliding window) is re-allocated each "
@@ -617,9 +617,7 @@ class GraphedDecoder:
         states = [layer.state for layer in cache.layers]
         if not states or any(s is None for s in states) or not states[0].keys.is_cuda:
             raise ValueError("GraphedDecoder needs a SparseKHFCache after a prefill on a CUDA device")
-        self.model, self.cache, self.remaining = model, cache, steps
-        for state in states:
-            state.reserve(steps + 1)                       # + 1: the warm-up step, undone below
+        self.model, self.cache = model, cache
         self.tokens = torch.zeros(states[0].batch, 1, dtype=torch.long, device=states[0].keys.device)
         self.positions = cache.layers[0].next_positions.clone()   # where the prefill's position_ids left off
         saved = [copy.deepcopy(state) for state in states]
@@ -635,7 +633,7 @@ class GraphedDecoder:
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self.logits = self._step()
         finally:
-            self._restore(states, saved, seen)            # capture ran no kernels but moved the host counters
+            self._restore(states, saved, seen)            # the warm-up step ran; capture moved the layers' counts
 
     def _step(self) -> Tensor:
         out = self.model(self.tokens, position_ids=self.positions, use_cache=True, logits_to_keep=1,
@@ -649,13 +647,9 @@ class GraphedDecoder:
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens [B, 1] (the newest token of each row) -> next-token logits [B, vocab] (a fresh tensor)."""
-        if self.remaining <= 0:
-            raise RuntimeError("GraphedDecoder: all reserved steps are used; build a new one to go on")
         self.tokens.copy_(tokens)
         self.graph.replay()
         self.positions += 1
-        self.remaining -= 1
         for layer in self.cache.layers:
             layer.seen += 1
-            layer.state.replayed()
         return self.logits.clone()

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..common import GATE_IDS, LOG2E, interpreting, supports
 from . import kernels
 
-__all__ = ["decode_attention_triton", "supports"]
+__all__ = ["cache_step", "decode_attention_triton", "supports"]
 
 # Tests set this to fill kernel outputs (and partials) with NaN before launch, so an element no program
 # writes shows up.
@@ -102,3 +102,39 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
                 m_part, l_part, acc_part, out, splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
                 num_warps=1 if interpreting() else 4)
     return out
+
+
+def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused twin of `SparseKCache._append` followed by `weights`, for a cache and inputs already checked
+    (`SparseKCache.check_token`): one kernel updates the cache of every (row, KV head) in place and writes
+    the mask of the step; then the row lengths advance.
+
+    k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] bool), the inputs of
+    `decode_attention_triton`. No host synchronisation: the step can be captured in a CUDA graph.
+    """
+    from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS
+
+    batch, n_kv_heads, n_entries, head_dim = cache.keys.shape
+    weight = _empty((batch, n_kv_heads, n_entries), torch.float32, k.device)
+    attended = torch.empty((batch, n_kv_heads, n_entries), dtype=torch.bool, device=k.device)
+    if batch and n_kv_heads:
+        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+        u = scores.to(cache.scores.dtype)
+        n_kept = cache.kept_u.shape[-1]
+        if interpreting():
+            blocks = dict(BLOCK_C=triton.next_power_of_2(max(n_kept, 1)),
+                          BLOCK_K=triton.next_power_of_2(max(cache.topk, 1)),
+                          BLOCK_N=triton.next_power_of_2(n_entries), num_warps=1)
+        else:  # not yet swept on a GPU
+            blocks = dict(BLOCK_C=min(1024, triton.next_power_of_2(max(n_kept, 1))),
+                          BLOCK_K=min(1024, triton.next_power_of_2(max(cache.topk, 1))),
+                          BLOCK_N=min(1024, triton.next_power_of_2(n_entries)), num_warps=4)
+        with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
+            kernels.cache_step_kernel[(batch * n_kv_heads,)](
+                k, v, u, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
+                cache.dropped_u, weight, attended.view(torch.uint8), k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), u.stride(0), u.stride(1), n_kv_heads, n_kept, cache.window, cache.topk,
+                NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, HEAD_DIM=head_dim, HAS_WINDOW=cache.window > 0,
+                HAS_TOPK=cache.topk > 0, **blocks)
+    cache.lengths += 1
+    return weight, attended

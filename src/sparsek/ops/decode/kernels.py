@@ -1,4 +1,5 @@
-"""Triton kernels of single-token decode attention over a SparseK KV cache (flash-decoding).
+"""Triton kernels of one decode step over a SparseK KV cache: the cache update with its mask
+(`cache_step_kernel`), then single-token attention (flash-decoding).
 
 Shape legend: B batch, H KV heads, GROUP = Hq // H query heads per KV head (padded to BLOCK_G rows, at
 least 16 for tl.dot), N cache entries, D head dim (HEAD_DIM), S splits of the entries.
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..common.kernels import softmax_tile
+from ..sparsek.kernels import row_threshold
 
 
 @triton.jit
@@ -93,3 +95,119 @@ def decode_combine_kernel(M_PART, L_PART, ACC_PART, OUT, N_SPLITS, BLOCK_S: tl.c
     l_sum = tl.sum(l_s * alpha, 0)
     o = tl.sum(acc_s * alpha[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
     tl.store(OUT + row.to(tl.int64) * HEAD_DIM + offs_d, o.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def cache_step_kernel(
+    K_NEW, V_NEW, U_NEW, LENGTHS, KEYS, VALUES, SCORES, POSITIONS, KEPT, DROPPED, WEIGHT, ATTENDED,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_unb, stride_unh,
+    H, C, WINDOW, TOPK,
+    NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TOPK: tl.constexpr,
+):
+    """One decode step of one (batch row, KV head) of a SparseKCache, as `SparseKCache._append` then `weights`:
+    the new token enters the window ring; the token leaving it (or the new one, without a window) becomes a
+    candidate: its score enters the kept buffer if it beats the lowest (the first lowest column), else counts
+    as dropped, and its key takes the worst slot if it is at least as good (worst: lowest score, then oldest;
+    empty slots first). Then tau of the kept scores, and the mask of every entry: WEIGHT (float32: 1 in the
+    window, clip(u - tau, 0, 1) in the slots) and ATTENDED (uint8: the entry holds a token).
+
+    Cache tensors are contiguous: KEYS, VALUES [B * H, N, D], SCORES, POSITIONS (int64) [B * H, N], KEPT
+    (float64) [B * H, C], DROPPED (float64) [B * H]; LENGTHS (int64) [B] is read, not advanced (the host adds
+    1 after the launch: every head of a row reads it). U_NEW is in SCORES' dtype.
+    """
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    n_entries = WINDOW + TOPK
+    t = tl.load(LENGTHS + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    entry_row = pid.to(tl.int64) * n_entries
+    key_row = KEYS + entry_row * HEAD_DIM
+    value_row = VALUES + entry_row * HEAD_DIM
+    k_new = tl.load(K_NEW + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d)
+    v_new = tl.load(V_NEW + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d)
+    u_new = tl.load(U_NEW + b.to(tl.int64) * stride_unb + h * stride_unh)
+
+    if HAS_WINDOW:
+        ring = t % WINDOW                                # the token at t - WINDOW, if any, leaves from here
+        cand_k = tl.load(key_row + ring * HEAD_DIM + offs_d)
+        cand_v = tl.load(value_row + ring * HEAD_DIM + offs_d)
+        cand_u = tl.load(SCORES + entry_row + ring)
+        present = t >= WINDOW
+        cand_pos = t - WINDOW
+        tl.debug_barrier()                               # every thread has read the leaving token
+        tl.store(key_row + ring * HEAD_DIM + offs_d, k_new)
+        tl.store(value_row + ring * HEAD_DIM + offs_d, v_new)
+        tl.store(SCORES + entry_row + ring, u_new)
+        tl.store(POSITIONS + entry_row + ring, t)
+    else:
+        cand_k, cand_v, cand_u = k_new, v_new, u_new
+        present = t >= 0
+        cand_pos = t
+
+    tau = float("-inf")
+    if HAS_TOPK:
+        # The kept buffer: the candidate replaces the first lowest score if it beats it.
+        kept_row = KEPT + pid.to(tl.int64) * C
+        offs_c = tl.arange(0, BLOCK_C)
+        lowest = tl.min(tl.full([BLOCK_C], float("inf"), tl.float64), 0)
+        column = C
+        for c0 in range(0, C, BLOCK_C):
+            z = tl.load(kept_row + c0 + offs_c, mask=c0 + offs_c < C, other=float("inf"))
+            z_min = tl.min(z, 0)
+            z_at = tl.min(tl.where(z == z_min, c0 + offs_c, C), 0)
+            lower = z_min < lowest                       # strict: an equal later chunk does not move the column
+            column = tl.where(lower, z_at, column)
+            lowest = tl.where(lower, z_min, lowest)
+        u_kept = tl.where(present, cand_u.to(tl.float64), float("-inf"))
+        enters = u_kept > lowest
+        tl.store(kept_row + column, tl.where(enters, u_kept, lowest))
+        dropped = tl.load(DROPPED + pid)
+        tl.store(DROPPED + pid, tl.maximum(dropped, tl.where(enters, lowest, u_kept)))
+
+        # The slots: the candidate takes the worst one if it is at least as good (ties to the newer key).
+        slot_u = SCORES + entry_row + WINDOW
+        slot_pos = POSITIONS + entry_row + WINDOW
+        offs_k = tl.arange(0, BLOCK_K)
+        worst_u = tl.min(tl.full([BLOCK_K], float("inf"), SCORES.dtype.element_ty), 0)
+        worst_pos = tl.min(tl.full([BLOCK_K], 9223372036854775807, tl.int64), 0)
+        worst = TOPK
+        for s0 in range(0, TOPK, BLOCK_K):
+            s_ok = s0 + offs_k < TOPK
+            u = tl.load(slot_u + s0 + offs_k, mask=s_ok, other=0.0)
+            p = tl.load(slot_pos + s0 + offs_k, mask=s_ok, other=-1)
+            live_u = tl.where(s_ok, tl.where(p >= 0, u, float("-inf")), float("inf"))
+            u_min = tl.min(live_u, 0)
+            tied = live_u == u_min
+            p_min = tl.min(tl.where(tied, p, 9223372036854775807), 0)
+            at = tl.min(tl.where(tied & (p == p_min), s0 + offs_k, TOPK), 0)
+            worse = (u_min < worst_u) | ((u_min == worst_u) & (p_min < worst_pos))
+            worst = tl.where(worse, at, worst)
+            worst_pos = tl.where(worse, p_min, worst_pos)
+            worst_u = tl.where(worse, u_min, worst_u)
+        filling = cand_pos < TOPK                        # while the slots fill, candidate j takes slot j
+        slot = tl.where(filling, cand_pos, worst)
+        take = present & (filling | (cand_u >= worst_u))
+        entry = WINDOW + slot
+        take_d = (offs_d * 0 + take.to(tl.int32)) != 0   # a vector mask (the interpreter refuses scalar & vector)
+        tl.store(key_row + entry * HEAD_DIM + offs_d, cand_k, mask=take_d)
+        tl.store(value_row + entry * HEAD_DIM + offs_d, cand_v, mask=take_d)
+        tl.store(SCORES + entry_row + entry, cand_u, mask=take)
+        tl.store(POSITIONS + entry_row + entry, cand_pos, mask=take)
+        tl.debug_barrier()                               # the kept buffer and the slots are written
+
+        tau = row_threshold(kept_row, C, TOPK, NEWTON_ITERS, MAX_ITERS, BLOCK_C)
+        tau = tl.where(t + 1 - WINDOW > TOPK, tau, float("-inf"))   # at most k candidates: every one weighs 1
+    else:
+        tl.debug_barrier()
+
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(0, n_entries, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < n_entries
+        u = tl.load(SCORES + entry_row + n, mask=n_ok, other=0.0).to(tl.float64)
+        p = tl.load(POSITIONS + entry_row + n, mask=n_ok, other=-1)
+        gap = tl.minimum(tl.maximum(u - tau, 0.0), 1.0)
+        tl.store(WEIGHT + entry_row + n, tl.where(n < WINDOW, 1.0, gap).to(tl.float32), mask=n_ok)
+        tl.store(ATTENDED + entry_row + n, (p >= 0).to(tl.uint8), mask=n_ok)

@@ -38,10 +38,15 @@ def _probe(z_row, C, t, BLOCK: tl.constexpr):
 @triton.jit
 def kept_threshold_kernel(Z, TAU, C, K, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr,
                           BLOCK: tl.constexpr):
-    """tau of row z = Z[pid] (C entries, -inf padded) with budget K: sum_i clip(z_i - tau, 0, 1) = K, the
-    midpoint of the solution interval when f is flat at K, -inf when K >= #finite."""
+    """TAU[pid] = row_threshold of row Z[pid] (C entries)."""
     row = tl.program_id(0)
-    z_row = Z + row.to(tl.int64) * C
+    tl.store(TAU + row, row_threshold(Z + row.to(tl.int64) * C, C, K, NEWTON_ITERS, MAX_ITERS, BLOCK))
+
+
+@triton.jit
+def row_threshold(z_row, C, K, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """tau of the row z_row[0:C] (float64, -inf padded) with budget K: sum_i clip(z_i - tau, 0, 1) = K, the
+    midpoint of the solution interval when f is flat at K, -inf when K >= #finite."""
     offs = tl.arange(0, BLOCK)
 
     z_max = tl.full([BLOCK], float("-inf"), dtype=tl.float64)
@@ -123,4 +128,4 @@ def kept_threshold_kernel(Z, TAU, C, K, NEWTON_ITERS: tl.constexpr, MAX_ITERS: t
     below = tl.where(at_t, prev_t, tl.where(matched, prev_s, t))
     flat = theta - below >= 1.0
     tau = tl.where(flat, 0.5 * (below + theta - 1.0), t)
-    tl.store(TAU + row, tl.where(no_threshold, float("-inf"), tau))
+    return tl.where(no_threshold, float("-inf"), tau)
