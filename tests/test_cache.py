@@ -226,3 +226,24 @@ def test_step_rejects_bad_shapes():
                                  window=2)
     with pytest.raises(ValueError, match="needs q"):
         cache.step(torch.randn(2, 2, 4), torch.randn(2, 2, 4), torch.randn(2, 2, 4), torch.randn(2, 2))
+
+
+def test_pytorch_step_traces_into_one_graph():
+    """No graph break and no host synchronisation in a decode step (the PyTorch path; on CUDA the fused one
+    is checked in tests/ops/test_cache_step.py): compiled with fullgraph=True it decodes like the eager step,
+    over enough steps to fill the slots and the kept-score buffer (max_kept 6) and drop scores."""
+    torch.manual_seed(4)
+    q = torch.randn(2, 40, 4, 8)
+    k, v = (torch.randn(2, 40, 2, 8) for _ in range(2))
+    scores = torch.randint(0, 3, (2, 40, 2)).float()
+    eager = SparseKCache.prefill(k[:, :5], v[:, :5], scores[:, :5], topk=3, window=2, max_kept=6, lengths=[5, 2])
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(compiled.step, backend="eager", fullgraph=True)
+    explained = torch._dynamo.explain(copy.deepcopy(eager).step)(q[:, 5], k[:, 5], v[:, 5], scores[:, 5])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    for t in range(5, 40):
+        want = eager.step(q[:, t], k[:, t], v[:, t], scores[:, t])
+        torch.testing.assert_close(step(q[:, t], k[:, t], v[:, t], scores[:, t]), want, atol=0, rtol=0)
+    assert (eager.dropped_u > -torch.inf).any()
+    for name in SparseKCache._STATE:
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name

@@ -24,7 +24,7 @@ from torch import Tensor
 from .ops.common import check_backend, check_budget, check_gate, check_scale, kernel_if_available
 from .ops.decode import decode_attention
 from .ops.select import best_first_order
-from .ops.sparsek import kept_threshold, sparsek_threshold
+from .ops.sparsek.kept import kept_threshold, kept_threshold_reference
 
 try:
     from .ops.decode import fused as decode_fused
@@ -282,7 +282,7 @@ class SparseKCache:
         if self.kept_u.is_cuda:  # one kernel instead of ~100 small launches (sorts, searches) per step
             tau = kept_threshold(self.kept_u, self.topk)
         else:
-            tau = sparsek_threshold(self.kept_u, self.topk)
+            tau = kept_threshold_reference(self.kept_u, self.topk)
         return torch.where(n_cand > self.topk, tau, -torch.inf)
 
     def exact(self) -> Tensor:

@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent('''
     from sparsek.ops.attention import fused, kernels as attn
     from sparsek.ops.decode import fused as decode, kernels as decode_kernels
     from sparsek.ops.select import kernels as sel
+    from sparsek.ops.sparsek import kernels as kept
 
     def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2):
         signature = {}
@@ -77,7 +78,14 @@ SCRIPT = textwrap.dedent('''
                         ACC_PART="*fp32"),
                    dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
                    warps, stages)
+    cache = dict(K_NEW=x, V_NEW=x, U_NEW="*fp32", LENGTHS="*i64", KEYS=x, VALUES=x, SCORES="*fp32",
+                 POSITIONS="*i64", KEPT="*fp64", DROPPED="*fp64", WEIGHT="*fp32", ATTENDED="*u8")
+    compile_kernel(decode_kernels.cache_step_kernel, cache,
+                   dict(NEWTON_ITERS=16, MAX_ITERS=82, HEAD_DIM=head_dim, BLOCK_C=1024, BLOCK_K=1024, BLOCK_N=1024,
+                        HAS_WINDOW=True, HAS_TOPK=True))
     if dtype == "bf16":
+        compile_kernel(kept.kept_threshold_kernel, dict(Z="*fp64", TAU="*fp64"),
+                       dict(NEWTON_ITERS=16, MAX_ITERS=82, BLOCK=1024))
         compile_kernel(sel.breakpoint_ranks_kernel, dict(DESC="*fp64", BY_RANK="*i64", BREAKS="*fp64",
                                                          SORTED_RANKS="*i32", VALS="*i32"), dict(CHUNK=512))
         compile_kernel(sel.keys_by_rank_kernel, dict(U="*fp64", SORTED_RANKS="*i32", VALS="*i32", WEIGHTS="*fp64"),

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..common import interpreting
-from .reference import sparsek_threshold
+from .reference import _threshold_last
 
 try:
     import triton
@@ -38,7 +38,7 @@ try:
 except ImportError:  # triton is an optional extra: kept_threshold falls back to the reference
     triton = kernels = None
 
-__all__ = ["kept_threshold", "kept_threshold_triton"]
+__all__ = ["kept_threshold", "kept_threshold_reference", "kept_threshold_triton"]
 
 # Newton probes before the search falls back to bisection, and the cap on all probes: after NEWTON_ITERS,
 # 64 halvings of [min - 2, max] leave a bracket narrower than 2^-64 of it (adjacent doubles, in practice).
@@ -84,7 +84,8 @@ def kept_threshold(kept_u: Tensor, k: int) -> Tensor:
         tau [B, H] float64 with sum_c clip(kept_u[b, h, c] - tau, 0, 1) = k, equal to the reference
         `sparsek_threshold` (to about 1e-12 relative to the scores' magnitude; the midpoint of the solution
         interval where f is flat at k), and -inf where k >= the number of finite entries. Triton on CUDA
-        tensors (or CPU tensors under TRITON_INTERPRET=1), the PyTorch reference (`sparsek_threshold`) otherwise.
+        tensors (or CPU tensors under TRITON_INTERPRET=1), the PyTorch reference (`sparsek_threshold`'s core,
+        without its checks of the values, which wait for the device and break torch.compile graphs) otherwise.
     """
     if not isinstance(kept_u, Tensor) or kept_u.dim() != 3 or kept_u.dtype != torch.float64:
         raise ValueError(f"kept_u must be a [B, H, C] float64 tensor, got {getattr(kept_u, 'dtype', type(kept_u))} "
@@ -94,6 +95,13 @@ def kept_threshold(kept_u: Tensor, k: int) -> Tensor:
     on_device = kept_u.is_cuda or (interpreting() and kept_u.device.type == "cpu")
     if kernels is not None and on_device:
         return kept_threshold_triton(kept_u, k)
+    return kept_threshold_reference(kept_u, k)
+
+
+def kept_threshold_reference(kept_u: Tensor, k: int) -> Tensor:
+    """`kept_threshold` in PyTorch, for inputs already validated: no check waits for the device, so a decode
+    step built on it traces into one torch.compile graph."""
     if kept_u.shape[-1] == 0:
         return torch.full(kept_u.shape[:-1], -torch.inf, dtype=torch.float64, device=kept_u.device)
-    return sparsek_threshold(kept_u, k)
+    return _threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
+                                              device=kept_u.device))
