@@ -242,6 +242,47 @@ def test_gpu_kernels_decode_equal_parallel():
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
+def compiled_generate(model, ids, mask, backend: str, **config):
+    """generate() with a compile_config (transformers compiles the decoding steps when the cache says it can)."""
+    compile_config = transformers.CompileConfig(backend=backend, **config)
+    compile_config._compile_all_devices = True          # transformers compiles on GPUs only unless told
+    return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          compile_config=compile_config)
+
+
+@torch.no_grad()
+def test_compiled_generate_equals_eager_generate():
+    """A fully converted model's cache lets transformers compile the decoding steps: with fullgraph=True (no
+    graph break) and a left-padded row, the tokens equal eager generate()'s. A partly converted model's does not
+    (its unconverted layers keep growing KV caches)."""
+    torch._dynamo.reset()
+    model = converted("llama", topk=4, window=3)
+    ids = torch.randint(1, VOCAB, (2, 14))
+    mask = left_padded([14, 9], 14)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = compiled_generate(model, ids, mask, backend="eager", fullgraph=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames       # it did compile
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert model.generation_cache_factory().is_compileable
+    assert not converted("llama", topk=4, window=3, layers=[0]).generation_cache_factory().is_compileable
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_compiled_generate_on_the_gpu():
+    """transformers' default compile (inductor, reduce-overhead: CUDA graphs) of the decoding steps, fused
+    decode step included: the tokens of eager generate(), with no graph break."""
+    torch._dynamo.reset()
+    model = gpu_model(topk=8, window=4)
+    ids = torch.randint(1, VOCAB, (2, 40), device="cuda")
+    mask = left_padded([40, 31], 40).cuda()
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    got = compiled_generate(model, ids, mask, backend="inductor", fullgraph=True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 def test_graphed_decoder_equals_eager_steps():

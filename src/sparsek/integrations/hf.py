@@ -69,7 +69,11 @@ class ForgettingLayer(CacheLayerMixin):
 
 
 class SparseKLayer(ForgettingLayer):
-    """One layer of `SparseKHFCache`: transformers' bookkeeping around a `SparseKCache` (built at prefill)."""
+    """One layer of `SparseKHFCache`: transformers' bookkeeping around a `SparseKCache` (built at prefill).
+    A decode step changes the state's tensors in place and never resizes them, so it compiles (`generate()`
+    with a compile_config, or torch.compile of the forward)."""
+
+    is_compileable = True
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -185,9 +189,20 @@ class SparseKHFCache(Cache):
     per layer left unconverted, the last sliding_window - 1 tokens (a sliding-window layer, constant too) or the
     full KV cache that grows with every token."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, compileable: bool = False, **kwargs):
         # Layers no pre-hook claimed (a model never converted) get SparseKLayers, which refuse to decode.
         super().__init__(layer_class_to_replicate=SparseKLayer)
+        self.compileable = compileable
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether transformers may compile the decoding steps. Its layers appear at the first forward, after
+        generate() asks, so before that the cache answers what it was built with: `convert` builds generate's
+        cache with compileable=True when it converted every layer (the full and sliding KV caches of layers left
+        unconverted grow or shift, and would recompile each step)."""
+        if not self.layers:
+            return self.compileable
+        return all(layer.is_compileable for layer in self.layers)
 
     def layer(self, layer_idx: int, converted: bool = True, sliding_window: int | None = None
               ) -> SparseKLayer | FullKVLayer | SlidingKVLayer:
@@ -313,8 +328,10 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     state = sparsek_layer.state if sparsek_layer is not None else None
 
     if state is not None:                                              # decoding: one token at a time, exact
-        # Checked at the first converted layer only: the check waits for the GPU, and the mask is the same for all.
-        if module.layer_idx == settings["layers"][0] and _left_padded_lengths(attention_mask, batch, t_len) is not None:
+        # Checked at the first converted layer only, and not in compiled code: the check waits for the GPU (a
+        # graph break), and the mask is the same for all layers.
+        if (module.layer_idx == settings["layers"][0] and not torch.compiler.is_compiling()
+                and _left_padded_lengths(attention_mask, batch, t_len) is not None):
             raise ValueError("padding inside a decoded chunk: new tokens must all be real")
         return attend(q, k, v, sparsek_scores, topk=topk, window=window, gate=gate, scale=scaling, cache=state)[0], None
     out, cache = attend(q, k, v, sparsek_scores, topk=topk, window=window, gate=gate, scale=scaling,
@@ -322,6 +339,11 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
                         build_cache=sparsek_layer is not None)
     if sparsek_layer is not None:
         sparsek_layer.state = cache
+        if cache.keys.is_cuda and not torch.compiler.is_compiling():
+            # Fixed addresses for compiled decoding: CUDA graphs then update the state in place, as they do
+            # transformers' StaticCache.
+            for name in SparseKCache._STATE:
+                torch._dynamo.mark_static_address(getattr(cache, name))
     return out, None
 
 
@@ -501,7 +523,8 @@ def convert(model: PreTrainedModel, *, topk: int, window: int, slope: float = SL
         if model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns for such models
             raise ValueError(f"{type(model).__name__} kept attention {model.config._attn_implementation!r}: its "
                              "attention does not dispatch through transformers' AttentionInterface")
-        default_generation_cache(model, SparseKHFCache)
+        every_layer = len(converted) == len(modules)
+        default_generation_cache(model, functools.partial(SparseKHFCache, compileable=every_layer))
     except BaseException:
         undo()
         raise
