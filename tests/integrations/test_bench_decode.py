@@ -1,0 +1,27 @@
+"""The decode benchmark's CPU smoke path runs every row kind it can there (the GPU rows need CUDA)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from sparsek.bench import decode  # noqa: E402
+
+
+def test_cpu_smoke_run_writes_every_row(tmp_path):
+    result = decode.main(["--device", "cpu", "--tiny", "--topk", "4", "--window", "2", "--contexts", "24",
+                          "--sparsek-contexts", "48", "--batches", "1,2", "--real-batches", "1", "--steps", "2",
+                          "--generate", "16", "--out", str(tmp_path / "decode")])
+    rows = {(r["batch"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {(1, 24), (1, 48), (2, 24), (2, 48)}
+    assert "full_eager_ms" in rows[1, 24] and "full_eager_ms" not in rows[1, 48]     # SparseK alone at 48
+    assert "sparsek_real_eager_ms" in rows[1, 48] and "sparsek_real_eager_ms" not in rows[2, 48]
+    for row in rows.values():
+        assert all(math.isfinite(v) and v > 0 for k, v in row.items() if k.endswith("_ms"))
+    # The SparseK cache is the same size at 24 and 48 tokens.
+    assert rows[1, 24]["sparsek_cache_gb"] == rows[1, 48]["sparsek_cache_gb"]
+    assert json.loads((tmp_path / "decode.json").read_text())["generate"][0]["context"] == 16
