@@ -302,14 +302,15 @@ def _print_tables(result: dict, ways: tuple) -> None:
     header = ["batch", "context"] + [f"{n} {w}" for n in NAMES for w in ways]
     header += ["full tok/s", "sparsek tok/s", "full GB", "sparsek GB", "full fits B", "prefill ms"]
     print(" | ".join(header))
+    def fastest(row: dict, name: str) -> str:
+        rates = [row.get(f"{name}_{how}_tokens_per_s", float("nan")) for how in ways]
+        rates = [r for r in rates if r == r]
+        return f"{max(rates):.0f}" if rates else "-"
+
     for row in rows:
-        def fastest(name):
-            rates = [row.get(f"{name}_{how}_tokens_per_s", float("nan")) for how in ways]
-            rates = [r for r in rates if r == r]
-            return f"{max(rates):.0f}" if rates else "-"
         cells = [str(row["batch"]), str(row["context"])]
         cells += [f"{row[f'{n}_{w}_ms']:.2f}" if f"{n}_{w}_ms" in row else "-" for n in NAMES for w in ways]
-        cells += [fastest("full"), fastest("sparsek")]
+        cells += [fastest(row, "full"), fastest(row, "sparsek")]
         cells += [f"{row[k]:.3f}" if k in row else "-" for k in ("full_cache_gb", "sparsek_cache_gb")]
         cells += [str(row["full_fits_batch"]), f"{row['sparsek_prefill_ms']:.0f}" if "sparsek_prefill_ms" in row
                   else "-"]
