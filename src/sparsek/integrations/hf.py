@@ -628,8 +628,9 @@ class GraphedDecoder:
 
     Rows continue at their own positions (left padding allowed). Every tensor of a SparseK cache keeps its
     size and address, so the graph replays for as many steps as wanted. Needs CUDA tensors, and every layer
-    converted: the KV cache of a layer left out by `convert(layers=...)` is new tensors each step (concatenated; full, or a sliding window), which a replayed
-    graph cannot follow. So a model converted with layers="global" (Gemma 3) decodes eagerly.
+    converted: the KV cache of a layer left out by `convert(layers=...)` is new tensors each step
+    (concatenated; full, or a sliding window), which a replayed graph cannot follow. So a model converted with
+    layers="global" (Gemma 3) decodes eagerly.
     """
 
     def __init__(self, model: PreTrainedModel, cache: SparseKHFCache):
