@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops.common import check_backend, check_budget, check_gate, check_scale, kernel_if_available
+from .ops.common import check_backend, check_budget, check_gate, check_scale, kernel_for
 from .ops.decode import decode_attention
 from .ops.select import best_first_order
 from .ops.sparsek.kept import kept_threshold, kept_threshold_reference
@@ -312,9 +312,7 @@ class SparseKCache:
         check_gate(gate)
         check_scale(scale)
         check_backend(backend)
-        fused = None
-        if backend == "triton" or (backend == "auto" and q.is_cuda):
-            fused = kernel_if_available(decode_fused, "cache_step", q, required=backend == "triton")
+        fused = kernel_for(backend, decode_fused, "cache_step", q)
         if fused is not None:
             weight, attended = fused(self, k, v, scores)
             out = decode_fused.decode_attention_triton(q, self.keys, self.values, weight, attended, gate=gate,

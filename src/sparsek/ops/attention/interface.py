@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import check_backend, check_budget, check_gate, check_qkv, check_scale, kernel_if_available
+from ..common import check_backend, check_budget, check_gate, check_qkv, check_scale, kernel_for
 from .gathered import sparsek_attention_gathered
 from .reference import sparsek_attention_reference
 
@@ -98,9 +98,7 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
         return q.new_zeros(q.shape)
 
     bounds = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, q)
-    attention = None
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        attention = kernel_if_available(fused, "sparsek_attention_fused", q, required=backend == "triton")
+    attention = kernel_for(backend, fused, "sparsek_attention_fused", q)
     if attention is None:
         longest = q.shape[1] if bounds is None else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         gather = backend == "gather" or (backend == "auto" and not q.is_cuda

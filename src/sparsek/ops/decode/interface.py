@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common import check_backend, check_gate, check_scale, kernel_if_available
+from ..common import check_backend, check_gate, check_scale, kernel_for
 from .reference import decode_attention_reference
 
 try:
@@ -75,8 +75,5 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, at
         the kernel: decoding runs under no_grad.
     """
     _validate(q, keys, values, weight, attended, gate, scale, backend)
-    attention = None
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        attention = kernel_if_available(fused, "decode_attention_triton", q, required=backend == "triton")
-    attention = attention or decode_attention_reference
+    attention = kernel_for(backend, fused, "decode_attention_triton", q) or decode_attention_reference
     return attention(q, keys, values, weight, attended, gate=gate, scale=scale)

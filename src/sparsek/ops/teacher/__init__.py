@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..common import check_backend, check_budget, kernel_if_available
+from ..common import check_backend, check_budget, kernel_for
 from .reference import REDUCTIONS, kept_attention_reference, teacher_mass_reference
 
 try:
@@ -41,8 +41,7 @@ def teacher_mass(q: Tensor, k: Tensor, *, window: int, reduction: str = "mean", 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_backend(backend, ("auto", "triton", "reference"))
-    kernel = None if backend == "reference" else \
-        kernel_if_available(fused, "teacher_mass_triton", q, required=backend == "triton")
-    if kernel is not None and (backend == "triton" or q.is_cuda):   # "auto" keeps the interpreter for tests
+    kernel = kernel_for(backend, fused, "teacher_mass_triton", q)
+    if kernel is not None:
         return kernel(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
     return teacher_mass_reference(q.detach(), k.detach(), window=window, reduction=reduction, scale=scale)
