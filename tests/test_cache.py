@@ -247,3 +247,11 @@ def test_pytorch_step_traces_into_one_graph():
     assert (eager.dropped_u > -torch.inf).any()
     for name in SparseKCache._STATE:
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    # Compiled code cannot raise on a NaN score (that waits for the device): the row's output is NaN for that
+    # step only, and the token is cached with score -inf.
+    bad = scores[:, 39].clone()
+    bad[1, 0] = torch.nan
+    out = step(q[:, 39], k[:, 39], v[:, 39], bad)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    assert compiled.scores[1, 0, (compiled.lengths[1] - 1) % 2] == -torch.inf
+    assert torch.isfinite(step(q[:, 38], k[:, 38], v[:, 38], scores[:, 38])).all()

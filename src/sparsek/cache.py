@@ -75,7 +75,7 @@ class SparseKCache:
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, topk: int, window: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", score_dtype: torch.dtype = torch.float32,
-                 max_kept: int | str | None = "auto"):
+                 max_kept: int | str = "auto"):
         check_budget(topk, window)
         if max_kept is None:
             raise ValueError("max_kept=None (a kept-score buffer that grows) is gone: the buffer has a fixed size so "
@@ -131,7 +131,7 @@ class SparseKCache:
 
     @classmethod
     def prefill(cls, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
-                lengths: Tensor | None = None, max_kept: int | str | None = "auto") -> SparseKCache:
+                lengths: Tensor | None = None, max_kept: int | str = "auto") -> SparseKCache:
         """The cache after a prompt: k, v [B, T, H, D], scores [B, T, H] (the same the parallel forward saw).
 
         lengths [B]: real tokens per row, right-aligned (row b's prompt is the last lengths[b] positions, the
@@ -287,14 +287,17 @@ class SparseKCache:
 
     def exact(self) -> Tensor:
         """[B, H] bool: tau is at or above every score the max_kept bound dropped, so tau, the weights and the
-        outputs are those of an unbounded cache (and of the parallel forward). Always true for max_kept=None."""
+        outputs are those of an unbounded cache (and of the parallel forward)."""
         return self.threshold() >= self.dropped_u
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """The mask m [B, H, N] (1 in the window, clip(u - tau, 0, 1) in the slots; float32, float64 for a
         float64 cache) and which entries hold a token [B, H, N] (bool)."""
         dtype = torch.float64 if self.keys.dtype == torch.float64 else torch.float32
-        gap = (self.scores[..., self.window:].double() - self.threshold()[..., None]).clamp(0, 1).to(dtype)
+        tau = self.threshold()[..., None]
+        # tau = -inf: at most k candidates, all weigh 1 (also a slot whose score is -inf, which -inf - -inf is not)
+        gap = torch.where(tau > -torch.inf, (self.scores[..., self.window:].double() - tau).clamp(0, 1), 1.0)
+        gap = gap.to(dtype)
         weight = torch.cat([torch.ones_like(self.scores[..., :self.window], dtype=dtype), gap], dim=-1)
         return weight, self.positions >= 0
 
@@ -304,15 +307,23 @@ class SparseKCache:
         """Decode one token per row: q [B, Hq, D], k, v [B, H, D], scores [B, H] -> output [B, Hq, D].
 
         backend "triton" runs the fused step (`ops.decode.cache_step`: one kernel updates the cache and writes
-        the mask, one attends); "reference" runs PyTorch; "auto" the first for supported CUDA tensors. All or
-        nothing: the inputs, options and backend are checked before the cache changes. Non-finite scores raise
-        ValueError for CPU tensors; on CUDA their rows' outputs are NaN instead.
+        the mask, one attends); "reference" runs PyTorch; "auto" the first for supported CUDA tensors. The
+        inputs, options and backend are checked before the cache changes, so a refused step leaves no trace (a
+        failure after that, such as a kernel running out of memory, leaves the token appended). Non-finite
+        scores raise ValueError for CPU tensors. Where they are not checked on the host (CUDA, which would have
+        to wait for the GPU, and compiled code), such a score makes its row's output NaN for this step, and the
+        token enters the cache with score -inf (the lowest: it weighs 0 once its row has more than topk
+        candidates), on both paths alike.
         """
         self.check_token(k, v, scores, q)
         check_gate(gate)
         check_scale(scale)
         check_backend(backend)
         fused = kernel_for(backend, decode_fused, "cache_step", q)
+        unchecked = scores.device.type != "cpu" or torch.compiler.is_compiling()
+        if unchecked:
+            finite = torch.isfinite(scores)
+            scores = torch.where(finite, scores, -torch.inf)
         if fused is not None:
             weight, attended = fused(self, k, v, scores)
             out = decode_fused.decode_attention_triton(q, self.keys, self.values, weight, attended, gate=gate,
@@ -322,6 +333,6 @@ class SparseKCache:
             weight, attended = self.weights()
             out = decode_attention(q, self.keys, self.values, weight, attended, gate=gate, scale=scale,
                                    backend="reference")
-        if scores.is_cuda:  # not checked on the host (that would wait for the GPU): poison the row instead
-            out = out.masked_fill(~torch.isfinite(scores).all(-1)[:, None, None], torch.nan)
+        if unchecked:
+            out = out.masked_fill(~finite.all(-1)[:, None, None], torch.nan)
         return out

@@ -22,6 +22,6 @@ def test_cpu_smoke_run_writes_every_row(tmp_path):
     assert "sparsek_real_eager_ms" in rows[1, 48] and "sparsek_real_eager_ms" not in rows[2, 48]
     for row in rows.values():
         assert all(math.isfinite(v) and v > 0 for k, v in row.items() if k.endswith("_ms"))
-    # The SparseK cache is the same size at 24 and 48 tokens.
-    assert rows[1, 24]["sparsek_cache_gb"] == rows[1, 48]["sparsek_cache_gb"]
+    # After real prefills of 24 and 48 tokens the SparseK cache holds the same bytes.
+    assert rows[1, 24]["sparsek_real_cache_gb"] == rows[1, 48]["sparsek_real_cache_gb"] > 0
     assert json.loads((tmp_path / "decode.json").read_text())["generate"][0]["context"] == 16

@@ -87,6 +87,13 @@ def test_fused_step_equals_the_pytorch_step(topk, window, max_kept, ties, gate):
     torch.testing.assert_close(got[:, steps].double().cpu(), want[:, steps], atol=1e-5, rtol=1e-5)
 
 
+def test_fused_step_with_float64_scores():
+    """float64 scores (the cache keeps them in float64, as the parallel path selects): the same state."""
+    q, k, v, scores = inputs(2, 30, 1, 2, 16, ties=True, seed=6)
+    scores = (scores.double() + 1e-12 * torch.arange(30, device=scores.device)[:, None]).contiguous()
+    run_both(q, k, v, scores, [6, 2], 6, topk=3, window=2, max_kept=5)
+
+
 def test_fused_step_in_bfloat16():
     """bf16 keys and values: the same cache state as the PyTorch step (the kernel moves the same bits), and on
     a GPU the same outputs."""
@@ -126,3 +133,23 @@ def test_fused_step_compiles_without_graph_breaks():
         torch.testing.assert_close(step(q[:, t], k[:, t], v[:, t], scores[:, t]), want, atol=1e-2, rtol=1e-2)
     for name in SparseKCache._STATE:
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (TRITON_INTERPRET unset)")
+def test_non_finite_scores_on_the_gpu():
+    """A NaN or inf score (not checked on the host on CUDA): that row's output is NaN for that step only, and
+    the fused and PyTorch steps keep the same state (the token enters with score -inf)."""
+    q, k, v, scores = inputs(2, 40, 1, 2, 64, ties=True, seed=8)
+    scores[1, 12, 0], scores[0, 20, 0] = float("nan"), float("inf")
+    fused = SparseKCache.prefill(k[:, :4], v[:, :4], scores[:, :4], topk=3, window=2)
+    torch_step = copy.deepcopy(fused)
+    for t in range(4, 40):
+        got = fused.step(q[:, t], k[:, t], v[:, t], scores[:, t], backend="triton")
+        want = torch_step.step(q[:, t], k[:, t], v[:, t], scores[:, t], backend="reference")
+        for name in SparseKCache._STATE:
+            assert torch.equal(getattr(fused, name), getattr(torch_step, name)), (t, name)
+        bad = {12: 1, 20: 0}.get(t)
+        for row in range(2):
+            assert torch.isnan(got[row]).all() == (row == bad) and torch.isfinite(got[row]).all() == (row != bad)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)

@@ -76,7 +76,7 @@ def full_cache(model, batch: int, context: int, static: bool = False):
 def sparsek_cache(model, batch: int, context: int):
     """A SparseKHFCache in the state it has after `context` tokens (random keys, values and scores)."""
     from ..cache import SparseKCache
-    from ..integrations.hf import SparseKHFCache
+    from ..integrations.hf import SparseKHFCache, mark_static
 
     config, settings = model.config, model.config.sparsek
     topk, window = settings["topk"], settings["window"]
@@ -90,6 +90,7 @@ def sparsek_cache(model, batch: int, context: int):
         state.positions.copy_(torch.arange(topk + window, device=model.device))  # every entry holds a token
         state.kept_u[..., :topk + 1].normal_()           # topk + 1 kept scores, the rest of the buffer empty
         state.lengths.fill_(context)
+        mark_static(state)                               # as a real prefill does: compiled steps graph it
         layer = cache.layer(layer_idx)
         layer.state, layer.seen = state, context
     return cache
@@ -122,6 +123,8 @@ def time_decode(model, cache, batch: int, context: int, steps: int, how: str) ->
         return model(token, position_ids=position, use_cache=True, logits_to_keep=1,
                      **{cache_argument(model): cache}).logits
 
+    if how == "compiled":
+        torch._dynamo.reset()                            # each cache compiles afresh, within the recompile limit
     run = torch.compile(step, mode="reduce-overhead") if how == "compiled" else step
     warm_up = 3 if how == "compiled" else 2              # compiled: the second call recompiles with the count dynamic
     if model.device.type == "cuda":
@@ -174,20 +177,22 @@ def full_cache_rows_fitting(model, context: int) -> int:
 @torch.no_grad()
 def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple[float, torch.Tensor]:
     """(ms per new token, the new tokens): generate() at batch 1 from `context` random tokens, timed as the
-    difference between new_tokens + 1 and 1 new tokens so that the prefill cancels out. compiled adds a
-    compile_config (and, for an unconverted model, the static cache transformers compiles with)."""
+    difference between 8 + new_tokens and 8 new tokens, so that the prefill and a new cache's first compiled
+    steps (CUDA graphs recorded at its addresses) cancel out. compiled adds a compile_config (and, for an
+    unconverted model, the static cache transformers compiles with)."""
     import transformers
 
     torch.manual_seed(1)
+    torch._dynamo.reset()
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=model.device)
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
     if compiled:
         kwargs["compile_config"] = transformers.CompileConfig()
         if getattr(model.config, "sparsek", None) is None:
             kwargs["cache_implementation"] = "static"
-    model.generate(ids, max_new_tokens=new_tokens + 1, **kwargs)         # warm-up: compiles
+    model.generate(ids, max_new_tokens=new_tokens + 8, **kwargs)         # warm-up: compiles
     elapsed = []
-    for n in (1, new_tokens + 1):
+    for n in (8, new_tokens + 8):
         _sync(model.device)
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)

@@ -339,12 +339,16 @@ def sparsek_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
                         build_cache=sparsek_layer is not None)
     if sparsek_layer is not None:
         sparsek_layer.state = cache
-        if cache.keys.is_cuda and not torch.compiler.is_compiling():
-            # Fixed addresses for compiled decoding: CUDA graphs then update the state in place, as they do
-            # transformers' StaticCache.
-            for name in SparseKCache._STATE:
-                torch._dynamo.mark_static_address(getattr(cache, name))
+        mark_static(cache)
     return out, None
+
+
+def mark_static(state: SparseKCache) -> None:
+    """Tell torch.compile that the state's tensors keep their addresses (on CUDA, outside compiled code): CUDA
+    graphs of compiled decoding then update them in place, as they do transformers' StaticCache."""
+    if state.keys.is_cuda and not torch.compiler.is_compiling():
+        for name in SparseKCache._STATE:
+            torch._dynamo.mark_static_address(getattr(state, name))
 
 
 AttentionInterface.register(IMPLEMENTATION, sparsek_attention_forward)

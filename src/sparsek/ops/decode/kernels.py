@@ -125,9 +125,9 @@ def cache_step_kernel(
     entry_row = pid.to(tl.int64) * n_entries
     key_row = KEYS + entry_row * HEAD_DIM
     value_row = VALUES + entry_row * HEAD_DIM
-    k_new = tl.load(K_NEW + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d)
-    v_new = tl.load(V_NEW + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d)
-    u_new = tl.load(U_NEW + b.to(tl.int64) * stride_unb + h * stride_unh)
+    k_new = tl.load(K_NEW + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh + offs_d)
+    v_new = tl.load(V_NEW + b.to(tl.int64) * stride_vnb + h.to(tl.int64) * stride_vnh + offs_d)
+    u_new = tl.load(U_NEW + b.to(tl.int64) * stride_unb + h.to(tl.int64) * stride_unh)
 
     if HAS_WINDOW:
         ring = t % WINDOW                                # the token at t - WINDOW, if any, leaves from here
@@ -152,7 +152,7 @@ def cache_step_kernel(
         kept_row = KEPT + pid.to(tl.int64) * C
         offs_c = tl.arange(0, BLOCK_C)
         lowest = tl.min(tl.full([BLOCK_C], float("inf"), tl.float64), 0)
-        column = C
+        column = 0                                       # in range even if no score is below +inf
         for c0 in range(0, C, BLOCK_C):
             z = tl.load(kept_row + c0 + offs_c, mask=c0 + offs_c < C, other=float("inf"))
             z_min = tl.min(z, 0)
@@ -162,6 +162,7 @@ def cache_step_kernel(
             lowest = tl.where(lower, z_min, lowest)
         u_kept = tl.where(present, cand_u.to(tl.float64), float("-inf"))
         enters = u_kept > lowest
+        tl.debug_barrier()                               # every warp has read the buffer before one writes it
         tl.store(kept_row + column, tl.where(enters, u_kept, lowest))
         dropped = tl.load(DROPPED + pid)
         tl.store(DROPPED + pid, tl.maximum(dropped, tl.where(enters, lowest, u_kept)))
@@ -172,7 +173,7 @@ def cache_step_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         worst_u = tl.min(tl.full([BLOCK_K], float("inf"), SCORES.dtype.element_ty), 0)
         worst_pos = tl.min(tl.full([BLOCK_K], 9223372036854775807, tl.int64), 0)
-        worst = TOPK
+        worst = 0
         for s0 in range(0, TOPK, BLOCK_K):
             s_ok = s0 + offs_k < TOPK
             u = tl.load(slot_u + s0 + offs_k, mask=s_ok, other=0.0)
@@ -186,6 +187,7 @@ def cache_step_kernel(
             worst = tl.where(worse, at, worst)
             worst_pos = tl.where(worse, p_min, worst_pos)
             worst_u = tl.where(worse, u_min, worst_u)
+        tl.debug_barrier()                               # every warp has read the slots before they change
         filling = cand_pos < TOPK                        # while the slots fill, candidate j takes slot j
         slot = tl.where(filling, cand_pos, worst)
         take = present & (filling | (cand_u >= worst_u))
@@ -208,6 +210,6 @@ def cache_step_kernel(
         n_ok = n < n_entries
         u = tl.load(SCORES + entry_row + n, mask=n_ok, other=0.0).to(tl.float64)
         p = tl.load(POSITIONS + entry_row + n, mask=n_ok, other=-1)
-        gap = tl.minimum(tl.maximum(u - tau, 0.0), 1.0)
+        gap = tl.where(tau > float("-inf"), tl.minimum(tl.maximum(u - tau, 0.0), 1.0), 1.0)
         tl.store(WEIGHT + entry_row + n, tl.where(n < WINDOW, 1.0, gap).to(tl.float32), mask=n_ok)
         tl.store(ATTENDED + entry_row + n, (p >= 0).to(tl.uint8), mask=n_ok)
