@@ -102,6 +102,7 @@ class SparseKLayer(ForgettingLayer):
     def reorder_cache(self, beam_idx: Tensor) -> None:
         if self.state is not None:
             self.state.select_rows(beam_idx)
+            mark_static(self.state)                    # new tensors: compiled decoding must see fixed addresses
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self.reorder_cache(indices)
@@ -110,6 +111,7 @@ class SparseKLayer(ForgettingLayer):
         if self.state is not None:
             rows = torch.arange(self.state.batch, device=self.state.keys.device)
             self.state.select_rows(rows.repeat_interleave(repeats))
+            mark_static(self.state)
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("a SparseK cache forgets evicted tokens for good: it cannot be rolled back")
