@@ -112,7 +112,7 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
     k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] bool), the inputs of
     `decode_attention_triton`. No host synchronisation: the step can be captured in a CUDA graph.
     """
-    from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS
+    from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS, threshold_tiles
 
     batch, n_kv_heads, n_entries, head_dim = cache.keys.shape
     weight = _empty((batch, n_kv_heads, n_entries), torch.float32, k.device)
@@ -121,14 +121,10 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         u = scores.to(cache.scores.dtype)
         n_kept = cache.kept_u.shape[-1]
-        if interpreting():
-            blocks = dict(BLOCK_C=triton.next_power_of_2(max(n_kept, 1)),
-                          BLOCK_K=triton.next_power_of_2(max(cache.topk, 1)),
-                          BLOCK_N=triton.next_power_of_2(n_entries), num_warps=1)
-        else:  # not yet swept on a GPU
-            blocks = dict(BLOCK_C=min(1024, triton.next_power_of_2(max(n_kept, 1))),
-                          BLOCK_K=min(1024, triton.next_power_of_2(max(cache.topk, 1))),
-                          BLOCK_N=min(1024, triton.next_power_of_2(n_entries)), num_warps=4)
+        # Each pass scans a row in chunks, as the kept threshold does: its chunk rule for all three rows.
+        tiles = threshold_tiles(n_kept)
+        blocks = dict(BLOCK_C=tiles["BLOCK"], BLOCK_K=threshold_tiles(cache.topk)["BLOCK"],
+                      BLOCK_N=threshold_tiles(n_entries)["BLOCK"], num_warps=tiles["num_warps"])
         with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
             kernels.cache_step_kernel[(batch * n_kv_heads,)](
                 k, v, u, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
