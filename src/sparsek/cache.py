@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .ops.common import check_backend, check_budget, check_gate, check_scale, kernel_for
-from .ops.decode import decode_attention
+from .ops.decode import decode_attention_reference
 from .ops.select import best_first_order
 from .ops.sparsek.kept import kept_threshold, kept_threshold_reference
 
@@ -331,8 +331,7 @@ class SparseKCache:
         else:
             self._append(k, v, scores)
             weight, attended = self.weights()
-            out = decode_attention(q, self.keys, self.values, weight, attended, gate=gate, scale=scale,
-                                   backend="reference")
+            out = decode_attention_reference(q, self.keys, self.values, weight, attended, gate=gate, scale=scale)
         if unchecked:
             out = out.masked_fill(~finite.all(-1)[:, None, None], torch.nan)
         return out
