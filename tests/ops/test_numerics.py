@@ -79,22 +79,27 @@ def _prefix_mask_sums(u: torch.Tensor, tau: torch.Tensor, topk: int, window: int
     return m.sum(1)[window + topk:]
 
 
+SELECTION_BACKENDS = ["reference", "native"]   # the rule's statement and its CPU twin
+
+
 @pytest.mark.parametrize("outlier", [3e38, -3e38, 1e12])
-def test_prefix_far_outlier(outlier):
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+def test_prefix_far_outlier(outlier, backend):
     """One score far from the rest (float32) must not swamp the float64 sums of the thresholds."""
     g = torch.Generator().manual_seed(0)
     u = torch.randn(1, 40, 1, generator=g)
     u[0, 3, 0] = outlier
-    sel = prefix_selection(u, 3, 2)
+    sel = prefix_selection(u, 3, 2, backend=backend)
     sums = _prefix_mask_sums(u[0, :, 0], sel.tau[0, :, 0], 3, 2)
     torch.testing.assert_close(sums, torch.full_like(sums, 3.0), atol=1e-5, rtol=0)
 
 
-def test_prefix_large_offset_float64():
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+def test_prefix_large_offset_float64(backend):
     """A common offset of 1e12 in float64: the thresholds are found relative to the row, not swamped."""
     g = torch.Generator().manual_seed(0)
     u = 1e12 + torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
-    sel = prefix_selection(u, 4, 1)
+    sel = prefix_selection(u, 4, 1, backend=backend)
     for b in range(2):
         for h in range(3):
             sums = _prefix_mask_sums(u[b, :, h], sel.tau[b, :, h], 4, 1)
@@ -112,20 +117,22 @@ def test_prefix_large_offset_float32_rows_exact():
 
 
 @pytest.mark.parametrize("offset", [8e6, 1e8])
-def test_prefix_unrepresentable_tau_raises(offset):
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+def test_prefix_unrepresentable_tau_raises(offset, backend):
     """float32 cannot hold tau finely enough near 1e7: a clear error, not masks that miss topk."""
     g = torch.Generator().manual_seed(0)
     u = (offset + torch.randn(1, 20, 1, generator=g, dtype=torch.float64)).float()
     with pytest.raises(ValueError, match="scores too large"):
-        prefix_selection(u, 2, 0)
+        prefix_selection(u, 2, 0, backend=backend)
 
 
-def test_prefix_extreme_values():
+@pytest.mark.parametrize("backend", SELECTION_BACKENDS)
+def test_prefix_extreme_values(backend):
     """+-3e38 in float32: ties split the budget at 3e38 - 0.5, which float32 cannot hold: an error."""
     u = torch.tensor([3e38, -3e38, 3e38, -3e38, 3e38]).view(1, 5, 1)
     with pytest.raises(ValueError, match="scores too large"):
-        prefix_selection(u, 1, 0)
-    sel = prefix_selection(u[:, :2], 1, 0)                                # a gap only: tau is the midpoint
+        prefix_selection(u, 1, 0, backend=backend)
+    sel = prefix_selection(u[:, :2], 1, 0, backend=backend)             # a gap only: tau is the midpoint
     assert sel.tau[0, 1, 0] == -0.5
 
 

@@ -62,8 +62,12 @@ def check_row(u: np.ndarray, tau: np.ndarray, start: np.ndarray, end: np.ndarray
     assert np.all(tau[fin] <= ref.hi[fin] + 1e-9), (tau[fin], ref.hi[fin])
 
 
-def check_selection(scores: torch.Tensor, topk: int, window: int):
-    sel = prefix_selection(scores, topk, window)
+# The rule's statement and its CPU twin (ops/select/native.c) meet the same brute force.
+BACKENDS = ["reference", "native"]
+
+
+def check_selection(scores: torch.Tensor, topk: int, window: int, backend: str = "reference"):
+    sel = prefix_selection(scores, topk, window, backend=backend)
     B, T, H = scores.shape
     for name in ("tau", "start", "end"):
         assert getattr(sel, name).shape == (B, T, H), name
@@ -88,12 +92,13 @@ LENGTHS = [1, 2, 7, 33, 100]
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("window", [0, 1, 3, "big"])
 @pytest.mark.parametrize("topk", [1, 2, 5, "T"])
-def test_matches_bruteforce(pattern, T, window, topk):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_bruteforce(pattern, T, window, topk, backend):
     """Selected sets (from start/end) equal S_i exactly and tau equals the brute-force threshold."""
     window = T + 4 if window == "big" else window
     topk = T if topk == "T" else topk
     scores = make_scores(pattern, 2, T, 3, seed=T * 31 + window * 7 + topk)
-    check_selection(scores, topk, window)
+    check_selection(scores, topk, window, backend)
 
 
 @pytest.mark.parametrize("T", [1, 7, 33])
@@ -110,22 +115,24 @@ def test_topk_zero_selects_nothing(T, window):
 
 
 @pytest.mark.parametrize("topk", [40, 100, 1000])
-def test_topk_at_least_T(topk):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_at_least_T(topk, backend):
     """topk >= T: every candidate stays selected forever (end_j = T) and tau is -inf everywhere."""
     T = 40
     scores = make_scores("normal", 1, T, 2, seed=1)
     for window in (0, 2):
-        sel = check_selection(scores, topk, window)
+        sel = check_selection(scores, topk, window, backend)
         assert torch.all(sel.end == T)
         assert torch.all(torch.isneginf(sel.tau))
 
 
 @pytest.mark.parametrize("pattern", ["halves", "recency"])
 @pytest.mark.parametrize("topk,window", [(1, 0), (3, 2), (8, 5), (16, 1)])
-def test_more_patterns(pattern, topk, window):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_patterns(pattern, topk, window, backend):
     """Half-integer ties (breakpoints coincide) and recency-biased scores."""
     scores = make_scores(pattern, 2, 64, 2, seed=topk + 10 * window)
-    check_selection(scores, topk, window)
+    check_selection(scores, topk, window, backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -156,10 +163,11 @@ def test_dtype(dtype):
     window=st.integers(0, 26),
     pattern=st.sampled_from(["normal", "ties", "equal", "halves", "recency"]),
     seed=st.integers(0, 10_000),
+    backend=st.sampled_from(BACKENDS),
 )
-def test_random_configurations(T, B, H, topk, window, pattern, seed):
-    """Hypothesis over shapes, budgets, windows and score patterns."""
-    check_selection(make_scores(pattern, B, T, H, seed), topk, window)
+def test_random_configurations(T, B, H, topk, window, pattern, seed, backend):
+    """Hypothesis over shapes, budgets, windows, score patterns and backends."""
+    check_selection(make_scores(pattern, B, T, H, seed), topk, window, backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,31 +130,49 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
 _TAU_ROUNDING = 2.0 ** -10
 
 
+def _check_rounding(tau: Tensor, fractional: Tensor, error: Tensor, dtype: torch.dtype) -> None:
+    """ValueError where a fractional prefix threshold (tau, fractional, error [R, n], see _prefix_thresholds) is
+    too far from its row's median for the clamped sums, or too large to round to `dtype` (the dtype the caller
+    returns it in) within _TAU_ROUNDING."""
+    if (fractional & torch.isinf(error)).any():
+        raise ValueError(f"scores spread too wide: a threshold lies more than {_SPREAD:.0f} from its row's "
+                         f"median, beyond what the float64 threshold sums resolve")
+    # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
+    magnitude = tau.abs().to(dtype)
+    half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
+    bad = fractional & (error + half_unit > _TAU_ROUNDING)
+    if bad.any():
+        worst = float(tau[bad].abs().max())
+        raise ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} "
+                         f"rounds it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; "
+                         f"subtract a per-row offset from the scores (SPARSEK is shift invariant) or pass "
+                         f"float64 scores")
+
+
 def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """tau_i for every query, u [R, T] float64 -> [R, T] float64: the prefix of length i - window + 1.
 
-    Raises ValueError where a fractional tau_i is too far from its row's median for the clamped sums, or too
-    large to round to `dtype` (the dtype the caller returns it in) within _TAU_ROUNDING.
+    Raises ValueError where `_check_rounding` does.
     """
     t_len = u.shape[1]
     tau = torch.full_like(u, -torch.inf)
     if window < t_len:
         tau_p, fractional, error = _prefix_thresholds(u[:, : t_len - window], topk)
+        _check_rounding(tau_p, fractional, error, dtype)
         tau[:, window:] = tau_p
-        if (fractional & torch.isinf(error)).any():
-            raise ValueError(f"scores spread too wide: a threshold lies more than {_SPREAD:.0f} from its row's "
-                             f"median, beyond what the float64 threshold sums resolve")
-        # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
-        magnitude = tau_p.abs().to(dtype)
-        half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
-        bad = fractional & (error + half_unit > _TAU_ROUNDING)
-        if bad.any():
-            worst = float(tau_p[bad].abs().max())
-            raise ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} "
-                             f"rounds it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; "
-                             f"subtract a per-row offset from the scores (SPARSEK is shift invariant) or pass "
-                             f"float64 scores")
     return tau
+
+
+def _native_selection(u: Tensor, topk: int, window: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """`select_rows` by native.c (CPU rows, topk >= 1): u [R, T] float64 -> tau [R, T] float64, start, end [R, T]
+    int64. Raises ValueError where `_check_rounding` does."""
+    from .native import select_rows_native
+
+    tau_p, fractional, error, start, end = select_rows_native(u, topk, window)
+    _check_rounding(tau_p, fractional, error, dtype)
+    tau = torch.full_like(u, -torch.inf)
+    tau[:, u.shape[1] - tau_p.shape[1]:] = tau_p
+    return tau, start, end
 
 
 def _fractional_query_ranges(u: Tensor, tau: Tensor, window: int) -> tuple[Tensor, Tensor]:
@@ -184,17 +202,24 @@ def threshold_backward(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor) ->
 
 
 class _QueryThresholds(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u: Tensor, topk: int, window: int, dtype: torch.dtype) -> Tensor:
-        tau = _query_thresholds(u, topk, window, dtype)
-        ctx.save_for_backward(u, tau)
-        ctx.window = window
-        return tau
+    """u [R, T] float64 -> tau [R, T] float64 (differentiable), start, end [R, T] int64, by the reference or,
+    with `native`, by native.c."""
 
     @staticmethod
-    def backward(ctx, grad_tau: Tensor):
+    def forward(ctx, u: Tensor, topk: int, window: int, dtype: torch.dtype, native: bool):
+        if native:
+            tau, start, end = _native_selection(u, topk, window, dtype)
+        else:
+            tau, (start, end) = _query_thresholds(u, topk, window, dtype), key_ranges(u, topk, window)
+        ctx.save_for_backward(u, tau)
+        ctx.window = window
+        ctx.mark_non_differentiable(start, end)
+        return tau, start, end
+
+    @staticmethod
+    def backward(ctx, grad_tau: Tensor, _grad_start, _grad_end):
         u, tau = ctx.saved_tensors
-        return threshold_backward(u, tau, ctx.window, grad_tau), None, None, None
+        return threshold_backward(u, tau, ctx.window, grad_tau), None, None, None, None
 
 
 def best_first_order(u: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,9 +259,10 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
         topk: number of selected keys per query (>= 0).
         window: sliding-window width w (>= 0); the candidates of query i are the keys j <= i - w.
         backend: "reference" (this module, in PyTorch: the rule's statement, any device), "triton" (its twin in
-            ops/select/fused.py: float32 scores on CUDA, or on the CPU under TRITON_INTERPRET=1), or "auto"
-            (Triton for float32 scores on CUDA, else the reference). Both give the same selection and tau (to
-            float32 rounding) and the same gradient.
+            ops/select/fused.py: float32 scores on CUDA, or on the CPU under TRITON_INTERPRET=1), "native" (its
+            twin in ops/select/native.c, compiled on first use: CPU, needs a C compiler) or "auto" (Triton for
+            float32 scores on CUDA, native on the CPU where it builds, else the reference). All give the same
+            selection and tau (to the rounding of their dtype) and the same gradient.
 
     Returns:
         Selection with tau, start, end as [B, T, H]: key j is selected by exactly the queries
@@ -254,7 +280,7 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite (found NaN or inf)")
     check_budget(topk, window, allow_empty=True)
-    check_backend(backend, ("auto", "triton", "reference"))
+    check_backend(backend, SELECTION_BACKENDS)
 
     batch, t_len, heads = scores.shape
     rows = scores.permute(0, 2, 1).reshape(batch * heads, t_len)         # [R, T]
@@ -270,8 +296,9 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
                              f"thresholds are float32), got {largest:.4g}: use backend='reference'")
         tau_rows, start, end = TritonThresholds.apply(rows.contiguous(), topk, window)
     else:
-        tau_rows = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype).to(scores.dtype)
-        start, end = key_ranges(rows.detach(), topk, window)
+        tau_rows, start, end = _QueryThresholds.apply(rows.double(), topk, window, scores.dtype,
+                                                      _native_selection_for(rows, backend))
+        tau_rows = tau_rows.to(scores.dtype)
 
     def to_bth(x: Tensor) -> Tensor:
         return x.reshape(batch, heads, t_len).permute(0, 2, 1)
@@ -279,15 +306,30 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
     return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))
 
 
+SELECTION_BACKENDS = ("auto", "triton", "native", "reference")
+
 # Scores below this magnitude keep |tau| < 2^15, where rounding tau to float32 (the Triton selection's) moves a mask
 # entry by at most half a unit, 2^-10 (_TAU_ROUNDING); the reference checks each threshold instead.
 TRITON_SCORE_LIMIT = 2.0 ** 14
 
 
+def _native_selection_for(rows: Tensor, backend: str) -> bool:
+    """Whether prefix_selection runs native.c: for "native" (ValueError where it cannot), and for "auto" on CPU
+    rows where a C compiler built it."""
+    if backend not in ("native", "auto") or (backend == "auto" and rows.is_cuda):
+        return False
+    from . import native
+
+    if backend == "native" and (rows.device.type != "cpu" or not native.available()):
+        reason = native.unavailable_reason() or f"it runs on CPU tensors, got {rows.device}"
+        raise ValueError(f"backend='native' cannot run: {reason}")
+    return rows.device.type == "cpu" and native.available()
+
+
 def _triton_selection(rows: Tensor, backend: str) -> bool:
     """Whether prefix_selection runs its Triton twin: for "triton" (ValueError where it cannot), and for "auto"
     on CUDA float32 scores when triton is installed."""
-    if backend == "reference":
+    if backend in ("reference", "native"):
         return False
     try:
         from . import fused  # noqa: F401 (triton is an optional extra)

@@ -1,0 +1,147 @@
+/* The prefix selection of prefix.py as one sequential pass per row, for the CPU (loaded by native.py).
+
+   PyTorch runs prefix.py's O(T log T) selection as a few hundred small tensor operations; on a CPU their fixed
+   cost outweighs the attention for rows up to thousands of keys. Here each row costs one pass over its keys.
+
+   Thresholds. tau of a prefix solves sum_l clip(u_l - tau, 0, 1) = topk. Adding a key can only raise it, so a
+   key at or below the current tau never counts again: the pass keeps the "live" keys (above tau, plus the best
+   topk + 1, which decide the flat case) sorted best-first, and solves each prefix by sweeping the breakpoints
+   u_l and u_l - 1 from the top until f reaches topk. A prefix costs O(topk + live keys).
+
+   Ranges. The top-k set of a growing prefix is a heap of topk keys: a new key (always the newest, so it wins
+   ties) evicts the worst key when it is at least as good, and key j's range ends at the query where its
+   evictor becomes a candidate. Keys never admitted have an empty range.
+
+   The rule itself (ties to the newer key, the midpoint tau where f is flat, cummax) is prefix.py's; tests hold
+   this file to it by name. Scores arrive centred on their row's median (shift invariance), so the sums stay
+   small. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Whether key a (score ua, position pa) ranks below key b: lower score, or equal score and older. */
+static int worse(double ua, int64_t pa, double ub, int64_t pb) {
+    return ua < ub || (ua == ub && pa < pb);
+}
+
+static void sift_down(int64_t *heap, int64_t size, const double *u) {
+    int64_t i = 0;
+    for (;;) {
+        int64_t left = 2 * i + 1, right = left + 1, low = i;
+        if (left < size && worse(u[heap[left]], heap[left], u[heap[low]], heap[low])) low = left;
+        if (right < size && worse(u[heap[right]], heap[right], u[heap[low]], heap[low])) low = right;
+        if (low == i) return;
+        int64_t t = heap[i]; heap[i] = heap[low]; heap[low] = t;
+        i = low;
+    }
+}
+
+static void sift_up(int64_t *heap, int64_t i, const double *u) {
+    while (i > 0) {
+        int64_t parent = (i - 1) / 2;
+        if (!worse(u[heap[i]], heap[i], u[heap[parent]], heap[parent])) return;
+        int64_t t = heap[i]; heap[i] = heap[parent]; heap[parent] = t;
+        i = parent;
+    }
+}
+
+/* Key ranges of one row: start_j = min(j + window, T); end_j as in prefix.key_ranges. heap: topk scratch. */
+static void row_ranges(const double *u, int64_t t_len, int64_t topk, int64_t window, int64_t *start,
+                       int64_t *end, int64_t *heap) {
+    int64_t size = 0;
+    for (int64_t j = 0; j < t_len; j++) {
+        start[j] = j + window < t_len ? j + window : t_len;
+        end[j] = t_len;                      /* still selected at the last query, unless evicted below */
+        if (size < topk) {
+            heap[size] = j;
+            sift_up(heap, size++, u);
+        } else if (u[j] >= u[heap[0]]) {     /* j is newer than every key in the heap: ties go to j */
+            end[heap[0]] = j + window;
+            heap[0] = j;
+            sift_down(heap, size, u);
+        } else {
+            end[j] = start[j];
+        }
+    }
+    for (int64_t j = 0; j < t_len; j++) {
+        if (end[j] > t_len) end[j] = t_len;
+        if (end[j] < start[j]) end[j] = start[j];
+    }
+}
+
+/* tau of every prefix of one row, as prefix._prefix_thresholds: u [n] and the row's median `shift` -> tau [n]
+   (entry c - 1 for the prefix of length c; -inf while c <= topk), fractional [n] (1 where f is not flat at
+   tau) and error [n] (the rounding of adding the shift back). The sweep works on u - shift, so that a large
+   common offset does not cancel the differences that decide tau; the flat case's midpoint uses u itself.
+   live: n + 1 scratch. */
+static void row_thresholds(const double *u, double shift, int64_t n, int64_t topk, double *tau,
+                           uint8_t *fractional, double *error, double *live) {
+    int64_t m = 0;                             /* live keys, best first */
+    double current = -INFINITY, running = -INFINITY;   /* centred tau of the last prefix; the cummax */
+    for (int64_t c = 1; c <= n; c++) {
+        double x = u[c - 1];
+        int64_t lo = 0, hi = m;                /* first live key below x: ties keep their order */
+        while (lo < hi) {
+            int64_t mid = (lo + hi) / 2;
+            if (live[mid] >= x) lo = mid + 1; else hi = mid;
+        }
+        if (lo <= topk || x - shift > current) {   /* else x is neither among the best topk + 1 nor above tau */
+            memmove(live + lo + 1, live + lo, (size_t)(m - lo) * sizeof(double));
+            live[lo] = x;
+            m++;
+        }
+        fractional[c - 1] = 0;
+        error[c - 1] = 0;
+        if (c <= topk) {
+            tau[c - 1] = -INFINITY;
+            continue;
+        }
+        double theta = live[topk - 1], below = live[topk], t;
+        if (theta - below >= 1) {
+            t = 0.5 * (below + theta - 1);    /* f == topk on [below, theta - 1]: its midpoint */
+            current = t - shift;
+        } else {
+            /* Sweep t down from the best key. Keys [ones, frac_end) are fractional, those before are ones:
+               f(t) = ones + sum - (frac_end - ones) * t, summing the fractional keys' u - shift. */
+            int64_t ones = 0, frac_end = 0;
+            double sum = 0;
+            for (;;) {
+                double next_fractional = frac_end < m ? live[frac_end] - shift : -INFINITY;
+                double next_one = ones < frac_end ? live[ones] - shift - 1 : -INFINITY;
+                int becomes_fractional = next_fractional >= next_one;
+                double next = becomes_fractional ? next_fractional : next_one;
+                if (frac_end > ones && ones + sum - (double)(frac_end - ones) * next >= topk) {
+                    current = (sum + ones - topk) / (double)(frac_end - ones);
+                    break;
+                }
+                if (becomes_fractional) {
+                    sum += live[frac_end++] - shift;
+                } else {
+                    sum -= live[ones++] - shift;
+                }
+            }
+            double absolute = current + shift;
+            error[c - 1] = fabs(absolute - shift - current);
+            t = absolute > theta - 1 ? absolute : theta - 1;
+            fractional[c - 1] = 1;
+        }
+        running = t > running ? t : running;  /* cummax: rounding must not let tau fall */
+        tau[c - 1] = running;
+        while (m > topk + 1 && live[m - 1] - shift <= current) m--;   /* never above tau again */
+    }
+}
+
+/* All rows: u [rows, t_len] and each row's median shift [rows] -> tau, fractional and error [rows, t_len]
+   (the first t_len - window entries of a row: the prefixes of its candidates), start and end [rows, t_len].
+   Scratch: live, t_len + 1 doubles; heap, min(topk, t_len) int64. */
+void sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
+                         int64_t window, double *tau, uint8_t *fractional, double *error, int64_t *start,
+                         int64_t *end, double *live, int64_t *heap) {
+    int64_t n = window < t_len ? t_len - window : 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const double *row = u + r * t_len;
+        row_thresholds(row, shift[r], n, topk, tau + r * t_len, fractional + r * t_len, error + r * t_len, live);
+        row_ranges(row, t_len, topk, window, start + r * t_len, end + r * t_len, heap);
+    }
+}

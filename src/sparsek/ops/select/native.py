@@ -1,0 +1,86 @@
+"""The CPU twin of `prefix.select_rows`: native.c, compiled on first use with the system's C compiler.
+
+PyTorch runs the reference selection as a few hundred small tensor operations whose fixed cost dominates on a
+CPU until rows are thousands of keys long; native.c does one pass per row instead (same results, tested
+against the reference by name). It needs a C compiler (`cc`, or $CC); without one, `available()` is False and
+"auto" keeps the reference. The library is built once per source version into $SPARSEK_CACHE (default
+~/.cache/sparsek) and loaded with ctypes: no torch headers, so the build takes well under a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("native.c")
+
+
+def _cache_dir() -> Path:
+    if folder := os.environ.get("SPARSEK_CACHE"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsek"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded library, or why it could not be built (the compiler's message)."""
+    if not _SOURCE.is_file():
+        return f"{_SOURCE} is missing from this install"
+    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    target = _cache_dir() / f"select_{hashlib.sha256(source + compiler.encode()).hexdigest()[:16]}.so"
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: processes building at once never load a half-written file.
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, "-O2", "-std=c99", "-shared", "-fPIC", "-o", str(built), str(_SOURCE)],
+                               check=True, capture_output=True, text=True)
+                os.replace(built, target)
+        except (OSError, subprocess.CalledProcessError) as error:
+            return f"{compiler} could not build {_SOURCE.name}: {getattr(error, 'stderr', '') or error}".strip()
+    library = ctypes.CDLL(str(target))
+    library.sparsek_select_rows.restype = None
+    library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7
+    return library
+
+
+def available() -> bool:
+    """Whether the native selection can run here (it compiles on the first call)."""
+    return not isinstance(_library(), str)
+
+
+def unavailable_reason() -> str:
+    return "" if available() else str(_library())
+
+
+@torch.no_grad()
+def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The selection of CPU rows (finite; topk >= 1), u [R, T] float64 -> what `prefix._prefix_thresholds` gives
+    for the candidate prefixes, tau, fractional (bool) and error, each [R, T - window], and the key ranges
+    start and end [R, T] int64 of `prefix.key_ranges`."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(library)
+    u = u.contiguous()
+    rows, t_len = u.shape
+    shift = u.median(dim=1).values.contiguous()       # as the reference: thresholds relative to the row
+    tau, error = torch.empty(rows, t_len, dtype=torch.float64), torch.empty(rows, t_len, dtype=torch.float64)
+    fractional = torch.empty(rows, t_len, dtype=torch.uint8)
+    start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
+    live = torch.empty(t_len + 1, dtype=torch.float64)
+    heap = torch.empty(max(1, min(topk, t_len)), dtype=torch.int64)
+    library.sparsek_select_rows(u.data_ptr(), shift.data_ptr(), rows, t_len, topk, window, tau.data_ptr(),
+                                fractional.data_ptr(), error.data_ptr(), start.data_ptr(), end.data_ptr(),
+                                live.data_ptr(), heap.data_ptr())
+    n = max(0, t_len - window)
+    return tau[:, :n], fractional[:, :n].bool(), error[:, :n], start, end

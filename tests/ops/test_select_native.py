@@ -1,0 +1,86 @@
+"""ops/select/native.c, the CPU twin of the prefix selection, against the rule's statement: `prefix_selection`
+with backend="reference" (the brute-force checks of test_select.py and test_numerics.py run on both)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsek.ops import prefix_selection
+from sparsek.ops.select import native
+
+
+def scores(pattern: str, t_len: int, seed: int) -> torch.Tensor:
+    """[2, T, 3] float64: 'normal'; 'bunched' (all within 0.5: every key stays fractional, the live set grows
+    with the row); 'ties' (small integers); 'recency' (a rising trend: every new key enters the top-k)."""
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "normal":
+        return torch.randn(2, t_len, 3, generator=g, dtype=torch.float64)
+    if pattern == "bunched":
+        return 0.5 * torch.rand(2, t_len, 3, generator=g, dtype=torch.float64)
+    if pattern == "ties":
+        return torch.randint(-2, 3, (2, t_len, 3), generator=g).double()
+    return 0.01 * torch.arange(t_len, dtype=torch.float64)[:, None] + torch.randn(2, t_len, 3, generator=g,
+                                                                                   dtype=torch.float64)
+
+
+@pytest.mark.parametrize("pattern", ["normal", "bunched", "ties", "recency"])
+@pytest.mark.parametrize("topk,window", [(1, 0), (16, 16), (64, 5), (600, 3)])
+def test_native_equals_reference_with_gradient(pattern, topk, window):
+    """Long rows (1500 keys): the same ranges exactly, tau and its gradient to float64 rounding."""
+    u = scores(pattern, 1500, seed=topk + window)
+    results = {}
+    for backend in ("reference", "native"):
+        x = u.clone().requires_grad_()
+        sel = prefix_selection(x, topk, window, backend=backend)
+        grad_tau = torch.randn(sel.tau.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        sel.tau.backward(torch.where(torch.isinf(sel.tau), 0, grad_tau))
+        results[backend] = sel, x.grad
+    (ref, ref_grad), (got, got_grad) = results["reference"], results["native"]
+    assert torch.equal(got.start, ref.start) and torch.equal(got.end, ref.end)
+    assert torch.equal(torch.isneginf(got.tau), torch.isneginf(ref.tau))
+    finite = torch.isfinite(ref.tau)
+    torch.testing.assert_close(got.tau[finite], ref.tau[finite], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_native_float32_scores_give_float32_tau():
+    u = torch.randn(1, 300, 2)
+    ref, got = (prefix_selection(u, 8, 4, backend=b) for b in ("reference", "native"))
+    assert got.tau.dtype == torch.float32
+    torch.testing.assert_close(got.tau, ref.tau, rtol=0, atol=1e-6)
+    assert torch.equal(got.end, ref.end)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """No C compiler and an empty build cache: native.c cannot be built."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path / "cache"))
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()
+
+
+def test_without_a_compiler_native_says_why_and_auto_keeps_the_reference(no_compiler):
+    u = torch.randn(1, 50, 2, dtype=torch.float64)
+    assert not native.available()
+    with pytest.raises(ValueError, match="backend='native' cannot run: .*no-such-compiler"):
+        prefix_selection(u, 4, 2, backend="native")
+    auto, ref = prefix_selection(u, 4, 2, backend="auto"), prefix_selection(u, 4, 2, backend="reference")
+    assert torch.equal(auto.tau, ref.tau) and torch.equal(auto.end, ref.end)
+
+
+def test_the_build_is_cached(monkeypatch, tmp_path):
+    """The first use builds one library into $SPARSEK_CACHE; a new process (a cleared cache) loads it again."""
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        built = list(tmp_path.glob("*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native._library.cache_clear()
+        assert native.available() and built[0].stat().st_mtime_ns == stamp
+    finally:
+        native._library.cache_clear()
