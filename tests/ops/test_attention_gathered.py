@@ -75,7 +75,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_matches_reference_float64(small_blocks, case):
+@pytest.mark.parametrize("keep", ["kept", "recomputed"])
+def test_matches_reference_float64(small_blocks, monkeypatch, case, keep):
+    """The backward from the chunks the forward kept, and from chunks it recomputes (long rows)."""
+    if keep == "recomputed":
+        monkeypatch.setattr(gathered, "_KEEP_ELEMENTS", 0)
     batch, t_len, hq, hk, d, topk, window, gate = case
     inputs = make_inputs(batch, t_len, hq, hk, d, seed=t_len + topk)
     assert_matches_reference(inputs, atol=1e-12, topk=topk, window=window, gate=gate)

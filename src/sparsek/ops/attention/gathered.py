@@ -13,9 +13,10 @@ O(topk + window + P) instead of the reference's O(T).
 Two implementations of the same chunk math:
 
 * `_GatheredAttention`, used whenever k and v are finite: forward and backward written out (flash-attention's
-  recipe in PyTorch). The forward keeps only the output; the backward recomputes each chunk's probabilities,
-  so memory stays O(chunk * L) as with the reference's checkpointing, but with one recomputation of the
-  logits instead of a second forward plus a whole autograd graph, and with the mask applied as one additive
+  recipe in PyTorch). Short rows keep each chunk's probabilities for the backward; past _KEEP_ELEMENTS the
+  forward keeps only the output and the backward recomputes each chunk's probabilities, so memory stays
+  O(chunk * L) as with the reference's checkpointing, but with one recomputation of the logits instead of a
+  second forward plus a whole autograd graph. Either way the mask is applied as one additive
   bias (0 or -inf) and 0/1 factors built at [R, n, P, L] (shared by the G heads of a KV head) rather than by
   masked_fill / torch.where at logit size, which are several times slower than arithmetic on a CPU.
 * `_attend_blocks` under plain autograd with per-chunk activation checkpointing, for inputs with NaN/inf in k
@@ -41,6 +42,10 @@ BLOCK = 16
 # Elements of one chunk's [R, n, P, G, L] logits; a few times this many bytes are live at once. Small enough
 # for the elementwise passes to stay in cache (2^16 to 2^18 alike on a 2-core CPU, 2^20 up to 2x slower).
 _CHUNK_ELEMENTS = 1 << 17
+# Up to this many logits [R, T, G, L] in all, the forward keeps its chunks (logits, probabilities, gathered k
+# and v: about 24 bytes per logit) for the backward rather than recomputing them, which is most of the
+# backward's fixed cost on short rows.
+_KEEP_ELEMENTS = 1 << 20
 
 
 def _block_keys(lists: Tensor, q_start: int, block: int, window: int, t_len: int) -> tuple[Tensor, Tensor]:
@@ -116,11 +121,18 @@ class _GatheredAttention(torch.autograd.Function):
     def forward(ctx, q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows, spans, window, gate, scale):
         rows, t_len, group, head_dim = q.shape
         out = torch.empty_like(q)
+        # Keep each chunk's softmax for the backward while that stays small; beyond, the backward recomputes it.
+        n_keys = lists.shape[-1] + spans[0][2] + min(window, t_len) - 1
+        keep = any(ctx.needs_input_grad[:5]) and rows * t_len * group * n_keys <= _KEEP_ELEMENTS
+        ctx.chunks = []
         for span in spans:
             q_start, n_blocks, block, _ = span
             q_end = q_start + n_blocks * block
-            c, _, _, v_c, _, probs = _chunk_softmax(q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows,
-                                                    span, window, gate, scale)
+            chunk = _chunk_softmax(q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows, span, window, gate,
+                                   scale)
+            c, _, _, v_c, _, probs = chunk
+            if keep:
+                ctx.chunks.append(chunk)
             if c.weight is not None:
                 probs = probs * c.weight
             out[:, q_start:q_end] = torch.bmm(probs.view(rows * n_blocks, block * group, -1), v_c).view(
@@ -142,11 +154,11 @@ class _GatheredAttention(torch.autograd.Function):
         grad_tau = torch.zeros(tau.shape, dtype=q.dtype, device=q.device) if scores_grad else None
         # delta_i = sum_j p_ij dp_ij = dout_i . out_i (flash-attention): the softmax backward's row term.
         delta = (grad_out * out).sum(-1)                                                       # [R, T, G]
-        for span in ctx.spans:
+        for n, span in enumerate(ctx.spans):
             q_start, n_blocks, block, _ = span
             q_end = q_start + n_blocks * block
-            c, q_c, k_c, v_c, logits, probs = _chunk_softmax(q, k_rows, v_rows, u_rows, tau, lists, start_rows,
-                                                             end_rows, span, window, gate, scale)
+            c, q_c, k_c, v_c, logits, probs = ctx.chunks[n] if ctx.chunks else _chunk_softmax(
+                q, k_rows, v_rows, u_rows, tau, lists, start_rows, end_rows, span, window, gate, scale)
             dout_c = grad_out[:, q_start:q_end].reshape(rows * n_blocks, block * group, head_dim)
             shape = (rows, n_blocks, block, group, -1)
             weighted = probs * c.weight if c.weight is not None else probs
@@ -238,7 +250,7 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     score_dtype = torch.float64 if torch.float64 in (q.dtype, scores.dtype) else torch.float32
 
     u = scores.to(score_dtype)
-    selection = prefix_selection(u, topk, window)
+    selection = prefix_selection(u, topk, window, backend="auto")
     tau = selection.tau if gate != "none" else selection.tau.detach()
 
     def by_row(x: Tensor) -> Tensor:  # [B, T, Hk, ...] -> [R, T, ...]
