@@ -300,7 +300,8 @@ def test_tau_gradient_zero_without_fractional_entries(values, topk):
 @pytest.mark.parametrize("pattern,topk,window,block", [
     ("normal", 5, 3, 4), ("ties", 7, 0, 8), ("equal", 4, 2, 1), ("recency", 3, 9, 4), ("halves", 50, 1, 16),
 ])
-def test_block_lists_hold_each_blocks_selection_in_filled_slots(pattern, topk, window, block):
+@pytest.mark.parametrize("backend", ["reference", "auto"])   # auto: native.c on the CPU
+def test_block_lists_hold_each_blocks_selection_in_filled_slots(pattern, topk, window, block, backend):
     """block_key_lists: the list of block b holds exactly the keys selected by its first query i0, and before
     topk candidates exist they fill slots 0, 1, ... in order, as the fused kernels assume when they skip the
     slots past min(K, i0 - window + 1)."""
@@ -308,7 +309,8 @@ def test_block_lists_hold_each_blocks_selection_in_filled_slots(pattern, topk, w
     scores = make_scores(pattern, 2, t_len, 3, seed=topk + window)
     sel = prefix_selection(scores, topk, window)
     start, end = (x.permute(0, 2, 1).reshape(6, t_len) for x in (sel.start, sel.end))
-    lists = block_key_lists(start, end, topk, block)
+    lists = block_key_lists(start, end, topk, block, backend=backend)
+    assert torch.equal(lists, block_key_lists(start, end, topk, block))
     n_slots = min(topk, t_len)
     for b in range(lists.shape[1]):
         i0 = b * block

@@ -8,6 +8,7 @@ import torch
 
 from sparsek.ops import prefix_selection
 from sparsek.ops.select import native
+from sparsek.ops.select.blocks import block_key_lists
 
 
 def scores(pattern: str, t_len: int, seed: int) -> torch.Tensor:
@@ -27,7 +28,8 @@ def scores(pattern: str, t_len: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("pattern", ["normal", "bunched", "ties", "recency"])
 @pytest.mark.parametrize("topk,window", [(1, 0), (16, 16), (64, 5), (600, 3)])
 def test_native_equals_reference_with_gradient(pattern, topk, window):
-    """Long rows (1500 keys): the same ranges exactly, tau and its gradient to float64 rounding."""
+    """Long rows (1500 keys): the same ranges and block lists exactly, tau and its gradient to float64
+    rounding."""
     u = scores(pattern, 1500, seed=topk + window)
     results = {}
     for backend in ("reference", "native"):
@@ -42,6 +44,10 @@ def test_native_equals_reference_with_gradient(pattern, topk, window):
     finite = torch.isfinite(ref.tau)
     torch.testing.assert_close(got.tau[finite], ref.tau[finite], rtol=0, atol=1e-12)
     torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=1e-12)
+    start, end = (x.permute(0, 2, 1).reshape(6, -1) for x in (ref.start, ref.end))
+    for block in (1, 16):
+        assert torch.equal(block_key_lists(start, end, topk, block, backend="auto"),
+                           block_key_lists(start, end, topk, block))
 
 
 def test_native_float32_scores_give_float32_tau():

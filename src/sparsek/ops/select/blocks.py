@@ -35,13 +35,15 @@ def selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
     return torch.where(ever_selected, parent, -1)
 
 
-def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
+def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backend: str = "reference") -> Tensor:
     """Keys selected by the first query of each block, by slot.
 
     Args:
         start, end: [R, T] int64 selection ranges from `prefix_selection` (key j is selected by queries
             start_j <= i < end_j).
         topk: the selection budget; block: queries per block.
+        backend: "reference" (this function, in PyTorch), or "auto": its twin in ops/select/native.c for CPU
+            rows where that builds (see `prefix_selection`), else the reference.
 
     Returns:
         [R, NB, K] int32: entry (r, b, s) is the key in slot s at query b * block, or -1 for an empty slot.
@@ -53,6 +55,11 @@ def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor
     lists = torch.full((rows, n_blocks, n_slots), -1, dtype=torch.int32, device=start.device)
     if topk == 0 or t_len == 0:
         return lists
+    if backend == "auto" and start.device.type == "cpu":
+        from . import native
+
+        if native.available():
+            return native.block_key_lists_native(start, end, topk, block)
     slot = selection_slots(start, end, topk)
     first_block = -(-start // block)                                       # first b with b * block >= start
     last_block = (end - 1).div(block, rounding_mode="floor")                # last b with b * block < end

@@ -145,3 +145,27 @@ void sparsek_select_rows(const double *u, const double *shift, int64_t rows, int
         row_ranges(row, t_len, topk, window, start + r * t_len, end + r * t_len, heap);
     }
 }
+
+/* Keys selected by the first query of each block, by slot, as blocks.block_key_lists: start, end [rows, t_len]
+   -> lists [rows, n_blocks, n_slots] int32 (-1 for an empty slot; filled here). The first topk keys hold slots
+   0 .. topk - 1; a later key takes the slot of the key it evicts, the one whose range ends where its own
+   starts. slot, victim: t_len int64 scratch each. */
+void sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows, int64_t t_len, int64_t topk,
+                         int64_t block, int64_t n_slots, int32_t *lists, int64_t *slot, int64_t *victim) {
+    int64_t n_blocks = (t_len + block - 1) / block;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t *s = start + r * t_len, *e = end + r * t_len;
+        int32_t *out = lists + r * n_blocks * n_slots;
+        for (int64_t q = 0; q < t_len; q++) victim[q] = -1;
+        for (int64_t j = 0; j < t_len; j++)
+            if (e[j] > s[j] && e[j] < t_len) victim[e[j]] = j;   /* evicted at query e[j] */
+        for (int64_t j = 0; j < t_len; j++) {
+            slot[j] = -1;
+            if (e[j] <= s[j]) continue;                           /* never selected */
+            slot[j] = j < topk ? j : victim[s[j]] >= 0 ? slot[victim[s[j]]] : -1;
+            if (slot[j] < 0) continue;                            /* ranges not from a selection */
+            for (int64_t b = (s[j] + block - 1) / block; b * block < e[j]; b++)
+                out[b * n_slots + slot[j]] = (int32_t)j;
+        }
+    }
+}

@@ -51,6 +51,8 @@ def _library() -> ctypes.CDLL | str:
     library = ctypes.CDLL(str(target))
     library.sparsek_select_rows.restype = None
     library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7
+    library.sparsek_block_lists.restype = None
+    library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
     return library
 
 
@@ -84,3 +86,18 @@ def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
                                 live.data_ptr(), heap.data_ptr())
     n = max(0, t_len - window)
     return tau[:, :n], fractional[:, :n].bool(), error[:, :n], start, end
+
+
+def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
+    """`blocks.block_key_lists` of CPU rows (topk >= 1, T >= 1): start, end [R, T] int64 -> [R, NB, K] int32."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(library)
+    start, end = start.contiguous(), end.contiguous()
+    rows, t_len = start.shape
+    n_slots = max(1, min(topk, t_len))
+    lists = torch.full((rows, -(-t_len // block), n_slots), -1, dtype=torch.int32)
+    slot, victim = torch.empty(t_len, dtype=torch.int64), torch.empty(t_len, dtype=torch.int64)
+    library.sparsek_block_lists(start.data_ptr(), end.data_ptr(), rows, t_len, topk, block, n_slots,
+                                lists.data_ptr(), slot.data_ptr(), victim.data_ptr())
+    return lists
