@@ -267,7 +267,7 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     q_rows = by_row(q.to(cdtype).view(batch, t_len, n_kv_heads, group, head_dim))                  # [R, T, G, D]
 
     block = min(BLOCK, t_len)
-    lists = block_key_lists(start, end, topk, block, backend="auto").long()                                   # [R, NB, K]
+    lists = block_key_lists(start, end, topk, block, backend="auto").long()                   # [R, NB, K]
     lists = torch.where(lists >= 0, lists, t_len)
     n_keys = lists.shape[-1] + block + min(window, t_len) - 1
     per_chunk = max(1, _CHUNK_ELEMENTS // (rows * group * block * n_keys))
