@@ -11,7 +11,7 @@ from ..conftest import tiny_transformers_model
 def test_token_losses_in_slices_equal_the_whole(tmp_path, monkeypatch):
     """The loss taken a slice of positions at a time (to bound float32 memory) is that of all logits at once."""
     transformers = pytest.importorskip("transformers")
-    from sparsek.eval.lm import TransformersLM
+    from sparsek.heldout import TransformersLM
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_transformers_model(tmp_path)).eval()
     tokens = torch.randint(0, 256, (3, 41))

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sparsek.eval.lm import TransformersLM, evaluate  # noqa: E402
+from sparsek.heldout import TransformersLM, evaluate  # noqa: E402
 from sparsek.train.finetune import FinetuneConfig, finetune, load_finetuned, tokenized_corpus  # noqa: E402
 
 from ..conftest import damage_file, tiny_transformers_model  # noqa: E402

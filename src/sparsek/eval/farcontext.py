@@ -35,13 +35,13 @@ import torch
 
 from ..data.corpus import DocumentSampler
 from ..data.ruler import SUITE
+from ..heldout import TransformersLM, evaluate
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
 from ..layers.scorer import SLOPE_CONVERT, SLOPE_DISTILL
 from ..ops.teacher import REDUCTIONS
 from ..train.distill import LOOKUP, REDUCTION, distill_scorers, measure, parse_layers, with_lookup_rows
 from ..train.distributed import World
 from ..train.loop import resolve_device
-from .lm import TransformersLM, evaluate
 from .ruler import evaluate_suite
 
 PEERS = ("streaming_llm", "h2o", "snapkv")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..data.corpus import ByteTokenizer, load_documents
 from ..data.tasks import TASKS, Encode
-from .lm import TransformersLM, evaluate
+from ..heldout import TransformersLM, evaluate
 from .longrange import default_distances, evaluate_tasks
 
 
@@ -162,7 +162,8 @@ def format_result(result: dict) -> str:
 
 def _plots(result: dict, out_dir: Path) -> None:
     try:
-        from .plots import plot_position, plot_task_accuracy
+        from ..train.plots import plot_position
+        from .plots import plot_task_accuracy
     except ImportError as error:  # plots are an extra
         print(f"no plots ({error}): pip install 'sparsek[training]'")
         return

@@ -49,7 +49,7 @@ def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, ou
     print(table)
     if finished:
         try:
-            from ..eval.plots import plot_runs
+            from .plots import plot_runs
         except ImportError as error:
             print(f"no plots ({error}): pip install 'sparsek[training]'")
         else:

@@ -30,7 +30,7 @@ import torch
 
 from ..data.corpus import DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
-from ..eval.lm import TransformersLM, evaluate
+from ..heldout import TransformersLM, evaluate
 from ..integrations.pretrained import bos_token_id, load_pretrained, prepend_bos, with_bos
 from ..layers.scorer import SLOPE_FINETUNE
 from ..ops.common import GATES, check_budget, check_sinks
@@ -324,7 +324,7 @@ def finetune(config: FinetuneConfig) -> dict:
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     _report(config, state["summary"])
     try:
-        from ..eval.plots import plot_run
+        from .plots import plot_run
         plot_run(run_dir)
     except ImportError as error:
         print(f"no plots ({error}): pip install 'sparsek[training]'")

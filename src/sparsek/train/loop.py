@@ -18,7 +18,7 @@ import torch
 
 from ..data.corpus import ByteTokenizer, DocumentSampler, load_documents, split_documents
 from ..data.tasks import TaskMixer, check_mix, parse_tasks
-from ..eval.lm import evaluate
+from ..heldout import evaluate
 from ..models import LMConfig, TransformerLM
 from . import checkpoint, distributed
 from .steps import StepLoop, Throughput, append_eval
@@ -245,7 +245,7 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
 
 def _plot(run_dir: Path) -> None:
     try:
-        from ..eval.plots import plot_run
+        from .plots import plot_run
     except ImportError as error:  # plots are an extra; the metrics are in the run folder to plot later
         print(f"no plots ({error}): pip install 'sparsek[training]'")
         return

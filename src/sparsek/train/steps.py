@@ -71,7 +71,7 @@ class Throughput:
 
 
 def append_eval(run_dir: Path, step: int, tokens: int, result: dict) -> None:
-    """The metrics record of a held-out evaluation (result: `sparsek.eval.lm.evaluate`'s) after `step`."""
+    """The metrics record of a held-out evaluation (result: `sparsek.heldout.evaluate`'s) after `step`."""
     checkpoint.append_metrics(run_dir, {"step": step, "tokens": tokens, "eval_loss": result["loss"],
                                         "eval_ppl": result["ppl"]})
 

@@ -1,4 +1,8 @@
-"""Held-out loss of a language model on whole documents, overall and by position in the context."""
+"""Held-out loss of a language model on whole documents, overall and by position in the context.
+
+Training measures its runs with it (`sparsek.train`) and the evaluations report it (`sparsek.eval`): it sits below
+both.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from ..data.corpus import document_windows
+from .data.corpus import document_windows
 
 
 @torch.no_grad()
