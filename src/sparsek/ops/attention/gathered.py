@@ -45,7 +45,7 @@ _CHUNK_ELEMENTS = 1 << 17
 # Up to this many logits [R, T, G, L] in all, the forward keeps its chunks (logits, probabilities, gathered k
 # and v: about 24 bytes per logit) for the backward rather than recomputing them, which is most of the
 # backward's fixed cost on short rows.
-_KEEP_ELEMENTS = 1 << 20
+_KEEP_ELEMENTS = 1 << 21
 
 
 def _block_keys(lists: Tensor, q_start: int, block: int, window: int, t_len: int) -> tuple[Tensor, Tensor]:
