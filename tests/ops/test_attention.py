@@ -425,3 +425,134 @@ def test_valid_call_baseline():
     """The baseline used by the error tests is itself valid (so the errors come from the one change)."""
     assert _call().shape == (1, 8, 4, 4)
     assert _call(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32)).shape == (1, 8, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# large score offsets (SPARSEK is shift invariant per row)
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_backend():
+    """pytest param for backend "triton": CUDA tensors, or CPU tensors under the interpreter; skipped
+    without the triton package."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return pytest.param("triton", marks=pytest.mark.skip(reason="needs the triton package"))
+    return "triton"
+
+
+OFFSET_BACKENDS = ["reference", "gather", _triton_backend()]
+
+
+def _offset_inputs(backend, offset, noise, *, seed=7, T=37):
+    """float32 q, k, v [2, T, 4, 16] and scores offset + noise * randn [2, T, 2] in float32, on the device the
+    backend runs on (the fused kernels need a power-of-two head dim of at least 16)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v, _ = make_inputs(2, T, 4, 2, 16, seed=seed, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    u = (offset + noise * torch.randn(2, T, 2, generator=g, dtype=torch.float64)).float()
+    return [x.to(device) for x in (q, k, v, u)]
+
+
+@pytest.mark.parametrize("backend", OFFSET_BACKENDS)
+@pytest.mark.parametrize("offset,noise", [(1e8, 1.0), (2e7, 4.0), (3e4, 1.0), (-3e7, 2.0)])
+@pytest.mark.parametrize("gate", GATES)
+def test_large_score_offset_is_exact(backend, offset, noise, gate):
+    """float32 scores far from 0 (1e8 + randn: float32 holds them only to units of 8) give the output and the
+    gradients of the float64 naive loop over the same scores minus the offset (taken in float64, where it is
+    exact), on every backend; and the output and scores' gradient of the call with the offset removed."""
+    q, k, v, u = _offset_inputs(backend, offset, noise)
+    cot = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device)
+
+    def lib(q, k, v, u):
+        return sparsek.sparsek_attention(q, k, v, u, topk=5, window=3, gate=gate, backend=backend)
+
+    def ref(q, k, v, u):
+        return naive_sparsek_attention(q, k, v, u, topk=5, window=3, gate=gate)
+
+    out, grads = grads_of(lib, q, k, v, u, cot)
+    cpu64 = [x.cpu().double() for x in (q, k, v)]
+    exp, grads_exp = grads_of(ref, *cpu64, u.cpu().double() - offset, cot.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), exp, atol=2e-5, rtol=0, msg="output")
+    for name, got, want in zip("qkvu", grads, grads_exp):
+        torch.testing.assert_close(got.cpu().double(), want, atol=1e-4, rtol=1e-4, msg=f"grad {name}")
+
+    shifted = (u.double() - offset).float()                  # exact: the offset is a multiple of float32's unit
+    assert torch.equal(shifted.double() + offset, u.double())
+    out_shifted, grads_shifted = grads_of(lib, q, k, v, shifted, cot)
+    # The library shifts by the row's median, the test by the offset: equal up to float32 rounding.
+    torch.testing.assert_close(out, out_shifted, atol=1e-6, rtol=0, msg="output without the offset")
+    torch.testing.assert_close(grads[3], grads_shifted[3], atol=1e-5, rtol=0, msg="grad u without the offset")
+
+
+@pytest.mark.parametrize("backend", OFFSET_BACKENDS)
+def test_large_score_offset_varlen(backend):
+    """Packed sequences share one offset per row: still exact (forward and the scores' gradient)."""
+    q, k, v, u = _offset_inputs(backend, 2e7, 4.0, seed=11, T=40)
+    q, k, v, u = (x[:1] for x in (q, k, v, u))
+    cu = torch.tensor([0, 9, 9, 30, 40], dtype=torch.int32, device=q.device)
+    cot = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(q.device)
+
+    def lib(q, k, v, u):
+        return sparsek.sparsek_attention(q, k, v, u, topk=4, window=2, cu_seqlens=cu, backend=backend)
+
+    def ref(q, k, v, u):
+        return naive_sparsek_attention(q, k, v, u, topk=4, window=2, cu_seqlens=cu.cpu())
+
+    out, grads = grads_of(lib, q, k, v, u, cot)
+    cpu64 = [x.cpu().double() for x in (q, k, v)]
+    exp, grads_exp = grads_of(ref, *cpu64, u.cpu().double() - 2e7, cot.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), exp, atol=2e-5, rtol=0, msg="output")
+    torch.testing.assert_close(grads[3].cpu().double(), grads_exp[3], atol=1e-4, rtol=1e-4, msg="grad u")
+
+
+@pytest.mark.parametrize("backend", OFFSET_BACKENDS)
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.float64])
+def test_score_spread_beyond_float32_raises_or_is_exact(backend, score_dtype):
+    """A row whose thresholds lie 1e6 above most of its scores (the first 10 keys at 1e6 + randn, the rest
+    near 0): no single offset brings both near 0, and float32 holds tau there only to 1/16. float32 scores
+    raise a ValueError on every backend; float64 scores are exact or raise (the fused kernels are float32).
+    On CUDA the fused kernels cannot raise without waiting for the GPU: they return all NaN instead."""
+    q, k, v, _ = _offset_inputs(backend, 0.0, 1.0)
+    g = torch.Generator().manual_seed(13)
+    u = torch.randn(2, 37, 2, generator=g, dtype=torch.float64)
+    u[:, :10] += 1e6
+    u = u.to(score_dtype).to(q.device)
+    try:
+        out = sparsek.sparsek_attention(q, k, v, u, topk=5, window=3, backend=backend)
+    except ValueError as error:
+        assert "scores too large" in str(error)
+        return
+    if out.is_cuda and backend == "triton":
+        assert torch.isnan(out).all()
+        return
+    assert score_dtype == torch.float64, "float32 thresholds that float32 cannot hold must raise"
+    exp = naive_sparsek_attention(*(x.cpu().double() for x in (q, k, v, u)), topk=5, window=3)
+    torch.testing.assert_close(out.cpu().double(), exp, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", OFFSET_BACKENDS)
+@pytest.mark.parametrize("case", ["overflow", "outliers"])
+def test_far_scores_stay_exact(backend, case):
+    """Scores at the float32 limit: 3e38 ties hold the threshold (3e38 - 2/3 exists in no float format), and
+    -3e38 minus that median overflows float32, which must not turn into inf or NaN; lone outliers (+-1e30,
+    -3e38) among scores near 0 leave the threshold where it is and must not trip the fused path's check."""
+    q, k, v, _ = _offset_inputs(backend, 0.0, 1.0, T=9)
+    if case == "overflow":
+        u = torch.tensor([3e38, 3e38, -3e38, 3e38, 0.5, 3e38, -3e38, 3e38, 0.1])
+    else:
+        u = torch.randn(9, generator=torch.Generator().manual_seed(14))
+        u[[1, 4, 6]] = torch.tensor([1e30, -3e38, -1e30])
+    u = u.view(1, 9, 1).expand(2, 9, 2).to(q.device)
+    out = sparsek.sparsek_attention(q, k, v, u, topk=2, window=1, backend=backend)
+    u64 = u.cpu().double()
+    exp = naive_sparsek_attention(*(x.cpu().double() for x in (q, k, v)), u64 - u64.median(), topk=2, window=1)
+    torch.testing.assert_close(out.cpu().double(), exp, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", OFFSET_BACKENDS)
+def test_empty_sequence_with_offset(backend):
+    """T = 0: no row to centre (a median of nothing does not exist): an empty output, as before."""
+    q, k, v, u = _offset_inputs(backend, 1e8, 1.0, T=0)
+    assert sparsek.sparsek_attention(q, k, v, u, topk=2, window=1, backend=backend).shape == q.shape

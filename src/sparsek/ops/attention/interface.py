@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..common import check_backend, check_budget, check_gate, check_qkv, check_scale, kernel_for
+from ..select.prefix import TRITON_SCORE_LIMIT
 from .gathered import sparsek_attention_gathered
 from .reference import sparsek_attention_reference
 
@@ -87,8 +88,11 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     Returns:
         [B, T, Hq, D] in q's dtype. Gradients reach q, k, v and scores (through m and through tau).
 
-    Non-finite scores raise ValueError for CPU tensors. On CUDA the fused kernels return an all-NaN output
-    instead: checking on the host would make every call wait for the GPU.
+    Each (batch, KV head) row of scores whose median lies 2^14 or more from 0 has it subtracted before any
+    backend runs, which keeps a large common offset such as 1e8 + noise exact (SPARSEK is shift invariant).
+    Non-finite scores raise ValueError for CPU tensors, and so do thresholds that float32 cannot hold within
+    2^-10 (for the fused kernels: any 2^14 or more from 0 after that shift). On CUDA the fused kernels return an
+    all-NaN output instead: checking on the host would make every call wait for the GPU.
     """
     _validate(q, k, v, scores, topk, window, gate, scale, backend)
     if scores.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scores).all():
@@ -96,6 +100,7 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
 
     if q.shape[1] == 0:
         return q.new_zeros(q.shape)
+    scores = _centred(scores)
 
     bounds = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, q)
     attention = kernel_for(backend, fused, "sparsek_attention_fused", q)
@@ -104,20 +109,61 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
         gather = backend == "gather" or (backend == "auto" and not q.is_cuda
                                          and gather_is_cheaper(longest, topk, window))
         attention = sparsek_attention_gathered if gather else sparsek_attention_reference
+    triton_path = attention not in (sparsek_attention_reference, sparsek_attention_gathered)
 
     def attend(q_, k_, v_, s_):
+        s_ = _float32_thresholds_checked(s_, topk, window) if triton_path else s_  # prefix_selection checks the rest
         return attention(q_, k_, v_, s_, topk=topk, window=window, gate=gate, scale=scale)
 
     if bounds is None:
         return attend(q, k, v, scores)
     sequences = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if attention in (sparsek_attention_reference, sparsek_attention_gathered):  # padding would only add work
+    if not triton_path:                                                           # padding would only add work
         return torch.cat([attend(q[:, a:b], k[:, a:b], v[:, a:b], scores[:, a:b]) for a, b in sequences], dim=1)
     outputs = {}
     for group in padding_groups(sequences):
         out = _attend_padded(attend, q, k, v, scores, group)
         outputs.update(zip((a for a, _ in group), out.split([b - a for a, b in group])))
     return torch.cat([outputs[a] for a, _ in sequences]).unsqueeze(0)                 # back in packed order
+
+
+def _centred(scores: Tensor) -> Tensor:
+    """scores [B, T, Hk] minus their row's median, per (batch, KV head), where that is TRITON_SCORE_LIMIT or more
+    from 0: the thresholds are then found near 0. Other rows are returned bit for bit: their float32 thresholds
+    are already within 2^-10, and the cache, which decodes from the raw scores, keeps matching them exactly."""
+    # The median, not the mean or the max: it is one of the row's own scores, so a common offset cancels exactly
+    # (1e8 + noise: both are multiples of float32's unit there, 8), and one far score (3e38 among values near 1)
+    # cannot drag it away from the others. One value per packed row is a valid shift for each of its sequences.
+    median = scores.detach().median(dim=1, keepdim=True).values
+    # Detached, it is a constant per row: d(scores - c)/d(scores) = 1, so the scores' gradient is unchanged.
+    centred = scores - torch.where(median.abs() >= TRITON_SCORE_LIMIT, median, 0)
+    # Opposite signs near the float range overflow: hold those at its edge, where no threshold the dtype can hold
+    # reaches them. Scores that were inf stay inf (the fused kernels turn them into an all-NaN output).
+    edge = torch.finfo(scores.dtype).max
+    return torch.where(torch.isfinite(scores), centred.clamp(-edge, edge), centred)
+
+
+def _float32_thresholds_checked(scores: Tensor, topk: int, window: int) -> Tensor:
+    """The centred scores [B, T, Hk] for the fused kernels, whose thresholds are float32: ValueError on the CPU
+    where a threshold may lie TRITON_SCORE_LIMIT or more from 0 (float32 would move a soft mask by more than
+    2^-10 there); on CUDA the scores turn NaN instead, so the output is all NaN without a wait for the GPU."""
+    n_cand = scores.shape[1] - window                                    # candidates of the last query
+    if topk == 0 or n_cand <= topk:
+        return scores                                                    # no query has a threshold
+    # tau_i lies in [theta_i - 1, theta_i) for theta_i the k-th best candidate, which never falls as i grows:
+    # take it at the first prefix with a threshold (topk + 1 keys) and at the longest. Far scores outside that
+    # range (outliers) do not matter: their masks are exactly 0 or 1.
+    first = scores[:, :topk + 1].kthvalue(2, dim=1).values              # [B, Hk]
+    last = scores[:, :n_cand].kthvalue(n_cand - topk + 1, dim=1).values  # [B, Hk]
+    fits = ((first - 1 > -TRITON_SCORE_LIMIT) & (last < TRITON_SCORE_LIMIT)).all()
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not fits:
+            raise ValueError(f"scores too large for the float32 thresholds of backend='triton': one lies "
+                             f"{TRITON_SCORE_LIMIT:g} or more from its row's median score (or from 0), where float32 "
+                             f"would not keep the soft masks summing to topk; use backend='reference' with float64 "
+                             f"scores")
+        return scores
+    return torch.where(fits, scores, torch.nan)
 
 
 def padding_groups(sequences: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
