@@ -14,7 +14,7 @@ from sparsek.ops.attention import gathered, interface
 from sparsek.ops.attention.gathered import sparsek_attention_gathered
 from sparsek.ops.attention.interface import sparsek_attention
 from sparsek.ops.attention.reference import sparsek_attention_reference
-from sparsek.ops.select import prefix_selection
+from sparsek.ops.select import native, prefix_selection
 
 
 @pytest.fixture
@@ -201,7 +201,14 @@ def test_nan_value_at_the_last_position(small_blocks):
     assert torch.isfinite(q_in.grad[0, :-1]).all()
 
 
+def test_auto_takes_gather_on_cpu_with_the_native_selection():
+    assert native.available()
+    assert interface.gather_is_cheaper(20, 3, 2) and interface.gather_is_cheaper(4096, 64, 64)
+
+
 def test_auto_takes_gather_for_long_sequences_on_cpu(monkeypatch):
+    """Without a C compiler (the selection in PyTorch): only where the reference's O(T^2) work costs more."""
+    monkeypatch.setattr(native, "available", lambda: False)
     assert interface.gather_is_cheaper(4096, 64, 64) and not interface.gather_is_cheaper(20, 3, 2)
     assert not interface.gather_is_cheaper(200, 64, 64)
     calls = []
