@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from sparsek.ops.common import tiles
 from sparsek.ops.decode import decode_attention, decode_attention_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -132,7 +133,8 @@ def test_auto_split_count_covers_the_entries(fused):
     """The automatic split count (several programs per row under the interpreter) against splits=1."""
     n_entries = 130 if DEVICE == "cpu" else 1000                  # a GPU split is at least MIN_SPLIT_LEN long
     inputs = make_cache(1, 1, 4, n_entries, 16, device=DEVICE)
-    assert fused.num_splits(1, n_entries, fused.decode_tiles(16)["BLOCK_N"], torch.device(DEVICE)) > 1
+    block_n = tiles.decode(tiles.target(torch.device(DEVICE)), 16)["attend"]["BLOCK_N"]
+    assert fused.num_splits(1, n_entries, block_n, torch.device(DEVICE)) > 1
     got = fused.decode_attention_triton(*inputs)
     torch.testing.assert_close(got, fused.decode_attention_triton(*inputs, splits=1), atol=1e-6, rtol=1e-6)
 
@@ -206,6 +208,7 @@ COMPILE_SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from sparsek.ops.common import tiles as host_tiles
     from sparsek.ops.decode import fused, kernels
 
     def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2):
@@ -217,7 +220,7 @@ COMPILE_SCRIPT = textwrap.dedent('''
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
         print("compiled", fn.__name__, constexprs, flush=True)
 
-    tiles = fused.decode_tiles(128)
+    tiles = host_tiles.decode(host_tiles.SM90, 128)["attend"]
     warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
     for x, head_dim, final in (("*bf16", 128, False), ("*fp32", 64, True)):
         part = "*fp32" if not final else x

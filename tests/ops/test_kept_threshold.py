@@ -247,10 +247,11 @@ COMPILE_SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from sparsek.ops.common import tiles as host_tiles
     from sparsek.ops.sparsek import kept as threshold, kernels
 
     fn = kernels.kept_threshold_kernel
-    tiles = threshold.threshold_tiles(4100)
+    tiles = host_tiles.threshold(host_tiles.SM90, 4100)
     warps = tiles.pop("num_warps")
     constexprs = dict(NEWTON_ITERS=threshold.NEWTON_ITERS, MAX_ITERS=threshold.MAX_ITERS, **tiles)
     signature = {name: "constexpr" if name in constexprs else {"Z": "*fp64", "TAU": "*fp64"}.get(name, "i32")

@@ -23,8 +23,9 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparsek.ops.attention import fused, kernels as attn
-    from sparsek.ops.decode import fused as decode, kernels as decode_kernels
+    from sparsek.ops.attention import kernels as attn
+    from sparsek.ops.common import tiles as host_tiles
+    from sparsek.ops.decode import kernels as decode_kernels
     from sparsek.ops.select import kernels as sel
     from sparsek.ops.sparsek import kernels as kept
 
@@ -52,11 +53,11 @@ SCRIPT = textwrap.dedent('''
     common = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32")
     dot = "ieee" if dtype == "fp32" else "tf32"
     head_dim = 128 if dtype == "bf16" else 64
-    tiles, warps, stages = split(fused.forward_tiles(head_dim))
+    tiles, warps, stages = split(host_tiles.forward(host_tiles.SM90, head_dim))
     compile_kernel(attn.sparsek_fwd_kernel, dict(common, OUT=x, LSE="*fp32", POISON="*fp32"),
                    dict(GATE=0, DOT=dot, HEAD_DIM=head_dim, **tiles), ("qk_scale2",), warps, stages)
     if dtype == "bf16":
-        backward = fused.backward_tiles(head_dim)
+        backward = host_tiles.backward(host_tiles.SM90, head_dim, 1)
         grads = dict(DO=x, LSE="*fp32", DELTA="*fp32")
         list_block = backward["list"]["BLOCK_M"]
         tiles, warps, stages = split(backward["dq"])
@@ -72,7 +73,7 @@ SCRIPT = textwrap.dedent('''
         compile_kernel(attn.sparsek_bwd_list_kernel, dict(common, **grads, DK="*fp32", DV="*fp32", DU="*fp32"),
                        dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, ONE_HEAD=False, **tiles), ("scale",),
                        warps, stages)
-    tiles, warps, stages = split(decode.decode_tiles(head_dim))
+    tiles, warps, stages = split(host_tiles.decode(host_tiles.SM90, head_dim)["attend"])
     compile_kernel(decode_kernels.decode_fwd_kernel,
                    dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", OUT=x, M_PART="*fp32", L_PART="*fp32",
                         ACC_PART="*fp32"),

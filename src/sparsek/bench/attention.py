@@ -47,7 +47,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from sparsek.ops.attention.fused import forward_selection, forward_tiles, sparsek_attention_fused
+from sparsek.ops.attention.fused import forward_selection, sparsek_attention_fused
+from sparsek.ops.common import tiles
 
 DEFAULT_SEQ_LENS = [4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_SEQ_LENS = [4096, 8192]
@@ -105,9 +106,6 @@ def first_line(err: Exception) -> str:
 # sparsek
 
 
-FORWARD_BLOCK = forward_tiles(128)["BLOCK_M"]  # query block of the fused forward's key lists
-
-
 def selection(scores: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
     """What the fused forward runs before its kernel: ranges, then block-128 key lists -> start, end, lists.
 
@@ -115,7 +113,8 @@ def selection(scores: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, T
     """
     batch, t_len, n_kv_heads = scores.shape
     u = scores.detach().permute(0, 2, 1).reshape(batch * n_kv_heads, t_len).float()
-    _, start, end, lists, _ = forward_selection((u.contiguous(),), (topk, window, FORWARD_BLOCK))
+    block = tiles.forward(tiles.target(u.device), 128)["BLOCK_M"]   # query block of the fused forward's key lists
+    _, start, end, lists, _ = forward_selection((u.contiguous(),), (topk, window, block))
     return start, end, lists
 
 

@@ -20,6 +20,7 @@ import torch
 from triton.testing import do_bench
 
 from sparsek.ops.attention import fused
+from sparsek.ops.common import tiles
 from sparsek.ops.select.fused import select_rows_triton
 
 
@@ -41,7 +42,7 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     scale = head_dim ** -0.5
     row = dict(T=t_len)
     row["select"] = ms(lambda: select_rows_triton(u, topk, window))
-    block = fused.forward_tiles(head_dim)["BLOCK_M"]                  # the block of the forward's key lists
+    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]  # the block of the forward's key lists
     row["select+lists (graphed)"] = ms(lambda: fused.forward_selection((u,), (topk, window, block)))
     tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
 

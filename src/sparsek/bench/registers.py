@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparsek.ops.attention import fused, kernels
+from sparsek.ops.common import tiles
 
 SM90 = GPUTarget("cuda", 90, 32)
 SM90_COUNT = 132            # SMs of an H100 SXM: the list pass splits its blocks by this count
@@ -92,12 +93,12 @@ def launch_args(t_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str
 
 def attention_kernels(t_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str, topk: int, window: int,
                       sm_count: int = SM90_COUNT) -> dict[str, dict]:
-    """Resources of the forward and the three backward passes with the host code's tiles (B = 1)."""
+    """Resources of the forward and the three backward passes with the host code's sm_90 tiles (B = 1)."""
     args = launch_args(t_len, heads, kv_heads, head_dim, dtype, topk, window)
     dot = "ieee" if dtype == "fp32" else "tf32"
     common = dict(GATE=0, DOT=dot, HEAD_DIM=head_dim)
-    forward = dict(fused.forward_tiles(head_dim))
-    backward = {name: dict(tiles) for name, tiles in fused.backward_tiles(head_dim, heads // kv_heads).items()}
+    forward = tiles.forward(tiles.SM90, head_dim)
+    backward = tiles.backward(tiles.SM90, head_dim, heads // kv_heads)
     list_block = backward["list"]["BLOCK_M"]
     n_lists = triton.cdiv(t_len, list_block)
     slot_tiles = triton.cdiv(args["N_SLOTS"], backward["list"]["BLOCK_N"])
@@ -113,9 +114,10 @@ def attention_kernels(t_len: int, heads: int, kv_heads: int, head_dim: int, dtyp
                       dict(common, ATOMIC=chunks > 1, ONE_HEAD=heads == kv_heads), backward["list"]),
     }
     out = {}
-    for name, (fn, extra, constexprs, tiles) in specs.items():
-        warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
-        out[name] = resources(compile_like_launch(fn, dict(args, **extra), dict(constexprs, **tiles), warps, stages))
+    for name, (fn, extra, constexprs, tile) in specs.items():
+        tile = dict(tile)
+        warps, stages = tile.pop("num_warps"), tile.pop("num_stages")
+        out[name] = resources(compile_like_launch(fn, dict(args, **extra), dict(constexprs, **tile), warps, stages))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Host side of fused SparseK attention: selection on the device, tile sizes, kernel launches, autograd.
+"""Host side of fused SparseK attention: selection on the device, kernel launches (ops/common/tiles.py picks
+their tiles), autograd.
 
 Shape legend: B batch, T sequence, Hq / Hk query / KV heads, G = Hq // Hk, D head dim, R = B * Hk.
 Saved for backward: q, k, v, o, the log-sum-exp [B * Hq, T], per-key / per-query vectors (u, tau, start,
@@ -14,7 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..common import GATE_IDS, LOG2E, interpreting
+from ..common import GATE_IDS, LOG2E, interpreting, tiles
 from ..graphs import GraphedFunction
 from ..select.blocks import block_key_lists
 from ..select.fused import block_key_lists_triton, select_rows_triton, threshold_backward_triton
@@ -72,34 +73,6 @@ forward_selection = GraphedFunction(_forward_selection, GRAPH_MAX_ELEMENTS)
 graphed_threshold_backward = GraphedFunction(_threshold_backward, GRAPH_MAX_ELEMENTS)
 
 
-def forward_tiles(head_dim: int) -> dict:
-    """Tiles of the forward; its BLOCK_M is the block of the key lists, which the backward reuses."""
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
-    # Picked by a sweep on an H100 (T = 32k, D = 128, bf16): see docs/kernels.md.
-    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
-
-
-def backward_tiles(head_dim: int, group: int = 1) -> dict[str, dict]:
-    """Tiles of the dq, band and list passes for `group` query heads per KV head. The list pass walks the
-    forward's list blocks (its BLOCK_M is the forward's), which fix which (query, key) pairs belong to the band
-    and which to the lists. The dq and band passes walk query tiles that divide a list block (smaller tiles
-    keep their bands short) and split the pairs the same way. The band and list passes put 64 or more keys in
-    a tile, so that their products compile to Hopper's wgmma (kernels._bwd_tile)."""
-    list_block = forward_tiles(head_dim)["BLOCK_M"]
-    if interpreting():
-        # Small, and not square where keys are the rows, so that a swapped axis fails the tests on CPU.
-        tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-        return dict(dq=tile, band=dict(tile, BLOCK_M=8), list=dict(tile, BLOCK_M=list_block, SUB_M=8))
-    # Picked by sweeps on an H100 (T = 8k-128k, D = 128, bf16, 16/16 and 32/8 heads): see docs/kernels.md.
-    # Band tiles by GQA ratio: 128 keys and 8 warps when a key tile serves several query heads (band pass at
-    # 32/8 heads, 128k: 7.8 against 8.7 ms), 64 keys and 4 warps, two programs per SM, when it serves one (at
-    # 16/16: 4.4 against 5.2 ms).
-    band = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8) if group > 1 else dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-    return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3), band=dict(band, num_stages=3),
-                list=dict(BLOCK_M=list_block, BLOCK_N=128, SUB_M=32, num_warps=8, num_stages=3))
-
-
 def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
@@ -117,7 +90,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     batch, t_len, n_q_heads, head_dim = q.shape
     window = min(window, t_len)                  # same pairs; keeps the kernels' int32 index math small
     group = n_q_heads // k.shape[2]
-    tiles = forward_tiles(head_dim)
+    forward = tiles.forward(tiles.target(q.device), head_dim)
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
@@ -125,7 +98,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     kernels.sparsek_fwd_kernel[grid](
         q, k, v, u, tau, start, end, lists, o, lse, poison, *_strides(q, k, v, o),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale * LOG2E,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **tiles)
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **forward)
     return o, lse
 
 
@@ -149,17 +122,17 @@ def dq_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     """The backward's dq pass: dq (dtype of q), dtau and delta = rowsum(dO * O) [B * Hq, T] (float32), which
     the other two passes read. Window already clamped to T."""
     batch, t_len, n_q_heads, head_dim = q.shape
-    tiles = backward_tiles(head_dim)
+    backward = tiles.backward(tiles.target(q.device), head_dim, n_q_heads // k.shape[2])
     if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
         o = o.contiguous()
     dq = _empty(q.shape, q.dtype, q.device)
     dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
     delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
-    kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, tiles["dq"]["BLOCK_M"]), batch * n_q_heads)](
+    kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, backward["dq"]["BLOCK_M"]), batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
         t_len, lists.shape[2], lists.shape[1], window, n_q_heads, n_q_heads // k.shape[2], scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=tiles["list"]["BLOCK_M"],
-        **tiles["dq"])
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=backward["list"]["BLOCK_M"],
+        **backward["dq"])
     return dq, dtau, delta
 
 
@@ -170,15 +143,15 @@ def band_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     pass's (scratch: its dk, dv, du). Window already clamped to T."""
     batch, t_len, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
-    tiles = backward_tiles(head_dim, n_q_heads // n_kv_heads)
+    backward = tiles.backward(tiles.target(q.device), head_dim, n_q_heads // n_kv_heads)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
-    kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, tiles["band"]["BLOCK_N"]), batch * n_kv_heads)](
+    kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, backward["band"]["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, u, tau, start, end, do, lse, delta, *scratch, dk, dv, du, *_strides(q, k, v, do),
-        t_len, triton.cdiv(t_len, tiles["band"]["BLOCK_M"]), window, n_q_heads, n_q_heads // n_kv_heads, scale,
-        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=tiles["list"]["BLOCK_M"],
-        **tiles["band"])
+        t_len, triton.cdiv(t_len, backward["band"]["BLOCK_M"]), window, n_q_heads, n_q_heads // n_kv_heads, scale,
+        GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=backward["list"]["BLOCK_M"],
+        **backward["band"])
     return dk, dv, du
 
 
@@ -202,9 +175,9 @@ def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     if topk == 0:                       # no key is listed and the band pass reads no scratch row
         empty = torch.empty(1, dtype=torch.float32, device=k.device)
         return empty, empty, empty
-    tiles = backward_tiles(head_dim)["list"]
+    list_tiles = tiles.backward(tiles.target(q.device), head_dim, n_q_heads // n_kv_heads)["list"]
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    slot_tiles = triton.cdiv(n_slots, tiles["BLOCK_N"])
+    slot_tiles = triton.cdiv(n_slots, list_tiles["BLOCK_N"])
     programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else \
         torch.cuda.get_device_properties(q.device).multi_processor_count
     chunks, blocks_per_program = list_pass_chunks(n_blocks, slot_tiles * batch * n_kv_heads, programs_wanted)
@@ -215,7 +188,7 @@ def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
         q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *_strides(q, k, v, do),
         t_len, n_slots, n_blocks, blocks_per_program, window, n_q_heads, n_q_heads // n_kv_heads, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
-        ONE_HEAD=n_q_heads == n_kv_heads, **tiles)
+        ONE_HEAD=n_q_heads == n_kv_heads, **list_tiles)
     return dk_list, dv_list, du_list
 
 
@@ -234,7 +207,7 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
         # Select in the scores' own precision (float64 scores may differ in the last float32 bit); the kernels
         # read them as float32.
         u_exact = score_rows(scores.detach())
-        block = forward_tiles(q.shape[-1])["BLOCK_M"]
+        block = tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"]
         tau, start, end, lists, poison = forward_selection((u_exact,), (topk, window, block))
         u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input
         o, lse = fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
@@ -247,7 +220,7 @@ def _(q, k, v, scores, topk, window, gate, scale):
     rows = batch * k.shape[2]
     vec = q.new_empty(rows, t_len, dtype=torch.float32)
     idx = q.new_empty(rows, t_len, dtype=torch.int32)
-    block = forward_tiles(q.shape[-1])["BLOCK_M"]
+    block = tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"]
     lists = q.new_empty(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,

@@ -1,4 +1,4 @@
-"""Host side of the Triton decode attention: split count, tiles, launches.
+"""Host side of the Triton decode attention: split count, launches (ops/common/tiles.py picks their tiles).
 
 Shape legend: B batch, Hq query heads, H KV heads, G = Hq // H, N cache entries, D head dim, S splits.
 No host synchronisation and no data-dependent shapes: a decode step can be captured in a CUDA graph.
@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..common import GATE_IDS, LOG2E, interpreting, supports
+from ..common import GATE_IDS, LOG2E, interpreting, supports, tiles
 from . import kernels
 
 __all__ = ["cache_step", "decode_attention_triton", "supports"]
@@ -31,13 +31,6 @@ def _empty(shape, dtype: torch.dtype, device) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def decode_tiles(head_dim: int) -> dict:
-    if interpreting():
-        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
-    # Not yet swept on a GPU: 64 entries x D <= 128 keeps a k and a v tile of one stage within 32 KiB.
-    return dict(BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 @functools.cache
@@ -76,8 +69,8 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
     weight = weight.to(torch.float32).contiguous()
     attended = attended.contiguous().view(torch.uint8)   # bool pointers are awkward in Triton; same bytes
 
-    tiles = decode_tiles(head_dim)
-    block_n = tiles["BLOCK_N"]
+    decode = tiles.decode(tiles.target(q.device), head_dim)
+    block_n = decode["attend"]["BLOCK_N"]
     if splits is None:
         splits = num_splits(batch * n_kv_heads, n_entries, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(n_entries, max(1, splits)), block_n) * block_n
@@ -96,11 +89,11 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
             q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3],
             n_entries, n_kv_heads, group, split_len, splits, scale * LOG2E,
             GATE=GATE_IDS[gate], DOT="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, FINAL=splits == 1, **tiles)
+            BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, FINAL=splits == 1, **decode["attend"])
         if splits > 1:
             kernels.decode_combine_kernel[(rows,)](
                 m_part, l_part, acc_part, out, splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-                num_warps=1 if interpreting() else 4)
+                **decode["combine"])
     return out
 
 
@@ -112,7 +105,7 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
     k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] bool), the inputs of
     `decode_attention_triton`. No host synchronisation: the step can be captured in a CUDA graph.
     """
-    from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS, threshold_tiles
+    from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS
 
     batch, n_kv_heads, n_entries, head_dim = cache.keys.shape
     weight = _empty((batch, n_kv_heads, n_entries), torch.float32, k.device)
@@ -121,10 +114,7 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         u = scores.to(cache.scores.dtype)
         n_kept = cache.kept_u.shape[-1]
-        # Each pass scans a row in chunks, as the kept threshold does: its chunk rule for all three rows.
-        tiles = threshold_tiles(n_kept)
-        blocks = dict(BLOCK_C=tiles["BLOCK"], BLOCK_K=threshold_tiles(cache.topk)["BLOCK"],
-                      BLOCK_N=threshold_tiles(n_entries)["BLOCK"], num_warps=tiles["num_warps"])
+        blocks = tiles.cache_step(tiles.target(k.device), n_kept, cache.topk, n_entries)
         with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
             kernels.cache_step_kernel[(batch * n_kv_heads,)](
                 k, v, u, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,

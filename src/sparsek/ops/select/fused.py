@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..common import interpreting
+from ..common import interpreting, tiles
 from . import kernels
 from .prefix import best_first_order, key_ranges
 from .wavelet import bits_needed
@@ -32,7 +32,7 @@ def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, 
     ones_weight_before [nbits, M_W, L + 1] float64."""
     rows, n = vals.shape
     weighted = weights.shape[0]
-    chunk = 16 if interpreting() else 512          # 4 entries per thread: fastest on an H100 (docs/kernels.md)
+    chunk = tiles.selection(tiles.target(vals.device))["wavelet"]["CHUNK"]
     n_seg = max(1, min(triton.cdiv(n, chunk), triton.cdiv(_programs_wanted(vals.device), rows)))
     seg_len = triton.cdiv(triton.cdiv(n, n_seg), chunk) * chunk
     n_seg = triton.cdiv(n, seg_len)
@@ -90,14 +90,15 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     tau = torch.empty(rows, n, dtype=torch.float64, device=u.device)
     kth = torch.empty(rows, n, dtype=torch.int32, device=u.device)
     kth_next = torch.empty_like(kth)
-    block = 64 if interpreting() else 256
+    chunks = tiles.selection(tiles.target(u.device))
+    block = chunks["descend"]["BLOCK"]
     kernels.prefix_descend_kernel[(rows, triton.cdiv(n, block))](
         zeros_before, ones_weight_before, breaks, tau, kth, kth_next, rows, n, 2 * n, nbits,
         zeros_before.stride(0), ones_weight_before.stride(0), topk, BLOCK=block)
 
     # Finish as prefix.py does (the flat case takes the midpoint, short prefixes have no threshold), then the
     # running maximum, written to the queries past the window.
-    chunk = 16 if interpreting() else 1024
+    chunk = chunks["finish"]["CHUNK"]
     n_chunks = triton.cdiv(n, chunk)
     chunk_max = torch.empty(rows, n_chunks, dtype=torch.float64, device=u.device)
     kernels.finish_tau_kernel[(rows, n_chunks)](uc, by_rank, kth, kth_next, tau, chunk_max, n, n_chunks, topk,
@@ -127,7 +128,7 @@ def _rank_sequences(u: Tensor, uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     vals = torch.empty(3 * rows, n, dtype=torch.int32, device=uc.device)
     weights = torch.empty(2 * rows, n, dtype=torch.float64, device=uc.device)
     sorted_ranks = torch.empty(rows, 2, n, dtype=torch.int32, device=uc.device)
-    chunk = 64 if interpreting() else 512
+    chunk = tiles.selection(tiles.target(uc.device))["ranks"]["CHUNK"]
     grid = (rows, triton.cdiv(n, chunk))
     kernels.breakpoint_ranks_kernel[grid](desc, by_rank, breaks, sorted_ranks, vals, rows, n, n.bit_length(),
                                           CHUNK=chunk)
@@ -143,7 +144,7 @@ def _selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
     """blocks.selection_slots in Triton: start, end [R, T] int32 -> [R, T] int32 (-1 for keys never selected),
     the parents in two launches and the pointer jumping in JUMP_STEPS links per launch."""
     rows, t_len = start.shape
-    chunk = 64 if interpreting() else 1024
+    chunk = tiles.selection(tiles.target(start.device))["slots"]["CHUNK"]
     grid = (rows, triton.cdiv(t_len, chunk))
     evicted_at = torch.full((rows, t_len), -1, dtype=torch.int32, device=start.device)
     kernels.evictions_kernel[grid](start, end, evicted_at, t_len, CHUNK=chunk)
@@ -168,12 +169,11 @@ def block_key_lists_triton(start: Tensor, end: Tensor, topk: int, block: int) ->
         return lists
     start, end = start.int().contiguous(), end.int().contiguous()
     slot = _selection_slots(start, end, topk)
-    chunk = 64 if interpreting() else 1024
-    kernels.slot_entries_kernel[(rows, triton.cdiv(t_len, chunk))](
-        slot, start, end, lists, t_len, n_blocks, n_slots, BLOCK=block, CHUNK=chunk)
-    slot_tile, block_chunk = (16, 4) if interpreting() else (64, 32)
-    kernels.fill_lists_kernel[(rows, triton.cdiv(n_slots, slot_tile))](
-        lists, n_blocks, n_slots, BLOCK_CHUNK=block_chunk, SLOT_TILE=slot_tile)
+    chunks = tiles.selection(tiles.target(start.device))["lists"]
+    kernels.slot_entries_kernel[(rows, triton.cdiv(t_len, chunks["CHUNK"]))](
+        slot, start, end, lists, t_len, n_blocks, n_slots, BLOCK=block, CHUNK=chunks["CHUNK"])
+    kernels.fill_lists_kernel[(rows, triton.cdiv(n_slots, chunks["SLOT_TILE"]))](
+        lists, n_blocks, n_slots, BLOCK_CHUNK=chunks["BLOCK_CHUNK"], SLOT_TILE=chunks["SLOT_TILE"])
     return lists
 
 
@@ -188,7 +188,8 @@ def threshold_backward_triton(u: Tensor, tau: Tensor, window: int, grad_tau: Ten
     if grad_tau.shape[0] % rows:
         raise ValueError(f"grad_tau must have a multiple of {rows} rows, got {grad_tau.shape[0]}")
     group = grad_tau.shape[0] // rows
-    chunk, scan = (16, 8) if interpreting() else (1024, 1024)
+    chunks = tiles.selection(tiles.target(u.device))["threshold_backward"]
+    chunk, scan = chunks["CHUNK"], chunks["SCAN"]
     n_scan = triton.cdiv(t_len, scan)
     counts = torch.zeros(rows * (t_len + 1 + n_scan + 1), dtype=torch.int32, device=u.device)  # one memset
     cover = counts[: rows * (t_len + 1)].view(rows, t_len + 1)

@@ -28,15 +28,13 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ..common import interpreting
+from ..common import interpreting, tiles
 from .reference import _threshold_last
 
 try:
-    import triton
-
     from . import kernels
 except ImportError:  # triton is an optional extra: kept_threshold falls back to the reference
-    triton = kernels = None
+    kernels = None
 
 __all__ = ["kept_threshold", "kept_threshold_reference", "kept_threshold_triton"]
 
@@ -44,14 +42,6 @@ __all__ = ["kept_threshold", "kept_threshold_reference", "kept_threshold_triton"
 # 64 halvings of [min - 2, max] leave a bracket narrower than 2^-64 of it (adjacent doubles, in practice).
 NEWTON_ITERS = 16
 MAX_ITERS = NEWTON_ITERS + 66
-
-
-def threshold_tiles(n_columns: int) -> dict:
-    if interpreting():
-        # One chunk per row: the interpreter's cost is per operation, not per element.
-        return dict(BLOCK=triton.next_power_of_2(max(n_columns, 1)), num_warps=1)
-    # Not yet swept on a GPU: 4 warps and 1024-entry chunks (a 4100-entry row of a top-1024 cache is 5 chunks).
-    return dict(BLOCK=min(1024, triton.next_power_of_2(max(n_columns, 1))), num_warps=4)
 
 
 def kept_threshold_triton(kept_u: Tensor, k: int, *, block: int | None = None) -> Tensor:
@@ -64,12 +54,12 @@ def kept_threshold_triton(kept_u: Tensor, k: int, *, block: int | None = None) -
         return tau
     if n_columns == 0:
         return tau.fill_(-torch.inf)
-    tiles = threshold_tiles(n_columns)
+    chunks = tiles.threshold(tiles.target(z.device), n_columns)
     if block is not None:
-        tiles["BLOCK"] = block
+        chunks["BLOCK"] = block
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
         kernels.kept_threshold_kernel[(batch * n_heads,)](
-            z, tau, n_columns, k, NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, **tiles)
+            z, tau, n_columns, k, NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, **chunks)
     return tau
 
 

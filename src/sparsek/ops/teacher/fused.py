@@ -1,4 +1,5 @@
-"""Host side of the teacher-mass kernels: tiles, allocation, launches (see kernels.py)."""
+"""Host side of the teacher-mass kernels: allocation, launches (see kernels.py; ops/common/tiles.py picks their
+tiles)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..common import interpreting
+from ..common import tiles
 from .kernels import teacher_column_kernel, teacher_lse_kernel
 
 
@@ -21,21 +22,17 @@ def teacher_mass_triton(q: Tensor, k: Tensor, *, window: int, reduction: str = "
     scale = head_dim ** -0.5 if scale is None else scale
     q, k = q.contiguous(), k.to(q.dtype).contiguous()
     dot = "ieee" if q.dtype == torch.float32 else "tf32"
-    # Interpreter: small tiles keep CPU tests fast; keys as rows in the column pass (16 x 32) catch a swapped axis.
-    block_m, block_n = (32, 16) if interpreting() else (64, 64)
-    warps = 8 if head_dim > 128 else 4
+    tile = tiles.teacher(tiles.target(q.device), head_dim)
     qk_scale2 = scale * math.log2(math.e)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     lse = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
-    teacher_lse_kernel[(triton.cdiv(t_len, block_m), batch * n_q_heads)](
-        q, k, lse, t_len, *strides, qk_scale2, N_Q_HEADS=n_q_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, num_warps=warps)
+    teacher_lse_kernel[(triton.cdiv(t_len, tile["BLOCK_M"]), batch * n_q_heads)](
+        q, k, lse, t_len, *strides, qk_scale2, N_Q_HEADS=n_q_heads, GROUP=group, HEAD_DIM=head_dim, DOT=dot, **tile)
     col_sum = torch.full((batch, t_len, n_kv_heads), float("nan"), dtype=torch.float32, device=q.device)
     col_max = torch.full_like(col_sum, float("nan"))
-    teacher_column_kernel[(triton.cdiv(t_len, block_n), batch * n_kv_heads)](
+    teacher_column_kernel[(triton.cdiv(t_len, tile["BLOCK_N"]), batch * n_kv_heads)](
         q, k, lse, col_sum, col_max, t_len, *strides, qk_scale2, window, N_Q_HEADS=n_q_heads,
-        N_KV_HEADS=n_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot,
-        num_warps=warps)
+        N_KV_HEADS=n_kv_heads, GROUP=group, HEAD_DIM=head_dim, DOT=dot, **tile)
     if reduction == "max":
         return col_max
     if reduction == "sum":

@@ -1,0 +1,127 @@
+"""Tile sizes of every Triton kernel, in one place, keyed on what they depend on: the target, the head dim D,
+the GQA group G = Hq // Hk and, for the threshold scans, the row length.
+
+A target is INTERPRETER (TRITON_INTERPRET=1: kernels run on the CPU) or a GPU's compute capability, such as
+SM90 = (9, 0) for Hopper. The interpreter's tiles are small, so that the CPU tests stay fast and see several
+tiles per row. The GPU tiles were swept on an H100 (sm_90, docs/kernels.md) or say that they were not swept;
+every other GPU takes them too, until a sweep on it adds a branch for its capability. Each call returns new
+dicts, which the caller may change. tests/ops/test_tiles.py pins every value.
+
+`target(device)` asks nothing under the interpreter and asks a GPU for its capability once per process,
+cached per device index as the decode step's SM count is: picking tiles costs no host synchronisation, and
+torch.compile traces it as it traces that count.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import interpreting
+
+INTERPRETER = "interpreter"
+SM90 = (9, 0)
+Target = str | tuple[int, int]
+
+
+def target(device: torch.device) -> Target:
+    """The target of kernels launched for tensors on `device`: INTERPRETER under TRITON_INTERPRET=1, else the
+    capability of that CUDA device (the current one for a device without an index)."""
+    if interpreting():
+        return INTERPRETER
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    properties = torch.cuda.get_device_properties(device_index)
+    return properties.major, properties.minor
+
+
+def _next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 for n >= 1, without importing triton (an optional extra)."""
+    return 1 << (n - 1).bit_length()
+
+
+def forward(target: Target, head_dim: int) -> dict:
+    """Tiles of the attention forward (`sparsek_fwd_kernel`); its BLOCK_M is the block of the key lists, which
+    the backward's list pass reuses."""
+    if target == INTERPRETER:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
+    # Picked by a sweep on an H100 (T = 32k, D = 128, bf16): see docs/kernels.md.
+    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def backward(target: Target, head_dim: int, group: int) -> dict[str, dict]:
+    """Tiles of the dq, band and list passes for `group` query heads per KV head. The list pass walks the
+    forward's list blocks (its BLOCK_M is the forward's), which fix which (query, key) pairs belong to the band
+    and which to the lists. The dq and band passes walk query tiles that divide a list block (smaller tiles
+    keep their bands short) and split the pairs the same way. The band and list passes put 64 or more keys in
+    a tile, so that their products compile to Hopper's wgmma (attention/kernels._bwd_tile)."""
+    list_block = forward(target, head_dim)["BLOCK_M"]
+    if target == INTERPRETER:
+        # Small, and not square where keys are the rows, so that a swapped axis fails the tests on CPU.
+        tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(dq=tile, band=dict(tile, BLOCK_M=8), list=dict(tile, BLOCK_M=list_block, SUB_M=8))
+    # Picked by sweeps on an H100 (T = 8k-128k, D = 128, bf16, 16/16 and 32/8 heads): see docs/kernels.md.
+    # Band tiles by GQA ratio: 128 keys and 8 warps when a key tile serves several query heads (band pass at
+    # 32/8 heads, 128k: 7.8 against 8.7 ms), 64 keys and 4 warps, two programs per SM, when it serves one (at
+    # 16/16: 4.4 against 5.2 ms).
+    band = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8) if group > 1 else dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3), band=dict(band, num_stages=3),
+                list=dict(BLOCK_M=list_block, BLOCK_N=128, SUB_M=32, num_warps=8, num_stages=3))
+
+
+def decode(target: Target, head_dim: int) -> dict[str, dict]:
+    """Tiles of decode attention: its split kernel (`decode_fwd_kernel`) and the merge of the splits
+    (`decode_combine_kernel`, whose BLOCK_S is the split count's power of two, not a tile)."""
+    if target == INTERPRETER:
+        return dict(attend=dict(BLOCK_N=16, num_warps=1, num_stages=1), combine=dict(num_warps=1))
+    # Not yet swept on a GPU: 64 entries x D <= 128 keeps a k and a v tile of one stage within 32 KiB.
+    return dict(attend=dict(BLOCK_N=64, num_warps=4, num_stages=2), combine=dict(num_warps=4))
+
+
+def threshold(target: Target, n_columns: int) -> dict:
+    """Chunk of the threshold scans over a row of n_columns scores (`kept_threshold_kernel`)."""
+    if target == INTERPRETER:
+        # One chunk per row: the interpreter's cost is per operation, not per element.
+        return dict(BLOCK=_next_power_of_2(max(n_columns, 1)), num_warps=1)
+    # Not yet swept on a GPU: 4 warps and 1024-entry chunks (a 4100-entry row of a top-1024 cache is 5 chunks).
+    return dict(BLOCK=min(1024, _next_power_of_2(max(n_columns, 1))), num_warps=4)
+
+
+def cache_step(target: Target, n_kept: int, topk: int, n_entries: int) -> dict:
+    """Chunks of the fused cache step (`cache_step_kernel`), whose passes scan its kept scores (BLOCK_C), its
+    top-k slots (BLOCK_K) and its N entries (BLOCK_N) as the kept threshold scans a row."""
+    kept = threshold(target, n_kept)
+    return dict(BLOCK_C=kept["BLOCK"], BLOCK_K=threshold(target, topk)["BLOCK"],
+                BLOCK_N=threshold(target, n_entries)["BLOCK"], num_warps=kept["num_warps"])
+
+
+def teacher(target: Target, head_dim: int) -> dict:
+    """Tiles of the teacher-mass kernels (`teacher_lse_kernel`, `teacher_column_kernel`)."""
+    warps = 8 if head_dim > 128 else 4
+    if target == INTERPRETER:
+        # Small tiles keep CPU tests fast; keys as rows in the column pass (16 x 32) catch a swapped axis.
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=warps)
+    # No sweep recorded in docs/kernels.md.
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=warps)
+
+
+def selection(target: Target) -> dict[str, dict]:
+    """Chunks of the selection's kernels (ops/select/fused.py), by stage: the rank sequences
+    (`breakpoint_ranks_kernel`, `keys_by_rank_kernel`), the wavelet levels, the threshold descent, its finish
+    (`finish_tau_kernel`, `running_max_kernel`, `key_ranges_kernel`), the slots' pointer jumping, the block
+    lists (`slot_entries_kernel` in CHUNK, `fill_lists_kernel` in SLOT_TILE x BLOCK_CHUNK) and the thresholds'
+    backward (CHUNK per program, SCAN per prefix-sum chunk). Triton's default warps and stages everywhere."""
+    if target == INTERPRETER:
+        # Small, so that the tests' short rows take several chunks and segments.
+        return dict(ranks=dict(CHUNK=64), wavelet=dict(CHUNK=16), descend=dict(BLOCK=64), finish=dict(CHUNK=16),
+                    slots=dict(CHUNK=64), lists=dict(CHUNK=64, SLOT_TILE=16, BLOCK_CHUNK=4),
+                    threshold_backward=dict(CHUNK=16, SCAN=8))
+    # On an H100 (docs/kernels.md): wavelet chunks of 512 entries, 4 per thread, were the fastest; the descent
+    # took the same time with blocks of 64-512 queries. No sweep of the other chunks is recorded.
+    return dict(ranks=dict(CHUNK=512), wavelet=dict(CHUNK=512), descend=dict(BLOCK=256), finish=dict(CHUNK=1024),
+                slots=dict(CHUNK=1024), lists=dict(CHUNK=1024, SLOT_TILE=64, BLOCK_CHUNK=32),
+                threshold_backward=dict(CHUNK=1024, SCAN=1024))
