@@ -14,6 +14,8 @@ GATE_IDS = {"kv": 0, "v": 1, "none": 2}       # how the kernels receive the gate
 # "auto" is the fastest exact path for the tensors' device: Triton on CUDA; on the CPU the gathered path for long
 # rows (attention only, `ops.attention.interface.gather_is_cheaper`), else the reference.
 BACKENDS = ("auto", "triton", "gather", "reference")
+# The selection's own backends (`prefix_selection`): "native" is its C twin for the CPU (ops/select/native.c).
+SELECTION_BACKENDS = ("auto", "triton", "native", "reference")
 LOG2E = 1.4426950408889634                     # the kernels use exp2: exp(x) = exp2(x * LOG2E)
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..common import check_backend, check_budget, interpreting
+from ..common import SELECTION_BACKENDS, check_backend, check_budget, interpreting
 from .wavelet import bits_needed, kth_smallest_in_prefix, wavelet_levels
 
 __all__ = ["Selection", "best_first_order", "prefix_selection", "select_rows", "threshold_backward"]
@@ -305,8 +305,6 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
 
     return Selection(tau=to_bth(tau_rows), start=to_bth(start), end=to_bth(end))
 
-
-SELECTION_BACKENDS = ("auto", "triton", "native", "reference")
 
 # Scores below this magnitude keep |tau| < 2^15, where rounding tau to float32 (the Triton selection's) moves a mask
 # entry by at most half a unit, 2^-10 (_TAU_ROUNDING); the reference checks each threshold instead.
