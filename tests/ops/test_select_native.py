@@ -90,3 +90,82 @@ def test_the_build_is_cached(monkeypatch, tmp_path):
         assert native.available() and built[0].stat().st_mtime_ns == stamp
     finally:
         native._library.cache_clear()
+
+
+FAR = 1.3139436595456604e16
+FAR_ROWS = [  # (scores, topk, window): keys far from the rest, beyond what float64 sums resolve
+    ([2.0 ** 60 + 768] * 3 + [0.0] * 4, 2, 4),
+    ([1e308, 1e308, -1e308, -1e308, -1e308], 1, 0),
+    ([1e16, 1e16, 0.0, 1.0], 1, 0),
+    ([1e16 + 2] * 3 + [1.5, 0.7], 4, 0),
+    ([1e308, 1e308, 0.0, 0.0, 0.0], 1, 0),
+    ([0.3, 0.2, 0.1] + [-1e17] * 10, 2, 0),
+    ([0.45, -0.63, -1.24, FAR, 0.76, -1.58, -0.26, 0.23, 1.56, 0.38, FAR, FAR], 4, 0),
+]
+
+
+@pytest.mark.parametrize("row,topk,window", FAR_ROWS)
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_far_keys_raise_or_give_masks_that_sum_to_topk(row, topk, window, backend):
+    """Keys 1e16 to 1e308 away (these crashed or mis-summed native.c before its sums were clamped as the
+    reference's): a ValueError, or thresholds whose soft masks sum to topk for every query."""
+    u = torch.tensor(row, dtype=torch.float64)
+    try:
+        tau = prefix_selection(u.view(1, -1, 1), topk, window, backend=backend).tau[0, :, 0]
+    except ValueError as error:
+        assert "scores" in str(error)
+        return
+    for i in range(window + topk, len(row)):
+        mask_sum = (u[: i - window + 1] - tau[i]).clamp(0, 1).sum()
+        torch.testing.assert_close(mask_sum, torch.tensor(float(topk), dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_bunched_rows_take_the_reference_thresholds(monkeypatch):
+    """Past its work budget (scores bunched within 1: the sweep would cost O(T^2)) the native pass keeps its
+    ranges and leaves the thresholds to the reference: the same selection either way."""
+    u = scores("bunched", 400, seed=3)
+    want = prefix_selection(u, 8, 4, backend="reference")
+    monkeypatch.setattr(native, "_WORK_PER_PREFIX", -10 ** 6)                 # any work is over budget
+    got = prefix_selection(u, 8, 4, backend="native")
+    assert torch.equal(got.tau, want.tau) and torch.equal(got.end, want.end)
+
+
+def test_gathered_attention_under_torch_compile():
+    """The C calls take raw pointers: compiled code must run them eagerly (they are marked for Dynamo to skip),
+    and give eager's output."""
+    from sparsek.ops.attention import sparsek_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 48, 2, 16, generator=g) for _ in range(3))
+    u = torch.randn(1, 48, 2, generator=g)
+    eager = sparsek_attention(q, k, v, u, topk=4, window=4, backend="gather")
+    compiled = torch.compile(lambda *x: sparsek_attention(*x, topk=4, window=4, backend="gather"), backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, u), eager, atol=0, rtol=0)
+
+
+def test_native_block_lists_refuse_ranges_no_selection_gives():
+    start = torch.zeros(1, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="int64"):
+        block_key_lists(start.int(), start.int(), 2, 4, backend="auto")
+    with pytest.raises(ValueError, match="start <= end <= T"):
+        block_key_lists(start, torch.full((1, 8), 9), 2, 4, backend="auto")
+    with pytest.raises(ValueError, match="backend"):
+        block_key_lists(start, start, 2, 4, backend="native")
+
+
+def test_a_corrupt_cached_library_falls_back(monkeypatch, tmp_path):
+    """A library in the cache that does not load (corrupt, another machine's): auto keeps the reference."""
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path / "good"))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        built, = (tmp_path / "good").glob("*.so")
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / built.name).write_bytes(b"not a library")    # the name this build would load
+        monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path / "bad"))
+        native._library.cache_clear()
+        assert not native.available() and "could not build or load" in native.unavailable_reason()
+        u = torch.randn(1, 30, 2, dtype=torch.float64)
+        assert torch.equal(prefix_selection(u, 3, 2, backend="auto").tau, prefix_selection(u, 3, 2).tau)
+    finally:
+        native._library.cache_clear()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..common import check_backend
+
 
 def selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
     """The slot of every key: start, end [R, T] int64 -> [R, T] int64 in [0, K), -1 for keys never selected.
@@ -49,6 +51,7 @@ def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backen
         [R, NB, K] int32: entry (r, b, s) is the key in slot s at query b * block, or -1 for an empty slot.
         A key appears in the consecutive blocks b with start_j <= b * block < end_j.
     """
+    check_backend(backend, ("auto", "reference"))
     rows, t_len = start.shape
     n_blocks = -(-t_len // block)
     n_slots = max(1, min(topk, t_len))

@@ -12,9 +12,8 @@
    ties) evicts the worst key when it is at least as good, and key j's range ends at the query where its
    evictor becomes a candidate. Keys never admitted have an empty range.
 
-   The rule itself (ties to the newer key, the midpoint tau where f is flat, cummax) is prefix.py's; tests hold
-   this file to it by name. Scores arrive centred on their row's median (shift invariance), so the sums stay
-   small. */
+   The rule itself (ties to the newer key, the midpoint tau where f is flat, cummax, sums of scores centred on
+   the row's median and clamped) is prefix.py's; tests hold this file to it by name. */
 
 #include <math.h>
 #include <stdint.h>
@@ -70,14 +69,24 @@ static void row_ranges(const double *u, int64_t t_len, int64_t topk, int64_t win
     }
 }
 
+/* Centred scores enter the sweep clamped, as in prefix._prefix_thresholds: one far key (3e38 among values near
+   0) must not swamp the sums, and a tau beyond the clamp is flagged with an infinite error. */
+#define SPREAD 1048576.0   /* 2^20, prefix._SPREAD */
+
+static double centred(double x, double shift) {
+    double c = x - shift;
+    return c > SPREAD ? SPREAD : c < -SPREAD ? -SPREAD : c;
+}
+
 /* tau of every prefix of one row, as prefix._prefix_thresholds: u [n] and the row's median `shift` -> tau [n]
    (entry c - 1 for the prefix of length c; -inf while c <= topk), fractional [n] (1 where f is not flat at
-   tau) and error [n] (the rounding of adding the shift back). The sweep works on u - shift, so that a large
-   common offset does not cancel the differences that decide tau; the flat case's midpoint uses u itself.
-   live: n + 1 scratch. */
-static void row_thresholds(const double *u, double shift, int64_t n, int64_t topk, double *tau,
-                           uint8_t *fractional, double *error, double *live) {
-    int64_t m = 0;                             /* live keys, best first */
+   tau) and error [n] (how far tau may be off: the rounding of adding the shift back, infinite beyond the
+   clamp). The sweep works on u - shift, so that a large common offset does not cancel the differences that
+   decide tau; the flat case's midpoint uses u itself. live: n + 1 scratch. Returns the work done (sweep
+   steps and moved keys), or -1 as soon as it passes max_work. */
+static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t topk, double *tau,
+                              uint8_t *fractional, double *error, double *live, int64_t max_work) {
+    int64_t m = 0, work = 0;                   /* live keys, best first */
     double current = -INFINITY, running = -INFINITY;   /* centred tau of the last prefix; the cummax */
     for (int64_t c = 1; c <= n; c++) {
         double x = u[c - 1];
@@ -86,10 +95,11 @@ static void row_thresholds(const double *u, double shift, int64_t n, int64_t top
             int64_t mid = (lo + hi) / 2;
             if (live[mid] >= x) lo = mid + 1; else hi = mid;
         }
-        if (lo <= topk || x - shift > current) {   /* else x is neither among the best topk + 1 nor above tau */
+        if (lo <= topk || centred(x, shift) > current) {   /* else neither among the best topk + 1 nor above tau */
             memmove(live + lo + 1, live + lo, (size_t)(m - lo) * sizeof(double));
             live[lo] = x;
             m++;
+            work += m - lo;
         }
         fractional[c - 1] = 0;
         error[c - 1] = 0;
@@ -100,15 +110,17 @@ static void row_thresholds(const double *u, double shift, int64_t n, int64_t top
         double theta = live[topk - 1], below = live[topk], t;
         if (theta - below >= 1) {
             t = 0.5 * (below + theta - 1);    /* f == topk on [below, theta - 1]: its midpoint */
-            current = t - shift;
+            current = centred(t, shift);
         } else {
             /* Sweep t down from the best key. Keys [ones, frac_end) are fractional, those before are ones:
-               f(t) = ones + sum - (frac_end - ones) * t, summing the fractional keys' u - shift. */
+               f(t) = ones + sum - (frac_end - ones) * t, summing the fractional keys' centred scores. Once
+               every live key is a one, f = m > topk: the loop ends there at the latest. */
             int64_t ones = 0, frac_end = 0;
             double sum = 0;
-            for (;;) {
-                double next_fractional = frac_end < m ? live[frac_end] - shift : -INFINITY;
-                double next_one = ones < frac_end ? live[ones] - shift - 1 : -INFINITY;
+            current = NAN;
+            while (ones < m) {
+                double next_fractional = frac_end < m ? centred(live[frac_end], shift) : -INFINITY;
+                double next_one = ones < frac_end ? centred(live[ones], shift) - 1 : -INFINITY;
                 int becomes_fractional = next_fractional >= next_one;
                 double next = becomes_fractional ? next_fractional : next_one;
                 if (frac_end > ones && ones + sum - (double)(frac_end - ones) * next >= topk) {
@@ -116,34 +128,46 @@ static void row_thresholds(const double *u, double shift, int64_t n, int64_t top
                     break;
                 }
                 if (becomes_fractional) {
-                    sum += live[frac_end++] - shift;
+                    sum += centred(live[frac_end++], shift);
                 } else {
-                    sum -= live[ones++] - shift;
+                    sum -= centred(live[ones++], shift);
                 }
+                work++;
             }
             double absolute = current + shift;
-            error[c - 1] = fabs(absolute - shift - current);
+            error[c - 1] = fabs(current) <= SPREAD - 2 ? fabs(absolute - shift - current) : INFINITY;
             t = absolute > theta - 1 ? absolute : theta - 1;
             fractional[c - 1] = 1;
         }
+        if (work > max_work) return -1;
         running = t > running ? t : running;  /* cummax: rounding must not let tau fall */
         tau[c - 1] = running;
-        while (m > topk + 1 && live[m - 1] - shift <= current) m--;   /* never above tau again */
+        while (m > topk + 1 && centred(live[m - 1], shift) <= current) m--;   /* never above tau again */
     }
+    return work;
 }
 
 /* All rows: u [rows, t_len] and each row's median shift [rows] -> tau, fractional and error [rows, t_len]
    (the first t_len - window entries of a row: the prefixes of its candidates), start and end [rows, t_len].
-   Scratch: live, t_len + 1 doubles; heap, min(topk, t_len) int64. */
-void sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
-                         int64_t window, double *tau, uint8_t *fractional, double *error, int64_t *start,
-                         int64_t *end, double *live, int64_t *heap) {
-    int64_t n = window < t_len ? t_len - window : 0;
+   Scratch: live, t_len + 1 doubles; heap, min(topk, t_len) int64. The sweep costs O(topk + live keys) per
+   prefix, and the live keys grow with the row where scores bunch within 1 of each other (an untrained
+   scorer): past max_work in all, the thresholds stop (the ranges are still written) and this returns 1, so
+   that the caller takes the O(T log T) reference for them. */
+int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
+                        int64_t window, double *tau, uint8_t *fractional, double *error, int64_t *start,
+                        int64_t *end, double *live, int64_t *heap, int64_t max_work) {
+    int64_t n = window < t_len ? t_len - window : 0, work = 0;
+    int status = 0;
     for (int64_t r = 0; r < rows; r++) {
         const double *row = u + r * t_len;
-        row_thresholds(row, shift[r], n, topk, tau + r * t_len, fractional + r * t_len, error + r * t_len, live);
+        if (status == 0) {
+            int64_t done = row_thresholds(row, shift[r], n, topk, tau + r * t_len, fractional + r * t_len,
+                                          error + r * t_len, live, max_work - work);
+            if (done < 0) status = 1; else work += done;
+        }
         row_ranges(row, t_len, topk, window, start + r * t_len, end + r * t_len, heap);
     }
+    return status;
 }
 
 /* Keys selected by the first query of each block, by slot, as blocks.block_key_lists: start, end [rows, t_len]
@@ -162,7 +186,8 @@ void sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows,
         for (int64_t j = 0; j < t_len; j++) {
             slot[j] = -1;
             if (e[j] <= s[j]) continue;                           /* never selected */
-            slot[j] = j < topk ? j : victim[s[j]] >= 0 ? slot[victim[s[j]]] : -1;
+            int64_t evicted = victim[s[j]];
+            slot[j] = j < topk ? j : evicted >= 0 && evicted < j ? slot[evicted] : -1;
             if (slot[j] < 0) continue;                            /* ranges not from a selection */
             for (int64_t b = (s[j] + block - 1) / block; b * block < e[j]; b++)
                 out[b * n_slots + slot[j]] = (int32_t)j;

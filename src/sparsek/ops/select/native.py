@@ -13,6 +13,8 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
+import shlex
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,33 +26,42 @@ _SOURCE = Path(__file__).with_name("native.c")
 
 
 def _cache_dir() -> Path:
+    """Where the built library goes: $SPARSEK_CACHE, else $XDG_CACHE_HOME/sparsek or ~/.cache/sparsek. It is
+    loaded from there, so the folder must be writable by its user only."""
     if folder := os.environ.get("SPARSEK_CACHE"):
         return Path(folder)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsek"
+    if folder := os.environ.get("XDG_CACHE_HOME"):
+        return Path(folder) / "sparsek"
+    return Path.home() / ".cache" / "sparsek"
+
+
+_FLAGS = ["-O2", "-std=c99", "-shared", "-fPIC"]
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
-    """The loaded library, or why it could not be built (the compiler's message)."""
+    """The loaded library, or why it could not be built or loaded (the compiler's message)."""
     if not _SOURCE.is_file():
         return f"{_SOURCE} is missing from this install"
-    source = _SOURCE.read_bytes()
-    compiler = os.environ.get("CC", "cc")
-    target = _cache_dir() / f"select_{hashlib.sha256(source + compiler.encode()).hexdigest()[:16]}.so"
-    if not target.is_file():
-        try:
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    key = "\0".join([_SOURCE.read_text(), *compiler, *_FLAGS, platform.machine(), platform.system()])
+    try:
+        target = _cache_dir() / f"select_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             # Build beside the target and rename: processes building at once never load a half-written file.
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, "-O2", "-std=c99", "-shared", "-fPIC", "-o", str(built), str(_SOURCE)],
-                               check=True, capture_output=True, text=True)
+                subprocess.run([*compiler, *_FLAGS, "-o", str(built), str(_SOURCE)], check=True,
+                               capture_output=True, text=True, timeout=120)
                 os.replace(built, target)
-        except (OSError, subprocess.CalledProcessError) as error:
-            return f"{compiler} could not build {_SOURCE.name}: {getattr(error, 'stderr', '') or error}".strip()
-    library = ctypes.CDLL(str(target))
-    library.sparsek_select_rows.restype = None
-    library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:   # RuntimeError: no home folder
+        detail = getattr(error, "stderr", "") or error
+        return f"{' '.join(compiler)} could not build or load {_SOURCE.name}: {detail}".strip()
+    library.sparsek_select_rows.restype = ctypes.c_int
+    library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7 \
+        + [ctypes.c_int64]
     library.sparsek_block_lists.restype = None
     library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
     return library
@@ -62,42 +73,61 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
+    """Why the native selection cannot run here ("" when it can)."""
     return "" if available() else str(_library())
 
 
+# Sweep steps per prefix beyond which the thresholds go to the O(T log T) reference (see native.c): a trained
+# scorer's rows need about topk + a few; rows whose scores bunch within 1 of each other need up to T.
+_WORK_PER_PREFIX = 256
+
+
+@torch.compiler.disable   # raw pointers into tensors: Dynamo must not trace (or reorder) this call
 @torch.no_grad()
-def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
     """The selection of CPU rows (finite; topk >= 1), u [R, T] float64 -> what `prefix._prefix_thresholds` gives
     for the candidate prefixes, tau, fractional (bool) and error, each [R, T - window], and the key ranges
-    start and end [R, T] int64 of `prefix.key_ranges`."""
+    start and end [R, T] int64 of `prefix.key_ranges`. tau is None where the rows' scores bunch so that the
+    sweep would cost O(T^2) (the caller then takes the reference's thresholds)."""
     library = _library()
     if isinstance(library, str):
         raise RuntimeError(library)
     u = u.contiguous()
     rows, t_len = u.shape
+    topk, window = min(topk, t_len), min(window, t_len)      # same selection; and they fit the C int64
+    n = t_len - window
     shift = u.median(dim=1).values.contiguous()       # as the reference: thresholds relative to the row
     tau, error = torch.empty(rows, t_len, dtype=torch.float64), torch.empty(rows, t_len, dtype=torch.float64)
     fractional = torch.empty(rows, t_len, dtype=torch.uint8)
     start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
     live = torch.empty(t_len + 1, dtype=torch.float64)
-    heap = torch.empty(max(1, min(topk, t_len)), dtype=torch.int64)
-    library.sparsek_select_rows(u.data_ptr(), shift.data_ptr(), rows, t_len, topk, window, tau.data_ptr(),
-                                fractional.data_ptr(), error.data_ptr(), start.data_ptr(), end.data_ptr(),
-                                live.data_ptr(), heap.data_ptr())
-    n = max(0, t_len - window)
+    heap = torch.empty(max(1, topk), dtype=torch.int64)
+    max_work = rows * n * (2 * topk + _WORK_PER_PREFIX)
+    status = library.sparsek_select_rows(u.data_ptr(), shift.data_ptr(), rows, t_len, topk, window,
+                                         tau.data_ptr(), fractional.data_ptr(), error.data_ptr(), start.data_ptr(),
+                                         end.data_ptr(), live.data_ptr(), heap.data_ptr(), max_work)
+    if status:
+        return None, None, None, start, end
     return tau[:, :n], fractional[:, :n].bool(), error[:, :n], start, end
 
 
+@torch.compiler.disable
 def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
-    """`blocks.block_key_lists` of CPU rows (topk >= 1, T >= 1): start, end [R, T] int64 -> [R, NB, K] int32."""
+    """`blocks.block_key_lists` of CPU rows (topk >= 1, T >= 1): start, end [R, T] int64 -> [R, NB, K] int32.
+    ValueError unless the ranges could come from a selection's (0 <= start <= end <= T)."""
     library = _library()
     if isinstance(library, str):
         raise RuntimeError(library)
-    start, end = start.contiguous(), end.contiguous()
+    if start.dtype != torch.int64 or end.dtype != torch.int64 or start.shape != end.shape or start.dim() != 2:
+        raise ValueError(f"start and end must be [R, T] int64, got {tuple(start.shape)} {start.dtype} and "
+                         f"{tuple(end.shape)} {end.dtype}")
     rows, t_len = start.shape
+    if not ((start >= 0) & (start <= end) & (end <= t_len)).all():
+        raise ValueError("start and end must satisfy 0 <= start <= end <= T (selection ranges)")
+    start, end = start.contiguous(), end.contiguous()
     n_slots = max(1, min(topk, t_len))
     lists = torch.full((rows, -(-t_len // block), n_slots), -1, dtype=torch.int32)
     slot, victim = torch.empty(t_len, dtype=torch.int64), torch.empty(t_len, dtype=torch.int64)
-    library.sparsek_block_lists(start.data_ptr(), end.data_ptr(), rows, t_len, topk, block, n_slots,
+    library.sparsek_block_lists(start.data_ptr(), end.data_ptr(), rows, t_len, min(topk, t_len), block, n_slots,
                                 lists.data_ptr(), slot.data_ptr(), victim.data_ptr())
     return lists
