@@ -134,13 +134,14 @@ def _check_rounding(tau: Tensor, fractional: Tensor, error: Tensor, dtype: torch
     """ValueError where a fractional prefix threshold (tau, fractional, error [R, n], see _prefix_thresholds) is
     too far from its row's median for the clamped sums, or too large to round to `dtype` (the dtype the caller
     returns it in) within _TAU_ROUNDING."""
-    if (fractional & ~torch.isfinite(error)).any():
+    if (fractional & torch.isinf(error)).any():
         raise ValueError(f"scores spread too wide: a threshold lies more than {_SPREAD:.0f} from its row's "
                          f"median, beyond what the float64 threshold sums resolve")
     # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
     magnitude = tau.abs().to(dtype)
     half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
-    bad = fractional & ~(error + half_unit <= _TAU_ROUNDING)                    # NaN counts as too large
+    # NaN scores (only the fused path's select_rows lets them in) pass: that path turns its output NaN instead.
+    bad = fractional & (error + half_unit > _TAU_ROUNDING)
     if bad.any():
         worst = float(tau[bad].abs().max())
         raise ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} "
