@@ -101,6 +101,8 @@ FAR_ROWS = [  # (scores, topk, window): keys far from the rest, beyond what floa
     ([1e308, 1e308, 0.0, 0.0, 0.0], 1, 0),
     ([0.3, 0.2, 0.1] + [-1e17] * 10, 2, 0),
     ([0.45, -0.63, -1.24, FAR, 0.76, -1.58, -0.26, 0.23, 1.56, 0.38, FAR, FAR], 4, 0),
+    ([1e30, 1e30, 0.0, 0.5, 0.25], 3, 0),    # 1e30 - 1 rounds to 1e30: the reference's sort once put it above
+    ([1e30, 1e30, 0.0, 0.5, 9.0], 3, 0),
 ]
 
 
@@ -108,7 +110,8 @@ FAR_ROWS = [  # (scores, topk, window): keys far from the rest, beyond what floa
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_far_keys_raise_or_give_masks_that_sum_to_topk(row, topk, window, backend):
     """Keys 1e16 to 1e308 away (these crashed or mis-summed native.c before its sums were clamped as the
-    reference's): a ValueError, or thresholds whose soft masks sum to topk for every query."""
+    reference's, and 1e30 broke the reference's breakpoint order): a ValueError, or thresholds whose soft masks
+    sum to topk for every query."""
     u = torch.tensor(row, dtype=torch.float64)
     try:
         tau = prefix_selection(u.view(1, -1, 1), topk, window, backend=backend).tau[0, :, 0]

@@ -64,11 +64,12 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     # offset (1e15 + noise) cancel away the differences that decide tau.
     shift = u.median(dim=1, keepdim=True).values
     u = u - shift
-    breaks_unsorted = torch.cat([u, u - 1], dim=1)                        # [R, 2T]
+    # u_l - 1 first: where it rounds to u_l (|u_l| >= 2^53), the stable sort must still rank it below u_l.
+    breaks_unsorted = torch.cat([u - 1, u], dim=1)                        # [R, 2T]
     order = torch.argsort(breaks_unsorted, dim=1, stable=True)
     breaks = breaks_unsorted.gather(1, order)                             # ascending
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_breaks, device=u.device).expand_as(order))
-    rank_p, rank_q = rank[:, :t_len], rank[:, t_len:]                     # ranks of u_l and of u_l - 1
+    rank_q, rank_p = rank[:, :t_len], rank[:, t_len:]                     # ranks of u_l - 1 and of u_l
 
     nbits = bits_needed(n_breaks)
     prefix_len = torch.arange(1, t_len + 1, device=u.device).expand(rows, t_len)
