@@ -103,6 +103,7 @@ FAR_ROWS = [  # (scores, topk, window): keys far from the rest, beyond what floa
     ([0.45, -0.63, -1.24, FAR, 0.76, -1.58, -0.26, 0.23, 1.56, 0.38, FAR, FAR], 4, 0),
     ([1e30, 1e30, 0.0, 0.5, 0.25], 3, 0),    # 1e30 - 1 rounds to 1e30: the reference's sort once put it above
     ([1e30, 1e30, 0.0, 0.5, 9.0], 3, 0),
+    ([0.0, -3e6, 0.0, -3e6, 0.0], 3, 0),     # tau far below the median: the reference once returned -1.0
 ]
 
 

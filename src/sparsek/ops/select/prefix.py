@@ -120,7 +120,9 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     fractional = (prefix_len > topk) & ~flat
     # Adding the shift back rounds (3e38 - 0.5 is 3e38 even in float64): count that in the error.
     tau_abs = tau + shift
-    error = torch.where(tau.abs() > _SPREAD - 2, torch.inf, (tau_abs - shift - tau).abs())
+    # Beyond the clamp the sums mislead the descent, so judge by theta too: tau lies in [theta - 1, theta).
+    beyond = (tau.abs() > _SPREAD - 2) | ((theta - shift).abs() > _SPREAD - 1)
+    error = torch.where(beyond, torch.inf, (tau_abs - shift - tau).abs())
     tau = torch.where(flat, 0.5 * (below + theta - 1), tau_abs.clamp(min=theta - 1))
     tau = torch.where(prefix_len > topk, tau, -torch.inf)
     return torch.cummax(tau, dim=1).values, fractional, error  # cummax: remove rounding wiggles
