@@ -53,16 +53,16 @@ def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backen
     """
     check_backend(backend, ("auto", "reference"))
     rows, t_len = start.shape
+    if backend == "auto" and start.device.type == "cpu" and topk and t_len:
+        from . import native
+
+        if native.available():
+            return native.block_key_lists_native(start, end, topk, block)
     n_blocks = -(-t_len // block)
     n_slots = max(1, min(topk, t_len))
     lists = torch.full((rows, n_blocks, n_slots), -1, dtype=torch.int32, device=start.device)
     if topk == 0 or t_len == 0:
         return lists
-    if backend == "auto" and start.device.type == "cpu":
-        from . import native
-
-        if native.available():
-            return native.block_key_lists_native(start, end, topk, block)
     slot = selection_slots(start, end, topk)
     first_block = -(-start // block)                                       # first b with b * block >= start
     last_block = (end - 1).div(block, rounding_mode="floor")                # last b with b * block < end

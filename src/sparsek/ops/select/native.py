@@ -72,6 +72,15 @@ def available() -> bool:
     return not isinstance(_library(), str)
 
 
+def _loaded() -> ctypes.CDLL:
+    """The library; RuntimeError (the compiler's message) where it could not be built: callers check
+    `available()` first."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(library)
+    return library
+
+
 def unavailable_reason() -> str:
     """Why the native selection cannot run here ("" when it can)."""
     return "" if available() else str(_library())
@@ -89,9 +98,7 @@ def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor | None
     for the candidate prefixes, tau, fractional (bool) and error, each [R, T - window], and the key ranges
     start and end [R, T] int64 of `prefix.key_ranges`. tau is None where the rows' scores bunch so that the
     sweep would cost O(T^2) (the caller then takes the reference's thresholds)."""
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(library)
+    library = _loaded()
     u = u.contiguous()
     rows, t_len = u.shape
     topk, window = min(topk, t_len), min(window, t_len)      # same selection; and they fit the C int64
@@ -115,9 +122,7 @@ def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor | None
 def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
     """`blocks.block_key_lists` of CPU rows (topk >= 1, T >= 1): start, end [R, T] int64 -> [R, NB, K] int32.
     ValueError unless the ranges could come from a selection's (0 <= start <= end <= T)."""
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(library)
+    library = _loaded()
     if start.dtype != torch.int64 or end.dtype != torch.int64 or start.shape != end.shape or start.dim() != 2:
         raise ValueError(f"start and end must be [R, T] int64, got {tuple(start.shape)} {start.dtype} and "
                          f"{tuple(end.shape)} {end.dtype}")
