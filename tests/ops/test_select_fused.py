@@ -31,11 +31,18 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 @pytest.mark.parametrize("t_len,topk,window,kind", [
     (1, 1, 0, "randn"), (37, 5, 3, "randn"), (50, 7, 0, "ties"), (41, 3, 6, "gaps"), (20, 30, 2, "randn"),
-    (33, 4, 40, "randn"), (29, 0, 3, "randn"), (64, 1, 1, "ties"),
+    (33, 4, 40, "randn"), (29, 0, 3, "randn"), (64, 1, 1, "ties"), (30, 2, 1, "outliers"), (40, 3, 2, "offset"),
 ])
 def test_triton_selection_matches_pytorch(t_len, topk, window, kind):
+    """"outliers": +-1e30 and -3e38 among scores near 0, which must not swamp the sums of the thresholds;
+    "offset": float64 scores near 1e12, whose differences a sum of raw scores would lose."""
     torch.manual_seed(t_len * 31 + topk)
-    if kind == "ties":
+    if kind == "outliers":
+        u = torch.randn(3, t_len, device=DEVICE)
+        u[:, [1, 4, 6]] = torch.tensor([1e30, -3e38, -1e30], device=DEVICE)
+    elif kind == "offset":
+        u = 1e12 + torch.randn(3, t_len, dtype=torch.float64, device=DEVICE)
+    elif kind == "ties":
         u = torch.randint(0, 4, (3, t_len), device=DEVICE).float()
     elif kind == "gaps":  # spread > 1 apart: flat thresholds everywhere
         u = torch.randn(3, t_len, device=DEVICE) * 10
@@ -125,7 +132,7 @@ def test_wavelet_levels_match_pytorch(rows, weighted, n, nbits):
 @pytest.mark.parametrize("kind", ["randn", "ties", "shifted ties"])
 def test_rank_sequences_equal_a_stable_sort(kind, dtype):
     # One sort and a merge give exactly the stable sort of [u, u - 1] that prefix.py uses, and its best-first order;
-    # the sort runs in the scores' dtype, the rest in float64.
+    # the sort runs in the scores' dtype, the rest in float64, relative to the row's median as in prefix.py.
     from sparsek.ops.select.fused import _rank_sequences
     from sparsek.ops.select.prefix import _best_first
 
@@ -136,9 +143,11 @@ def test_rank_sequences_equal_a_stable_sort(kind, dtype):
         scores = torch.randint(0, 5, (3, 300), device=DEVICE).to(dtype)     # u_l - 1 equals other scores
     else:
         scores = (torch.randint(0, 5, (3, 300), device=DEVICE) * 0.5 + 0.25).to(dtype)
-    u = scores.double()
-    by_rank, breaks, vals, weights = _rank_sequences(scores, u)
-    by_rank_ref, rank_best_ref = _best_first(u)
+    u_abs = scores.double()
+    by_rank, breaks, vals, weights, shift = _rank_sequences(scores, u_abs)
+    by_rank_ref, rank_best_ref = _best_first(u_abs)
+    assert torch.equal(shift, u_abs.median(dim=1, keepdim=True).values)
+    u = u_abs - shift
     unsorted = torch.cat([u, u - 1], dim=1)
     order = torch.argsort(unsorted, dim=1, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(600, device=DEVICE).expand_as(order))

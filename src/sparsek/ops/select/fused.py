@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..common import interpreting, tiles
 from . import kernels
-from .prefix import best_first_order, key_ranges
+from .prefix import SPREAD, best_first_order, key_ranges
 from .wavelet import bits_needed
 
 
@@ -83,7 +83,7 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
         start, end = key_ranges(u, topk, window)
         return torch.full((rows, t_len), -torch.inf, dtype=torch.float64, device=u.device), start, end
     uc = u[:, :n].double().contiguous()
-    by_rank, breaks, vals, weights = _rank_sequences(u[:, :n], uc)
+    by_rank, breaks, vals, weights, shift = _rank_sequences(u[:, :n], uc)
     nbits = bits_needed(2 * n)
     zeros_before, ones_weight_before = _wavelet_levels(vals, weights, nbits)
 
@@ -95,6 +95,7 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     kernels.prefix_descend_kernel[(rows, triton.cdiv(n, block))](
         zeros_before, ones_weight_before, breaks, tau, kth, kth_next, rows, n, 2 * n, nbits,
         zeros_before.stride(0), ones_weight_before.stride(0), topk, BLOCK=block)
+    tau += shift                                                          # the descent ran relative to it
 
     # Finish as prefix.py does (the flat case takes the midpoint, short prefixes have no threshold), then the
     # running maximum, written to the queries past the window.
@@ -113,17 +114,22 @@ def _select_rows_group(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tenso
     return tau_query, start, end
 
 
-def _rank_sequences(u: Tensor, uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _rank_sequences(u: Tensor, uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One sort of the scores u [R, L] (uc: the same in float64) -> the best-first order by_rank [R, L] int64
     (prefix.best_first_order), the breakpoints in order [R, 2L] float64, the wavelet rows [3R, L] int32 (ranks
-    of u_j and u_j - 1 among the breakpoints, best-first ranks) and their weights [2R, L] float64 (see
-    breakpoint_ranks_kernel and keys_by_rank_kernel). The sort runs in the scores' own dtype: each float
+    of u_j and u_j - 1 among the breakpoints, best-first ranks), their weights [2R, L] float64 (see
+    breakpoint_ranks_kernel and keys_by_rank_kernel) and each row's median [R, 1] float64. As in
+    prefix._prefix_thresholds, the breakpoints are taken relative to that median (a common offset such as
+    1e12 would cancel the differences that decide tau) and the weights clamped to +-SPREAD from it (one far
+    score, 1e30 among values near 0, would swamp the sums). The sort runs in the scores' own dtype: each float
     converts exactly and in order to float64, so the order is the same for every non-NaN score (NaN scores
     make the attention's output NaN anyway), and a radix sort of float32 keys takes half the passes of float64
     (16 rows on an H100: selection + lists 0.51 -> 0.47 ms at T = 16k, 3.02 -> 2.84 ms at 128k)."""
     rows, n = uc.shape
     desc, by_rank = best_first_order(u)
-    desc = desc.double()
+    lower_median = n - 1 - (n - 1) // 2                                  # torch.median's, counted best first
+    shift = desc[:, lower_median:lower_median + 1].double()
+    desc = desc.double() - shift
     breaks = torch.empty(rows, 2 * n, dtype=torch.float64, device=uc.device)
     vals = torch.empty(3 * rows, n, dtype=torch.int32, device=uc.device)
     weights = torch.empty(2 * rows, n, dtype=torch.float64, device=uc.device)
@@ -132,8 +138,9 @@ def _rank_sequences(u: Tensor, uc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     grid = (rows, triton.cdiv(n, chunk))
     kernels.breakpoint_ranks_kernel[grid](desc, by_rank, breaks, sorted_ranks, vals, rows, n, n.bit_length(),
                                           CHUNK=chunk)
-    kernels.keys_by_rank_kernel[grid](uc, sorted_ranks, vals, weights, rows, n, CHUNK=chunk)
-    return by_rank, breaks, vals, weights
+    clamped = (uc - shift).clamp(-SPREAD, SPREAD)
+    kernels.keys_by_rank_kernel[grid](clamped, sorted_ranks, vals, weights, rows, n, CHUNK=chunk)
+    return by_rank, breaks, vals, weights, shift
 
 
 # Links followed per launch of the pointer jumping: 8^6 >= 128k takes 6 launches instead of 17 gathers.

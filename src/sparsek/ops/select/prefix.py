@@ -50,7 +50,7 @@ class Selection:
 
 
 # Scores farther than this from their row's median enter the threshold sums clamped (see _prefix_thresholds).
-_SPREAD = 2.0 ** 20
+SPREAD = 2.0 ** 20
 
 
 def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,7 +82,7 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     # The sums only need u exactly where an entry can be fractional; clamping the rest keeps one far entry
     # (3e38 among values near 0) from swamping them, and keeps every decision of the descent right (clamped
     # weights err towards the side the descent takes anyway). A tau beyond the clamp is flagged below.
-    weight = u.clamp(-_SPREAD, _SPREAD)
+    weight = u.clamp(-SPREAD, SPREAD)
     levels = zip(wavelet_levels(rank_p, nbits, weight), wavelet_levels(rank_q, nbits, weight))
     for level, (lev_p, lev_q) in enumerate(levels):
         half = 1 << (nbits - 1 - level)
@@ -121,7 +121,7 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     # Adding the shift back rounds (3e38 - 0.5 is 3e38 even in float64): count that in the error.
     tau_abs = tau + shift
     # Beyond the clamp the sums mislead the descent, so judge by theta too: tau lies in [theta - 1, theta).
-    beyond = (tau.abs() > _SPREAD - 2) | ((theta - shift).abs() > _SPREAD - 1)
+    beyond = (tau.abs() > SPREAD - 2) | ((theta - shift).abs() > SPREAD - 1)
     error = torch.where(beyond, torch.inf, (tau_abs - shift - tau).abs())
     tau = torch.where(flat, 0.5 * (below + theta - 1), tau_abs.clamp(min=theta - 1))
     tau = torch.where(prefix_len > topk, tau, -torch.inf)
@@ -138,7 +138,7 @@ def _check_rounding(tau: Tensor, fractional: Tensor, error: Tensor, dtype: torch
     too far from its row's median for the clamped sums, or too large to round to `dtype` (the dtype the caller
     returns it in) within _TAU_ROUNDING."""
     if (fractional & torch.isinf(error)).any():
-        raise ValueError(f"scores spread too wide: a threshold lies more than {_SPREAD:.0f} from its row's "
+        raise ValueError(f"scores spread too wide: a threshold lies more than {SPREAD:.0f} from its row's "
                          f"median, beyond what the float64 threshold sums resolve")
     # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
     magnitude = tau.abs().to(dtype)
