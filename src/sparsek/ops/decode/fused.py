@@ -53,7 +53,7 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
     """Triton twin of `decode_attention_reference` (inputs already validated; see `decode_attention`).
 
     q [B, Hq, D], keys and values [B, H, N, D], weight [B, H, N] float32 or float64 (read as float32),
-    attended [B, H, N] bool -> [B, Hq, D] in q's dtype. splits: how many programs share one row's entries
+    attended [B, H, N] bool or uint8 (0 / 1) -> [B, Hq, D] in q's dtype. splits: how many programs share one row's entries
     (None: picked from B * H, N and the GPU; tests force 1 and several).
     """
     batch, n_q_heads, head_dim = q.shape
@@ -67,7 +67,8 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
     # The kernel needs a unit last stride; a cache's buffers and q[:, t] slices already have one.
     q, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, keys, values))
     weight = weight.to(torch.float32).contiguous()
-    attended = attended.contiguous().view(torch.uint8)   # bool pointers are awkward in Triton; same bytes
+    if attended.dtype == torch.bool:                     # bool pointers are awkward in Triton; same bytes
+        attended = attended.contiguous().view(torch.uint8)
 
     decode = tiles.decode(tiles.target(q.device), head_dim)
     block_n = decode["attend"]["BLOCK_N"]
@@ -102,14 +103,15 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
     (`SparseKCache.check_token`): one kernel updates the cache of every (row, KV head) in place and writes
     the mask of the step; then the row lengths advance.
 
-    k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] bool), the inputs of
-    `decode_attention_triton`. No host synchronisation: the step can be captured in a CUDA graph.
+    k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] uint8 0 / 1), the inputs of
+    `decode_attention_triton`. No host synchronisation: the step can be captured in a CUDA graph. The mask is
+    written as uint8, not bool viewed as bytes: inductor cannot lower a bool -> uint8 view under torch.compile.
     """
     from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS
 
     batch, n_kv_heads, n_entries, head_dim = cache.keys.shape
     weight = _empty((batch, n_kv_heads, n_entries), torch.float32, k.device)
-    attended = torch.empty((batch, n_kv_heads, n_entries), dtype=torch.bool, device=k.device)
+    attended = torch.empty((batch, n_kv_heads, n_entries), dtype=torch.uint8, device=k.device)
     if batch and n_kv_heads:
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         u = scores.to(cache.scores.dtype)
@@ -118,7 +120,7 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
         with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
             kernels.cache_step_kernel[(batch * n_kv_heads,)](
                 k, v, u, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
-                cache.dropped_u, weight, attended.view(torch.uint8), k.stride(0), k.stride(1), v.stride(0),
+                cache.dropped_u, weight, attended, k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), u.stride(0), u.stride(1), n_kv_heads, n_kept, cache.window, cache.topk,
                 NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, HEAD_DIM=head_dim, HAS_WINDOW=cache.window > 0,
                 HAS_TOPK=cache.topk > 0, **blocks)
