@@ -227,8 +227,11 @@ def test_layer_prefill_then_steps_equal_its_forward():
     torch.manual_seed(0)
     layer = sparsek.SparseKAttention(sparsek.SparseKConfig(d_model=32, n_heads=4, n_kv_heads=2, topk=3, window=2,
                                                            slope=0.05)).double()
-    torch.nn.init.normal_(layer.scorer.weight)
-    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    # The scorer works in float32 (SPEC section 2), and BLAS may round a [2, 20] batch and a [2, 1] step in a
+    # different order (it did on the H200 machine's CPU): small dyadic inputs make every sum exact, so the scores
+    # agree bit for bit and the comparison stays at float64 precision.
+    layer.scorer.weight.data.copy_(torch.randint(-8, 9, layer.scorer.weight.shape) / 4)
+    x = torch.randint(-16, 17, (2, 20, 32)).double() / 8
     want = layer(x)
     out, cache = layer.prefill(x[:, :7])
     steps = [layer.step(x[:, t:t + 1], t, cache) for t in range(7, 20)]
