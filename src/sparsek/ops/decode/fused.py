@@ -53,8 +53,8 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
     """Triton twin of `decode_attention_reference` (inputs already validated; see `decode_attention`).
 
     q [B, Hq, D], keys and values [B, H, N, D], weight [B, H, N] float32 or float64 (read as float32),
-    attended [B, H, N] bool or uint8 (0 / 1) -> [B, Hq, D] in q's dtype. splits: how many programs share one row's entries
-    (None: picked from B * H, N and the GPU; tests force 1 and several).
+    attended [B, H, N] bool or uint8 (0 / 1) -> [B, Hq, D] in q's dtype. splits: how many programs share one
+    row's entries (None: picked from B * H, N and the GPU; tests force 1 and several).
     """
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_entries = keys.shape[1], keys.shape[2]
