@@ -224,3 +224,12 @@ def test_auto_takes_gather_for_long_sequences_on_cpu(monkeypatch):
     sparsek_attention(*make_inputs(1, 20, 2, 1, 8, dtype=torch.float32), topk=3, window=2)
     sparsek_attention(*long_inputs, topk=8, window=8, backend="reference")
     assert calls == [256]
+
+
+@pytest.mark.parametrize("backend", ["gather", "reference", "auto"])
+def test_empty_batch(backend):
+    """B = 0: an empty output on every CPU backend (the gathered path divided by its zero rows)."""
+    q, k, v, scores = make_inputs(1, 10, 2, 1, 8)
+    q, k, v, scores = q[:0], k[:0], v[:0], scores[:0]
+    out = sparsek_attention(q, k, v, scores, topk=2, window=2, backend=backend)
+    assert out.shape == q.shape

@@ -100,7 +100,7 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     if scores.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
 
-    if q.shape[1] == 0:
+    if q.shape[0] == 0 or q.shape[1] == 0:                              # nothing to attend (or to divide by)
         return q.new_zeros(q.shape)
     scores = _centred(scores)
 
