@@ -137,27 +137,10 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     device = resolve_device(config.device, world)
     if config.batch_size % world.size:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world.size} processes")
-    state = {"step": 0, "tokens": 0, "train_seconds": 0.0}
     if world.main:
         checkpoint.recover(run_dir)  # one process finishes a stopped save before any reads the folder
     distributed.barrier(world)
-    if resume and not config.overwrite and (run_dir / checkpoint.STATE_FILE).is_file():
-        state = checkpoint.load_state(run_dir)
-        changed = checkpoint.changed_settings(TrainConfig(**state["train"]), config, RESUMABLE)
-        if changed:
-            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}); use a new run_dir")
-        saved_model = LMConfig(**state["model"])
-        if model_config is not None and model_config != saved_model:
-            raise ValueError(f"{run_dir} holds a different model ({saved_model}); use a new run_dir")
-        model_config = saved_model
-        state.pop("summary", None)  # written again when this run finishes
-    elif model_config is None:
-        raise ValueError(f"no checkpoint in {run_dir} to resume: pass a model config")
-    elif not config.overwrite and (found := checkpoint.existing_run_files(run_dir)):
-        hint = ("pass resume=True to continue it, " if checkpoint.STATE_FILE in found
-                else f"it cannot be resumed (no {checkpoint.STATE_FILE}): pass ")
-        raise checkpoint.RunExistsError(f"{run_dir} already holds a run ({', '.join(found)}); {hint}--overwrite "
-                                        f"(overwrite=True) to replace it, or use a new run_dir")
+    state, model_config = _starting_state(run_dir, config, model_config, resume)
 
     train_docs, heldout_docs = load_corpus(config)
     sampler = DocumentSampler(train_docs, model_config.context, config.batch_size, config.seed)
@@ -241,6 +224,31 @@ def train(config: TrainConfig, model_config: LMConfig | None = None, *, resume: 
     distributed.barrier(world)
     distributed.teardown(world)
     return summary or {"finished": False, "step": state["step"], "tokens": state["tokens"]}
+
+
+def _starting_state(run_dir: Path, config: TrainConfig, model_config: LMConfig | None,
+                    resume: bool) -> tuple[dict, LMConfig]:
+    """(state, model config) to start from: the checkpoint's when the run is resumed, else a fresh state.
+    ValueError for a resume with other settings or another model, or a fresh start without a model config;
+    RunExistsError for a fresh start over an existing run without config.overwrite."""
+    if resume and not config.overwrite and (run_dir / checkpoint.STATE_FILE).is_file():
+        state = checkpoint.load_state(run_dir)
+        changed = checkpoint.changed_settings(TrainConfig(**state["train"]), config, RESUMABLE)
+        if changed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}); use a new run_dir")
+        saved_model = LMConfig(**state["model"])
+        if model_config is not None and model_config != saved_model:
+            raise ValueError(f"{run_dir} holds a different model ({saved_model}); use a new run_dir")
+        state.pop("summary", None)  # written again when this run finishes
+        return state, saved_model
+    if model_config is None:
+        raise ValueError(f"no checkpoint in {run_dir} to resume: pass a model config")
+    if not config.overwrite and (found := checkpoint.existing_run_files(run_dir)):
+        hint = ("pass resume=True to continue it, " if checkpoint.STATE_FILE in found
+                else f"it cannot be resumed (no {checkpoint.STATE_FILE}): pass ")
+        raise checkpoint.RunExistsError(f"{run_dir} already holds a run ({', '.join(found)}); {hint}--overwrite "
+                                        f"(overwrite=True) to replace it, or use a new run_dir")
+    return {"step": 0, "tokens": 0, "train_seconds": 0.0}, model_config
 
 
 def _plot(run_dir: Path) -> None:
