@@ -226,6 +226,18 @@ def load_finetuned(run_dir: str | Path, **kwargs):
     return load_pretrained(str(Path(run_dir) / "model"), **kwargs)
 
 
+def _distill(model, config: FinetuneConfig, sampler: DocumentSampler, tokenizer, bos: int | None,
+             device: torch.device, autocast_dtype: torch.dtype | None) -> None:
+    """The distillation stage (--distill-steps): the converted model's scorers learn from its own frozen
+    attention on the fine-tuning rows, with lookup rows mixed in (train/distill.py)."""
+    from .distill import distill_scorers, with_lookup_rows
+    rows = with_lookup_rows(lambda step: sampler.batch(step)[:, :-1], config.distill_lookup,
+                            lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
+    distill_scorers(model, lambda step: prepend_bos(rows(step), bos).to(device), steps=config.distill_steps,
+                    lr=config.distill_lr, reduction=config.distill_reduction, sinks=config.sinks,
+                    autocast_dtype=autocast_dtype, progress=config.progress)
+
+
 def finetune(config: FinetuneConfig) -> dict:
     """Convert (unless attention="full"), fine-tune, evaluate and save; returns the summary (in state.json too)."""
     device = resolve_device(config.device, distributed.World())
@@ -265,12 +277,7 @@ def finetune(config: FinetuneConfig) -> dict:
         if saved is None:
             summary["converted"] = held_out(model)
             if config.distill_steps:
-                from .distill import distill_scorers, with_lookup_rows
-                rows = with_lookup_rows(lambda step: sampler.batch(step)[:, :-1], config.distill_lookup,
-                                        lambda text: tokenizer.encode(text, add_special_tokens=False), config.seed)
-                distill_scorers(model, lambda step: prepend_bos(rows(step), bos).to(device),
-                                steps=config.distill_steps, lr=config.distill_lr, reduction=config.distill_reduction,
-                                sinks=config.sinks, autocast_dtype=autocast_dtype, progress=config.progress)
+                _distill(model, config, sampler, tokenizer, bos, device, autocast_dtype)
                 summary["distilled"] = held_out(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
