@@ -1,4 +1,4 @@
-"""The decode cache's threshold kernel (`kept_threshold`) against the reference `_threshold_last` and an
+"""The decode cache's threshold kernel (`kept_threshold`) against the reference `threshold_last` and an
 independent float64 bisection, under TRITON_INTERPRET=1 on CPU (natively on a GPU): random and tied scores,
 flat f, few finite entries, k at and past the number of finite entries, -inf padding anywhere, large offsets,
 the chunked row loop, a CUDA graph replay, and a compile check for an H100 (sm_90) that needs no GPU.
@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsek.ops.sparsek.kept import kept_threshold, kept_threshold_triton
-from sparsek.ops.sparsek.reference import _threshold_last
+from sparsek.ops.sparsek.reference import threshold_last
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -29,7 +29,7 @@ pytest.importorskip("triton")
 
 
 def reference(kept_u: torch.Tensor, k: int) -> torch.Tensor:
-    return _threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
+    return threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
                                               device=kept_u.device))
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..common import interpreting, tiles
-from .reference import _threshold_last
+from .reference import threshold_last
 
 try:
     from . import kernels
@@ -93,5 +93,5 @@ def kept_threshold_reference(kept_u: Tensor, k: int) -> Tensor:
     step built on it traces into one torch.compile graph."""
     if kept_u.shape[-1] == 0:
         return torch.full(kept_u.shape[:-1], -torch.inf, dtype=torch.float64, device=kept_u.device)
-    return _threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
+    return threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
                                               device=kept_u.device))

@@ -114,7 +114,7 @@ def _relative(z: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return y, theta, below
 
 
-def _threshold_last(z: Tensor, k: Tensor) -> Tensor:
+def threshold_last(z: Tensor, k: Tensor) -> Tensor:
     """tau for z [..., n] and k [...] (validated, compute dtype) -> [...]; -inf where k >= #finite."""
     return _relative_threshold(z, k)[2]
 
