@@ -144,3 +144,4 @@ def test_target_asks_the_device_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 121)
     assert tiles.target(torch.device("cuda")) == tiles.SM90                 # no index: the current device
     assert asked == [120, 121]
+    assert tiles.sm_count(torch.device("cuda", 120)) == 132 and asked == [120, 121]    # the same one answer

@@ -178,8 +178,7 @@ def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     list_tiles = tiles.backward(tiles.target(q.device), head_dim, n_q_heads // n_kv_heads)["list"]
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
     slot_tiles = triton.cdiv(n_slots, list_tiles["BLOCK_N"])
-    programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else \
-        torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else tiles.sm_count(q.device)
     chunks, blocks_per_program = list_pass_chunks(n_blocks, slot_tiles * batch * n_kv_heads, programs_wanted)
     scratch = torch.zeros if chunks > 1 else _empty
     dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))

@@ -8,8 +8,8 @@ every other GPU takes them too, until a sweep on it adds a branch for its capabi
 dicts, which the caller may change. tests/ops/test_tiles.py pins every value.
 
 `target(device)` asks nothing under the interpreter and asks a GPU for its capability once per process,
-cached per device index as the decode step's SM count is: picking tiles costs no host synchronisation, and
-torch.compile traces it as it traces that count.
+cached per device index with its SM count (`sm_count`, which sizes the grids): picking tiles costs no host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -33,10 +33,20 @@ def target(device: torch.device) -> Target:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def sm_count(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (the current one for a device without an index), asked
+    once per process: the launch grids that aim at a few programs per SM read it on every call."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())[2]
+
+
 @functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
+def _properties(device_index: int) -> tuple[int, int, int]:
     properties = torch.cuda.get_device_properties(device_index)
-    return properties.major, properties.minor
+    return properties.major, properties.minor, properties.multi_processor_count
+
+
+def _capability(device_index: int) -> tuple[int, int]:
+    return _properties(device_index)[:2]
 
 
 def _next_power_of_2(n: int) -> int:

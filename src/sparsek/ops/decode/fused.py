@@ -7,7 +7,6 @@ No host synchronisation and no data-dependent shapes: a decode step can be captu
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
@@ -33,18 +32,12 @@ def _empty(shape, dtype: torch.dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_splits(batch_heads: int, n_entries: int, block_n: int, device: torch.device) -> int:
     """Splits of the N entries: enough programs for about two per SM, each split at least MIN_SPLIT_LEN long."""
     if interpreting():
         programs, min_len = 4, 2 * block_n
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        programs, min_len = 2 * _sm_count(index), MIN_SPLIT_LEN
+        programs, min_len = 2 * tiles.sm_count(device), MIN_SPLIT_LEN
     return max(1, min(triton.cdiv(programs, batch_heads), triton.cdiv(n_entries, min_len), MAX_SPLITS))
 
 

@@ -23,7 +23,7 @@ from .wavelet import bits_needed
 def _programs_wanted(device: torch.device) -> int:
     if interpreting():
         return 16          # several segments per row even on the tests' short rows
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * tiles.sm_count(device)
 
 
 def _wavelet_levels(vals: Tensor, weights: Tensor, nbits: int) -> tuple[Tensor, Tensor]:
