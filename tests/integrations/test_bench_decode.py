@@ -25,3 +25,11 @@ def test_cpu_smoke_run_writes_every_row(tmp_path):
     # After real prefills of 24 and 48 tokens the SparseK cache holds the same bytes.
     assert rows[1, 24]["sparsek_real_cache_gb"] == rows[1, 48]["sparsek_real_cache_gb"] > 0
     assert json.loads((tmp_path / "decode.json").read_text())["generate"][0]["context"] == 16
+
+
+def test_decode_step_bench_says_it_needs_a_gpu(monkeypatch):
+    from sparsek.bench import decode_step
+
+    monkeypatch.setattr(decode_step.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        decode_step.main([])
