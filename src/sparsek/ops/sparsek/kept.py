@@ -94,4 +94,4 @@ def kept_threshold_reference(kept_u: Tensor, k: int) -> Tensor:
     if kept_u.shape[-1] == 0:
         return torch.full(kept_u.shape[:-1], -torch.inf, dtype=torch.float64, device=kept_u.device)
     return threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
-                                              device=kept_u.device))
+                                             device=kept_u.device))
