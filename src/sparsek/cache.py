@@ -72,6 +72,9 @@ class SparseKCache:
 
     # All its tensors, each per batch row.
     _STATE = ("keys", "values", "scores", "positions", "kept_u", "dropped_u", "lengths")
+    # Every tensor the cache holds: the state, and the fused step's first probe for tau (the kept scores' last
+    # tau), which any value leaves exact, so it is no part of the state that the two steps must agree on.
+    _BUFFERS = _STATE + ("tau_hint",)
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, topk: int, window: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", score_dtype: torch.dtype = torch.float32,
@@ -98,6 +101,7 @@ class SparseKCache:
         # Best score the buffer dropped (-inf: none): tau at or above it means tau is exact.
         self.dropped_u = torch.full((batch, n_kv_heads), -torch.inf, dtype=torch.float64, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)            # tokens seen per row
+        self.tau_hint = torch.full((batch, n_kv_heads), -torch.inf, dtype=torch.float64, device=device)
 
     @property
     def batch(self) -> int:
@@ -109,11 +113,11 @@ class SparseKCache:
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (the kept scalar scores included: max_kept per row and head)."""
-        return sum(getattr(self, name).nbytes for name in self._STATE)
+        return sum(getattr(self, name).nbytes for name in self._BUFFERS)
 
     def copy_(self, other: SparseKCache) -> None:
         """Take the state of a cache of the same shapes, in place (tensor addresses kept: CUDA-graph safe)."""
-        for name in self._STATE:
+        for name in self._BUFFERS:
             getattr(self, name).copy_(getattr(other, name))
 
     def select_rows(self, index: Tensor | list[int]) -> None:
@@ -126,7 +130,7 @@ class SparseKCache:
             raise ValueError(f"index must hold rows in [-{self.batch}, {self.batch}) (the cache's batch), "
                              f"got {index.tolist()[:16]}")
         index = torch.where(index < 0, index + self.batch, index)
-        for name in self._STATE:
+        for name in self._BUFFERS:
             setattr(self, name, getattr(self, name).index_select(0, index))
 
     @classmethod

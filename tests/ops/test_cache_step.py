@@ -87,6 +87,24 @@ def test_fused_step_equals_the_pytorch_step(topk, window, max_kept, ties, gate):
     torch.testing.assert_close(got[:, steps].double().cpu(), want[:, steps], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hint", ["carried", "garbage"])
+def test_tau_hint_never_changes_the_answer(hint):
+    """The fused step probes the last step's tau first (cache.tau_hint). It carries the kept scores' tau, and
+    any value in it, however wrong, still gives the PyTorch step's outputs: the bracket decides, not the hint."""
+    q, k, v, scores = inputs(2, 60, 2, 1, 16, ties=False, seed=5)
+    fused = SparseKCache.prefill(k[:, :20], v[:, :20], scores[:, :20], topk=5, window=3)
+    torch_step = copy.deepcopy(fused)
+    garbage = torch.tensor([[1e9, -1e9], [float("nan"), 0.25]], dtype=torch.float64, device=DEVICE)
+    for t in range(20, 60):
+        if hint == "garbage":
+            fused.tau_hint.copy_(garbage.roll(t, dims=1))
+        got = fused.step(q[:, t], k[:, t], v[:, t], scores[:, t], backend="triton")
+        want = torch_step.step(q[:, t], k[:, t], v[:, t], scores[:, t], backend="reference")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if hint == "carried":
+            torch.testing.assert_close(fused.tau_hint, torch_step.threshold(), atol=1e-12, rtol=0)
+
+
 def test_fused_step_with_float64_scores():
     """float64 scores (the cache keeps them in float64, as the parallel path selects): the same state."""
     q, k, v, scores = inputs(2, 30, 1, 2, 16, ties=True, seed=6)

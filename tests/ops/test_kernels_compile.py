@@ -80,7 +80,8 @@ SCRIPT = textwrap.dedent('''
                    dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
                    warps, stages)
     cache = dict(K_NEW=x, V_NEW=x, U_NEW="*fp32", LENGTHS="*i64", KEYS=x, VALUES=x, SCORES="*fp32",
-                 POSITIONS="*i64", KEPT="*fp64", DROPPED="*fp64", WEIGHT="*fp32", ATTENDED="*u8")
+                 POSITIONS="*i64", KEPT="*fp64", DROPPED="*fp64", TAU_HINT="*fp64", WEIGHT="*fp32",
+                 ATTENDED="*u8")
     compile_kernel(decode_kernels.cache_step_kernel, cache,
                    dict(NEWTON_ITERS=16, MAX_ITERS=82, HEAD_DIM=head_dim, BLOCK_C=1024, BLOCK_K=1024, BLOCK_N=1024,
                         HAS_WINDOW=True, HAS_TOPK=True))

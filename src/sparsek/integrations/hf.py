@@ -349,7 +349,7 @@ def mark_static(state: SparseKCache) -> None:
     """Tell torch.compile that the state's tensors keep their addresses (on CUDA, outside compiled code): CUDA
     graphs of compiled decoding then update them in place, as they do transformers' StaticCache."""
     if state.keys.is_cuda and not torch.compiler.is_compiling():
-        for name in SparseKCache._STATE:
+        for name in SparseKCache._BUFFERS:
             torch._dynamo.mark_static_address(getattr(state, name))
 
 

@@ -113,7 +113,7 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
         with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
             kernels.cache_step_kernel[(batch * n_kv_heads,)](
                 k, v, u, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
-                cache.dropped_u, weight, attended, k.stride(0), k.stride(1), v.stride(0),
+                cache.dropped_u, cache.tau_hint, weight, attended, k.stride(0), k.stride(1), v.stride(0),
                 v.stride(1), u.stride(0), u.stride(1), n_kv_heads, n_kept, cache.window, cache.topk,
                 NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, HEAD_DIM=head_dim, HAS_WINDOW=cache.window > 0,
                 HAS_TOPK=cache.topk > 0, **blocks)

@@ -99,7 +99,7 @@ def decode_combine_kernel(M_PART, L_PART, ACC_PART, OUT, N_SPLITS, BLOCK_S: tl.c
 
 @triton.jit
 def cache_step_kernel(
-    K_NEW, V_NEW, U_NEW, LENGTHS, KEYS, VALUES, SCORES, POSITIONS, KEPT, DROPPED, WEIGHT, ATTENDED,
+    K_NEW, V_NEW, U_NEW, LENGTHS, KEYS, VALUES, SCORES, POSITIONS, KEPT, DROPPED, TAU_HINT, WEIGHT, ATTENDED,
     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_unb, stride_unh,
     H, C, WINDOW, TOPK,
     NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -113,8 +113,9 @@ def cache_step_kernel(
     window, clip(u - tau, 0, 1) in the slots) and ATTENDED (uint8: the entry holds a token).
 
     Cache tensors are contiguous: KEYS, VALUES [B * H, N, D], SCORES, POSITIONS (int64) [B * H, N], KEPT
-    (float64) [B * H, C], DROPPED (float64) [B * H]; LENGTHS (int64) [B] is read, not advanced (the host adds
-    1 after the launch: every head of a row reads it). U_NEW is in SCORES' dtype.
+    (float64) [B * H, C], DROPPED and TAU_HINT (float64) [B * H]; LENGTHS (int64) [B] is read, not advanced
+    (the host adds 1 after the launch: every head of a row reads it). U_NEW is in SCORES' dtype. TAU_HINT
+    holds the kept scores' last tau, the threshold search's first probe (see row_threshold).
     """
     pid = tl.program_id(0)
     b = pid // H
@@ -199,7 +200,11 @@ def cache_step_kernel(
         tl.store(POSITIONS + entry_row + entry, cand_pos, mask=take)
         tl.debug_barrier()                               # the kept buffer and the slots are written
 
-        tau = row_threshold(kept_row, C, TOPK, NEWTON_ITERS, MAX_ITERS, BLOCK_C)
+        # The kept scores' tau never falls from one step to the next (a step adds a score or replaces the
+        # lowest with a higher one), so the last step's is a close first probe.
+        tau = row_threshold(kept_row, C, TOPK, tl.load(TAU_HINT + pid), NEWTON_ITERS, MAX_ITERS, BLOCK_C,
+                            HINTED=True)
+        tl.store(TAU_HINT + pid, tau)
         tau = tl.where(t + 1 - WINDOW > TOPK, tau, float("-inf"))   # at most k candidates: every one weighs 1
     else:
         tl.debug_barrier()

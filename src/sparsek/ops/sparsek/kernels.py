@@ -40,13 +40,17 @@ def kept_threshold_kernel(Z, TAU, C, K, NEWTON_ITERS: tl.constexpr, MAX_ITERS: t
                           BLOCK: tl.constexpr):
     """TAU[pid] = row_threshold of row Z[pid] (C entries)."""
     row = tl.program_id(0)
-    tl.store(TAU + row, row_threshold(Z + row.to(tl.int64) * C, C, K, NEWTON_ITERS, MAX_ITERS, BLOCK))
+    tl.store(TAU + row, row_threshold(Z + row.to(tl.int64) * C, C, K, 0.0, NEWTON_ITERS, MAX_ITERS, BLOCK,
+                                      HINTED=False))
 
 
 @triton.jit
-def row_threshold(z_row, C, K, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr):
+def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr,
+                  HINTED: tl.constexpr):
     """tau of the row z_row[0:C] (float64, -inf padded) with budget K: sum_i clip(z_i - tau, 0, 1) = K, the
-    midpoint of the solution interval when f is flat at K, -inf when K >= #finite."""
+    midpoint of the solution interval when f is flat at K, -inf when K >= #finite. With HINTED, the search
+    probes `hint` first (a float64 scalar near tau, such as the previous decode step's): any value is safe,
+    since the bracket and the certificates below decide the answer; a good one saves most of the probes."""
     offs = tl.arange(0, BLOCK)
 
     z_max = tl.full([BLOCK], float("-inf"), dtype=tl.float64)
@@ -68,7 +72,9 @@ def row_threshold(z_row, C, K, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constex
     hi = z_max
     tau_lo = lo          # the root of the linear piece right of lo (the answer if the search runs out)
     answer = lo          # a certified root, once found
-    guess = lo           # Newton's next point; lo itself means "bisect"
+    guess = lo           # Newton's next point; lo itself (or anything outside the bracket) means "bisect"
+    if HINTED:
+        guess = tl.minimum(tl.maximum(hint, lo), hi)
     found = n_finite < 0
     done = no_threshold
     it = 0
