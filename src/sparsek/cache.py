@@ -70,7 +70,7 @@ class SparseKCache:
         measures both cases).
     """
 
-    # All its tensors, each per batch row.
+    # The decoding state, each tensor per batch row.
     _STATE = ("keys", "values", "scores", "positions", "kept_u", "dropped_u", "lengths")
     # Every tensor the cache holds: the state, and the fused step's first probe for tau (the kept scores' last
     # tau), which any value leaves exact, so it is no part of the state that the two steps must agree on.
