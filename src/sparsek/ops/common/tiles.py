@@ -30,23 +30,24 @@ def target(device: torch.device) -> Target:
     capability of that CUDA device (the current one for a device without an index)."""
     if interpreting():
         return INTERPRETER
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _properties(device)[:2]
 
 
 def sm_count(device: torch.device) -> int:
     """The streaming multiprocessors of a CUDA device (the current one for a device without an index), asked
     once per process: the launch grids that aim at a few programs per SM read it on every call."""
-    return _properties(device.index if device.index is not None else torch.cuda.current_device())[2]
+    return _properties(device)[2]
+
+
+def _properties(device: torch.device) -> tuple[int, int, int]:
+    """(major, minor, SM count) of a CUDA device, cached per device index."""
+    return _properties_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _properties(device_index: int) -> tuple[int, int, int]:
+def _properties_of(device_index: int) -> tuple[int, int, int]:
     properties = torch.cuda.get_device_properties(device_index)
     return properties.major, properties.minor, properties.multi_processor_count
-
-
-def _capability(device_index: int) -> tuple[int, int]:
-    return _properties(device_index)[:2]
 
 
 def _next_power_of_2(n: int) -> int:
