@@ -11,22 +11,22 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from sparsek.eval.farcontext import _convert, _load
 from sparsek.eval.ruler import evaluate_suite
 from sparsek.heldout import TransformersLM, evaluate
-from sparsek.integrations.pretrained import bos_token_id, with_bos
+from sparsek.integrations.hf import convert
+from sparsek.integrations.pretrained import bos_token_id, load_pretrained, with_bos
+from sparsek.train.distill import parse_layers
 from sparsek.train.finetune import FinetuneConfig, tokenized_corpus
 
 run_dir, cache_dir, tokenizer_dir, *variants = sys.argv[1:]      # variants: "5", "5,17", "none", ...
-args = SimpleNamespace(model="gemma3", cache_dir=cache_dir, tokenizer=tokenizer_dir, topk=512, window=512,
-                       slope=0.0, layers="global", distill_sinks=1)   # sinks=1: every scorer gets a bias for BOS
-model, tokenizer = _load(args, torch.device("cuda"))
+model, tokenizer = load_pretrained("gemma3", dtype=torch.bfloat16, device=torch.device("cuda"), cache_dir=cache_dir,
+                                   tokenizer=tokenizer_dir)
 _, heldout = tokenized_corpus(FinetuneConfig(data="shakespeare"), tokenizer)
-_convert(model, args)
+# As farcontext converts (slope 0 for distilled scorers); sinks=1 gives every scorer a bias for BOS.
+convert(model, topk=512, window=512, slope=0.0, layers=parse_layers("global"), sinks=1)
 named = [(n, m) for n, m in model.named_modules() if n.endswith("sparsek_scorer")]
 layer_of = [int(n.split("layers.")[1].split(".")[0]) for n, _ in named]
 for (_, scorer), state in zip(named, torch.load(Path(run_dir) / "scorers_max_lookup1_ctx16384.pt")):

@@ -30,7 +30,7 @@ pytest.importorskip("triton")
 
 def reference(kept_u: torch.Tensor, k: int) -> torch.Tensor:
     return threshold_last(kept_u, torch.full(kept_u.shape[:-1], float(k), dtype=torch.float64,
-                                              device=kept_u.device))
+                                             device=kept_u.device))
 
 
 def bisection_threshold(row: np.ndarray, k: int) -> float:
