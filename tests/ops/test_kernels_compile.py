@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     from sparsek.ops.select import kernels as sel
     from sparsek.ops.sparsek import kernels as kept
 
-    def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2):
+    def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2, doubles=()):
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent('''
             elif name in pointers:
                 signature[name] = pointers[name]
             else:
-                signature[name] = "fp32" if name in floats else "i32"
+                signature[name] = "fp32" if name in floats else "fp64" if name in doubles else "i32"
         src = ASTSource(fn=fn, signature=signature,
                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -77,8 +77,8 @@ SCRIPT = textwrap.dedent('''
     compile_kernel(decode_kernels.decode_fwd_kernel,
                    dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", OUT=x, M_PART="*fp32", L_PART="*fp32",
                         ACC_PART="*fp32"),
-                   dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), ("qk_scale2",),
-                   warps, stages)
+                   dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), (), warps, stages,
+                   doubles=("qk_scale2",))                # torch.compile passes a Python float as fp64
     cache = dict(K_NEW=x, V_NEW=x, U_NEW="*fp32", LENGTHS="*i64", KEYS=x, VALUES=x, SCORES="*fp32",
                  POSITIONS="*i64", KEPT="*fp64", DROPPED="*fp64", TAU_HINT="*fp64", WEIGHT="*fp32",
                  ATTENDED="*u8")

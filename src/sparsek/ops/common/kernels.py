@@ -12,6 +12,7 @@ def softmax_tile(acc, m_i, l_i, q, kt, vt, weight, allowed, qk_scale2, GATE: tl.
     """One online-softmax step over a tile of keys; qk_scale2 = scale * log2(e). MASKED False: every pair
     attends with weight 1 (a tile inside every query's window; weight and allowed are then None)."""
     qk = tl.dot(q, tl.trans(kt), input_precision=DOT)
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)          # inductor passes a Python float as fp64
     if MASKED and GATE == 0:
         s = qk * (weight * qk_scale2)
     else:
