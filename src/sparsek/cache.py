@@ -324,18 +324,17 @@ class SparseKCache:
         check_scale(scale)
         check_backend(backend)
         fused = kernel_for(backend, decode_fused, "cache_step", q)
+        if fused is not None:                            # the kernels treat non-finite scores themselves
+            weight, attended, nonfinite = fused(self, k, v, scores)
+            return decode_fused.decode_attention_triton(q, self.keys, self.values, weight, attended, gate=gate,
+                                                        scale=scale, nonfinite=nonfinite)
         unchecked = scores.device.type != "cpu" or torch.compiler.is_compiling()
         if unchecked:
             finite = torch.isfinite(scores)
             scores = torch.where(finite, scores, -torch.inf)
-        if fused is not None:
-            weight, attended = fused(self, k, v, scores)
-            out = decode_fused.decode_attention_triton(q, self.keys, self.values, weight, attended, gate=gate,
-                                                       scale=scale)
-        else:
-            self._append(k, v, scores)
-            weight, attended = self.weights()
-            out = decode_attention_reference(q, self.keys, self.values, weight, attended, gate=gate, scale=scale)
+        self._append(k, v, scores)
+        weight, attended = self.weights()
+        out = decode_attention_reference(q, self.keys, self.values, weight, attended, gate=gate, scale=scale)
         if unchecked:
             out = out.masked_fill(~finite.all(-1)[:, None, None], torch.nan)
         return out

@@ -105,6 +105,34 @@ def test_tau_hint_never_changes_the_answer(hint):
             torch.testing.assert_close(fused.tau_hint, torch_step.threshold(), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernels_flag_non_finite_scores(splits):
+    """The kernels' own handling of a NaN or inf score (the host check refuses them for CPU tensors; the GPU
+    test below runs the whole step): the token enters as -inf, exactly as the PyTorch step stores it, the
+    score is flagged, and only its row's attention output is NaN, whether the entries are split or not."""
+    from sparsek.ops.decode import fused as fused_ops
+    q, k, v, scores = inputs(2, 24, 2, 2, 16, ties=False, seed=9)
+    cache = SparseKCache.prefill(k[:, :20], v[:, :20], scores[:, :20], topk=3, window=2)
+    torch_step = copy.deepcopy(cache)
+    for t, bad in ((20, (1, 0, float("nan"))), (21, (0, 1, float("inf"))), (22, (0, 0, -float("inf"))), (23, None)):
+        s = scores[:, t].clone()
+        if bad:
+            s[bad[0], bad[1]] = bad[2]
+        weight, attended, nonfinite = fused_ops.cache_step(cache, k[:, t], v[:, t], s)
+        torch_step._append(k[:, t], v[:, t], torch.where(s.isfinite(), s, -torch.inf))
+        for name in SparseKCache._STATE:
+            assert torch.equal(getattr(cache, name), getattr(torch_step, name)), (t, name)
+        assert torch.equal(nonfinite, (~s.isfinite()).to(torch.uint8))
+        got = fused_ops.decode_attention_triton(q[:, t], cache.keys, cache.values, weight, attended, splits=splits,
+                                                nonfinite=nonfinite)
+        plain = fused_ops.decode_attention_triton(q[:, t], cache.keys, cache.values, weight, attended, splits=splits)
+        for row in range(2):
+            if bad and row == bad[0]:
+                assert torch.isnan(got[row]).all()
+            else:
+                assert torch.equal(got[row], plain[row]) and torch.isfinite(got[row]).all()
+
+
 def test_fused_step_with_float64_scores():
     """float64 scores (the cache keeps them in float64, as the parallel path selects): the same state."""
     q, k, v, scores = inputs(2, 30, 1, 2, 16, ties=True, seed=6)

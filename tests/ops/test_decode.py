@@ -225,10 +225,10 @@ COMPILE_SCRIPT = textwrap.dedent('''
     for x, head_dim, final in (("*bf16", 128, False), ("*fp32", 64, True)):
         part = "*fp32" if not final else x
         compile_kernel(kernels.decode_fwd_kernel,
-                       dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", OUT=x, M_PART=part, L_PART=part,
-                            ACC_PART=part),
+                       dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", NONFINITE="*u8", OUT=x, M_PART=part,
+                            L_PART=part, ACC_PART=part),
                        dict(GATE=0, DOT="tf32" if x == "*bf16" else "ieee", BLOCK_G=16, HEAD_DIM=head_dim,
-                            FINAL=final, **tiles), ("qk_scale2",), warps, stages)
+                            FINAL=final, FLAGGED=final, BLOCK_H=4, **tiles), ("qk_scale2",), warps, stages)
     compile_kernel(kernels.decode_combine_kernel,
                    dict(M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32", OUT="*bf16"),
                    dict(BLOCK_S=fused.MAX_SPLITS, HEAD_DIM=128))

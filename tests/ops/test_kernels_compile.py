@@ -75,13 +75,14 @@ SCRIPT = textwrap.dedent('''
                        warps, stages)
     tiles, warps, stages = split(host_tiles.decode(host_tiles.SM90, head_dim)["attend"])
     compile_kernel(decode_kernels.decode_fwd_kernel,
-                   dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", OUT=x, M_PART="*fp32", L_PART="*fp32",
-                        ACC_PART="*fp32"),
-                   dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, **tiles), (), warps, stages,
+                   dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", NONFINITE="*u8", OUT=x, M_PART="*fp32",
+                        L_PART="*fp32", ACC_PART="*fp32"),
+                   dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, FLAGGED=True, BLOCK_H=4, **tiles),
+                   (), warps, stages,
                    doubles=("qk_scale2",))                # torch.compile passes a Python float as fp64
     cache = dict(K_NEW=x, V_NEW=x, U_NEW="*fp32", LENGTHS="*i64", KEYS=x, VALUES=x, SCORES="*fp32",
                  POSITIONS="*i64", KEPT="*fp64", DROPPED="*fp64", TAU_HINT="*fp64", WEIGHT="*fp32",
-                 ATTENDED="*u8")
+                 ATTENDED="*u8", NONFINITE="*u8")
     compile_kernel(decode_kernels.cache_step_kernel, cache,
                    dict(NEWTON_ITERS=16, MAX_ITERS=82, HEAD_DIM=head_dim, BLOCK_C=1024, BLOCK_K=1024, BLOCK_N=1024,
                         HAS_WINDOW=True, HAS_TOPK=True))

@@ -53,7 +53,7 @@ def step_parts(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: 
                                  window=window)
     q, k_t, v_t = randn(batch, q_heads, head_dim), randn(batch, kv_heads, head_dim), randn(batch, kv_heads, head_dim)
     u_t = randn(batch, kv_heads, dtype=torch.float32)
-    weight, attended = fused.cache_step(copy.deepcopy(cache), k_t, v_t, u_t)
+    weight, attended, _ = fused.cache_step(copy.deepcopy(cache), k_t, v_t, u_t)
     group = q_heads // kv_heads
     full_k, full_v = (x.transpose(1, 2).repeat_interleave(group, 1) for x in (k, v))
     return {

@@ -42,12 +42,14 @@ def num_splits(batch_heads: int, n_entries: int, block_n: int, device: torch.dev
 
 
 def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Tensor, attended: Tensor,
-                            gate: str = "kv", scale: float | None = None, *, splits: int | None = None) -> Tensor:
+                            gate: str = "kv", scale: float | None = None, *, splits: int | None = None,
+                            nonfinite: Tensor | None = None) -> Tensor:
     """Triton twin of `decode_attention_reference` (inputs already validated; see `decode_attention`).
 
     q [B, Hq, D], keys and values [B, H, N, D], weight [B, H, N] float32 or float64 (read as float32),
     attended [B, H, N] bool or uint8 (0 / 1) -> [B, Hq, D] in q's dtype. splits: how many programs share one
-    row's entries (None: picked from B * H, N and the GPU; tests force 1 and several).
+    row's entries (None: picked from B * H, N and the GPU; tests force 1 and several). nonfinite: `cache_step`'s
+    flags [B, H] (uint8); a row with any flag set outputs NaN, as `SparseKCache.step` specifies.
     """
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads, n_entries = keys.shape[1], keys.shape[2]
@@ -79,11 +81,13 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
 
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kernels.decode_fwd_kernel[(splits, batch * n_kv_heads)](
-            q, keys, values, weight, attended, out, m_part, l_part, acc_part,
+            q, keys, values, weight, attended, weight if nonfinite is None else nonfinite, out, m_part, l_part,
+            acc_part,
             q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3],
             n_entries, n_kv_heads, group, split_len, splits, scale * LOG2E,
             GATE=GATE_IDS[gate], DOT="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, FINAL=splits == 1, **decode["attend"])
+            BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, FINAL=splits == 1,
+            FLAGGED=nonfinite is not None, BLOCK_H=triton.next_power_of_2(n_kv_heads), **decode["attend"])
         if splits > 1:
             kernels.decode_combine_kernel[(rows,)](
                 m_part, l_part, acc_part, out, splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
@@ -91,31 +95,33 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
     return out
 
 
-def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Fused twin of `SparseKCache._append` followed by `weights`, for a cache and inputs already checked
     (`SparseKCache.check_token`): one kernel updates the cache of every (row, KV head) in place and writes
     the mask of the step; then the row lengths advance.
 
-    k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] uint8 0 / 1), the inputs of
-    `decode_attention_triton`. No host synchronisation: the step can be captured in a CUDA graph. The mask is
-    written as uint8, not bool viewed as bytes: inductor cannot lower a bool -> uint8 view under torch.compile.
+    k, v [B, H, D], scores [B, H] -> (weight [B, H, N] float32, attended [B, H, N] uint8 0 / 1, nonfinite
+    [B, H] uint8), the inputs of `decode_attention_triton`. A non-finite score enters the cache as -inf and is
+    flagged in nonfinite, so the step needs no PyTorch ops around the kernels. No host synchronisation: the
+    step can be captured in a CUDA graph. The mask is written as uint8, not bool viewed as bytes: inductor
+    cannot lower a bool -> uint8 view under torch.compile.
     """
     from ..sparsek.kept import MAX_ITERS, NEWTON_ITERS
 
     batch, n_kv_heads, n_entries, head_dim = cache.keys.shape
     weight = _empty((batch, n_kv_heads, n_entries), torch.float32, k.device)
     attended = torch.empty((batch, n_kv_heads, n_entries), dtype=torch.uint8, device=k.device)
+    nonfinite = torch.empty((batch, n_kv_heads), dtype=torch.uint8, device=k.device)
     if batch and n_kv_heads:
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-        u = scores.to(cache.scores.dtype)
         n_kept = cache.kept_u.shape[-1]
         blocks = tiles.cache_step(tiles.target(k.device), n_kept, cache.topk, n_entries)
         with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
             kernels.cache_step_kernel[(batch * n_kv_heads,)](
-                k, v, u, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
-                cache.dropped_u, cache.tau_hint, weight, attended, k.stride(0), k.stride(1), v.stride(0),
-                v.stride(1), u.stride(0), u.stride(1), n_kv_heads, n_kept, cache.window, cache.topk,
+                k, v, scores, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
+                cache.dropped_u, cache.tau_hint, weight, attended, nonfinite, k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), scores.stride(0), scores.stride(1), n_kv_heads, n_kept, cache.window, cache.topk,
                 NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, HEAD_DIM=head_dim, HAS_WINDOW=cache.window > 0,
                 HAS_TOPK=cache.topk > 0, **blocks)
     cache.lengths += 1
-    return weight, attended
+    return weight, attended, nonfinite

@@ -26,14 +26,16 @@ from ..sparsek.kernels import row_threshold
 
 @triton.jit
 def decode_fwd_kernel(
-    Q, K, V, WEIGHT, ATTENDED, OUT, M_PART, L_PART, ACC_PART,
+    Q, K, V, WEIGHT, ATTENDED, NONFINITE, OUT, M_PART, L_PART, ACC_PART,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GROUP, SPLIT_LEN, N_SPLITS, qk_scale2,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    FINAL: tl.constexpr,
+    FINAL: tl.constexpr, FLAGGED: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Entries [s * SPLIT_LEN, (s + 1) * SPLIT_LEN) of one (batch row, KV head). FINAL (one split): the
-    normalised output goes to OUT; otherwise the split's max, sum and accumulator go to the partials."""
+    normalised output goes to OUT; otherwise the split's max, sum and accumulator go to the partials.
+    FLAGGED: NONFINITE (uint8 [B * H], from cache_step_kernel) marks the rows whose new score was not finite;
+    every output of such a row is NaN (BLOCK_H >= H)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -68,6 +70,10 @@ def decode_fwd_kernel(
         allowed = tl.load(a_row + offs_n, mask=n_ok, other=0) != 0
         acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kt, vt, weight[None, :], allowed[None, :], qk_scale2, GATE,
                                      DOT, True)
+    if FLAGGED:
+        offs_h = tl.arange(0, BLOCK_H)
+        flags = tl.load(NONFINITE + b.to(tl.int64) * H + offs_h, mask=offs_h < H, other=0)
+        acc = tl.where(tl.max(flags, 0) != 0, float("nan"), acc)   # NaN survives the merge of the splits
 
     if FINAL:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]   # nothing attended: l = 0 and acc = 0, so o = 0
@@ -100,6 +106,7 @@ def decode_combine_kernel(M_PART, L_PART, ACC_PART, OUT, N_SPLITS, BLOCK_S: tl.c
 @triton.jit
 def cache_step_kernel(
     K_NEW, V_NEW, U_NEW, LENGTHS, KEYS, VALUES, SCORES, POSITIONS, KEPT, DROPPED, TAU_HINT, WEIGHT, ATTENDED,
+    NONFINITE,
     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_unb, stride_unh,
     H, C, WINDOW, TOPK,
     NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -110,11 +117,12 @@ def cache_step_kernel(
     candidate: its score enters the kept buffer if it beats the lowest (the first lowest column), else counts
     as dropped, and its key takes the worst slot if it is at least as good (worst: lowest score, then oldest;
     empty slots first). Then tau of the kept scores, and the mask of every entry: WEIGHT (float32: 1 in the
-    window, clip(u - tau, 0, 1) in the slots) and ATTENDED (uint8: the entry holds a token).
+    window, clip(u - tau, 0, 1) in the slots) and ATTENDED (uint8: the entry holds a token). A non-finite new
+    score enters as -inf, as `SparseKCache.step` does on the host, and NONFINITE (uint8) flags it.
 
     Cache tensors are contiguous: KEYS, VALUES [B * H, N, D], SCORES, POSITIONS (int64) [B * H, N], KEPT
     (float64) [B * H, C], DROPPED and TAU_HINT (float64) [B * H]; LENGTHS (int64) [B] is read, not advanced
-    (the host adds 1 after the launch: every head of a row reads it). U_NEW is in SCORES' dtype. TAU_HINT
+    (the host adds 1 after the launch: every head of a row reads it). U_NEW may be wider than SCORES. TAU_HINT
     holds the kept scores' last tau, the threshold search's first probe (see row_threshold).
     """
     pid = tl.program_id(0)
@@ -128,7 +136,10 @@ def cache_step_kernel(
     value_row = VALUES + entry_row * HEAD_DIM
     k_new = tl.load(K_NEW + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh + offs_d)
     v_new = tl.load(V_NEW + b.to(tl.int64) * stride_vnb + h.to(tl.int64) * stride_vnh + offs_d)
-    u_new = tl.load(U_NEW + b.to(tl.int64) * stride_unb + h.to(tl.int64) * stride_unh)
+    u_in = tl.load(U_NEW + b.to(tl.int64) * stride_unb + h.to(tl.int64) * stride_unh)
+    finite = tl.abs(u_in) < float("inf")                 # false for NaN and +-inf
+    tl.store(NONFINITE + pid, (finite == 0).to(tl.uint8))
+    u_new = tl.where(finite, u_in, float("-inf")).to(SCORES.dtype.element_ty)   # checked, then rounded
 
     if HAS_WINDOW:
         ring = t % WINDOW                                # the token at t - WINDOW, if any, leaves from here
