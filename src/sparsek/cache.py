@@ -31,8 +31,10 @@ try:
 except ImportError:  # triton is an optional extra: the PyTorch step
     decode_fused = None
 
-# Default bound on the kept scores, per slot: max_kept = KEPT_PER_SLOT * (topk + 1).
-KEPT_PER_SLOT = 8
+# Default bound on the kept scores: max_kept = max(KEPT_PER_SLOT * topk, MIN_KEPT). A power of two for a
+# power-of-two topk, so the fused step scans the buffer in whole chunks; small topk needs relatively more room
+# (see SparseKCache).
+KEPT_PER_SLOT, MIN_KEPT = 8, 64
 
 
 def _int_vector(name: str, value, what: str) -> Tensor:
@@ -49,7 +51,7 @@ def _int_vector(name: str, value, what: str) -> Tensor:
 class SparseKCache:
     """Window ring + k selected slots + kept candidate scores for one layer. Build with `prefill`.
 
-    max_kept is the size of the kept-score buffer per (row, KV head): "auto" (default) is 8 (topk + 1), an int
+    max_kept is the size of the kept-score buffer per (row, KV head): "auto" (default) is max(8 topk, 64), an int
     must be >= topk + 1. The buffer holds the max_kept best candidate scores seen so far: a new candidate that
     beats the lowest takes its column (the first such column), otherwise it is dropped; the cache remembers,
     per (row, KV head), the best score it ever dropped (`dropped_u`). Every tensor has a fixed size, so
@@ -64,7 +66,7 @@ class SparseKCache:
         A dropped score below min(theta - 1, u_(k+1)) (theta the k-th best) can never reach tau again: tau
         never falls below that bound. With the scorer's recency slope (0.01 per position, plus uniform [0, 1)
         noise) the most candidates above tau in 600 steps were 12, 40 and 122 for k = 1, 8, 64: under
-        8 (k + 1), so the default stays exact there;
+        the default's 64, 64 and 512 columns, so the default stays exact there;
       * otherwise, more than max_kept candidates above tau (scores stationary within 1 of each other), tau comes
         out lower than the exact one, never higher, so the slot weights m are larger (tests/test_cache_safety.py
         measures both cases).
@@ -85,7 +87,7 @@ class SparseKCache:
                              "that a decode step has static shapes; pass an int at least the number of tokens for "
                              "a cache that is exact whatever the scores")
         if max_kept == "auto":
-            max_kept = KEPT_PER_SLOT * (topk + 1)
+            max_kept = max(KEPT_PER_SLOT * topk, MIN_KEPT)
         if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < topk + 1:
             raise ValueError(f"max_kept must be 'auto' or an int >= topk + 1 = {topk + 1}, got {max_kept!r}")
         self.topk, self.window, self.max_kept = topk, window, max_kept
