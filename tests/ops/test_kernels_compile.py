@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent('''
 
     from sparsek.ops.attention import kernels as attn
     from sparsek.ops.common import tiles as host_tiles
+    from sparsek.ops.decode import fused as decode_fused
     from sparsek.ops.decode import kernels as decode_kernels
     from sparsek.ops.select import kernels as sel
     from sparsek.ops.sparsek import kernels as kept
@@ -74,18 +75,24 @@ SCRIPT = textwrap.dedent('''
                        dict(GATE=2, DOT=dot, HEAD_DIM=head_dim, ATOMIC=True, ONE_HEAD=False, **tiles), ("scale",),
                        warps, stages)
     tiles, warps, stages = split(host_tiles.decode(host_tiles.SM90, head_dim)["attend"])
-    compile_kernel(decode_kernels.decode_fwd_kernel,
-                   dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", NONFINITE="*u8", OUT=x, M_PART="*fp32",
-                        L_PART="*fp32", ACC_PART="*fp32"),
-                   dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=False, FLAGGED=True, BLOCK_H=4, **tiles),
-                   (), warps, stages,
-                   doubles=("qk_scale2",))                # torch.compile passes a Python float as fp64
+    for final in (False, True):                            # partials of several splits, or one split's output
+        compile_kernel(decode_kernels.decode_fwd_kernel,
+                       dict(Q=x, K=x, V=x, WEIGHT="*fp32", ATTENDED="*u8", NONFINITE="*u8", OUT=x, M_PART="*fp32",
+                            L_PART="*fp32", ACC_PART="*fp32"),
+                       dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=final, FLAGGED=final, BLOCK_H=4,
+                            **tiles),
+                       (), warps, stages,
+                       doubles=("qk_scale2",))            # torch.compile passes a Python float as fp64
+    compile_kernel(decode_kernels.decode_combine_kernel, dict(M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32", OUT=x),
+                   dict(BLOCK_S=decode_fused.MAX_SPLITS, HEAD_DIM=head_dim))
     cache = dict(K_NEW=x, V_NEW=x, U_NEW="*fp32", LENGTHS="*i64", KEYS=x, VALUES=x, SCORES="*fp32",
                  POSITIONS="*i64", KEPT="*fp64", DROPPED="*fp64", TAU_HINT="*fp64", WEIGHT="*fp32",
                  ATTENDED="*u8", NONFINITE="*u8")
+    tiles = dict(host_tiles.cache_step(host_tiles.SM90, 8 * 1024, 1024, 1024 + 512))   # a default top-1024 cache
+    warps = tiles.pop("num_warps")
     compile_kernel(decode_kernels.cache_step_kernel, cache,
-                   dict(NEWTON_ITERS=16, MAX_ITERS=82, HEAD_DIM=head_dim, BLOCK_C=1024, BLOCK_K=1024, BLOCK_N=1024,
-                        HAS_WINDOW=True, HAS_TOPK=True))
+                   dict(NEWTON_ITERS=16, MAX_ITERS=82, HEAD_DIM=head_dim, HAS_WINDOW=True, HAS_TOPK=True, **tiles),
+                   num_warps=warps)
     if dtype == "bf16":
         compile_kernel(kept.kept_threshold_kernel, dict(Z="*fp64", TAU="*fp64"),
                        dict(NEWTON_ITERS=16, MAX_ITERS=82, BLOCK=1024))
