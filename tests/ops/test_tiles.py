@@ -39,8 +39,9 @@ INTERPRETER_SELECTION = dict(ranks=dict(CHUNK=64), wavelet=dict(CHUNK=16), desce
                              threshold_backward=dict(CHUNK=16, SCAN=8))
 
 # Row length -> the threshold scans' chunk: the interpreter takes a row in one chunk, a GPU in chunks of 1024.
-ROW_CHUNKS = {0: (1, 1), 1: (1, 1), 5: (8, 8), 100: (128, 128), 1024: (1024, 1024), 1025: (2048, 1024),
-              4100: (8192, 1024)}
+# n columns -> (the interpreter's chunk, the threshold kernel's sm_90 chunk, the cache step's sm_90 kept chunk)
+ROW_CHUNKS = {0: (1, 1, 1), 1: (1, 1, 1), 5: (8, 8, 8), 100: (128, 128, 128), 1024: (1024, 1024, 1024),
+              1025: (2048, 1024, 2048), 4100: (8192, 1024, 2048)}
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -71,15 +72,15 @@ def test_decode_teacher_and_selection_tiles(head_dim):
 
 @pytest.mark.parametrize("n_columns", sorted(ROW_CHUNKS))
 def test_threshold_and_cache_step_chunks(n_columns):
-    interpreter_chunk, gpu_chunk = ROW_CHUNKS[n_columns]
+    interpreter_chunk, gpu_chunk, kept_chunk = ROW_CHUNKS[n_columns]
     assert tiles.threshold(tiles.INTERPRETER, n_columns) == dict(BLOCK=interpreter_chunk, num_warps=1)
     assert tiles.threshold(tiles.SM90, n_columns) == dict(BLOCK=gpu_chunk, num_warps=4)
-    # The cache step scans its kept scores, slots and entries with the threshold's chunk rule, and its warps.
-    for target, warps in ((tiles.INTERPRETER, 1), (tiles.SM90, 4)):
-        chunk = tiles.threshold(target, n_columns)["BLOCK"]
-        assert tiles.cache_step(target, n_columns, 5, 4100) == dict(
-            BLOCK_C=chunk, BLOCK_K=tiles.threshold(target, 5)["BLOCK"], BLOCK_N=tiles.threshold(target, 4100)["BLOCK"],
-            num_warps=warps)
+    # The cache step scans its slots and entries with the threshold's chunk rule; on sm_90 its kept scores in
+    # chunks of up to 2048, with 8 warps (the H200 sweep in tiles.cache_step).
+    assert tiles.cache_step(tiles.INTERPRETER, n_columns, 5, 4100) == dict(
+        BLOCK_C=interpreter_chunk, BLOCK_K=8, BLOCK_N=8192, num_warps=1)
+    assert tiles.cache_step(tiles.SM90, n_columns, 5, 4100) == dict(
+        BLOCK_C=kept_chunk, BLOCK_K=8, BLOCK_N=1024, num_warps=8)
 
 
 @pytest.mark.parametrize("capability", OTHER_GPUS)
