@@ -33,3 +33,9 @@ def test_decode_step_bench_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(decode_step.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         decode_step.main([])
+
+
+def test_unknown_way_is_refused(capsys):
+    with pytest.raises(SystemExit) as error:
+        decode.main(["--device", "cpu", "--tiny", "--ways", "graph,fast"])
+    assert error.value.code == 2 and "--ways" in capsys.readouterr().err

@@ -40,6 +40,7 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
 TINY_SHAPE = dict(SMOLLM2_SHAPE, vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
 NAMES = ("full", "sparsek", "sparsek_real")
+WAYS = ("eager", "graph", "compiled")
 
 
 def _model(device: str, shape: dict):
@@ -272,18 +273,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--generate", default="4096,65536", help="contexts of the generate() rows ('' for none)")
+    parser.add_argument("--ways", default="eager,graph,compiled", help="comma-separated, of eager, graph and "
+                        "compiled (a CPU runs eager alone)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of width 64 (smoke test)")
     parser.add_argument("--out", default="docs/bench/decode")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: pass --device cpu (eager rows only) for a smoke test")
+    ways = tuple(w.strip() for w in args.ways.split(",") if w.strip())
+    if not ways or set(ways) - set(WAYS):
+        parser.error(f"--ways takes a comma-separated subset of {', '.join(WAYS)}, got {args.ways!r}")
+    if args.device != "cuda":
+        ways = ("eager",)
     from ..integrations.hf import convert
 
     shape = TINY_SHAPE if args.tiny else SMOLLM2_SHAPE
     full = _model(args.device, shape)
     sparse = convert(_model(args.device, shape), topk=args.topk, window=args.window)
-    ways = ("eager", "graph", "compiled") if args.device == "cuda" else ("eager",)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "shape": shape, "topk": args.topk, "window": args.window,
               "steps": args.steps, "rows": decode_rows(full, sparse, args, ways)}
