@@ -1,6 +1,6 @@
 """Decode attention over a SparseK cache: the reference against an explicit float64 loop, the Triton kernel
-against the reference (under TRITON_INTERPRET=1 on CPU, natively on a GPU), input validation, bf16 at real
-sizes on a GPU, and a compile check of the kernels for an H100 (sm_90) that needs no GPU.
+against the reference (under TRITON_INTERPRET=1 on CPU, natively on a GPU), input validation, and bf16 at real
+sizes on a GPU. (tests/ops/test_kernels_compile.py compiles the kernels for sm_90 without a GPU.)
 """
 
 from __future__ import annotations

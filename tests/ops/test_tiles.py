@@ -38,8 +38,8 @@ INTERPRETER_SELECTION = dict(ranks=dict(CHUNK=64), wavelet=dict(CHUNK=16), desce
                              lists=dict(CHUNK=64, SLOT_TILE=16, BLOCK_CHUNK=4),
                              threshold_backward=dict(CHUNK=16, SCAN=8))
 
-# Row length -> the threshold scans' chunk: the interpreter takes a row in one chunk, a GPU in chunks of 1024.
-# n columns -> (the interpreter's chunk, the threshold kernel's sm_90 chunk, the cache step's sm_90 kept chunk)
+# Row length -> (the interpreter's chunk: the whole row; the threshold kernel's sm_90 chunk: at most 1024; the
+# cache step's sm_90 chunk of kept scores: at most 2048).
 ROW_CHUNKS = {0: (1, 1, 1), 1: (1, 1, 1), 5: (8, 8, 8), 100: (128, 128, 128), 1024: (1024, 1024, 1024),
               1025: (2048, 1024, 2048), 4100: (8192, 1024, 2048)}
 

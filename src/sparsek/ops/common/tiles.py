@@ -109,9 +109,9 @@ def cache_step(target: Target, n_kept: int, topk: int, n_entries: int) -> dict:
                   BLOCK_N=threshold(target, n_entries)["BLOCK"])
     if target == INTERPRETER:
         return dict(chunks, num_warps=1)
-    # H200 sweep (2026-12-05, top-1024 cache with 8192 kept scores, B = 1 and 8): kept chunks of 2048 with 8
-    # warps took 20-22 us a step, against 28-30 with 1024 and 4; chunks of 4096 or more spill registers
-    # (8192 with 16 warps: 74 us).
+    # H200 sweep (2026-12-05, top-1024 cache with 8192 kept scores, B = 1 and 8; docs/kernels.md): kept chunks
+    # of 2048 with 8 warps took 20-22 us per update, against 28-31 with 1024 and 4; chunks of 4096 or more
+    # spill registers (8192 with 16 warps: 74 us).
     return dict(chunks, BLOCK_C=min(2048, _next_power_of_2(max(n_kept, 1))), num_warps=8)
 
 
