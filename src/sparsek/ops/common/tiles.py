@@ -104,15 +104,15 @@ def threshold(target: Target, n_columns: int) -> dict:
 
 def cache_step(target: Target, n_kept: int, topk: int, n_entries: int) -> dict:
     """Chunks of the fused cache step (`cache_step_kernel`), whose passes scan its kept scores (BLOCK_C), its
-    top-k slots (BLOCK_K) and its N entries (BLOCK_N) as the kept threshold scans a row."""
-    chunks = dict(BLOCK_C=threshold(target, n_kept)["BLOCK"], BLOCK_K=threshold(target, topk)["BLOCK"],
-                  BLOCK_N=threshold(target, n_entries)["BLOCK"])
+    top-k slots (BLOCK_K) and its N entries (BLOCK_N). The slots and entries take the kept threshold's chunk
+    rule; the kept scores, the step's hot loop, have their own on a GPU."""
+    scans = dict(BLOCK_K=threshold(target, topk)["BLOCK"], BLOCK_N=threshold(target, n_entries)["BLOCK"])
     if target == INTERPRETER:
-        return dict(chunks, num_warps=1)
+        return dict(scans, BLOCK_C=threshold(target, n_kept)["BLOCK"], num_warps=1)
     # H200 sweep (2026-12-05, top-1024 cache with 8192 kept scores, B = 1 and 8; docs/kernels.md): kept chunks
     # of 2048 with 8 warps took 20-22 us per update, against 28-31 with 1024 and 4; chunks of 4096 or more
     # spill registers (8192 with 16 warps: 74 us).
-    return dict(chunks, BLOCK_C=min(2048, _next_power_of_2(max(n_kept, 1))), num_warps=8)
+    return dict(scans, BLOCK_C=min(2048, _next_power_of_2(max(n_kept, 1))), num_warps=8)
 
 
 def teacher(target: Target, head_dim: int) -> dict:
