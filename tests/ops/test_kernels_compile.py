@@ -37,6 +37,8 @@ SCRIPT = textwrap.dedent('''
                 signature[name] = "constexpr"
             elif name in pointers:
                 signature[name] = pointers[name]
+            elif name.endswith("_strides"):                # a tensor's (batch, time, head) strides, grouped
+                signature[name] = ("i32", "i32", "i32")
             else:
                 signature[name] = "fp32" if name in floats else "fp64" if name in doubles else "i32"
         src = ASTSource(fn=fn, signature=signature,

@@ -40,7 +40,7 @@ def ptxas_path() -> str:
 
 def compile_like_launch(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
     """triton.compile of fn for sm_90. args: every non-constexpr argument by name, a pointer as its Triton type
-    ("*bf16"), a number as its value (it sets the specialisation)."""
+    ("*bf16"), a number or a tuple of integers as its value (it sets the specialisation)."""
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         value = constexprs.get(name, args.get(name))
@@ -52,6 +52,9 @@ def compile_like_launch(fn, args: dict, constexprs: dict, num_warps: int, num_st
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif isinstance(value, tuple):                     # grouped integers (a tensor's strides)
+            signature[name] = ("i32",) * len(value)
+            attrs.update({(i, j): [["tt.divisibility", 16]] for j, v in enumerate(value) if v % 16 == 0})
         else:
             signature[name] = "i32"
             if value % 16 == 0:
@@ -83,11 +86,10 @@ def launch_args(t_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str
     pointers = {name: x for name in "Q K V OUT DO DQ DK DV".split()}
     pointers.update({name: "*fp32" for name in "U TAU LSE DELTA DTAU POISON DU DK_LIST DV_LIST DU_LIST".split()})
     pointers.update({name: "*i32" for name in "START END LISTS".split()})
-    q_strides = dict(b=t_len * heads * head_dim, t=heads * head_dim, h=head_dim)
-    kv_strides = dict(b=t_len * kv_heads * head_dim, t=kv_heads * head_dim, h=head_dim)
-    strides = {f"stride_{n}{axis}": s for n, st in (("q", q_strides), ("k", kv_strides), ("v", kv_strides),
-                                                    ("o", q_strides)) for axis, s in st.items()}
-    return dict(pointers, **strides, T=t_len, N_SLOTS=max(1, min(topk, t_len)), WINDOW=min(window, t_len), H_Q=heads,
+    q_strides = (t_len * heads * head_dim, heads * head_dim, head_dim)           # (batch, time, head)
+    kv_strides = (t_len * kv_heads * head_dim, kv_heads * head_dim, head_dim)
+    return dict(pointers, q_strides=q_strides, k_strides=kv_strides, v_strides=kv_strides, o_strides=q_strides,
+                T=t_len, N_SLOTS=max(1, min(topk, t_len)), WINDOW=min(window, t_len), H_Q=heads,
                 GROUP=heads // kv_heads, qk_scale2=0.1, scale=0.1)
 
 

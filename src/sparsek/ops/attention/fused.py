@@ -73,8 +73,9 @@ forward_selection = GraphedFunction(_forward_selection, GRAPH_MAX_ELEMENTS)
 graphed_threshold_backward = GraphedFunction(_threshold_backward, GRAPH_MAX_ELEMENTS)
 
 
-def _strides(*tensors: Tensor) -> list[int]:
-    return [s for t in tensors for s in t.stride()[:3]]
+def _strides(*tensors: Tensor) -> list[tuple[int, int, int]]:
+    """Each tensor's (batch, time, head) strides, one tuple per tensor: the kernels take them grouped."""
+    return [tuple(t.stride()[:3]) for t in tensors]
 
 
 def score_rows(x: Tensor) -> Tensor:

@@ -180,13 +180,16 @@ def _query_block(Q, K, V, U, TAU, START, END, pid_m, pid_bh, stride_qb, stride_q
 @triton.jit
 def sparsek_fwd_kernel(
     Q, K, V, U, TAU, START, END, LISTS, OUT, LSE, POISON,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
+    q_strides, k_strides, v_strides, o_strides,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """o and lse (log2 units). POISON [1] float32 is 0, or NaN when the scores were not finite: it is added to
     every output, so that bad scores show without a host-side check."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
@@ -244,8 +247,7 @@ def _dq_band_tile(dq, dtau, j0, band_hi, q, do, lse2, delta, k_base, v_base, u_r
 @triton.jit
 def sparsek_bwd_dq_kernel(
     Q, K, V, U, TAU, START, END, LISTS, DO, OUT, LSE, DELTA, DQ, DTAU,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
+    q_strides, k_strides, v_strides, o_strides,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     LIST_BLOCK: tl.constexpr,
@@ -254,6 +256,10 @@ def sparsek_bwd_dq_kernel(
     delta [B * Hq, T] = rowsum(dO * O), which the other two passes read (OUT, the forward's output, has the
     strides of do). A query tile of BLOCK_M takes the list and the band of the list block (LIST_BLOCK, a
     multiple of BLOCK_M; N_BLOCKS list blocks) that contains it."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hq, row, i0, offs_m, offs_d, row_ok, q, tau, k_base, v_base, u_row, start_row, end_row = _query_block(
@@ -355,8 +361,7 @@ def _band_pass_tile(dk, dv, du, blk, kt, vt, u_j, start_j, end_j, offs_n, key_ok
 @triton.jit
 def sparsek_bwd_band_kernel(
     Q, K, V, U, TAU, START, END, DO, LSE, DELTA, DK_LIST, DV_LIST, DU_LIST, DK, DV, DU,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
+    q_strides, k_strides, v_strides, o_strides,
     T, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     LIST_BLOCK: tl.constexpr,
@@ -364,6 +369,10 @@ def sparsek_bwd_band_kernel(
     """dk, dv ([B, T, Hk, D] with the strides of k) and du ([R, T], float32): the band's sums plus, for keys in
     some block's list, the list pass's (DK_LIST, DV_LIST float32 like k, DU_LIST like du). N_BLOCKS query tiles
     of BLOCK_M; the band of a tile starts at that of its list block (LIST_BLOCK)."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     h_k = H_Q // GROUP
@@ -440,14 +449,17 @@ def _flush_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_
 @triton.jit
 def sparsek_bwd_list_kernel(
     Q, K, V, U, TAU, END, LISTS, DO, LSE, DELTA, DK, DV, DU,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
+    q_strides, k_strides, v_strides, o_strides,
     T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, WINDOW, H_Q, GROUP, scale,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     SUB_M: tl.constexpr, ATOMIC: tl.constexpr, ONE_HEAD: tl.constexpr,
 ):
     """List-phase dk, dv, du of the keys in some block's list, into float32 scratch (dk, dv with the strides of
     k; du [R, T]); the band pass adds them. ONE_HEAD: GROUP == 1."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
     pid_s = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_c = tl.program_id(2)
