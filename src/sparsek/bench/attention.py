@@ -1,10 +1,11 @@
-"""Fused SparseK attention against causal SDPA and FlexAttention on one GPU: time, TFLOP/s, peak memory.
+"""Fused SparseK attention against causal SDPA, FlexAttention and FLA's NSA on one GPU: time, TFLOP/s, peak memory.
 
-    python -m sparsek.bench.attention                          # T = 4k .. 128k, heads 16/16 and 32/8
+    python -m sparsek.bench.attention                          # T = 4k .. 128k, heads 16/16, 32/8, 64/4
     python -m sparsek.bench.attention --quick                  # T = 4k and 8k only (smoke test)
     python -m sparsek.bench.attention --heads 16/16 --seq-lens 8192 65536 --no-flex
 
-The default run is sized for about 6-7 minutes on an H100, most of it compiling FlexAttention per shape.
+The default run took about 6-7 minutes on an H100 with two head configs, most of it compiling FlexAttention per
+shape; the third (64/4, for NSA) adds to that.
 Setup: B = 1, D = 128, bf16, topk = 1024, window = 512, gate "kv", scores = torch.randn(B, T, Hk) in float32
 (i.i.d. random, no position slope), seed 0. Each time is the median of triton.testing.do_bench (CUDA events,
 L2 cache flushed before each call, --rep ms of repeats).
@@ -22,6 +23,11 @@ L2 cache flushed before each call, --rep ms of repeats).
   The block mask is built from the selection ranges without evaluating the T x T mask (--flex-mask ranges;
   create_block_mask compiled is --flex-mask create) and is not timed. Up to --flex-max-len only. At the
   smallest T its forward is checked against SDPA with the same mask as a dense boolean tensor.
+* nsa: FLA's Native Sparse Attention (`fla.ops.nsa.parallel_nsa`, `pip install fla-core`) at the same keys
+  per query: its compression branch picks topk / 64 blocks of 64 keys, and FLA's Triton sliding-window
+  attention (`fla.ops.attn.parallel.parallel_attn`) adds the window, each branch gated as NSA combines them
+  (gates random in (0, 1), with gradients). Only when fla imports and the GQA group is a power of 2 of at
+  least 16, which NSA's kernels need (the 64/4 rows); "-" otherwise, with the reason printed.
 * TFLOP/s: forward 4 * B * T * (topk + window) * D * Hq FLOPs, the nominal budget (queries before
   topk + window attend fewer keys); forward+backward 3.5 times that (the backward counted as 2.5 forwards).
 * peak MB: torch.cuda.max_memory_allocated during one forward+backward minus what was allocated before it
@@ -56,6 +62,8 @@ FLEX_BLOCK = 128           # FlexAttention's default sparse block size
 FWDBWD_FLOP_FACTOR = 2.5   # forward + backward FLOPs per forward FLOP, as the kernel issue counts them
 SDPA_BACKENDS = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
 CHECK_MAX_ELEMENTS = 1 << 30  # largest B * Hq * T * T for the dense-mask check of the flex baseline
+NSA_BLOCK = 64                # keys per selected block of NSA (its paper's and FLA's default)
+NSA_MIN_GROUP = 16            # NSA's kernels tile the query heads of a KV head: a power of 2, at least 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,6 +335,57 @@ def bench_flex(q, k, v, grad, start, end, args, label: str, check: bool) -> dict
 
 
 # ----------------------------------------------------------------------------------------------------------
+# FLA's NSA, the trainable sparse peer
+
+
+def nsa_unavailable(n_q_heads: int, n_kv_heads: int, topk: int) -> str | None:
+    """Why the NSA row cannot run at this shape, or None when it can."""
+    group = n_q_heads // n_kv_heads
+    if group < NSA_MIN_GROUP or group & (group - 1):
+        return f"NSA needs a GQA group that is a power of 2 of at least {NSA_MIN_GROUP}, got {group}"
+    if topk < NSA_BLOCK or topk % NSA_BLOCK:
+        return f"NSA selects blocks of {NSA_BLOCK} keys: topk must be a multiple of {NSA_BLOCK}, got {topk}"
+    try:
+        import fla.ops.attn.parallel  # noqa: F401
+        import fla.ops.nsa.parallel  # noqa: F401
+    except ImportError as err:
+        return f"fla is not importable (pip install fla-core): {first_line(err)}"
+    return None
+
+
+def bench_nsa(q, k, v, grad, args, label: str) -> dict:
+    """NSA + sliding window on [B, T, H, D] inputs, forward and forward+backward; errors are reported and the
+    row goes on."""
+    row = dict(nsa_fwd_ms=None, nsa_fwdbwd_ms=None, nsa_error=nsa_unavailable(q.shape[2], k.shape[2], args.topk))
+    if row["nsa_error"] is not None:
+        print(f"{label} nsa: skipped ({row['nsa_error']})", flush=True)
+        return row
+    from fla.ops.attn.parallel import parallel_attn
+    from fla.ops.nsa.parallel import parallel_nsa
+
+    gates = [torch.rand(q.shape[:3], device=q.device, dtype=q.dtype).requires_grad_() for _ in range(3)]
+    g_cmp, g_slc, g_swa = gates
+
+    def attn():
+        o = parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=args.topk // NSA_BLOCK,
+                         block_size=NSA_BLOCK)
+        return o + parallel_attn(q, k, v, window_size=args.window) * g_swa.unsqueeze(-1)
+
+    try:
+        row["nsa_fwd_ms"] = bench_forward(attn, args)
+        row["nsa_fwdbwd_ms"], _ = bench_forward_backward(attn, grad, [q, k, v, *gates], args)
+    except Exception as err:  # an fla version with another API, out of memory: report '-' and go on
+        row["nsa_error"] = first_line(err)
+        print(f"{label} nsa: failed ({row['nsa_error']})", flush=True)
+    finally:
+        q.grad = k.grad = v.grad = None
+        torch.cuda.empty_cache()
+    if row["nsa_fwd_ms"] is not None:
+        print(f"{label} nsa      fwd {row['nsa_fwd_ms']:8.3f} ms  f+b {row['nsa_fwdbwd_ms']:8.3f} ms", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
 # one row
 
 
@@ -355,6 +414,7 @@ def bench_row(t_len: int, n_q_heads: int, n_kv_heads: int, args, check: bool) ->
     row = dict(T=t_len, heads=f"{n_q_heads}/{n_kv_heads}", n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
                batch=batch, head_dim=head_dim, topk=args.topk, window=args.window, gate=args.gate)
     row.update(bench_sparsek(q, k, v, scores, grad, args, label, check))
+    row.update(bench_nsa(q, k, v, grad, args, label))
 
     def bhtd(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, T, D] contiguous leaf
         return x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
@@ -380,6 +440,7 @@ def bench_row(t_len: int, n_q_heads: int, n_kv_heads: int, args, check: bool) ->
         speedup_sdpa_fwdbwd=ratio(row["sdpa_fwdbwd_ms"], sk_fwdbwd),
         speedup_flex_fwd=ratio(row["flex_fwd_ms"], sk_fwd),
         speedup_flex_fwdbwd=ratio(row["flex_fwdbwd_ms"], sk_fwdbwd),
+        speedup_nsa_fwdbwd=ratio(row["nsa_fwdbwd_ms"], sk_fwdbwd),
     )
     torch.cuda.empty_cache()
     return row
@@ -397,7 +458,8 @@ def print_table(rows: list[dict], env: dict) -> None:
     print(f"\nGPU {env['gpu']}, torch {env['torch']}, triton {env['triton']}; B={rows[0]['batch']}, "
           f"D={rows[0]['head_dim']}, topk={rows[0]['topk']}, window={rows[0]['window']}, gate={rows[0]['gate']}, "
           "bf16, median ms; speedup = other ms / sparsek ms; TF/s = sparsek forward TFLOP/s; "
-          "sel % = selection / sparsek f+b; peak MB = fwd+bwd, sparsek / sdpa; "
+          "sel % = selection / sparsek f+b; nsa = FLA's NSA + sliding window at the same keys per query; "
+          "peak MB = fwd+bwd, sparsek / sdpa; "
           "sdpa backend = fastest for fwd / for f+b")
     columns = [  # header, width, row -> text
         ("T", 7, lambda r: str(r["T"])),
@@ -408,8 +470,10 @@ def print_table(rows: list[dict], env: dict) -> None:
         ("sk f+b", 8, lambda r: fmt(r["sparsek_fwdbwd_ms"], ".3f")),
         ("sdpa f+b", 8, lambda r: fmt(r["sdpa_fwdbwd_ms"], ".3f")),
         ("flex f+b", 8, lambda r: fmt(r["flex_fwdbwd_ms"], ".3f")),
+        ("nsa f+b", 8, lambda r: fmt(r["nsa_fwdbwd_ms"], ".3f")),
         ("x sdpa", 6, lambda r: fmt(r["speedup_sdpa_fwdbwd"], ".2f")),
         ("x flex", 6, lambda r: fmt(r["speedup_flex_fwdbwd"], ".2f")),
+        ("x nsa", 6, lambda r: fmt(r["speedup_nsa_fwdbwd"], ".2f")),
         ("TF/s", 5, lambda r: fmt(r["sparsek_fwd_tflops"], ".0f")),
         ("sel %", 5, lambda r: fmt(100 * r["selection_share"], ".1f")),
         ("peak MB", 13, lambda r: f"{fmt(r['sparsek_peak_mb'], '.0f')}/{fmt(r['sdpa_peak_mb'], '.0f')}"),
@@ -438,7 +502,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(heads), figsize=(6 * len(heads), 4.5), squeeze=False)
     for ax, head in zip(axes[0], heads):
         sub = [r for r in rows if r["heads"] == head]
-        for method, color in (("sparsek", "C0"), ("sdpa", "C1"), ("flex", "C2")):
+        for method, color in (("sparsek", "C0"), ("sdpa", "C1"), ("flex", "C2"), ("nsa", "C3")):
             for mode, style, name in (("fwd", "-", "fwd"), ("fwdbwd", "--", "fwd+bwd")):
                 points = [(r["T"], r[f"{method}_{mode}_ms"]) for r in sub if r.get(f"{method}_{mode}_ms")]
                 if points:
@@ -472,8 +536,8 @@ def parse_heads(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=DEFAULT_SEQ_LENS)
-    parser.add_argument("--heads", type=parse_heads, nargs="+", default=[(16, 16), (32, 8)],
-                        help="Hq/Hk pairs (default: 16/16 32/8)")
+    parser.add_argument("--heads", type=parse_heads, nargs="+", default=[(16, 16), (32, 8), (64, 4)],
+                        help="Hq/Hk pairs (default: 16/16 32/8 64/4; NSA runs at 64/4 only)")
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=128)
