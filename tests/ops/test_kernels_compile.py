@@ -30,15 +30,15 @@ SCRIPT = textwrap.dedent('''
     from sparsek.ops.select import kernels as sel
     from sparsek.ops.sparsek import kernels as kept
 
-    def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2, doubles=(), strides=None):
+    def compile_kernel(fn, pointers, constexprs, floats=(), num_warps=4, num_stages=2, doubles=()):
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name in pointers:
                 signature[name] = pointers[name]
-            elif name.endswith("_strides"):                # a tensor's strides, one tuple (3 unless named)
-                signature[name] = ("i32",) * (strides or {}).get(name, 3)
+            elif name.endswith("_strides"):                # a tensor's (batch, time, head) strides, grouped
+                signature[name] = ("i32", "i32", "i32")
             else:
                 signature[name] = "fp32" if name in floats else "fp64" if name in doubles else "i32"
         src = ASTSource(fn=fn, signature=signature,
@@ -84,8 +84,7 @@ SCRIPT = textwrap.dedent('''
                        dict(GATE=0, DOT=dot, BLOCK_G=16, HEAD_DIM=head_dim, FINAL=final, FLAGGED=final, BLOCK_H=4,
                             **tiles),
                        (), warps, stages,
-                       doubles=("qk_scale2",),            # torch.compile passes a Python float as fp64
-                       strides=dict(q_strides=2))
+                       doubles=("qk_scale2",))            # torch.compile passes a Python float as fp64
     compile_kernel(decode_kernels.decode_combine_kernel, dict(M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32", OUT=x),
                    dict(BLOCK_S=decode_fused.MAX_SPLITS, HEAD_DIM=head_dim))
     cache = dict(K_NEW=x, V_NEW=x, U_NEW="*fp32", LENGTHS="*i64", KEYS=x, VALUES=x, SCORES="*fp32",
@@ -95,7 +94,7 @@ SCRIPT = textwrap.dedent('''
     warps = tiles.pop("num_warps")
     compile_kernel(decode_kernels.cache_step_kernel, cache,
                    dict(NEWTON_ITERS=16, MAX_ITERS=82, HEAD_DIM=head_dim, HAS_WINDOW=True, HAS_TOPK=True, **tiles),
-                   num_warps=warps, strides=dict.fromkeys(("k_new_strides", "v_new_strides", "u_new_strides"), 2))
+                   num_warps=warps)
     if dtype == "bf16":
         compile_kernel(kept.kept_threshold_kernel, dict(Z="*fp64", TAU="*fp64"),
                        dict(NEWTON_ITERS=16, MAX_ITERS=82, BLOCK=1024))

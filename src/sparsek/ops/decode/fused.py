@@ -83,7 +83,7 @@ def decode_attention_triton(q: Tensor, keys: Tensor, values: Tensor, weight: Ten
         kernels.decode_fwd_kernel[(splits, batch * n_kv_heads)](
             q, keys, values, weight, attended, weight if nonfinite is None else nonfinite, out, m_part, l_part,
             acc_part,
-            q.stride()[:2], keys.stride()[:3], values.stride()[:3],
+            q.stride(0), q.stride(1), *keys.stride()[:3], *values.stride()[:3],
             n_entries, n_kv_heads, group, split_len, splits, scale * LOG2E,
             GATE=GATE_IDS[gate], DOT="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, FINAL=splits == 1,
@@ -119,8 +119,8 @@ def cache_step(cache, k: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, Ten
         with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
             kernels.cache_step_kernel[(batch * n_kv_heads,)](
                 k, v, scores, cache.lengths, cache.keys, cache.values, cache.scores, cache.positions, cache.kept_u,
-                cache.dropped_u, cache.tau_hint, weight, attended, nonfinite, k.stride()[:2], v.stride()[:2],
-                scores.stride()[:2], n_kv_heads, n_kept, cache.window, cache.topk,
+                cache.dropped_u, cache.tau_hint, weight, attended, nonfinite, k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), scores.stride(0), scores.stride(1), n_kv_heads, n_kept, cache.window, cache.topk,
                 NEWTON_ITERS=NEWTON_ITERS, MAX_ITERS=MAX_ITERS, HEAD_DIM=head_dim, HAS_WINDOW=cache.window > 0,
                 HAS_TOPK=cache.topk > 0, **blocks)
     cache.lengths += 1

@@ -27,7 +27,7 @@ from ..sparsek.kernels import row_threshold
 @triton.jit
 def decode_fwd_kernel(
     Q, K, V, WEIGHT, ATTENDED, NONFINITE, OUT, M_PART, L_PART, ACC_PART,
-    q_strides, k_strides, v_strides,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     N, H, GROUP, SPLIT_LEN, N_SPLITS, qk_scale2,
     GATE: tl.constexpr, DOT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     FINAL: tl.constexpr, FLAGGED: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -36,9 +36,6 @@ def decode_fwd_kernel(
     normalised output goes to OUT; otherwise the split's max, sum and accumulator go to the partials.
     FLAGGED: NONFINITE (uint8 [B * H], from cache_step_kernel) marks the rows whose new score was not finite;
     every output of such a row is NaN (BLOCK_H >= H)."""
-    stride_qb, stride_qh = q_strides                 # (batch, head)
-    stride_kb, stride_kh, stride_kn = k_strides      # (batch, head, entry)
-    stride_vb, stride_vh, stride_vn = v_strides
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -110,7 +107,7 @@ def decode_combine_kernel(M_PART, L_PART, ACC_PART, OUT, N_SPLITS, BLOCK_S: tl.c
 def cache_step_kernel(
     K_NEW, V_NEW, U_NEW, LENGTHS, KEYS, VALUES, SCORES, POSITIONS, KEPT, DROPPED, TAU_HINT, WEIGHT, ATTENDED,
     NONFINITE,
-    k_new_strides, v_new_strides, u_new_strides,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_unb, stride_unh,
     H, C, WINDOW, TOPK,
     NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TOPK: tl.constexpr,
@@ -128,9 +125,6 @@ def cache_step_kernel(
     (the host adds 1 after the launch: every head of a row reads it). U_NEW may be wider than SCORES. TAU_HINT
     holds the kept scores' last tau, the threshold search's first probe (see row_threshold).
     """
-    stride_knb, stride_knh = k_new_strides           # (batch, head)
-    stride_vnb, stride_vnh = v_new_strides
-    stride_unb, stride_unh = u_new_strides
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H

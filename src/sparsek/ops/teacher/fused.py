@@ -24,7 +24,7 @@ def teacher_mass_triton(q: Tensor, k: Tensor, *, window: int, reduction: str = "
     dot = "ieee" if q.dtype == torch.float32 else "tf32"
     tile = tiles.teacher(tiles.target(q.device), head_dim)
     qk_scale2 = scale * math.log2(math.e)
-    strides = (q.stride()[:3], k.stride()[:3])          # grouped per tensor: (batch, time, head)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     lse = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
     teacher_lse_kernel[(triton.cdiv(t_len, tile["BLOCK_M"]), batch * n_q_heads)](
         q, k, lse, t_len, *strides, qk_scale2, N_Q_HEADS=n_q_heads, GROUP=group, HEAD_DIM=head_dim, DOT=dot, **tile)

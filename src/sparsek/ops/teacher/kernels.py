@@ -18,11 +18,9 @@ import triton.language as tl
 
 
 @triton.jit
-def teacher_lse_kernel(q_ptr, k_ptr, lse_ptr, T, q_strides, k_strides, qk_scale2, N_Q_HEADS: tl.constexpr,
-                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT: tl.constexpr):
-    stride_qb, stride_qt, stride_qh = q_strides                    # (batch, time, head)
-    stride_kb, stride_kt, stride_kh = k_strides
+def teacher_lse_kernel(q_ptr, k_ptr, lse_ptr, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                       qk_scale2, N_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     block = tl.program_id(0)
     row = tl.program_id(1)                                         # b * Hq + query head
     b, h_q = row // N_Q_HEADS, row % N_Q_HEADS
@@ -48,11 +46,10 @@ def teacher_lse_kernel(q_ptr, k_ptr, lse_ptr, T, q_strides, k_strides, qk_scale2
 
 
 @triton.jit
-def teacher_column_kernel(q_ptr, k_ptr, lse_ptr, sum_ptr, max_ptr, T, q_strides, k_strides, qk_scale2, WINDOW,
-                          N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
-    stride_qb, stride_qt, stride_qh = q_strides                    # (batch, time, head)
-    stride_kb, stride_kt, stride_kh = k_strides
+def teacher_column_kernel(q_ptr, k_ptr, lse_ptr, sum_ptr, max_ptr, T, stride_qb, stride_qt, stride_qh, stride_kb,
+                          stride_kt, stride_kh, qk_scale2, WINDOW, N_Q_HEADS: tl.constexpr,
+                          N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     block = tl.program_id(0)
     row = tl.program_id(1)                                         # b * Hk + KV head
     b, h_k = row // N_KV_HEADS, row % N_KV_HEADS
