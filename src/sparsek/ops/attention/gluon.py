@@ -57,7 +57,7 @@ def _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scal
     BLOCK_N: gl.constexpr = k_smem.shape[0]
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_smem))  # every operand it reads
     if MASKED and GATE == 0:
         s = s * (weight * qk_scale2)
     else:
@@ -74,7 +74,7 @@ def _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scal
     acc = acc * gl.expand_dims(alpha_o, 1)
     p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     acc = warpgroup_mma(p16, v_smem, acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_smem))
     gl.thread_barrier()                      # the tile's buffers may be refilled after this
     return acc, m_new, l_i
 
@@ -192,10 +192,16 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     same selection (u, tau float32 and start, end int32, [R, T]; lists [R, NB, K] built with the forward's
     BLOCK_M; poison [1]). 16-bit q, k, v with a unit last stride, head dim 64 or 128, on sm_90."""
     batch, t_len, n_q_heads, head_dim = q.shape
+    if not gluon_api_supported():
+        raise RuntimeError(f"the Gluon forward is written for Triton 3.6, this is {triton.__version__}")
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        raise ValueError("the Gluon forward runs on sm_90 (H100, H200) only")
     if q.dtype not in (torch.bfloat16, torch.float16) or head_dim not in (64, 128):
         raise ValueError(f"the Gluon forward takes bf16 or fp16 and head dim 64 or 128, got {q.dtype}, {head_dim}")
     window = min(window, t_len)
     block_m = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]       # the lists' query block
+    if block_m % 64 or lists.shape[1] != triton.cdiv(t_len, block_m):
+        raise ValueError(f"lists of {lists.shape[1]} blocks do not match query blocks of {block_m} at T = {t_len}")
     warps = block_m // 16                              # a warpgroup (4 warps) per 64 query rows of the wgmma
     o = torch.empty_like(q)
     lse = torch.empty(batch * n_q_heads, t_len, dtype=torch.float32, device=q.device)
