@@ -48,8 +48,8 @@ def _copy_rows(dst, base, rows, row_ok, stride, HEAD_DIM: gl.constexpr, ld: gl.c
 
 @gluon.jit
 def _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE: gl.constexpr,
-                 MASKED: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    """One online-softmax step over the K, V tile in shared memory (as `softmax_tile`)."""
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """One online-softmax step over the K, V tile in shared memory (as `softmax_tile` with MASKED)."""
     async_copy.wait_group(0)
     gl.thread_barrier()                      # every thread's copies have landed
     fence_async_shared()                     # and are visible to the wgmma (async proxy)
@@ -58,17 +58,16 @@ def _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scal
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s, use_acc=False, is_async=True)
     s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_smem))  # every operand it reads
-    if MASKED and GATE == 0:
+    if GATE == 0:
         s = s * (weight * qk_scale2)
     else:
         s = s * qk_scale2
-    if MASKED:
-        s = gl.where(allowed, s, float("-inf"))
+    s = gl.where(allowed, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1))
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - gl.expand_dims(m_new, 1))
     l_i = l_i * alpha + gl.sum(p, 1)
-    if MASKED and GATE != 2:
+    if GATE != 2:
         p = p * weight
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
     acc = acc * gl.expand_dims(alpha_o, 1)
@@ -148,7 +147,7 @@ def sparsek_fwd_gluon_kernel(
         end_j = gl.load(end_row + keys, mask=key_ok, other=0)     # 0 for empty slots
         allowed = gl.expand_dims(offs_m, 1) < gl.expand_dims(end_j, 0)
         weight = gl.minimum(gl.maximum(gl.expand_dims(u_j, 0) - gl.expand_dims(tau, 1), 0.0), 1.0)
-        acc, m_i, l_i = _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE, True,
+        acc, m_i, l_i = _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE,
                                      s_layout, o_layout, p_layout)
 
     # Phase 2: the band (i0 - w, i0 + BLOCK_M), every tile masked (the tl kernel skips the mask math on the
@@ -172,7 +171,7 @@ def sparsek_fwd_gluon_kernel(
         allowed = gl.expand_dims(key_ok, 0) & (in_window | selected)
         gap = gl.expand_dims(u_j, 0) - gl.expand_dims(tau, 1)
         weight = gl.where(in_window, 1.0, gl.minimum(gl.maximum(gap, 0.0), 1.0))
-        acc, m_i, l_i = _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE, True,
+        acc, m_i, l_i = _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE,
                                      s_layout, o_layout, p_layout)
 
     l_safe = gl.where(l_i > 0, l_i, 1.0)
