@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent('''
         x = "*" + dtype
         pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32", OUT=x,
                         LSE="*fp32", POISON="*fp32")
-        constexprs = dict(GATE=gate, BLOCK_M=128, BLOCK_N=gluon.KEYS_PER_TILE, HEAD_DIM=head_dim, NUM_WARPS=8)
+        constexprs = dict(GATE=gate, BLOCK_M=128, BLOCK_N=gluon.KEYS_PER_TILE, HEAD_DIM=head_dim,
+                          STAGES=gluon.RING_STAGES, NUM_WARPS=8)
         signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "qk_scale2"
                      else "i32") for name in fn.arg_names}
         # A real launch marks pointers and strides (multiples of D) divisible by 16; cp.async needs to know.

@@ -29,6 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from ..common import GATE_IDS, LOG2E, tiles
 
 KEYS_PER_TILE = 64    # the N of the Q K^T wgmma
+RING_STAGES = 3       # K, V tiles in shared memory: one in use, two in flight
 
 
 def gluon_api_supported() -> bool:
@@ -47,35 +48,94 @@ def _copy_rows(dst, base, rows, row_ok, stride, HEAD_DIM: gl.constexpr, ld: gl.c
 
 
 @gluon.jit
-def _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE: gl.constexpr,
-                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    """One online-softmax step over the K, V tile in shared memory (as `softmax_tile` with MASKED)."""
-    async_copy.wait_group(0)
-    gl.thread_barrier()                      # every thread's copies have landed
-    fence_async_shared()                     # and are visible to the wgmma (async proxy)
-    BLOCK_M: gl.constexpr = q_smem.shape[0]
-    BLOCK_N: gl.constexpr = k_smem.shape[0]
-    s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), s, use_acc=False, is_async=True)
-    s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_smem))  # every operand it reads
+def _tile_keys(t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, BLOCK_N: gl.constexpr, layout: gl.constexpr):
+    """The keys of tile t [BLOCK_N] int32 in `layout`, -1 where there is none: tiles [0, n_list_tiles) hold
+    list slots (an empty slot is -1), the later ones consecutive band keys from band_lo up to band_hi."""
+    r = gl.arange(0, BLOCK_N, layout=layout)
+    slots = t * BLOCK_N + r
+    listed = gl.load(list_base + slots, mask=(slots < N_SLOTS) & (t < n_list_tiles), other=-1)
+    band = band_lo + (t - n_list_tiles) * BLOCK_N + r
+    return gl.where((band >= band_lo) & (band < band_hi), band, listed)   # band < band_lo on list tiles
+
+
+@gluon.jit
+def _issue_tile(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ld: gl.constexpr, meta: gl.constexpr):
+    """Fill ring stage `stage` with tile t: its K and V rows and its keys' u, start and end by cp.async, as
+    one commit group, and its keys by a plain store. Missing rows are zero-filled without a read (end 0: no
+    query selects them), so a tile past the last one costs no memory traffic.
+    ring = (K, V, keys, u, start, end) buffers [STAGES, ...]; src = their sources (K, V, u, start, end rows)."""
+    k_ring, v_ring, keys_ring, u_ring, start_ring, end_ring = ring
+    k_base, v_base, u_row, start_row, end_row = src
+    keys = _tile_keys(t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, BLOCK_N, gl.SliceLayout(1, ld))
+    _copy_rows(k_ring.index(stage), k_base, keys, keys >= 0, stride_kt, HEAD_DIM, ld)
+    _copy_rows(v_ring.index(stage), v_base, keys, keys >= 0, stride_vt, HEAD_DIM, ld)
+    keys = _tile_keys(t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, BLOCK_N, meta)
+    ok = keys >= 0
+    rows = gl.where(ok, keys, 0)
+    async_copy.async_copy_global_to_shared(u_ring.index(stage), u_row + rows, mask=ok)
+    async_copy.async_copy_global_to_shared(start_ring.index(stage), start_row + rows, mask=ok)
+    async_copy.async_copy_global_to_shared(end_ring.index(stage), end_row + rows, mask=ok)
+    keys_ring.index(stage).store(keys)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _inside_every_window(t, n_list_tiles, band_lo, i0, WINDOW, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """True when tile t is a band tile whose every key lies in the window of every query of the block: then
+    each pair is allowed with weight 1, and the tile needs no mask (the `tl` kernel's unmasked band tiles)."""
+    j0 = band_lo + (t - n_list_tiles) * BLOCK_N
+    return (t >= n_list_tiles) & (j0 + BLOCK_N - 1 <= i0) & (j0 > i0 + BLOCK_M - 1 - WINDOW)
+
+
+@gluon.jit
+def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW, qk_scale2, GATE: gl.constexpr):
+    """Mask, gate and online-softmax step of one tile's scores s [BLOCK_M, BLOCK_N] -> (p, alpha, m, l), with
+    the tile's keys, u, start and end read from its ring stage.
+
+    Key j is allowed for query i when it is in i's window (weight 1) or i selects it, start_j <= i < end_j
+    (weight clip(u_j - tau_i, 0, 1)). A listed key lies before the block's first window and was selected by
+    the block's first query, so on list tiles the rule reduces to i < end_j; inside every window it is 1.
+    The branches yield one float32 tile, the weight, with -1 for a pair that is not allowed: a boolean tile
+    yielded from a branch costs packed predicates, and -1 can never be a weight."""
+    _, _, keys_ring, u_ring, start_ring, end_ring = ring
+    cols: gl.constexpr = gl.SliceLayout(0, s.type.layout)
+    i = gl.expand_dims(offs_m, 1)
+    if is_list:                                            # a missing key has end_j = 0
+        gap = gl.expand_dims(u_ring.index(stage).load(cols), 0) - gl.expand_dims(tau, 1)
+        end_j = gl.expand_dims(end_ring.index(stage).load(cols), 0)
+        weight = gl.where(i < end_j, gl.minimum(gl.maximum(gap, 0.0), 1.0), -1.0)
+    elif inside:
+        weight = gl.full(s.shape, 1.0, gl.float32, layout=s.type.layout)
+    else:
+        j = gl.expand_dims(keys_ring.index(stage).load(cols), 0)
+        gap = gl.expand_dims(u_ring.index(stage).load(cols), 0) - gl.expand_dims(tau, 1)
+        start_j = gl.expand_dims(start_ring.index(stage).load(cols), 0)
+        end_j = gl.expand_dims(end_ring.index(stage).load(cols), 0)
+        behind = i - j
+        in_window = (behind >= 0) & (behind < WINDOW) & (j >= 0)
+        selected = (start_j <= i) & (i < end_j)
+        weight = gl.where(in_window, 1.0, gl.where(selected, gl.minimum(gl.maximum(gap, 0.0), 1.0), -1.0))
     if GATE == 0:
         s = s * (weight * qk_scale2)
     else:
         s = s * qk_scale2
-    s = gl.where(allowed, s, float("-inf"))
+    s = gl.where(weight >= 0.0, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1))
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - gl.expand_dims(m_new, 1))
     l_i = l_i * alpha + gl.sum(p, 1)
     if GATE != 2:
-        p = p * weight
-    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-    acc = acc * gl.expand_dims(alpha_o, 1)
-    p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-    acc = warpgroup_mma(p16, v_smem, acc, is_async=True)
-    acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_smem))
-    gl.thread_barrier()                      # the tile's buffers may be refilled after this
-    return acc, m_new, l_i
+        p = p * weight                                     # p = 0 where weight = -1
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _tile_landed():
+    """After this thread's `wait_group`: every thread's copies have landed and are visible to the wgmma
+    (async proxy)."""
+    gl.thread_barrier()
+    fence_async_shared()
 
 
 @gluon.jit
@@ -85,8 +145,16 @@ def sparsek_fwd_gluon_kernel(
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
     GATE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
+    """Query block pid_m of head pid_bh over its tiles: first the list (the keys selected at the block's first
+    query), then the band (i0 - w, i0 + BLOCK_M), as one sequence of BLOCK_N-key tiles.
+
+    Pipeline: K, V tiles stream through a ring of STAGES shared-memory stages by cp.async, STAGES - 1 tiles
+    ahead, with each tile's keys and their u, start and end. Each step
+    issues Q K^T of tile t and P V of tile t - 1 as asynchronous wgmma, waits for the first only, and runs
+    tile t's softmax while the second is still on the tensor cores (FlashAttention-3's intra-warpgroup
+    overlap)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     # Register layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D] as wgmma accumulators, P as wgmma's A operand
     # from registers, and a blocked layout whose threads each move 16 bytes for the copies.
@@ -100,7 +168,9 @@ def sparsek_fwd_gluon_kernel(
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)     # one value per query of S
     cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)     # one value per key of S
-    rows_ld: gl.constexpr = gl.SliceLayout(1, ld)          # one value per copied row
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)     # one value per query of O
+    meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])   # per-key values of a tile, copied
+    meta_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
 
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -110,72 +180,77 @@ def sparsek_fwd_gluon_kernel(
     row = b * (H_Q // GROUP) + hk
     i0 = pid_m * BLOCK_M
 
-    offs_q = i0 + gl.arange(0, BLOCK_M, layout=rows_ld)
+    offs_q = i0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     q_base = Q + b.to(gl.int64) * stride_qb + hq * stride_qh
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
     _copy_rows(q_smem, q_base, offs_q, offs_q < T, stride_qt, HEAD_DIM, ld)
     async_copy.commit_group()
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_sl)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_sl)
-    k_base = K + b.to(gl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(gl.int64) * stride_vb + hk * stride_vh
-    u_row = U + row.to(gl.int64) * T
-    start_row = START + row.to(gl.int64) * T
-    end_row = END + row.to(gl.int64) * T
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
+    ring = (k_ring, v_ring, gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl),
+            gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], meta_sl),
+            gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl),
+            gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl))
+    src = (K + b.to(gl.int64) * stride_kb + hk * stride_kh, V + b.to(gl.int64) * stride_vb + hk * stride_vh,
+           U + row.to(gl.int64) * T, START + row.to(gl.int64) * T, END + row.to(gl.int64) * T)
+    list_base = LISTS + (row.to(gl.int64) * N_BLOCKS + pid_m) * N_SLOTS
+
+    # The tiles: the filled list slots, then the band. Q's copy group counts as part of tile 0's wait.
+    n_listed = gl.minimum(N_SLOTS, gl.maximum(i0 - WINDOW + 1, 0))
+    n_list_tiles = gl.cdiv(n_listed, BLOCK_N)
+    band_lo = gl.maximum(i0 - WINDOW + 1, 0)
+    band_hi = gl.minimum(i0 + BLOCK_M, T)
+    n_tiles = n_list_tiles + gl.cdiv(band_hi - band_lo, BLOCK_N)
+    for p in gl.static_range(STAGES - 1):
+        _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                    BLOCK_N, HEAD_DIM, ld, meta)
 
     offs_m = i0 + gl.arange(0, BLOCK_M, layout=rows_s)
     tau = gl.load(TAU + row.to(gl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=rows_s)  # finite: a fully masked tile gives no NaN
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     qk_scale2 = qk_scale2.to(gl.float32)
 
-    # Phase 1: the keys selected by the block's first query (the filled slots only).
-    list_base = LISTS + (row.to(gl.int64) * N_BLOCKS + pid_m) * N_SLOTS
-    n_listed = gl.minimum(N_SLOTS, gl.maximum(i0 - WINDOW + 1, 0))
-    for s0 in range(0, n_listed, BLOCK_N):
-        slots_ld = s0 + gl.arange(0, BLOCK_N, layout=rows_ld)
-        keys_ld = gl.load(list_base + slots_ld, mask=slots_ld < N_SLOTS, other=-1)
-        _copy_rows(k_smem, k_base, keys_ld, keys_ld >= 0, stride_kt, HEAD_DIM, ld)
-        _copy_rows(v_smem, v_base, keys_ld, keys_ld >= 0, stride_vt, HEAD_DIM, ld)
-        async_copy.commit_group()
-        slots = s0 + gl.arange(0, BLOCK_N, layout=cols_s)
-        keys = gl.load(list_base + slots, mask=slots < N_SLOTS, other=-1)
-        key_ok = keys >= 0
-        keys = gl.where(key_ok, keys, 0).to(gl.int64)
-        u_j = gl.load(u_row + keys, mask=key_ok, other=0.0)
-        end_j = gl.load(end_row + keys, mask=key_ok, other=0)     # 0 for empty slots
-        allowed = gl.expand_dims(offs_m, 1) < gl.expand_dims(end_j, 0)
-        weight = gl.minimum(gl.maximum(gl.expand_dims(u_j, 0) - gl.expand_dims(tau, 1), 0.0), 1.0)
-        acc, m_i, l_i = _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE,
-                                     s_layout, o_layout, p_layout)
+    # Tile 0 alone: its scores and P (there is no earlier P V to overlap), then the copy of tile STAGES - 1.
+    async_copy.wait_group(STAGES - 2)
+    _tile_landed()
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_ring.index(0)))
+    inside = _inside_every_window(0, n_list_tiles, band_lo, i0, WINDOW, BLOCK_M, BLOCK_N)
+    p, alpha, m_i, l_i = _softmax_tile(s, ring, 0, 0 < n_list_tiles, inside, m_i, l_i, offs_m, tau, WINDOW,
+                                       qk_scale2, GATE)
+    p16 = gl.convert_layout(p.to(dtype), p_layout)
+    _issue_tile(ring, STAGES - 1, STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt,
+                stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
 
-    # Phase 2: the band (i0 - w, i0 + BLOCK_M), every tile masked (the tl kernel skips the mask math on the
-    # tiles inside every query's window; not yet here).
-    band_lo = gl.maximum(i0 - WINDOW + 1, 0)
-    band_hi = gl.minimum(i0 + BLOCK_M, T)
-    for j0 in range(band_lo, band_hi, BLOCK_N):
-        offs_ld = j0 + gl.arange(0, BLOCK_N, layout=rows_ld)
-        _copy_rows(k_smem, k_base, offs_ld, offs_ld < band_hi, stride_kt, HEAD_DIM, ld)
-        _copy_rows(v_smem, v_base, offs_ld, offs_ld < band_hi, stride_vt, HEAD_DIM, ld)
-        async_copy.commit_group()
-        offs_n = j0 + gl.arange(0, BLOCK_N, layout=cols_s)
-        key_ok = offs_n < band_hi
-        u_j = gl.load(u_row + offs_n, mask=key_ok, other=0.0)
-        start_j = gl.load(start_row + offs_n, mask=key_ok, other=0)
-        end_j = gl.load(end_row + offs_n, mask=key_ok, other=0)
-        i = gl.expand_dims(offs_m, 1)
-        j = gl.expand_dims(offs_n, 0)
-        in_window = (j <= i) & (j > i - WINDOW)
-        selected = (gl.expand_dims(start_j, 0) <= i) & (i < gl.expand_dims(end_j, 0)) & gl.expand_dims(key_ok, 0)
-        allowed = gl.expand_dims(key_ok, 0) & (in_window | selected)
-        gap = gl.expand_dims(u_j, 0) - gl.expand_dims(tau, 1)
-        weight = gl.where(in_window, 1.0, gl.minimum(gl.maximum(gap, 0.0), 1.0))
-        acc, m_i, l_i = _attend_tile(q_smem, k_smem, v_smem, acc, m_i, l_i, weight, allowed, qk_scale2, GATE,
-                                     s_layout, o_layout, p_layout)
+    for t in range(1, n_tiles):
+        stage = t % STAGES
+        prev = (t - 1) % STAGES
+        async_copy.wait_group(STAGES - 2)              # tile t has landed (groups up to t + STAGES - 2 issued)
+        _tile_landed()
+        k_t = k_ring.index(stage)
+        v_prev = v_ring.index(prev)
+        s = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p16, v_prev, acc, is_async=True)
+        s, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(s, q_smem, k_t))  # P V of tile t - 1 runs on
+        inside = _inside_every_window(t, n_list_tiles, band_lo, i0, WINDOW, BLOCK_M, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_tile(s, ring, stage, t < n_list_tiles, inside, m_i, l_i, offs_m, tau, WINDOW,
+                                           qk_scale2, GATE)
+        acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        gl.thread_barrier()                            # no warp still reads stage `prev`: refill it
+        _issue_tile(ring, prev, t + STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt,
+                    stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
+
+    v_last = v_ring.index(gl.maximum(n_tiles - 1, 0) % STAGES)
+    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
+    acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_last))
+    async_copy.wait_group(0)                           # no copy may outlive the kernel's shared memory
 
     l_safe = gl.where(l_i > 0, l_i, 1.0)
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     o = acc / gl.expand_dims(gl.convert_layout(l_safe, rows_o), 1) + gl.load(POISON)
     offs_mo = i0 + gl.arange(0, BLOCK_M, layout=rows_o)
     offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -208,5 +283,5 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     sparsek_fwd_gluon_kernel[(lists.shape[1], batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, o, lse, poison, *strides, t_len, lists.shape[2], lists.shape[1],
         window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], BLOCK_M=block_m,
-        BLOCK_N=KEYS_PER_TILE, HEAD_DIM=head_dim, NUM_WARPS=warps, num_warps=warps)
+        BLOCK_N=KEYS_PER_TILE, HEAD_DIM=head_dim, STAGES=RING_STAGES, NUM_WARPS=warps, num_warps=warps)
     return o, lse
