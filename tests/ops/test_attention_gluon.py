@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,50 @@ def test_gluon_forward_equals_the_tl_forward(t_len, heads, head_dim, gate, topk,
     # Two fp32-accumulating kernels over the same 16-bit inputs differ in summation order only: about one
     # rounding step of o (|o| ~ 0.07 here); a wrong mask or gate moves o by far more (0.045 for "v" as "none").
     torch.testing.assert_close(o_gl.float(), o_tl.float(), atol=4e-3, rtol=1.6e-2)
+
+
+def _qkv_scores(t_len=40, heads=2, head_dim=16):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, t_len, heads, head_dim) for _ in range(3))
+    return q, k, v, torch.randn(1, t_len, heads)
+
+
+def test_backend_triton_and_auto_off_cuda_take_the_tl_forward():
+    from sparsek.ops.attention import fused
+
+    q = _qkv_scores()[0]
+    assert fused.choose_forward(q, "triton") == "tl"
+    assert fused.choose_forward(q, "auto") == "tl"
+
+
+def test_backend_gluon_says_why_it_cannot_run():
+    from sparsek import sparsek_attention
+    from sparsek.ops.attention import fused
+
+    q, k, v, scores = _qkv_scores()
+    with pytest.raises(ValueError, match="backend='gluon' cannot run here: it"):
+        sparsek_attention(q, k, v, scores, topk=4, window=4, backend="gluon")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused.sparsek_attention_fused(q, k, v, scores, topk=4, window=4, backend="tl")
+
+
+def test_an_sm90_gpu_without_the_gluon_api_warns_once(monkeypatch):
+    """"auto" falls back to the tl forward with one warning when only the Triton version stands in the way;
+    the CPU tensor stands in for one on an sm_90 GPU (choose_forward asks only on_sm90 and cannot_run)."""
+    from sparsek.ops.attention import fused, gluon
+
+    q = _qkv_scores()[0]
+    monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", True)
+    monkeypatch.setattr(fused, "on_sm90", lambda x: True)
+    monkeypatch.setattr(gluon, "gluon_api_supported", lambda: False)
+    monkeypatch.setattr(gluon, "cannot_run", lambda x: "it is written for Triton 3.6's Gluon API")
+    monkeypatch.setattr(fused, "_GLUON_VERSION_WARNED", False)
+    with pytest.warns(UserWarning, match="Gluon forward is off") as caught:
+        assert fused.choose_forward(q, "auto") == "tl"
+        assert fused.choose_forward(q, "auto") == "tl"
+    assert len(caught) == 1
+    monkeypatch.setattr(fused, "on_sm90", lambda x: False)       # another GPU: no warning at all
+    monkeypatch.setattr(fused, "_GLUON_VERSION_WARNED", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.choose_forward(q, "auto") == "tl"

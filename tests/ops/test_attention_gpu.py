@@ -28,12 +28,13 @@ def run(fn, inputs, cotangent, **kwargs):
     return [out, *grads]
 
 
+@pytest.mark.parametrize("backend", ["triton", "gluon"])    # the forward kernel: tl or Gluon (sm_90)
 @pytest.mark.parametrize("t_len,hq,hk,gate,d", [
     (4096, 4, 4, "kv", 128), (8191, 8, 2, "kv", 128), (16384, 2, 2, "v", 128), (32768, 2, 1, "kv", 128),
     (4096, 4, 4, "none", 128),
     (8192, 4, 1, "kv", 256), (16384, 4, 1, "kv", 256),   # Gemma 3 270M's global layers: 4 / 1 heads of dim 256
 ])
-def test_bf16_error_within_twice_pytorch_bf16(t_len, hq, hk, gate, d):
+def test_bf16_error_within_twice_pytorch_bf16(t_len, hq, hk, gate, d, backend):
     torch.manual_seed(t_len)
     topk, window = 1024, 512
     q = torch.randn(1, t_len, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -42,10 +43,14 @@ def test_bf16_error_within_twice_pytorch_bf16(t_len, hq, hk, gate, d):
     scores = torch.randn(1, t_len, hk, device="cuda") + 1e-3 * torch.arange(t_len, device="cuda")[:, None]
     cotangent = torch.randn(1, t_len, hq, d, device="cuda")
     kwargs = dict(topk=topk, window=window, gate=gate)
+    if backend == "gluon":
+        from sparsek.ops.attention import gluon
+        if gluon.cannot_run(q):
+            pytest.skip(f"the Gluon forward cannot run: {gluon.cannot_run(q)}")
 
     fused.POISON_OUTPUTS = True
     try:
-        got = run(fused.sparsek_attention_fused, [q, k, v, scores], cotangent, **kwargs)
+        got = run(fused.sparsek_attention_fused, [q, k, v, scores], cotangent, backend=backend, **kwargs)
     finally:
         fused.POISON_OUTPUTS = False
     exact = run(sparsek_attention_reference, [q.float(), k.float(), v.float(), scores], cotangent, **kwargs)

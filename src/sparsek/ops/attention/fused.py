@@ -10,6 +10,7 @@ topk = 1024), which the backward's list pass walks too.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import triton
@@ -29,7 +30,8 @@ POISON_OUTPUTS = False
 INTERPRETER_LIST_PROGRAMS = 2
 
 
-def _empty(shape, dtype: torch.dtype, device) -> Tensor:
+def empty_output(shape, dtype: torch.dtype, device) -> Tensor:
+    """A kernel output: torch.empty, or NaN-filled while POISON_OUTPUTS is set."""
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -48,6 +50,46 @@ def select_on_device(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor,
 def block_lists_on_device(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
     return block_key_lists_triton(start, end, topk, block) if start.is_cuda else \
         block_key_lists(start.long(), end.long(), topk, block)
+
+
+FORWARD_BACKENDS = ("auto", "triton", "gluon")
+# Whether "auto" takes the Gluon forward where it runs. Off until the GPU suite has passed on that path
+# (tests/ops/test_attention_gpu.py with backend "gluon"; as of 2026-12-05 only test_attention_gluon.py has).
+GLUON_BY_DEFAULT = False
+
+
+def on_sm90(q: Tensor) -> bool:
+    """Whether q lives on an sm_90 GPU (H100, H200), where the Gluon forward is written to run."""
+    return q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device) == (9, 0)
+
+
+_GLUON_VERSION_WARNED = False
+
+
+def choose_forward(q: Tensor, backend: str) -> str:
+    """The forward kernel of the fused path for q: "gluon" (`gluon.py`, sm_90 only) or "tl" (`kernels.py`).
+
+    backend "triton" keeps the portable tl forward; "gluon" forces the Gluon forward and raises ValueError
+    saying why where it cannot run; "auto" takes it wherever it runs once GLUON_BY_DEFAULT is on. Then an
+    sm_90 GPU that misses it only because of the installed Triton gets one warning, once; other shapes (head
+    dim 256, float32) take the tl forward without a word. The backward passes are tl kernels either way."""
+    global _GLUON_VERSION_WARNED
+    if backend == "triton" or (backend == "auto" and not GLUON_BY_DEFAULT):
+        return "tl"
+    try:
+        from . import gluon
+    except ImportError as err:                    # a Triton without triton.experimental.gluon
+        problem, version_only = f"this Triton has no Gluon ({err})", True
+    else:
+        problem, version_only = gluon.cannot_run(q), not gluon.gluon_api_supported()
+    if problem is None:
+        return "gluon"
+    if backend == "gluon":
+        raise ValueError(f"backend='gluon' cannot run here: {problem}")
+    if version_only and on_sm90(q) and not _GLUON_VERSION_WARNED:
+        _GLUON_VERSION_WARNED = True
+        warnings.warn(f"sparsek: the Gluon forward is off ({problem}); using the tl forward", stacklevel=3)
+    return "tl"
 
 
 def _forward_selection(u: Tensor, topk: int, window: int,
@@ -93,8 +135,8 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     group = n_q_heads // k.shape[2]
     forward = tiles.forward(tiles.target(q.device), head_dim)
     n_blocks, n_slots = lists.shape[1], lists.shape[2]
-    o = _empty(q.shape, q.dtype, q.device)
-    lse = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
+    o = empty_output(q.shape, q.dtype, q.device)
+    lse = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     grid = (n_blocks, batch * n_q_heads)
     kernels.sparsek_fwd_kernel[grid](
         q, k, v, u, tau, start, end, lists, o, lse, poison, *_strides(q, k, v, o),
@@ -126,9 +168,9 @@ def dq_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     backward = tiles.backward(tiles.target(q.device), head_dim, n_q_heads // k.shape[2])
     if o.stride() != do.stride():                                         # the dq pass reads O with do's strides
         o = o.contiguous()
-    dq = _empty(q.shape, q.dtype, q.device)
-    dtau = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
-    delta = _empty((batch * n_q_heads, t_len), torch.float32, q.device)
+    dq = empty_output(q.shape, q.dtype, q.device)
+    dtau = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
+    delta = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, backward["dq"]["BLOCK_M"]), batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
         t_len, lists.shape[2], lists.shape[1], window, n_q_heads, n_q_heads // k.shape[2], scale,
@@ -145,9 +187,9 @@ def band_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     batch, t_len, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     backward = tiles.backward(tiles.target(q.device), head_dim, n_q_heads // n_kv_heads)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
-    du = _empty((batch * n_kv_heads, t_len), torch.float32, k.device)
+    dk = empty_output(k.shape, k.dtype, k.device)
+    dv = empty_output(v.shape, v.dtype, v.device)
+    du = empty_output((batch * n_kv_heads, t_len), torch.float32, k.device)
     kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, backward["band"]["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, u, tau, start, end, do, lse, delta, *scratch, dk, dv, du, *_strides(q, k, v, do),
         t_len, triton.cdiv(t_len, backward["band"]["BLOCK_M"]), window, n_q_heads, n_q_heads // n_kv_heads, scale,
@@ -181,7 +223,7 @@ def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     slot_tiles = triton.cdiv(n_slots, list_tiles["BLOCK_N"])
     programs_wanted = INTERPRETER_LIST_PROGRAMS if interpreting() else tiles.sm_count(q.device)
     chunks, blocks_per_program = list_pass_chunks(n_blocks, slot_tiles * batch * n_kv_heads, programs_wanted)
-    scratch = torch.zeros if chunks > 1 else _empty
+    scratch = torch.zeros if chunks > 1 else empty_output
     dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
     du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
     kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
@@ -200,9 +242,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # with SparseK layers compiles without a graph break at the attention call.
 @torch.library.custom_op("sparsek::attention_forward", mutates_args=())
 def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
-                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> o [B, T, Hq, D], lse [B * Hq, T], u, tau (float32), start, end (int32), all [R, T], and the block
-    key lists [R, NB, K] (int32). o is all NaN if the scores are not finite."""
+    key lists [R, NB, K] (int32). o is all NaN if the scores are not finite. backend picks the forward kernel
+    (`choose_forward`); here, inside the op, torch.compile never traces that choice."""
     with _on_device_of(q):
         # Select in the scores' own precision (float64 scores may differ in the last float32 bit); the kernels
         # read them as float32.
@@ -210,20 +253,24 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
         block = tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"]
         tau, start, end, lists, poison = forward_selection((u_exact,), (topk, window, block))
         u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input
-        o, lse = fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
+        if choose_forward(q, backend) == "gluon":
+            from .gluon import fused_forward_gluon
+            o, lse = fused_forward_gluon(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
+        else:
+            o, lse = fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
     return o, lse, u, tau, start, end, lists
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, scores, topk, window, gate, scale):
+def _(q, k, v, scores, topk, window, gate, scale, backend):
     batch, t_len, n_q_heads, _ = q.shape
     rows = batch * k.shape[2]
-    vec = q.new_empty(rows, t_len, dtype=torch.float32)
-    idx = q.new_empty(rows, t_len, dtype=torch.int32)
+    vec = q.newempty_output(rows, t_len, dtype=torch.float32)
+    idx = q.newempty_output(rows, t_len, dtype=torch.int32)
     block = tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"]
-    lists = q.new_empty(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
+    lists = q.newempty_output(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,
+            q.newempty_output(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,
             torch.empty_like(idx), lists)
 
 
@@ -252,7 +299,7 @@ def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, wi
 def _(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
     batch, t_len = q.shape[:2]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(batch, t_len, k.shape[2], dtype=torch.float32))
+            q.newempty_output(batch, t_len, k.shape[2], dtype=torch.float32))
 
 
 class FusedSparseKAttention(torch.autograd.Function):
@@ -260,11 +307,11 @@ class FusedSparseKAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: int, window: int, gate: str,
-                scale: float) -> Tensor:
+                scale: float, backend: str) -> Tensor:
         # The kernels need a unit last stride and write dk, dv with k's layout: keep contiguous copies (a no-op
         # for contiguous inputs, a copy for views such as q, k, v split from one fused projection).
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse, u, tau, start, end, lists = attention_forward_op(q, k, v, scores, topk, window, gate, scale)
+        o, lse, u, tau, start, end, lists = attention_forward_op(q, k, v, scores, topk, window, gate, scale, backend)
         ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end, lists)
         ctx.config = (topk, window, gate, scale, scores.dtype)
         return o
@@ -274,11 +321,14 @@ class FusedSparseKAttention(torch.autograd.Function):
         topk, window, gate, scale, score_dtype = ctx.config
         dq, dk, dv, dscores = attention_backward_op(do, *ctx.saved_tensors, topk, window, gate, scale)
         dscores = dscores.to(score_dtype) if gate != "none" else None
-        return dq, dk, dv, dscores, None, None, None, None
+        return dq, dk, dv, dscores, None, None, None, None, None
 
 
 def sparsek_attention_fused(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int,
-                            gate: str = "kv", scale: float | None = None) -> Tensor:
-    """Fused Triton SparseK attention of one padded batch; same contract as `sparsek_attention_reference`."""
+                            gate: str = "kv", scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Fused Triton SparseK attention of one padded batch; same contract as `sparsek_attention_reference`.
+    backend: "auto", "triton" or "gluon", which picks the forward kernel (`choose_forward`)."""
+    if backend not in FORWARD_BACKENDS:
+        raise ValueError(f"backend must be one of {FORWARD_BACKENDS}, got {backend!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return FusedSparseKAttention.apply(q, k, v, scores, topk, window, gate, float(scale))
+    return FusedSparseKAttention.apply(q, k, v, scores, topk, window, gate, float(scale), backend)

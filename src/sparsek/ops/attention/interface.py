@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from ..common import check_backend, check_budget, check_gate, check_qkv, check_scale, kernel_for
+from ..common import BACKENDS, check_backend, check_budget, check_gate, check_qkv, check_scale, kernel_for
 from ..select import native
 from ..select.prefix import TRITON_SCORE_LIMIT
 from .gathered import sparsek_attention_gathered
@@ -17,6 +19,9 @@ try:
     from . import fused
 except ImportError:  # triton is an optional extra
     fused = None
+
+# The attention backends: the shared ones plus "gluon", which forces the fused path's Gluon forward.
+ATTENTION_BACKENDS = BACKENDS + ("gluon",)
 
 
 def gather_is_cheaper(t_len: int, topk: int, window: int) -> bool:
@@ -42,7 +47,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk, window, gat
     check_budget(topk, window)
     check_gate(gate)
     check_scale(scale)
-    check_backend(backend)
+    check_backend(backend, ATTENTION_BACKENDS)
 
 
 def _validate_cu_seqlens(cu_seqlens: Tensor, q: Tensor) -> list[int]:
@@ -82,10 +87,12 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
         scale: softmax scale, default D ** -0.5.
         cu_seqlens: optional [N + 1] integer offsets of N sequences packed along T (B must be 1), as in
             flash-attention; each sequence restarts at position 0 and attends only within itself.
-        backend: "triton" (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1), "gather" (PyTorch over each
+        backend: "triton" (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1; the portable tl forward),
+            "gluon" (the fused kernels with the Gluon forward: sm_90 and Triton 3.6), "gather" (PyTorch over each
             query block's selected keys and window band: O(T * (topk + window)) time and memory), "reference"
             (exact PyTorch, float64-able oracle: O(T log T) selection, chunked O(T^2) attention) or "auto"
-            (triton on CUDA when available; elsewhere gather when `gather_is_cheaper`, else reference).
+            (triton on CUDA when available, with the Gluon forward where it runs; elsewhere gather when
+            `gather_is_cheaper`, else reference).
 
     Returns:
         [B, T, Hq, D] in q's dtype. Gradients reach q, k, v and scores (through m and through tau).
@@ -105,13 +112,16 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     scores = _centred(scores)
 
     bounds = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, q)
-    attention = kernel_for(backend, fused, "sparsek_attention_fused", q)
-    if attention is None:
+    # "gluon" is the fused path with the Gluon forward forced: kernel_for checks it as it checks "triton".
+    fused_attention = kernel_for("triton" if backend == "gluon" else backend, fused, "sparsek_attention_fused", q)
+    triton_path = fused_attention is not None
+    if triton_path:
+        attention = functools.partial(fused_attention, backend=backend)
+    else:
         longest = q.shape[1] if bounds is None else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         gather = backend == "gather" or (backend == "auto" and not q.is_cuda
                                          and gather_is_cheaper(longest, topk, window))
         attention = sparsek_attention_gathered if gather else sparsek_attention_reference
-    triton_path = attention not in (sparsek_attention_reference, sparsek_attention_gathered)
 
     def attend(q_, k_, v_, s_):
         s_ = _float32_thresholds_checked(s_, topk, window) if triton_path else s_  # prefix_selection checks the rest
