@@ -33,19 +33,23 @@ SCRIPT = textwrap.dedent('''
         print("SKIP the Gluon forward is written for Triton 3.6; this is", triton.__version__)
         raise SystemExit(0)
     fn = gluon.sparsek_fwd_gluon_kernel
-    for dtype, head_dim, gate in (("bf16", 128, 0), ("bf16", 64, 1), ("fp16", 128, 2)):
+    # (dtype, head dim, gate, keys per tile, stages, rows per program): the default config, then tuning ones.
+    default = (gluon.KEYS_PER_TILE, gluon.RING_STAGES, 128)
+    for dtype, head_dim, gate, (keys, stages, rows) in (("bf16", 128, 0, default), ("bf16", 64, 1, default),
+                                                        ("fp16", 128, 2, default), ("bf16", 128, 0, (32, 3, 64)),
+                                                        ("bf16", 64, 1, (128, 2, 128))):
         x = "*" + dtype
         pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32", OUT=x,
                         LSE="*fp32", POISON="*fp32")
-        constexprs = dict(GATE=gate, BLOCK_M=128, BLOCK_N=gluon.KEYS_PER_TILE, HEAD_DIM=head_dim,
-                          STAGES=gluon.RING_STAGES, NUM_WARPS=8)
+        constexprs = dict(GATE=gate, LIST_BLOCK=128, BLOCK_M=rows, BLOCK_N=keys, HEAD_DIM=head_dim, STAGES=stages,
+                          NUM_WARPS=rows // 16)
         signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "qk_scale2"
                      else "i32") for name in fn.arg_names}
         # A real launch marks pointers and strides (multiples of D) divisible by 16; cp.async needs to know.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if name in pointers or name.startswith("stride_")}
         compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=8))
+                                  options=dict(num_warps=rows // 16))
         ptx = compiled.asm["ptx"]
         print("compiled", dtype, head_dim, gate, "wgmma", len(re.findall(r"wgmma\\.mma_async", ptx)),
               "cp.async", len(re.findall(r"cp\\.async\\.c[ag]", ptx)))
@@ -61,7 +65,7 @@ def test_gluon_forward_compiles_for_sm90():
     if result.stdout.startswith("SKIP"):
         pytest.skip(result.stdout.strip())
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled")]
-    assert len(lines) == 3
+    assert len(lines) == 5
     for line in lines:                          # both products are wgmma, and K, V arrive by cp.async
         assert int(line[line.index("wgmma") + 1]) > 0 and int(line[line.index("cp.async") + 1]) > 0
 
@@ -107,6 +111,26 @@ def test_gluon_forward_equals_the_tl_forward(t_len, heads, head_dim, gate, topk,
     torch.testing.assert_close(lse_gl, lse_tl, atol=2e-3, rtol=0)
     # Two fp32-accumulating kernels over the same 16-bit inputs differ in summation order only: about one
     # rounding step of o (|o| ~ 0.07 here); a wrong mask or gate moves o by far more (0.045 for "v" as "none").
+    torch.testing.assert_close(o_gl.float(), o_tl.float(), atol=4e-3, rtol=1.6e-2)
+
+
+@pytest.mark.skipif(not _gluon_runs_here(), reason="needs an sm_90 GPU and Triton 3.6's Gluon API")
+@pytest.mark.parametrize("keys, stages, rows", [(32, 3, 64), (64, 2, None), (128, 2, None), (32, 4, 64)])
+@pytest.mark.parametrize("t_len, window", [(2500, 128), (200, 32)])      # partial last blocks, one of them half
+def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, t_len, window):
+    from sparsek.ops.attention import fused, gluon
+    from sparsek.ops.common import tiles
+
+    torch.manual_seed(1)
+    q = torch.randn(1, t_len, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, t_len, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    u = fused.score_rows(torch.randn(1, t_len, 2, device="cuda"))
+    block = tiles.forward(tiles.target(q.device), 128)["BLOCK_M"]
+    tau, start, end, lists, poison = fused.forward_selection((u,), (256, window, block))
+    args = (q, k, v, u, tau, start, end, lists, poison, window, "kv", 128 ** -0.5)
+    o_tl, lse_tl = fused.fused_forward(*args)
+    o_gl, lse_gl = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows)
+    torch.testing.assert_close(lse_gl, lse_tl, atol=2e-3, rtol=0)
     torch.testing.assert_close(o_gl.float(), o_tl.float(), atol=4e-3, rtol=1.6e-2)
 
 

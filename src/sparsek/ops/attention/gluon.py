@@ -83,11 +83,11 @@ def _issue_tile(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_
 
 
 @gluon.jit
-def _inside_every_window(t, n_list_tiles, band_lo, i0, WINDOW, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """True when tile t is a band tile whose every key lies in the window of every query of the block: then
+def _inside_every_window(t, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """True when tile t is a band tile whose every key lies in the window of every query of the program: then
     each pair is allowed with weight 1, and the tile needs no mask (the `tl` kernel's unmasked band tiles)."""
     j0 = band_lo + (t - n_list_tiles) * BLOCK_N
-    return (t >= n_list_tiles) & (j0 + BLOCK_N - 1 <= i0) & (j0 > i0 + BLOCK_M - 1 - WINDOW)
+    return (t >= n_list_tiles) & (j0 + BLOCK_N - 1 <= r0) & (j0 > r0 + BLOCK_M - 1 - WINDOW)
 
 
 @gluon.jit
@@ -146,11 +146,12 @@ def sparsek_fwd_gluon_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
-    GATE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    GATE: gl.constexpr, LIST_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
-    """Query block pid_m of head pid_bh over its tiles: first the list (the keys selected at the block's first
-    query), then the band (i0 - w, i0 + BLOCK_M), as one sequence of BLOCK_N-key tiles.
+    """Rows [r0, r0 + BLOCK_M) of query block i0 (the lists' LIST_BLOCK queries; BLOCK_M divides it) of head
+    pid_bh over their tiles: first the list (the keys selected at i0), then the band (i0 - w, r0 + BLOCK_M), as
+    one sequence of BLOCK_N-key tiles.
 
     Pipeline: K, V tiles stream through a ring of STAGES shared-memory stages by cp.async, STAGES - 1 tiles
     ahead, with each tile's keys and their u, start and end. Each step
@@ -179,9 +180,12 @@ def sparsek_fwd_gluon_kernel(
     hq = pid_bh % H_Q
     hk = hq // GROUP
     row = b * (H_Q // GROUP) + hk
-    i0 = pid_m * BLOCK_M
+    SPLIT: gl.constexpr = LIST_BLOCK // BLOCK_M          # programs per list block
+    block = pid_m // SPLIT
+    i0 = block * LIST_BLOCK                               # the block's first query, whose list this is
+    r0 = i0 + (pid_m % SPLIT) * BLOCK_M                  # this program's first query
 
-    offs_q = i0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    offs_q = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     q_base = Q + b.to(gl.int64) * stride_qb + hq * stride_qh
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
     _copy_rows(q_smem, q_base, offs_q, offs_q < T, stride_qt, HEAD_DIM, ld)
@@ -194,19 +198,19 @@ def sparsek_fwd_gluon_kernel(
             gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl))
     src = (K + b.to(gl.int64) * stride_kb + hk * stride_kh, V + b.to(gl.int64) * stride_vb + hk * stride_vh,
            U + row.to(gl.int64) * T, START + row.to(gl.int64) * T, END + row.to(gl.int64) * T)
-    list_base = LISTS + (row.to(gl.int64) * N_BLOCKS + pid_m) * N_SLOTS
+    list_base = LISTS + (row.to(gl.int64) * N_BLOCKS + block) * N_SLOTS
 
     # The tiles: the filled list slots, then the band. Q's copy group counts as part of tile 0's wait.
     n_listed = gl.minimum(N_SLOTS, gl.maximum(i0 - WINDOW + 1, 0))
     n_list_tiles = gl.cdiv(n_listed, BLOCK_N)
     band_lo = gl.maximum(i0 - WINDOW + 1, 0)
-    band_hi = gl.minimum(i0 + BLOCK_M, T)
+    band_hi = gl.minimum(r0 + BLOCK_M, T)
     n_tiles = n_list_tiles + gl.cdiv(band_hi - band_lo, BLOCK_N)
     for p in gl.static_range(STAGES - 1):
         _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
                     BLOCK_N, HEAD_DIM, ld, meta)
 
-    offs_m = i0 + gl.arange(0, BLOCK_M, layout=rows_s)
+    offs_m = r0 + gl.arange(0, BLOCK_M, layout=rows_s)
     tau = gl.load(TAU + row.to(gl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=rows_s)  # finite: a fully masked tile gives no NaN
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
@@ -219,7 +223,7 @@ def sparsek_fwd_gluon_kernel(
     _tile_landed()
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_ring.index(0)))
-    inside = _inside_every_window(0, n_list_tiles, band_lo, i0, WINDOW, BLOCK_M, BLOCK_N)
+    inside = _inside_every_window(0, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
     p, alpha, m_i, l_i = _softmax_tile(s, ring, 0, 0 < n_list_tiles, inside, m_i, l_i, offs_m, tau, WINDOW,
                                        qk_scale2, GATE)
     p16 = gl.convert_layout(p.to(dtype), p_layout)
@@ -236,7 +240,7 @@ def sparsek_fwd_gluon_kernel(
         s = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc = warpgroup_mma(p16, v_prev, acc, is_async=True)
         s, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(s, q_smem, k_t))  # P V of tile t - 1 runs on
-        inside = _inside_every_window(t, n_list_tiles, band_lo, i0, WINDOW, BLOCK_M, BLOCK_N)
+        inside = _inside_every_window(t, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_tile(s, ring, stage, t < n_list_tiles, inside, m_i, l_i, offs_m, tau, WINDOW,
                                            qk_scale2, GATE)
         acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_prev))
@@ -253,7 +257,7 @@ def sparsek_fwd_gluon_kernel(
 
     l_safe = gl.where(l_i > 0, l_i, 1.0)
     o = acc / gl.expand_dims(gl.convert_layout(l_safe, rows_o), 1) + gl.load(POISON)
-    offs_mo = i0 + gl.arange(0, BLOCK_M, layout=rows_o)
+    offs_mo = r0 + gl.arange(0, BLOCK_M, layout=rows_o)
     offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     out_ptrs = (OUT + b.to(gl.int64) * stride_ob + hq * stride_oh + gl.expand_dims(offs_mo.to(gl.int64), 1) * stride_ot
                 + gl.expand_dims(offs_do, 0))
@@ -278,10 +282,15 @@ def cannot_run(q: Tensor) -> str | None:
 
 
 def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
-                        lists: Tensor, poison: Tensor, window: int, gate: str, scale: float) -> tuple[Tensor, Tensor]:
+                        lists: Tensor, poison: Tensor, window: int, gate: str, scale: float, *,
+                        keys_per_tile: int = KEYS_PER_TILE, stages: int = RING_STAGES,
+                        rows: int | None = None) -> tuple[Tensor, Tensor]:
     """`fused.fused_forward` through the Gluon kernel: o [B, T, Hq, D] and lse [B * Hq, T] (log2 units) from the
     same selection (u, tau float32 and start, end int32, [R, T]; lists [R, NB, K] built with the forward's
-    BLOCK_M; poison [1]). 16-bit q, k, v with a unit last stride, head dim 64 or 128, on sm_90."""
+    BLOCK_M; poison [1]). 16-bit q, k, v with a unit last stride, head dim 64 or 128, on sm_90.
+
+    keys_per_tile (32, 64 or 128), stages (>= 2) and rows (query rows per program: the lists' block when None,
+    or 64, which splits each block between two programs) are for tuning (`python -m sparsek.bench.gluon`)."""
     batch, t_len, n_q_heads, head_dim = q.shape
     problem = cannot_run(q)
     if problem is not None:
@@ -290,12 +299,17 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     block_m = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]       # the lists' query block
     if lists.shape[1] != triton.cdiv(t_len, block_m):
         raise ValueError(f"lists of {lists.shape[1]} blocks do not match query blocks of {block_m} at T = {t_len}")
-    warps = block_m // 16                              # a warpgroup (4 warps) per 64 query rows of the wgmma
+    rows = rows or block_m
+    if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows:
+        raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2 and rows a multiple of 64 dividing "
+                         f"{block_m}, got {keys_per_tile}, {stages}, {rows}")
+    warps = rows // 16                                 # a warpgroup (4 warps) per 64 query rows of the wgmma
     o = empty_output(q.shape, q.dtype, q.device)
     lse = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     strides = [s for x in (q, k, v, o) for s in x.stride()[:3]]
-    sparsek_fwd_gluon_kernel[(lists.shape[1], batch * n_q_heads)](
+    sparsek_fwd_gluon_kernel[(lists.shape[1] * (block_m // rows), batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, o, lse, poison, *strides, t_len, lists.shape[2], lists.shape[1],
-        window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], BLOCK_M=block_m,
-        BLOCK_N=KEYS_PER_TILE, HEAD_DIM=head_dim, STAGES=RING_STAGES, NUM_WARPS=warps, num_warps=warps)
+        window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], LIST_BLOCK=block_m,
+        BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
+        num_warps=warps)
     return o, lse

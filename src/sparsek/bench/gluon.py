@@ -1,0 +1,113 @@
+"""The Gluon forward against the tl forward on one GPU: forward alone over tuning configs, and forward + backward
+through each backend.
+
+    python -m sparsek.bench.gluon                                      # 16/16 at 8k, 32k, 128k and 64/4 at 32k
+    python -m sparsek.bench.gluon --configs 64x3,32x3/64,32x4/64 --shapes 16/16@32768
+
+Both forwards run on the same selection (topk 1024 + window 512 by default, D = 128, bf16, gate "kv", B = 1).
+A config is `keys x stages[/rows]`: keys per tile, shared-memory ring stages and query rows per program (the
+lists' block of 128 when left out; 64 splits each block between two programs). Each Gluon row says how far its
+output lies from the tl forward's (max |difference|; about one bf16 rounding step is expected). On each tl row,
+"f+b" is `sparsek_attention_fused` forward + backward with backend "triton" (the tl forward) and "gluon" (the
+Gluon forward in its default config); the backward kernels are the same. Medians of `triton.testing.do_bench`
+in ms, TF/s the effective forward rate 4 T (topk + window) D Hq / time; the table is printed last. Needs an
+sm_90 GPU and Triton 3.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from sparsek.ops.attention import fused, gluon
+from sparsek.ops.common import tiles
+
+
+def parse_config(text: str) -> dict:
+    """"64x3" -> keys_per_tile 64, stages 3; "32x3/64" also rows 64."""
+    tile, _, rows = text.partition("/")
+    keys, stages = tile.split("x")
+    return dict(keys_per_tile=int(keys), stages=int(stages), rows=int(rows) if rows else None)
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"16/16@32768" -> (16 query heads, 16 KV heads, T = 32768)."""
+    heads, t_len = text.split("@")
+    hq, hk = heads.split("/")
+    return int(hq), int(hk), int(t_len)
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def bench_shape(hq: int, hk: int, t_len: int, configs: list[str], args) -> list[dict]:
+    torch.manual_seed(0)
+    d = args.head_dim
+    q = torch.randn(1, t_len, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, t_len, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    scores = torch.randn(1, t_len, hk, device="cuda")
+    u = fused.score_rows(scores)
+    block = tiles.forward(tiles.target(q.device), d)["BLOCK_M"]
+    tau, start, end, lists, poison = fused.forward_selection((u,), (args.topk, args.window, block))
+    inputs = (q, k, v, u, tau, start, end, lists, poison, args.window, "kv", d ** -0.5)
+    flop = 4 * t_len * (args.topk + min(args.window, t_len)) * d * hq
+    shape = f"{hq}/{hk}"
+    o_tl, _ = fused.fused_forward(*inputs)
+    rows = [dict(shape=shape, T=t_len, kernel="tl", ms=ms(lambda: fused.fused_forward(*inputs)), err=0.0)]
+    for config in configs:
+        options = parse_config(config)
+        o, _ = gluon.fused_forward_gluon(*inputs, **options)
+        err = (o.float() - o_tl.float()).abs().max().item()
+        rows.append(dict(shape=shape, T=t_len, kernel=f"gluon {config}", err=err,
+                         ms=ms(lambda options=options: gluon.fused_forward_gluon(*inputs, **options))))
+    for row in rows:
+        row["tflops"] = flop / row["ms"] / 1e9
+
+    grads = [x.clone().requires_grad_() for x in (q, k, v, scores)]
+    cotangent = torch.randn_like(q)
+
+    def forward_backward(backend):
+        o = fused.sparsek_attention_fused(*grads, topk=args.topk, window=args.window, backend=backend)
+        torch.autograd.grad(o, grads, cotangent)
+
+    rows[0]["fb_tl"] = ms(lambda: forward_backward("triton"))
+    rows[0]["fb_gluon"] = ms(lambda: forward_backward("gluon"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="16/16@8192,16/16@32768,16/16@131072,64/4@32768",
+                        help="comma-separated Hq/Hk@T")
+    parser.add_argument("--configs", default=f"{gluon.KEYS_PER_TILE}x{gluon.RING_STAGES},64x2,64x4,32x3/64",
+                        help="comma-separated keys x stages[/rows]")
+    parser.add_argument("--topk", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gluon needs a CUDA GPU")
+    problem = gluon.cannot_run(torch.empty(1, 1, 1, args.head_dim, device="cuda", dtype=torch.bfloat16))
+    if problem:
+        raise SystemExit(f"bench.gluon: the Gluon forward cannot run here: {problem}")
+    configs = args.configs.split(",")
+    rows = []
+    for shape in args.shapes.split(","):
+        rows += bench_shape(*parse_shape(shape), configs, args)
+        print(f"[{shape}] done", flush=True)
+
+    print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}; topk {args.topk} + window {args.window}, "
+          f"D {args.head_dim}, bf16, gate kv, median ms; f+b: sparsek_attention_fused, tl / Gluon forward")
+    print(f"{'heads':>6} {'T':>7} {'forward':>16} {'ms':>8} {'TF/s':>6} {'max |o - tl|':>12} {'f+b tl':>8} "
+          f"{'f+b gluon':>9}")
+    for r in rows:
+        fb = f"{r['fb_tl']:8.3f} {r['fb_gluon']:9.3f}" if "fb_tl" in r else ""
+        print(f"{r['shape']:>6} {r['T']:>7} {r['kernel']:>16} {r['ms']:8.3f} {r['tflops']:6.0f} {r['err']:12.2e} {fb}")
+
+
+if __name__ == "__main__":
+    main()
