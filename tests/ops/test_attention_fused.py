@@ -205,3 +205,16 @@ def test_varlen_with_many_empty_sequences():
     got = sparsek_attention(q, k, v, s, topk=3, window=2, backend="triton", cu_seqlens=cu_seqlens)
     want = sparsek_attention(q, k, v, s, topk=3, window=2, backend="reference", cu_seqlens=cu_seqlens)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_custom_ops_fake_versions_match_the_real_ones():
+    """torch.compile sees the two custom ops through their fake (shape-only) versions: opcheck runs each op
+    for real and on fake tensors and compares the outputs' shapes, dtypes and strides."""
+    torch.manual_seed(0)
+    q, k, v, scores = (x.detach() for x in make_inputs(1, 40, 2, 1, 16, torch.float32))
+    utils = ("test_schema", "test_faketensor")
+    forward_args = (q, k, v, scores, 4, 4, "kv", 0.25, "auto")
+    torch.library.opcheck(fused.attention_forward_op, forward_args, test_utils=utils)
+    o, lse, u, tau, start, end, lists = fused.attention_forward_op(*forward_args)
+    backward_args = (torch.randn_like(o), q, k, v, o, lse, u, tau, start, end, lists, 4, 4, "kv", 0.25)
+    torch.library.opcheck(fused.attention_backward_op, backward_args, test_utils=utils)

@@ -265,12 +265,12 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
 def _(q, k, v, scores, topk, window, gate, scale, backend):
     batch, t_len, n_q_heads, _ = q.shape
     rows = batch * k.shape[2]
-    vec = q.newempty_output(rows, t_len, dtype=torch.float32)
-    idx = q.newempty_output(rows, t_len, dtype=torch.int32)
+    vec = q.new_empty(rows, t_len, dtype=torch.float32)
+    idx = q.new_empty(rows, t_len, dtype=torch.int32)
     block = tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"]
-    lists = q.newempty_output(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
+    lists = q.new_empty(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.newempty_output(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,
+            q.new_empty(batch * n_q_heads, t_len, dtype=torch.float32), vec, torch.empty_like(vec), idx,
             torch.empty_like(idx), lists)
 
 
@@ -299,7 +299,7 @@ def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, wi
 def _(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
     batch, t_len = q.shape[:2]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.newempty_output(batch, t_len, k.shape[2], dtype=torch.float32))
+            q.new_empty(batch, t_len, k.shape[2], dtype=torch.float32))
 
 
 class FusedSparseKAttention(torch.autograd.Function):
