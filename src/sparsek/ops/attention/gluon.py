@@ -8,10 +8,10 @@ and an H200, and runs 1.01-1.08x its speed (H100, topk 1024 + window 512, D 128)
 Same contract as `kernels.sparsek_fwd_kernel` (see that module's docstring): query block [i0, i0 + BLOCK_M) of
 one query head attends its list (the keys selected at i0) and then its band (i0 - w, i0 + BLOCK_M), with the
 mask m_ij = clip(u_j - tau_i, 0, 1) (1 in the window), an online softmax in base 2, o and lse (log2 units).
-How it differs: list and band are one sequence of 64-key tiles. Each tile's K and V rows and its keys' u,
-start and end stream into a ring of shared-memory stages by cp.async (gathered by key for the list); both
-products are Hopper wgmma, asynchronous, with the softmax of tile t running while P V of tile t - 1 is on the
-tensor cores. Band tiles inside every query's window skip the mask.
+How it differs: list and band are one sequence of key tiles (64 keys by default). Each tile's K and V rows
+and its keys' u, start and end stream into a ring of shared-memory stages by cp.async (gathered by key for the
+list); both products are Hopper wgmma, asynchronous, with the softmax of tile t running while P V of tile
+t - 1 is on the tensor cores. Band tiles inside every query's window skip the mask.
 
 Triton 3.9 renamed the copy (`async_copy_global_to_shared` became `async_load`), so this file compiles only
 with Triton 3.6 (`gluon_api_supported`).
@@ -154,10 +154,9 @@ def sparsek_fwd_gluon_kernel(
     one sequence of BLOCK_N-key tiles.
 
     Pipeline: K, V tiles stream through a ring of STAGES shared-memory stages by cp.async, STAGES - 1 tiles
-    ahead, with each tile's keys and their u, start and end. Each step
-    issues Q K^T of tile t and P V of tile t - 1 as asynchronous wgmma, waits for the first only, and runs
-    tile t's softmax while the second is still on the tensor cores (FlashAttention-3's intra-warpgroup
-    overlap)."""
+    ahead, with each tile's keys and their u, start and end. Each step issues Q K^T of tile t and P V of tile
+    t - 1 as asynchronous wgmma, waits for the first only, and runs tile t's softmax while the second is still
+    on the tensor cores (FlashAttention-3's intra-warpgroup overlap)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     # Register layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D] as wgmma accumulators, P as wgmma's A operand
     # from registers, and a blocked layout whose threads each move 16 bytes for the copies.
