@@ -115,9 +115,16 @@ def test_gluon_forward_equals_the_tl_forward(t_len, heads, head_dim, gate, topk,
 
 
 @pytest.mark.skipif(not _gluon_runs_here(), reason="needs an sm_90 GPU and Triton 3.6's Gluon API")
-@pytest.mark.parametrize("keys, stages, rows", [(32, 3, 64), (64, 2, None), (128, 2, None), (32, 4, 64)])
-@pytest.mark.parametrize("t_len, window", [(2500, 128), (200, 32)])      # partial last blocks, one of them half
-def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, t_len, window):
+@pytest.mark.parametrize("keys, stages, rows", [(32, 3, 64), (64, 2, None), (128, 2, None), (32, 4, 64), (64, 4, 64),
+                                                (128, 2, 64)])
+@pytest.mark.parametrize("t_len, window, gate", [
+    (2500, 128, "kv"),     # a partial last block of 68 queries: both of its 64-row programs run
+    (2450, 128, "v"),      # 18 queries in the last block: its second 64-row program is not launched
+    (50, 32, "none"),      # T < 64
+    (700, 0, "kv"),        # no window
+    (300, 4096, "kv"),     # the window covers every key
+])
+def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, t_len, window, gate):
     from sparsek.ops.attention import fused, gluon
     from sparsek.ops.common import tiles
 
@@ -127,7 +134,7 @@ def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, t_len, wi
     u = fused.score_rows(torch.randn(1, t_len, 2, device="cuda"))
     block = tiles.forward(tiles.target(q.device), 128)["BLOCK_M"]
     tau, start, end, lists, poison = fused.forward_selection((u,), (256, window, block))
-    args = (q, k, v, u, tau, start, end, lists, poison, window, "kv", 128 ** -0.5)
+    args = (q, k, v, u, tau, start, end, lists, poison, window, gate, 128 ** -0.5)
     o_tl, lse_tl = fused.fused_forward(*args)
     o_gl, lse_gl = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows)
     torch.testing.assert_close(lse_gl, lse_tl, atol=2e-3, rtol=0)
@@ -140,11 +147,13 @@ def _qkv_scores(t_len=40, heads=2, head_dim=16):
     return q, k, v, torch.randn(1, t_len, heads)
 
 
-def test_backend_triton_and_auto_off_cuda_take_the_tl_forward():
+def test_backend_triton_and_auto_off_cuda_take_the_tl_forward(monkeypatch):
     from sparsek.ops.attention import fused
 
     q = _qkv_scores()[0]
     assert fused.choose_forward(q, "triton") == "tl"
+    assert fused.choose_forward(q, "auto") == "tl"
+    monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", True)      # with Gluon on by default, still not off CUDA
     assert fused.choose_forward(q, "auto") == "tl"
 
 
@@ -153,7 +162,8 @@ def test_backend_gluon_says_why_it_cannot_run():
     from sparsek.ops.attention import fused
 
     q, k, v, scores = _qkv_scores()
-    with pytest.raises(ValueError, match="backend='gluon' cannot run here: it"):
+    # Under the interpreter the fused path is taken and the Gluon check refuses; without it, the fused path.
+    with pytest.raises(ValueError, match="backend='gluon' (cannot run here: it|needs CUDA tensors)"):
         sparsek_attention(q, k, v, scores, topk=4, window=4, backend="gluon")
     with pytest.raises(ValueError, match="backend must be one of"):
         fused.sparsek_attention_fused(q, k, v, scores, topk=4, window=4, backend="tl")

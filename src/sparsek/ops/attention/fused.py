@@ -66,13 +66,14 @@ def on_sm90(q: Tensor) -> bool:
 _GLUON_VERSION_WARNED = False
 
 
-def choose_forward(q: Tensor, backend: str) -> str:
+def choose_forward(q: Tensor, backend: str, *others: Tensor) -> str:
     """The forward kernel of the fused path for q: "gluon" (`gluon.py`, sm_90 only) or "tl" (`kernels.py`).
 
     backend "triton" keeps the portable tl forward; "gluon" forces the Gluon forward and raises ValueError
     saying why where it cannot run; "auto" takes it wherever it runs once GLUON_BY_DEFAULT is on. Then an
     sm_90 GPU that misses it only because of the installed Triton gets one warning, once; other shapes (head
-    dim 256, float32) take the tl forward without a word. The backward passes are tl kernels either way."""
+    dim 256, float32, unaligned tensors) take the tl forward without a word. `others` (k, v) are checked with q.
+    The backward passes are tl kernels either way."""
     global _GLUON_VERSION_WARNED
     if backend == "triton" or (backend == "auto" and not GLUON_BY_DEFAULT):
         return "tl"
@@ -81,7 +82,7 @@ def choose_forward(q: Tensor, backend: str) -> str:
     except ImportError as err:                    # a Triton without triton.experimental.gluon
         problem, version_only = f"this Triton has no Gluon ({err})", True
     else:
-        problem, version_only = gluon.cannot_run(q), not gluon.gluon_api_supported()
+        problem, version_only = gluon.cannot_run(q, *others), not gluon.gluon_api_supported()
     if problem is None:
         return "gluon"
     if backend == "gluon":
@@ -253,7 +254,7 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, topk: 
         block = tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"]
         tau, start, end, lists, poison = forward_selection((u_exact,), (topk, window, block))
         u = u_exact.to(torch.float32, copy=True)  # an op output must not alias its input
-        if choose_forward(q, backend) == "gluon":
+        if choose_forward(q, backend, k, v) == "gluon":
             from .gluon import fused_forward_gluon
             o, lse = fused_forward_gluon(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
         else:

@@ -32,6 +32,7 @@ from .fused import empty_output, on_sm90
 
 KEYS_PER_TILE = 64    # the N of the Q K^T wgmma
 RING_STAGES = 3       # K, V tiles in shared memory: one in use, two in flight
+SM90_SHARED_BYTES = 232448   # the most shared memory one program may opt into on sm_90 (227 KiB)
 
 
 def gluon_api_supported() -> bool:
@@ -264,9 +265,11 @@ def sparsek_fwd_gluon_kernel(
     gl.store(LSE + pid_bh.to(gl.int64) * T + offs_m, m_i + gl.log2(l_safe), mask=offs_m < T)
 
 
-def cannot_run(q: Tensor) -> str | None:
-    """Why the Gluon forward cannot run on q [B, T, Hq, D], or None when it can: Triton 3.6, an sm_90 GPU,
-    bf16 or fp16, head dim 64 or 128, and the forward's query blocks a multiple of the 64-row wgmma."""
+def cannot_run(q: Tensor, *others: Tensor) -> str | None:
+    """Why the Gluon forward cannot run on q [B, T, Hq, D] (and `others`, such as k and v), or None when it
+    can: Triton 3.6, an sm_90 GPU, bf16 or fp16, head dim 64 or 128, the forward's query blocks a multiple of
+    the 64-row wgmma, and 16-byte aligned rows (cp.async copies 16 bytes; Triton compiles it only for pointers
+    and strides it knows to be multiples of 16)."""
     if not gluon_api_supported():
         return f"it is written for Triton 3.6's Gluon API, and this is Triton {triton.__version__}"
     if not q.is_cuda or interpreting():
@@ -277,7 +280,16 @@ def cannot_run(q: Tensor) -> str | None:
         return f"it takes bf16 or fp16 with head dim 64 or 128, got {q.dtype} and {q.shape[-1]}"
     if tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"] % 64:
         return "the forward's query block is not a multiple of 64"
+    for x in (q, *others):
+        if x.data_ptr() % 16 or any(stride % 16 for stride in x.stride()[:3]) or x.stride(-1) != 1:
+            return "it needs 16-byte aligned rows: a data pointer and batch, token and head strides in multiples of 16"
     return None
+
+
+def shared_bytes(keys_per_tile: int, stages: int, rows: int, head_dim: int) -> int:
+    """Shared memory of one program: Q [rows, D] and a ring of stages of K and V tiles plus their keys' int32 /
+    float32 key, u, start and end (16-bit q, k, v)."""
+    return rows * head_dim * 2 + stages * (2 * keys_per_tile * head_dim * 2 + 4 * 4 * keys_per_tile)
 
 
 def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
@@ -291,7 +303,7 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     keys_per_tile (32, 64 or 128), stages (>= 2) and rows (query rows per program: the lists' block when None,
     or 64, which splits each block between two programs) are for tuning (`python -m sparsek.bench.gluon`)."""
     batch, t_len, n_q_heads, head_dim = q.shape
-    problem = cannot_run(q)
+    problem = cannot_run(q, k, v)
     if problem is not None:
         raise ValueError(f"the Gluon forward cannot run: {problem}")
     window = min(window, t_len)
@@ -302,11 +314,15 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows:
         raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2 and rows a multiple of 64 dividing "
                          f"{block_m}, got {keys_per_tile}, {stages}, {rows}")
+    if shared_bytes(keys_per_tile, stages, rows, head_dim) > SM90_SHARED_BYTES:
+        raise ValueError(f"keys_per_tile {keys_per_tile}, stages {stages} and rows {rows} need "
+                         f"{shared_bytes(keys_per_tile, stages, rows, head_dim)} bytes of shared memory at D = "
+                         f"{head_dim}; sm_90 gives a program at most {SM90_SHARED_BYTES}")
     warps = rows // 16                                 # a warpgroup (4 warps) per 64 query rows of the wgmma
     o = empty_output(q.shape, q.dtype, q.device)
     lse = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     strides = [s for x in (q, k, v, o) for s in x.stride()[:3]]
-    sparsek_fwd_gluon_kernel[(lists.shape[1] * (block_m // rows), batch * n_q_heads)](
+    sparsek_fwd_gluon_kernel[(triton.cdiv(t_len, rows), batch * n_q_heads)](
         q, k, v, u, tau, start, end, lists, o, lse, poison, *strides, t_len, lists.shape[2], lists.shape[1],
         window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], LIST_BLOCK=block_m,
         BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,

@@ -112,8 +112,7 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     scores = _centred(scores)
 
     bounds = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, q)
-    # "gluon" is the fused path with the Gluon forward forced: kernel_for checks it as it checks "triton".
-    fused_attention = kernel_for("triton" if backend == "gluon" else backend, fused, "sparsek_attention_fused", q)
+    fused_attention = kernel_for(backend, fused, "sparsek_attention_fused", q)   # "gluon": fused, Gluon forward
     triton_path = fused_attention is not None
     if triton_path:
         attention = functools.partial(fused_attention, backend=backend)

@@ -41,19 +41,21 @@ def supports(q: Tensor) -> bool:
 def kernel_for(backend: str, module, name: str, q: Tensor):
     """The Triton kernel module.name when `backend` picks it for q, else None (the caller's PyTorch path).
 
-    "triton" picks it always, and raises ValueError where it cannot run (triton missing: module is None; or q
-    unsupported, see `supports`); "auto" picks it for CUDA tensors it supports (the CPU interpreter only on
-    request); "reference" and "gather" never do.
+    "triton" (and "gluon", the attention's fused path with its Gluon forward) picks it always, and raises
+    ValueError where it cannot run (triton missing: module is None; or q unsupported, see `supports`); "auto"
+    picks it for CUDA tensors it supports (the CPU interpreter only on request); "reference" and "gather"
+    never do.
     """
-    if not (backend == "triton" or (backend == "auto" and q.is_cuda)):
+    forced = backend in ("triton", "gluon")
+    if not (forced or (backend == "auto" and q.is_cuda)):
         return None
     if module is None:
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package: pip install 'sparsek[triton]'")
+        if forced:
+            raise ValueError(f"backend={backend!r} needs the triton package: pip install 'sparsek[triton]'")
         return None
     if not supports(q):
-        if backend == "triton":
-            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) in "
+        if forced:
+            raise ValueError(f"backend={backend!r} needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) in "
                              "float16, bfloat16 or float32 and a power-of-two head dim in [16, 256], got "
                              f"{q.device}, {q.dtype} and D={q.shape[-1]}")
         return None
