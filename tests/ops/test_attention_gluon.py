@@ -162,7 +162,8 @@ def test_backend_gluon_says_why_it_cannot_run():
     from sparsek.ops.attention import fused
 
     q, k, v, scores = _qkv_scores()
-    # Under the interpreter the fused path is taken and the Gluon check refuses; without it, the fused path.
+    # Under the interpreter the fused path takes CPU tensors and the Gluon check refuses them; without the
+    # interpreter the fused path itself refuses them.
     with pytest.raises(ValueError, match="backend='gluon' (cannot run here: it|needs CUDA tensors)"):
         sparsek_attention(q, k, v, scores, topk=4, window=4, backend="gluon")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -178,7 +179,7 @@ def test_an_sm90_gpu_without_the_gluon_api_warns_once(monkeypatch):
     monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", True)
     monkeypatch.setattr(fused, "on_sm90", lambda x: True)
     monkeypatch.setattr(gluon, "gluon_api_supported", lambda: False)
-    monkeypatch.setattr(gluon, "cannot_run", lambda x: "it is written for Triton 3.6's Gluon API")
+    monkeypatch.setattr(gluon, "cannot_run", lambda *tensors: "it is written for Triton 3.6's Gluon API")
     monkeypatch.setattr(fused, "_GLUON_VERSION_WARNED", False)
     with pytest.warns(UserWarning, match="Gluon forward is off") as caught:
         assert fused.choose_forward(q, "auto") == "tl"
