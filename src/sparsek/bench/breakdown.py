@@ -7,9 +7,10 @@
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
 kernel, the backward's dq, list and band passes (on the forward's lists; each with its outputs and scratch, as
 the attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Medians of
-triton.testing.do_bench in ms; a table is printed last. `--once` times nothing and prints nothing: the selection, the
-forward and the three backward passes then run once each, so that a profiler (Nsight Compute) sees one launch
-of each attention kernel.
+triton.testing.do_bench in ms; a table is printed last, then each kernel's effective rate in TFLOP/s
+(`effective_tflops`: the matmul FLOPs over the pairs a query attends, as the forward's 4 T (topk + window) D
+Hq). `--once` times nothing and prints nothing: the selection, the forward and the three backward passes then
+run once each, so that a profiler (Nsight Compute) sees one launch of each attention kernel.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     return row
 
 
+def effective_tflops(row: dict, heads: int, head_dim: int, topk: int, window: int) -> dict:
+    """TFLOP/s of the forward and of each backward pass in a `breakdown` row, counting 2 FLOPs per multiply-add
+    of the matmuls over the pairs that matter: each query's topk selected keys and its window (both capped at
+    T). The forward does 2 matmuls per pair (Q K^T, P V), the dq pass 3 (Q K^T, dO V^T, dS K) over every pair,
+    the list pass 4 (Q K^T, dO V^T, P^T dO, dS^T Q) over the selected keys, the band pass the same 4 over the
+    window."""
+    t_len = row["T"]
+    selected, in_window = min(topk, t_len), min(window, t_len)
+    per_matmul = 2 * t_len * head_dim * heads                      # FLOPs of one matmul, per pair per query
+    flops = {"fwd kernel": 2 * per_matmul * (selected + in_window),
+             "bwd dq pass": 3 * per_matmul * (selected + in_window),
+             "bwd list pass": 4 * per_matmul * selected,
+             "bwd band pass": 4 * per_matmul * in_window}
+    return {name: flop / (row[name] * 1e-3) / 1e12 for name, flop in flops.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 32768, 131072])
@@ -88,6 +105,11 @@ def main() -> None:
     print("  ".join(f"{n:>12}" if n == "T" else f"{n:>{max(len(n), 8)}}" for n in names))
     for row in rows:
         print("  ".join(f"{row[n]:>12}" if n == "T" else f"{row[n]:>{max(len(n), 8)}.3f}" for n in names))
+    print("\neffective TFLOP/s (see effective_tflops)")
+    rates = [effective_tflops(row, args.heads, args.head_dim, args.topk, args.window) for row in rows]
+    print("  ".join([f"{'T':>12}"] + [f"{n:>13}" for n in rates[0]]))
+    for row, rate in zip(rows, rates):
+        print("  ".join([f"{row['T']:>12}"] + [f"{r:>13.0f}" for r in rate.values()]))
 
 
 if __name__ == "__main__":
