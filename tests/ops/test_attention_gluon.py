@@ -33,16 +33,18 @@ SCRIPT = textwrap.dedent('''
         print("SKIP the Gluon forward is written for Triton 3.6; this is", triton.__version__)
         raise SystemExit(0)
     fn = gluon.sparsek_fwd_gluon_kernel
-    # (dtype, head dim, gate, keys per tile, stages, rows per program): the default config, then tuning ones.
-    default = (gluon.KEYS_PER_TILE, gluon.RING_STAGES, 128)
-    for dtype, head_dim, gate, (keys, stages, rows) in (("bf16", 128, 0, default), ("bf16", 64, 1, default),
-                                                        ("fp16", 128, 2, default), ("bf16", 128, 0, (32, 3, 64)),
-                                                        ("bf16", 64, 1, (128, 2, 128))):
+    # (dtype, head dim, gate, (keys per tile, stages, rows per program, producer warps)): the default config,
+    # then tuning ones.
+    default = (gluon.KEYS_PER_TILE, gluon.RING_STAGES, 128, 0)
+    for dtype, head_dim, gate, (keys, stages, rows, producer) in (
+            ("bf16", 128, 0, default), ("bf16", 64, 1, default), ("fp16", 128, 2, default),
+            ("bf16", 128, 0, (32, 3, 64, 0)), ("bf16", 64, 1, (128, 2, 128, 0)), ("bf16", 128, 0, (64, 3, 128, 4)),
+            ("fp16", 64, 2, (32, 3, 64, 4))):
         x = "*" + dtype
         pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32", OUT=x,
                         LSE="*fp32", POISON="*fp32")
         constexprs = dict(GATE=gate, LIST_BLOCK=128, BLOCK_M=rows, BLOCK_N=keys, HEAD_DIM=head_dim, STAGES=stages,
-                          NUM_WARPS=rows // 16)
+                          NUM_WARPS=rows // 16, PRODUCER_WARPS=producer)
         signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "qk_scale2"
                      else "i32") for name in fn.arg_names}
         # A real launch marks pointers and strides (multiples of D) divisible by 16; cp.async needs to know.
@@ -51,8 +53,9 @@ SCRIPT = textwrap.dedent('''
         compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=rows // 16))
         ptx = compiled.asm["ptx"]
-        print("compiled", dtype, head_dim, gate, "wgmma", len(re.findall(r"wgmma\\.mma_async", ptx)),
-              "cp.async", len(re.findall(r"cp\\.async\\.c[ag]", ptx)))
+        print("compiled", dtype, head_dim, gate, producer, "wgmma", len(re.findall(r"wgmma\\.mma_async", ptx)),
+              "cp.async", len(re.findall(r"cp\\.async\\.c[ag]", ptx)),
+              "producer", len(re.findall(r"cp\\.async\\.mbarrier\\.arrive", ptx)))
 ''')
 
 
@@ -65,9 +68,11 @@ def test_gluon_forward_compiles_for_sm90():
     if result.stdout.startswith("SKIP"):
         pytest.skip(result.stdout.strip())
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled")]
-    assert len(lines) == 5
+    assert len(lines) == 7
     for line in lines:                          # both products are wgmma, and K, V arrive by cp.async
         assert int(line[line.index("wgmma") + 1]) > 0 and int(line[line.index("cp.async") + 1]) > 0
+        # a producer partition signals each filled stage with a cp.async mbarrier arrive, and only then
+        assert (int(line[line.index("producer") + 1]) > 0) == (line[4] == "4")
 
 
 def _gluon_runs_here() -> bool:
@@ -115,8 +120,10 @@ def test_gluon_forward_equals_the_tl_forward(t_len, heads, head_dim, gate, topk,
 
 
 @pytest.mark.skipif(not _gluon_runs_here(), reason="needs an sm_90 GPU and Triton 3.6's Gluon API")
-@pytest.mark.parametrize("keys, stages, rows", [(32, 3, 64), (64, 2, None), (128, 2, None), (32, 4, 64), (64, 4, 64),
-                                                (128, 2, 64)])
+@pytest.mark.parametrize("keys, stages, rows, producer", [
+    (32, 3, 64, 0), (64, 2, None, 0), (128, 2, None, 0), (32, 4, 64, 0), (64, 4, 64, 0), (128, 2, 64, 0),
+    (64, 3, None, 4), (64, 2, None, 4), (32, 3, 64, 4), (32, 4, None, 4),        # warp-specialised
+])
 @pytest.mark.parametrize("t_len, window, gate", [
     (2500, 128, "kv"),     # a partial last block of 68 queries: both of its 64-row programs run
     (2450, 128, "v"),      # 18 queries in the last block: its second 64-row program is not launched
@@ -124,7 +131,7 @@ def test_gluon_forward_equals_the_tl_forward(t_len, heads, head_dim, gate, topk,
     (700, 0, "kv"),        # no window
     (300, 4096, "kv"),     # the window covers every key
 ])
-def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, t_len, window, gate):
+def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, producer, t_len, window, gate):
     from sparsek.ops.attention import fused, gluon
     from sparsek.ops.common import tiles
 
@@ -136,7 +143,8 @@ def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, t_len, wi
     tau, start, end, lists, poison = fused.forward_selection((u,), (256, window, block))
     args = (q, k, v, u, tau, start, end, lists, poison, window, gate, 128 ** -0.5)
     o_tl, lse_tl = fused.fused_forward(*args)
-    o_gl, lse_gl = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows)
+    o_gl, lse_gl = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows,
+                                             producer_warps=producer)
     torch.testing.assert_close(lse_gl, lse_tl, atol=2e-3, rtol=0)
     torch.testing.assert_close(o_gl.float(), o_tl.float(), atol=4e-3, rtol=1.6e-2)
 

@@ -2,11 +2,12 @@
 through each backend.
 
     python -m sparsek.bench.gluon                                      # 16/16 at 8k, 32k, 128k and 64/4 at 32k
-    python -m sparsek.bench.gluon --configs 64x3,32x3/64,32x4/64 --shapes 16/16@32768
+    python -m sparsek.bench.gluon --configs 64x3,32x3/64,64x3+ws --shapes 16/16@32768
 
 Both forwards run on the same selection (topk 1024 + window 512 by default, D = 128, bf16, gate "kv", B = 1).
-A config is `keys x stages[/rows]`: keys per tile, shared-memory ring stages and query rows per program (the
-lists' block of 128 when left out; 64 splits each block between two programs). Each Gluon row says how far its
+A config is `keys x stages[/rows][+ws]`: keys per tile, shared-memory ring stages, query rows per program (the
+lists' block of 128 when left out; 64 splits each block between two programs) and, with +ws, a producer
+partition of 4 warps that fills the ring (`gl.warp_specialize`). Each Gluon row says how far its
 output lies from the tl forward's (max |difference|; about one bf16 rounding step is expected). On each tl row,
 "f+b" is `sparsek_attention_fused` forward + backward with backend "triton" (the tl forward) and "gluon" (the
 Gluon forward in its default config); the backward kernels are the same. Medians of `triton.testing.do_bench`
@@ -27,10 +28,13 @@ from sparsek.ops.common import tiles
 
 
 def parse_config(text: str) -> dict:
-    """"64x3" -> keys_per_tile 64, stages 3; "32x3/64" also rows 64."""
+    """"64x3" -> keys_per_tile 64, stages 3; "32x3/64" also rows 64; a "+ws" suffix adds a producer partition
+    of 4 warps."""
+    text, ws, _ = text.partition("+ws")
     tile, _, rows = text.partition("/")
     keys, stages = tile.split("x")
-    return dict(keys_per_tile=int(keys), stages=int(stages), rows=int(rows) if rows else None)
+    return dict(keys_per_tile=int(keys), stages=int(stages), rows=int(rows) if rows else None,
+                producer_warps=4 if ws else 0)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -83,8 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="16/16@8192,16/16@32768,16/16@131072,64/4@32768",
                         help="comma-separated Hq/Hk@T")
-    parser.add_argument("--configs", default=f"{gluon.KEYS_PER_TILE}x{gluon.RING_STAGES},64x2,64x4,32x3/64",
-                        help="comma-separated keys x stages[/rows]")
+    parser.add_argument("--configs", default=f"{gluon.KEYS_PER_TILE}x{gluon.RING_STAGES},64x2,32x3/64,64x3+ws,"
+                        "64x2+ws,32x4+ws,32x3/64+ws", help="comma-separated keys x stages[/rows][+ws]")
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))

@@ -25,13 +25,19 @@ from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from ..common import GATE_IDS, LOG2E, interpreting, tiles
 from .fused import empty_output, on_sm90
 
 KEYS_PER_TILE = 64    # the N of the Q K^T wgmma
 RING_STAGES = 3       # K, V tiles in shared memory: one in use, two in flight
+PRODUCER_REGISTERS = gl.constexpr(40)  # per producer thread: it only computes addresses and copies
 SM90_SHARED_BYTES = 232448   # the most shared memory one program may opt into on sm_90 (227 KiB)
 
 
@@ -62,11 +68,11 @@ def _tile_keys(t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, BLOCK_N: g
 
 
 @gluon.jit
-def _issue_tile(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+def _fill_stage(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ld: gl.constexpr, meta: gl.constexpr):
-    """Fill ring stage `stage` with tile t: its K and V rows and its keys' u, start and end by cp.async, as
-    one commit group, and its keys by a plain store. Missing rows are zero-filled without a read (end 0: no
-    query selects them), so a tile past the last one costs no memory traffic.
+    """Start the cp.async copies of tile t into ring stage `stage`: its K and V rows and its keys' u, start and
+    end. Missing rows are zero-filled without a read (end 0: no query selects them), so a tile past the last
+    one costs no memory traffic. Returns the tile's keys in `meta`.
     ring = (K, V, keys, u, start, end) buffers [STAGES, ...]; src = their sources (K, V, u, start, end rows)."""
     k_ring, v_ring, keys_ring, u_ring, start_ring, end_ring = ring
     k_base, v_base, u_row, start_row, end_row = src
@@ -79,7 +85,16 @@ def _issue_tile(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_
     async_copy.async_copy_global_to_shared(u_ring.index(stage), u_row + rows, mask=ok)
     async_copy.async_copy_global_to_shared(start_ring.index(stage), start_row + rows, mask=ok)
     async_copy.async_copy_global_to_shared(end_ring.index(stage), end_row + rows, mask=ok)
-    keys_ring.index(stage).store(keys)
+    return keys
+
+
+@gluon.jit
+def _issue_tile(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, ld: gl.constexpr, meta: gl.constexpr):
+    """`_fill_stage`, plus the keys by a plain store, as one commit group."""
+    keys = _fill_stage(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt,
+                       stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
+    ring[2].index(stage).store(keys)
     async_copy.commit_group()
 
 
@@ -92,9 +107,11 @@ def _inside_every_window(t, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M: gl.const
 
 
 @gluon.jit
-def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW, qk_scale2, GATE: gl.constexpr):
+def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW, qk_scale2, GATE: gl.constexpr,
+                  band_keys=None):
     """Mask, gate and online-softmax step of one tile's scores s [BLOCK_M, BLOCK_N] -> (p, alpha, m, l), with
-    the tile's keys, u, start and end read from its ring stage.
+    the tile's u, start and end read from its ring stage, and its keys too unless `band_keys` gives them
+    (band_lo + the tile's offset, up to band_hi: only band tiles take the full mask).
 
     Key j is allowed for query i when it is in i's window (weight 1) or i selects it, start_j <= i < end_j
     (weight clip(u_j - tau_i, 0, 1)). A listed key lies before the block's first window and was selected by
@@ -111,7 +128,12 @@ def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW
     elif inside:
         weight = gl.full(s.shape, 1.0, gl.float32, layout=s.type.layout)
     else:
-        j = gl.expand_dims(keys_ring.index(stage).load(cols), 0)
+        if band_keys is None:
+            j = gl.expand_dims(keys_ring.index(stage).load(cols), 0)
+        else:
+            first, band_hi = band_keys
+            j = first + gl.arange(0, s.shape[1], layout=cols)
+            j = gl.expand_dims(gl.where(j < band_hi, j, -1), 0)
         gap = gl.expand_dims(u_ring.index(stage).load(cols), 0) - gl.expand_dims(tau, 1)
         start_j = gl.expand_dims(start_ring.index(stage).load(cols), 0)
         end_j = gl.expand_dims(end_ring.index(stage).load(cols), 0)
@@ -142,38 +164,15 @@ def _tile_landed():
 
 
 @gluon.jit
-def sparsek_fwd_gluon_kernel(
-    Q, K, V, U, TAU, START, END, LISTS, OUT, LSE, POISON,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
-    GATE: gl.constexpr, LIST_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
-):
-    """Rows [r0, r0 + BLOCK_M) of query block i0 (the lists' LIST_BLOCK queries; BLOCK_M divides it) of head
-    pid_bh over their tiles: first the list (the keys selected at i0), then the band (i0 - w, r0 + BLOCK_M), as
-    one sequence of BLOCK_N-key tiles.
-
-    Pipeline: K, V tiles stream through a ring of STAGES shared-memory stages by cp.async, STAGES - 1 tiles
-    ahead, with each tile's keys and their u, start and end. Each step issues Q K^T of tile t and P V of tile
-    t - 1 as asynchronous wgmma, waits for the first only, and runs tile t's softmax while the second is still
-    on the tensor cores (FlashAttention-3's intra-warpgroup overlap)."""
+def _setup(Q, K, V, U, START, END, LISTS, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_vb,
+           stride_vh, T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, LIST_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+           BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """This program's rows and tiles: Q's rows in shared memory (copies started, one commit group), the ring,
+    the sources of its tiles and how many there are (the filled list slots, then the band)."""
     dtype: gl.constexpr = Q.dtype.element_ty
-    # Register layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D] as wgmma accumulators, P as wgmma's A operand
-    # from registers, and a blocked layout whose threads each move 16 bytes for the copies.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
-    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)     # one value per query of S
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)     # one value per query of O
-    meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])   # per-key values of a tile, copied
     meta_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // H_Q
@@ -187,28 +186,52 @@ def sparsek_fwd_gluon_kernel(
 
     offs_q = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     q_base = Q + b.to(gl.int64) * stride_qb + hq * stride_qh
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_sl)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], gl.NVMMASharedLayout.get_default_for(
+        [BLOCK_M, HEAD_DIM], dtype))
     _copy_rows(q_smem, q_base, offs_q, offs_q < T, stride_qt, HEAD_DIM, ld)
     async_copy.commit_group()
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl)
-    ring = (k_ring, v_ring, gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl),
+    ring = (gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl),
+            gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_sl),
+            gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl),
             gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], meta_sl),
             gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl),
             gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], meta_sl))
     src = (K + b.to(gl.int64) * stride_kb + hk * stride_kh, V + b.to(gl.int64) * stride_vb + hk * stride_vh,
            U + row.to(gl.int64) * T, START + row.to(gl.int64) * T, END + row.to(gl.int64) * T)
     list_base = LISTS + (row.to(gl.int64) * N_BLOCKS + block) * N_SLOTS
-
-    # The tiles: the filled list slots, then the band. Q's copy group counts as part of tile 0's wait.
     n_listed = gl.minimum(N_SLOTS, gl.maximum(i0 - WINDOW + 1, 0))
     n_list_tiles = gl.cdiv(n_listed, BLOCK_N)
     band_lo = gl.maximum(i0 - WINDOW + 1, 0)
     band_hi = gl.minimum(r0 + BLOCK_M, T)
     n_tiles = n_list_tiles + gl.cdiv(band_hi - band_lo, BLOCK_N)
-    for p in gl.static_range(STAGES - 1):
-        _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
-                    BLOCK_N, HEAD_DIM, ld, meta)
+    return b, hq, row, r0, q_smem, ring, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles
+
+
+@gluon.jit
+def _attend_tiles(q_smem, ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, b, hq, row,
+                  r0, pid_bh, TAU, OUT, LSE, POISON, stride_kt, stride_vt, stride_ob, stride_ot, stride_oh, T,
+                  N_SLOTS, WINDOW, qk_scale2, GATE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER: gl.constexpr):
+    """Rows [r0, r0 + BLOCK_M) over their tiles, then o and lse. Without PRODUCER these warps also fill the
+    ring (cp.async commit groups, STAGES - 1 tiles ahead); with it a producer partition does, and the ring's
+    stages pass between the two through the `ready` and `empty` mbarriers.
+
+    Each step issues Q K^T of tile t and P V of tile t - 1 as asynchronous wgmma, waits for the first only,
+    and runs tile t's softmax while the second is still on the tensor cores (FlashAttention-3's
+    intra-warpgroup overlap)."""
+    k_ring, v_ring = ring[0], ring[1]
+    dtype: gl.constexpr = k_ring.dtype
+    # Register layouts: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D] as wgmma accumulators, P as wgmma's A operand
+    # from registers, and blocked layouts whose threads each move 16 bytes (or one key's value) for the copies.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
+    meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)     # one value per query of S
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)     # one value per query of O
 
     offs_m = r0 + gl.arange(0, BLOCK_M, layout=rows_s)
     tau = gl.load(TAU + row.to(gl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
@@ -217,43 +240,61 @@ def sparsek_fwd_gluon_kernel(
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     qk_scale2 = qk_scale2.to(gl.float32)
+    band_keys = None
+    if PRODUCER:                                       # the producer stores no keys: band keys are counted here
+        band_keys = (band_lo - n_list_tiles * BLOCK_N, band_hi)
 
     # Tile 0 alone: its scores and P (there is no earlier P V to overlap), then the copy of tile STAGES - 1.
-    async_copy.wait_group(STAGES - 2)
-    _tile_landed()
+    if PRODUCER:
+        mbarrier.wait(ready.index(0), 0)
+        fence_async_shared()
+    else:
+        async_copy.wait_group(STAGES - 2)
+        _tile_landed()
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_ring.index(0)))
     inside = _inside_every_window(0, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
     p, alpha, m_i, l_i = _softmax_tile(s, ring, 0, 0 < n_list_tiles, inside, m_i, l_i, offs_m, tau, WINDOW,
-                                       qk_scale2, GATE)
+                                       qk_scale2, GATE, band_keys)
     p16 = gl.convert_layout(p.to(dtype), p_layout)
-    _issue_tile(ring, STAGES - 1, STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt,
-                stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
+    if not PRODUCER:
+        _issue_tile(ring, STAGES - 1, STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src,
+                    stride_kt, stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
 
     for t in range(1, n_tiles):
         stage = t % STAGES
         prev = (t - 1) % STAGES
-        async_copy.wait_group(STAGES - 2)              # tile t has landed (groups up to t + STAGES - 2 issued)
-        _tile_landed()
+        if PRODUCER:
+            mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+            fence_async_shared()
+        else:
+            async_copy.wait_group(STAGES - 2)          # tile t has landed (groups up to t + STAGES - 2 issued)
+            _tile_landed()
         k_t = k_ring.index(stage)
         v_prev = v_ring.index(prev)
         s = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc = warpgroup_mma(p16, v_prev, acc, is_async=True)
         s, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(s, q_smem, k_t))  # P V of tile t - 1 runs on
         inside = _inside_every_window(t, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
+        if PRODUCER:
+            band_keys = (band_lo + (t - n_list_tiles) * BLOCK_N, band_hi)
         p, alpha, m_i, l_i = _softmax_tile(s, ring, stage, t < n_list_tiles, inside, m_i, l_i, offs_m, tau, WINDOW,
-                                           qk_scale2, GATE)
+                                           qk_scale2, GATE, band_keys)
         acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_prev))
+        if PRODUCER:
+            mbarrier.arrive(empty.index(prev), count=1)     # after a barrier of these warps: stage `prev` is free
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
-        gl.thread_barrier()                            # no warp still reads stage `prev`: refill it
-        _issue_tile(ring, prev, t + STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt,
-                    stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
+        if not PRODUCER:
+            gl.thread_barrier()                        # no warp still reads stage `prev`: refill it
+            _issue_tile(ring, prev, t + STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src,
+                        stride_kt, stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
 
     v_last = v_ring.index(gl.maximum(n_tiles - 1, 0) % STAGES)
     acc = warpgroup_mma(p16, v_last, acc, is_async=True)
     acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_last))
-    async_copy.wait_group(0)                           # no copy may outlive the kernel's shared memory
+    if not PRODUCER:
+        async_copy.wait_group(0)                       # no copy may outlive the kernel's shared memory
 
     l_safe = gl.where(l_i > 0, l_i, 1.0)
     o = acc / gl.expand_dims(gl.convert_layout(l_safe, rows_o), 1) + gl.load(POISON)
@@ -263,6 +304,68 @@ def sparsek_fwd_gluon_kernel(
                 + gl.expand_dims(offs_do, 0))
     gl.store(out_ptrs, o.to(dtype), mask=gl.expand_dims(offs_mo < T, 1))
     gl.store(LSE + pid_bh.to(gl.int64) * T + offs_m, m_i + gl.log2(l_safe), mask=offs_m < T)
+
+
+@gluon.jit
+def _produce(ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, stride_kt, stride_vt,
+             N_SLOTS, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """The producer partition: fills the ring tile by tile, each stage once the consumers have released it."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [WARPS, 1], [1, 0])
+    meta: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    for t in range(gl.maximum(n_tiles, 1)):
+        stage = t % STAGES
+        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)     # passes at once on the first round
+        _fill_stage(ring, stage, t, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                    BLOCK_N, HEAD_DIM, ld, meta)
+        async_copy.mbarrier_arrive(ready.index(stage), increment_count=False)  # when this thread's copies land
+
+
+@gluon.jit
+def sparsek_fwd_gluon_kernel(
+    Q, K, V, U, TAU, START, END, LISTS, OUT, LSE, POISON,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
+    GATE: gl.constexpr, LIST_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+):
+    """Rows [r0, r0 + BLOCK_M) of query block i0 (the lists' LIST_BLOCK queries; BLOCK_M divides it) of head
+    pid_bh over their tiles: first the list (the keys selected at i0), then the band (i0 - w, r0 + BLOCK_M), as
+    one sequence of BLOCK_N-key tiles, which stream through a ring of STAGES shared-memory stages: K and V rows
+    and their keys' u, start and end, copied by cp.async.
+
+    PRODUCER_WARPS = 0: the NUM_WARPS warps also fill the ring, STAGES - 1 tiles ahead. Otherwise a partition
+    of PRODUCER_WARPS warps fills it (`gl.warp_specialize`), and the NUM_WARPS warps only attend."""
+    b, hq, row, r0, q_smem, ring, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles = _setup(
+        Q, K, V, U, START, END, LISTS, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, LIST_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS)
+    pid_bh = gl.program_id(1)
+    if PRODUCER_WARPS == 0:
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
+        meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        for p in gl.static_range(STAGES - 1):       # Q's copy group counts as part of tile 0's wait
+            _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                        BLOCK_N, HEAD_DIM, ld, meta)
+        _attend_tiles(q_smem, ring, None, None, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, b, hq,
+                      row, r0, pid_bh, TAU, OUT, LSE, POISON, stride_kt, stride_vt, stride_ob, stride_ot, stride_oh,
+                      T, N_SLOTS, WINDOW, qk_scale2, GATE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, False)
+    else:
+        async_copy.wait_group(0)                       # Q, before the warps part ways
+        gl.thread_barrier()
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)   # one cp.async arrive per producer thread
+            mbarrier.init(empty.index(i), count=1)                    # one arrive by the attending warps
+        fence_async_shared()
+        gl.warp_specialize([
+            (_attend_tiles, (q_smem, ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles,
+                             b, hq, row, r0, pid_bh, TAU, OUT, LSE, POISON, stride_kt, stride_vt, stride_ob,
+                             stride_ot, stride_oh, T, N_SLOTS, WINDOW, qk_scale2, GATE, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, NUM_WARPS, True)),
+            (_produce, (ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, stride_kt,
+                        stride_vt, N_SLOTS, BLOCK_N, HEAD_DIM, STAGES, PRODUCER_WARPS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGISTERS])
 
 
 def cannot_run(q: Tensor, *others: Tensor) -> str | None:
@@ -294,14 +397,15 @@ def shared_bytes(keys_per_tile: int, stages: int, rows: int, head_dim: int) -> i
 
 def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
                         lists: Tensor, poison: Tensor, window: int, gate: str, scale: float, *,
-                        keys_per_tile: int = KEYS_PER_TILE, stages: int = RING_STAGES,
-                        rows: int | None = None) -> tuple[Tensor, Tensor]:
+                        keys_per_tile: int = KEYS_PER_TILE, stages: int = RING_STAGES, rows: int | None = None,
+                        producer_warps: int = 0) -> tuple[Tensor, Tensor]:
     """`fused.fused_forward` through the Gluon kernel: o [B, T, Hq, D] and lse [B * Hq, T] (log2 units) from the
     same selection (u, tau float32 and start, end int32, [R, T]; lists [R, NB, K] built with the forward's
     BLOCK_M; poison [1]). 16-bit q, k, v with a unit last stride, head dim 64 or 128, on sm_90.
 
-    keys_per_tile (32, 64 or 128), stages (>= 2) and rows (query rows per program: the lists' block when None,
-    or 64, which splits each block between two programs) are for tuning (`python -m sparsek.bench.gluon`)."""
+    keys_per_tile (32, 64 or 128), stages (>= 2), rows (query rows per program: the lists' block when None, or
+    64, which splits each block between two programs) and producer_warps (0: the attending warps fill the ring
+    themselves; 4: a warp-specialised producer partition does) are for tuning (`python -m sparsek.bench.gluon`)."""
     batch, t_len, n_q_heads, head_dim = q.shape
     problem = cannot_run(q, k, v)
     if problem is not None:
@@ -311,9 +415,9 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     if lists.shape[1] != triton.cdiv(t_len, block_m):
         raise ValueError(f"lists of {lists.shape[1]} blocks do not match query blocks of {block_m} at T = {t_len}")
     rows = rows or block_m
-    if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows:
-        raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2 and rows a multiple of 64 dividing "
-                         f"{block_m}, got {keys_per_tile}, {stages}, {rows}")
+    if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows or producer_warps not in (0, 4):
+        raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2, rows a multiple of 64 dividing {block_m} "
+                         f"and producer_warps 0 or 4, got {keys_per_tile}, {stages}, {rows}, {producer_warps}")
     if shared_bytes(keys_per_tile, stages, rows, head_dim) > SM90_SHARED_BYTES:
         raise ValueError(f"keys_per_tile {keys_per_tile}, stages {stages} and rows {rows} need "
                          f"{shared_bytes(keys_per_tile, stages, rows, head_dim)} bytes of shared memory at D = "
@@ -326,5 +430,5 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
         q, k, v, u, tau, start, end, lists, o, lse, poison, *strides, t_len, lists.shape[2], lists.shape[1],
         window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], LIST_BLOCK=block_m,
         BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
-        num_warps=warps)
+        PRODUCER_WARPS=producer_warps, num_warps=warps)
     return o, lse
