@@ -37,7 +37,7 @@ from .fused import empty_output, on_sm90
 
 KEYS_PER_TILE = 64    # the N of the Q K^T wgmma
 RING_STAGES = 3       # K, V tiles in shared memory: one in use, two in flight
-PRODUCER_REGISTERS = gl.constexpr(40)  # per producer thread: it only computes addresses and copies
+PRODUCER_REGISTERS = gl.constexpr(48)  # per producer thread (addresses and copies): 40 spills at 64-key tiles
 SM90_SHARED_BYTES = 232448   # the most shared memory one program may opt into on sm_90 (227 KiB)
 
 
@@ -282,7 +282,8 @@ def _attend_tiles(q_smem, ring, ready, empty, src, list_base, n_list_tiles, band
                                            qk_scale2, GATE, band_keys)
         acc, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16, v_prev))
         if PRODUCER:
-            mbarrier.arrive(empty.index(prev), count=1)     # after a barrier of these warps: stage `prev` is free
+            gl.thread_barrier()                        # every attending warp is done with stage `prev`
+            mbarrier.arrive(empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
         if not PRODUCER:
@@ -430,5 +431,8 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
         q, k, v, u, tau, start, end, lists, o, lse, poison, *strides, t_len, lists.shape[2], lists.shape[1],
         window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], LIST_BLOCK=block_m,
         BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
-        PRODUCER_WARPS=producer_warps, num_warps=warps)
+        PRODUCER_WARPS=producer_warps, num_warps=warps,
+        # 4 attending + 4 producer warps: cap the registers so that two programs share an SM (otherwise each
+        # asks for 256 and takes the whole register file)
+        **({"maxnreg": 128} if producer_warps and rows == 64 else {}))
     return o, lse
