@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent('''
     try:
         from triton.experimental.gluon._runtime import GluonASTSource
         from sparsek.ops.attention import gluon
+        from sparsek.ops.common import tiles
     except ImportError as err:                  # a Triton without Gluon, or without this API
         print("SKIP", err)
         raise SystemExit(0)
@@ -33,13 +34,16 @@ SCRIPT = textwrap.dedent('''
         print("SKIP the Gluon forward is written for Triton 3.6; this is", triton.__version__)
         raise SystemExit(0)
     fn = gluon.sparsek_fwd_gluon_kernel
-    # (dtype, head dim, gate, (keys per tile, stages, rows per program, producer warps)): the default config,
-    # then tuning ones.
-    default = (gluon.KEYS_PER_TILE, gluon.RING_STAGES, 128, 0)
-    for dtype, head_dim, gate, (keys, stages, rows, producer) in (
-            ("bf16", 128, 0, default), ("bf16", 64, 1, default), ("fp16", 128, 2, default),
+    # (dtype, head dim, gate, (keys per tile, stages, rows per program, producer warps)): the default configs
+    # (None), then tuning ones.
+    for dtype, head_dim, gate, config in (
+            ("bf16", 128, 0, None), ("bf16", 64, 1, None), ("fp16", 128, 2, None), ("bf16", 256, 0, None),
             ("bf16", 128, 0, (32, 3, 64, 0)), ("bf16", 64, 1, (128, 2, 128, 0)), ("bf16", 128, 0, (64, 3, 128, 4)),
             ("fp16", 64, 2, (32, 3, 64, 4))):
+        if config is None:
+            default = tiles.gluon_forward(tiles.SM90, head_dim)
+            config = (default["keys_per_tile"], default["stages"], default["rows"] or 128, default["producer_warps"])
+        keys, stages, rows, producer = config
         x = "*" + dtype
         pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32", OUT=x,
                         LSE="*fp32", POISON="*fp32")
@@ -74,7 +78,7 @@ def test_gluon_forward_compiles_for_sm90():
     if result.stdout.startswith("SKIP"):
         pytest.skip(result.stdout.strip())
     lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled")]
-    assert len(lines) == 7
+    assert len(lines) == 8
     for line in lines:                          # both products are wgmma, and K, V arrive by cp.async
         assert int(line[line.index("wgmma") + 1]) > 0 and int(line[line.index("cp.async") + 1]) > 0
         # a producer partition signals each filled stage with a cp.async mbarrier arrive, and only then

@@ -7,12 +7,12 @@ through each backend.
 Both forwards run on the same selection (topk 1024 + window 512 by default, D = 128, bf16, gate "kv", B = 1).
 A config is `keys x stages[/rows][+ws]`: keys per tile, shared-memory ring stages, query rows per program (the
 lists' block of 128 when left out; 64 splits each block between two programs) and, with +ws, a producer
-partition of 4 warps that fills the ring (`gl.warp_specialize`). Each Gluon row says how far its
-output lies from the tl forward's (max |difference|; about one bf16 rounding step is expected). On each tl row,
-"f+b" is `sparsek_attention_fused` forward + backward with backend "triton" (the tl forward) and "gluon" (the
-Gluon forward in its default config); the backward kernels are the same. Medians of `triton.testing.do_bench`
-in ms, TF/s the effective forward rate 4 T (topk + window) D Hq / time; the table is printed last. Needs an
-sm_90 GPU and Triton 3.6.
+partition of 4 warps that fills the ring (`gl.warp_specialize`); "default" is `tiles.gluon_forward`'s. Each
+Gluon row says how far its output lies from the tl forward's (max |difference|; about one bf16 rounding step
+is expected). On each tl row, "f+b" is `sparsek_attention_fused` forward + backward with backend "triton"
+(the tl forward) and "gluon" (the Gluon forward in its default config); the backward kernels are the same.
+Medians of `triton.testing.do_bench` in ms, TF/s the effective forward rate 4 T (topk + window) D Hq / time;
+the table is printed last. Needs an sm_90 GPU and Triton 3.6.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from sparsek.ops.common import tiles
 
 
 def parse_config(text: str) -> dict:
-    """"64x3" -> keys_per_tile 64, stages 3; "32x3/64" also rows 64; a "+ws" suffix adds a producer partition
-    of 4 warps."""
+    """"default" -> {} (`tiles.gluon_forward`'s config); "64x3" -> keys_per_tile 64, stages 3; "32x3/64" also
+    rows 64; a "+ws" suffix adds a producer partition of 4 warps."""
+    if text == "default":
+        return {}
     text, ws, _ = text.partition("+ws")
     tile, _, rows = text.partition("/")
     keys, stages = tile.split("x")
@@ -87,11 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="16/16@8192,16/16@32768,16/16@131072,64/4@32768",
                         help="comma-separated Hq/Hk@T")
-    parser.add_argument("--configs", default=f"{gluon.KEYS_PER_TILE}x{gluon.RING_STAGES},64x2,32x3/64,64x3+ws,"
-                        "64x2+ws,32x4+ws,32x3/64+ws", help="comma-separated keys x stages[/rows][+ws]")
+    parser.add_argument("--configs", default="default,64x2,32x3/64,64x3+ws,64x2+ws,32x4+ws,32x3/64+ws",
+                        help="comma-separated keys x stages[/rows][+ws], or default (tiles.gluon_forward)")
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.gluon needs a CUDA GPU")

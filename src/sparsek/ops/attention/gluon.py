@@ -35,8 +35,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from ..common import GATE_IDS, LOG2E, interpreting, tiles
 from .fused import empty_output, on_sm90
 
-KEYS_PER_TILE = 64    # the N of the Q K^T wgmma
-RING_STAGES = 3       # K, V tiles in shared memory: one in use, two in flight
 PRODUCER_REGISTERS = gl.constexpr(48)  # per producer thread (addresses and copies): 40 spills at 64-key tiles
 SM90_SHARED_BYTES = 232448   # the most shared memory one program may opt into on sm_90 (227 KiB)
 
@@ -371,7 +369,7 @@ def sparsek_fwd_gluon_kernel(
 
 def cannot_run(q: Tensor, *others: Tensor) -> str | None:
     """Why the Gluon forward cannot run on q [B, T, Hq, D] (and `others`, such as k and v), or None when it
-    can: Triton 3.6, an sm_90 GPU, bf16 or fp16, head dim 64 or 128, the forward's query blocks a multiple of
+    can: Triton 3.6, an sm_90 GPU, bf16 or fp16, head dim 64, 128 or 256, the forward's query blocks a multiple of
     the 64-row wgmma, and 16-byte aligned rows (cp.async copies 16 bytes; Triton compiles it only for pointers
     and strides it knows to be multiples of 16)."""
     if not gluon_api_supported():
@@ -380,8 +378,8 @@ def cannot_run(q: Tensor, *others: Tensor) -> str | None:
         return "it runs on CUDA tensors only (not under TRITON_INTERPRET)"
     if not on_sm90(q):
         return f"it runs on sm_90 (H100, H200) only, and this GPU is {torch.cuda.get_device_name(q.device)}"
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128):
-        return f"it takes bf16 or fp16 with head dim 64 or 128, got {q.dtype} and {q.shape[-1]}"
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128, 256):
+        return f"it takes bf16 or fp16 with head dim 64, 128 or 256, got {q.dtype} and {q.shape[-1]}"
     if tiles.forward(tiles.target(q.device), q.shape[-1])["BLOCK_M"] % 64:
         return "the forward's query block is not a multiple of 64"
     for x in (q, *others):
@@ -397,16 +395,16 @@ def shared_bytes(keys_per_tile: int, stages: int, rows: int, head_dim: int) -> i
 
 
 def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
-                        lists: Tensor, poison: Tensor, window: int, gate: str, scale: float, *,
-                        keys_per_tile: int = KEYS_PER_TILE, stages: int = RING_STAGES, rows: int | None = None,
-                        producer_warps: int = 0) -> tuple[Tensor, Tensor]:
+                        lists: Tensor, poison: Tensor, window: int, gate: str, scale: float,
+                        **config) -> tuple[Tensor, Tensor]:
     """`fused.fused_forward` through the Gluon kernel: o [B, T, Hq, D] and lse [B * Hq, T] (log2 units) from the
     same selection (u, tau float32 and start, end int32, [R, T]; lists [R, NB, K] built with the forward's
-    BLOCK_M; poison [1]). 16-bit q, k, v with a unit last stride, head dim 64 or 128, on sm_90.
+    BLOCK_M; poison [1]). 16-bit q, k, v with a unit last stride, head dim 64, 128 or 256, on sm_90.
 
-    keys_per_tile (32, 64 or 128), stages (>= 2), rows (query rows per program: the lists' block when None, or
-    64, which splits each block between two programs) and producer_warps (0: the attending warps fill the ring
-    themselves; 4: a warp-specialised producer partition does) are for tuning (`python -m sparsek.bench.gluon`)."""
+    config overrides `tiles.gluon_forward`, for tuning (`python -m sparsek.bench.gluon`): keys_per_tile (32, 64
+    or 128), stages (>= 2), rows (query rows per program: the lists' block when None, or 64, which splits each
+    block between two programs) and producer_warps (0: the attending warps fill the ring themselves; 4: a
+    warp-specialised producer partition does)."""
     batch, t_len, n_q_heads, head_dim = q.shape
     problem = cannot_run(q, k, v)
     if problem is not None:
@@ -415,7 +413,13 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     block_m = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]       # the lists' query block
     if lists.shape[1] != triton.cdiv(t_len, block_m):
         raise ValueError(f"lists of {lists.shape[1]} blocks do not match query blocks of {block_m} at T = {t_len}")
-    rows = rows or block_m
+    defaults = tiles.gluon_forward(tiles.target(q.device), head_dim)
+    if not set(config) <= set(defaults):
+        raise ValueError(f"unknown Gluon forward settings {sorted(set(config) - set(defaults))}; "
+                         f"the settings are {sorted(defaults)}")
+    defaults.update(config)
+    keys_per_tile, stages, producer_warps = defaults["keys_per_tile"], defaults["stages"], defaults["producer_warps"]
+    rows = defaults["rows"] or block_m
     if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows or producer_warps not in (0, 4):
         raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2, rows a multiple of 64 dividing {block_m} "
                          f"and producer_warps 0 or 4, got {keys_per_tile}, {stages}, {rows}, {producer_warps}")

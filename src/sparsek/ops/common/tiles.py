@@ -64,6 +64,19 @@ def forward(target: Target, head_dim: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
+def gluon_forward(target: Target, head_dim: int) -> dict:
+    """The Gluon forward's config on sm_90 (`ops/attention/gluon.py`): keys per tile, shared-memory ring stages,
+    query rows per program (None: the lists' block) and producer warps (0: no warp-specialised producer). Its
+    query blocks are the tl forward's (the key lists are shared), so there is no interpreter entry."""
+    if head_dim > 128:
+        # Not swept: 32-key tiles and 2 stages fit head dim 256 in 132 KB of shared memory and 245 registers
+        # without spills (ptxas); 64-key tiles spill.
+        return dict(keys_per_tile=32, stages=2, rows=None, producer_warps=0)
+    # H100, 32k, D = 128 (docs/kernels.md): 3 stages of 64 keys, 1-8% faster than the tl forward; 2 stages and
+    # 128-key tiles were slower. The other configs of `python -m sparsek.bench.gluon` are not timed yet.
+    return dict(keys_per_tile=64, stages=3, rows=None, producer_warps=0)
+
+
 def backward(target: Target, head_dim: int, group: int) -> dict[str, dict]:
     """Tiles of the dq, band and list passes for `group` query heads per KV head. The list pass walks the
     forward's list blocks (its BLOCK_M is the forward's), which fix which (query, key) pairs belong to the band
