@@ -12,12 +12,15 @@ Gluon row says how far its output lies from the tl forward's (max |difference|; 
 is expected). On each tl row, "f+b" is `sparsek_attention_fused` forward + backward with backend "triton"
 (the tl forward) and "gluon" (the Gluon forward in its default config); the backward kernels are the same.
 Medians of `triton.testing.do_bench` in ms, TF/s the effective forward rate 4 T (topk + window) D Hq / time;
-the table is printed last. Needs an sm_90 GPU and Triton 3.6.
+the table is printed last, and every row goes to <out>/results.json as it is measured. Needs an sm_90 GPU
+and Triton 3.6.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 import triton
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_gluon"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.gluon needs a CUDA GPU")
@@ -101,9 +105,11 @@ def main() -> None:
     if problem:
         raise SystemExit(f"bench.gluon: the Gluon forward cannot run here: {problem}")
     configs = args.configs.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shapes.split(","):
         rows += bench_shape(*parse_shape(shape), configs, args)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
         print(f"[{shape}] done", flush=True)
 
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}; topk {args.topk} + window {args.window}, "
