@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,10 +87,24 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_dir):
             "--eval-tokens", "256", "--no-progress", "--device", "cpu", "--attention", "sparsek_window"]
     args += [a for key, value in MODEL.items() for a in (f"--{key.replace('_', '-')}", str(value))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "sparsek", "train", *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # One retry, for a launch that dies or hangs: now and then (about 1 clean-clone run in 6, 2026-12-04 and
+    # 12-05; never in 12 runs of this test alone) a worker aborts with "terminate called without an active
+    # exception" and the other waits for it until the time limit. A run that finishes with other results than
+    # the single process still fails at once, below.
+    for _ in range(2):
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(_free_port()), "-m", "sparsek", "train", *args]
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired as err:
+            failure = f"timed out after 150 s; stderr: {str(err.stderr)[-3000:]}"
+            continue
+        if result.returncode == 0:
+            break
+        failure = result.stderr[-3000:]
+    else:
+        pytest.fail(f"the two-process run failed twice; the last time: {failure}")
     state = json.loads((tmp_path / "ddp" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), torch.tensor(losses(tmp_path / "single")),
