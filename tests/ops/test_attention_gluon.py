@@ -49,11 +49,12 @@ SCRIPT = textwrap.dedent('''
                         LSE="*fp32", POISON="*fp32")
         constexprs = dict(GATE=gate, LIST_BLOCK=128, BLOCK_M=rows, BLOCK_N=keys, HEAD_DIM=head_dim, STAGES=stages,
                           NUM_WARPS=rows // 16, PRODUCER_WARPS=producer)
-        signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "qk_scale2"
-                     else "i32") for name in fn.arg_names}
+        signature = {name: "constexpr" if name in constexprs else ("i32",) * 3 if name.endswith("_strides") else
+                     pointers.get(name, "fp32" if name == "qk_scale2" else "i32") for name in fn.arg_names}
         # A real launch marks pointers and strides (multiples of D) divisible by 16; cp.async needs to know.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if name in pointers or name.startswith("stride_")}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in pointers}
+        attrs.update({(i, j): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                      if name.endswith("_strides") for j in range(3)})
         compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=rows // 16))
         ptx = compiled.asm["ptx"]

@@ -116,7 +116,7 @@ forward_selection = GraphedFunction(_forward_selection, GRAPH_MAX_ELEMENTS)
 graphed_threshold_backward = GraphedFunction(_threshold_backward, GRAPH_MAX_ELEMENTS)
 
 
-def _strides(*tensors: Tensor) -> list[tuple[int, int, int]]:
+def grouped_strides(*tensors: Tensor) -> list[tuple[int, int, int]]:
     """Each tensor's (batch, time, head) strides, one tuple per tensor: the kernels take them grouped."""
     return [tuple(t.stride()[:3]) for t in tensors]
 
@@ -140,7 +140,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
     lse = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     grid = (n_blocks, batch * n_q_heads)
     kernels.sparsek_fwd_kernel[grid](
-        q, k, v, u, tau, start, end, lists, o, lse, poison, *_strides(q, k, v, o),
+        q, k, v, u, tau, start, end, lists, o, lse, poison, *grouped_strides(q, k, v, o),
         t_len, n_slots, n_blocks, window, n_q_heads, group, scale * LOG2E,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, **forward)
     return o, lse
@@ -173,7 +173,7 @@ def dq_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     dtau = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     delta = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
     kernels.sparsek_bwd_dq_kernel[(triton.cdiv(t_len, backward["dq"]["BLOCK_M"]), batch * n_q_heads)](
-        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *_strides(q, k, v, do),
+        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *grouped_strides(q, k, v, do),
         t_len, lists.shape[2], lists.shape[1], window, n_q_heads, n_q_heads // k.shape[2], scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=backward["list"]["BLOCK_M"],
         **backward["dq"])
@@ -192,7 +192,7 @@ def band_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     dv = empty_output(v.shape, v.dtype, v.device)
     du = empty_output((batch * n_kv_heads, t_len), torch.float32, k.device)
     kernels.sparsek_bwd_band_kernel[(triton.cdiv(t_len, backward["band"]["BLOCK_N"]), batch * n_kv_heads)](
-        q, k, v, u, tau, start, end, do, lse, delta, *scratch, dk, dv, du, *_strides(q, k, v, do),
+        q, k, v, u, tau, start, end, do, lse, delta, *scratch, dk, dv, du, *grouped_strides(q, k, v, do),
         t_len, triton.cdiv(t_len, backward["band"]["BLOCK_M"]), window, n_q_heads, n_q_heads // n_kv_heads, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, LIST_BLOCK=backward["list"]["BLOCK_M"],
         **backward["band"])
@@ -228,7 +228,7 @@ def list_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
     du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
     kernels.sparsek_bwd_list_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
-        q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *_strides(q, k, v, do),
+        q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *grouped_strides(q, k, v, do),
         t_len, n_slots, n_blocks, blocks_per_program, window, n_q_heads, n_q_heads // n_kv_heads, scale,
         GATE=GATE_IDS[gate], DOT=_dot_precision(q.dtype), HEAD_DIM=head_dim, ATOMIC=chunks > 1,
         ONE_HEAD=n_q_heads == n_kv_heads, **list_tiles)

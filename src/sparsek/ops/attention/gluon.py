@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..common import GATE_IDS, LOG2E, interpreting, tiles
-from .fused import empty_output, on_sm90
+from .fused import empty_output, grouped_strides, on_sm90
 
 PRODUCER_REGISTERS = gl.constexpr(48)  # per producer thread (addresses and copies): 40 spills at 64-key tiles
 SM90_SHARED_BYTES = 232448   # the most shared memory one program may opt into on sm_90 (227 KiB)
@@ -233,6 +233,11 @@ def _attend_tiles(q_smem, ring, ready, empty, src, list_base, n_list_tiles, band
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)     # one value per query of S
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)     # one value per query of O
 
+    if not PRODUCER:
+        for p in gl.static_range(STAGES - 1):       # Q's copy group counts as part of tile 0's wait
+            _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                        BLOCK_N, HEAD_DIM, ld, meta)
+
     offs_m = r0 + gl.arange(0, BLOCK_M, layout=rows_s)
     tau = gl.load(TAU + row.to(gl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=rows_s)  # finite: a fully masked tile gives no NaN
@@ -324,8 +329,7 @@ def _produce(ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi,
 @gluon.jit
 def sparsek_fwd_gluon_kernel(
     Q, K, V, U, TAU, START, END, LISTS, OUT, LSE, POISON,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
+    q_strides, k_strides, v_strides, o_strides,
     T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, qk_scale2,
     GATE: gl.constexpr, LIST_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
@@ -337,16 +341,15 @@ def sparsek_fwd_gluon_kernel(
 
     PRODUCER_WARPS = 0: the NUM_WARPS warps also fill the ring, STAGES - 1 tiles ahead. Otherwise a partition
     of PRODUCER_WARPS warps fills it (`gl.warp_specialize`), and the NUM_WARPS warps only attend."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
     b, hq, row, r0, q_smem, ring, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles = _setup(
         Q, K, V, U, START, END, LISTS, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
         T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, LIST_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS)
     pid_bh = gl.program_id(1)
     if PRODUCER_WARPS == 0:
-        ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
-        meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
-        for p in gl.static_range(STAGES - 1):       # Q's copy group counts as part of tile 0's wait
-            _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
-                        BLOCK_N, HEAD_DIM, ld, meta)
         _attend_tiles(q_smem, ring, None, None, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, b, hq,
                       row, r0, pid_bh, TAU, OUT, LSE, POISON, stride_kt, stride_vt, stride_ob, stride_ot, stride_oh,
                       T, N_SLOTS, WINDOW, qk_scale2, GATE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, False)
@@ -432,11 +435,10 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     warps = rows // 16                                 # a warpgroup (4 warps) per 64 query rows of the wgmma
     o = empty_output(q.shape, q.dtype, q.device)
     lse = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
-    strides = [s for x in (q, k, v, o) for s in x.stride()[:3]]
     sparsek_fwd_gluon_kernel[(triton.cdiv(t_len, rows), batch * n_q_heads)](
-        q, k, v, u, tau, start, end, lists, o, lse, poison, *strides, t_len, lists.shape[2], lists.shape[1],
-        window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate], LIST_BLOCK=block_m,
-        BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
+        q, k, v, u, tau, start, end, lists, o, lse, poison, *grouped_strides(q, k, v, o), t_len, lists.shape[2],
+        lists.shape[1], window, n_q_heads, n_q_heads // k.shape[2], scale * LOG2E, GATE=GATE_IDS[gate],
+        LIST_BLOCK=block_m, BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
         PRODUCER_WARPS=producer_warps, num_warps=warps,
         # 4 attending + 4 producer warps: cap the registers so that two programs share an SM (otherwise each
         # asks for 256 and takes the whole register file)
