@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
     # (None), then tuning ones.
     for dtype, head_dim, gate, config in (
             ("bf16", 128, 0, None), ("bf16", 64, 1, None), ("fp16", 128, 2, None), ("bf16", 256, 0, None),
-            ("bf16", 128, 0, (32, 3, 64, 0)), ("bf16", 64, 1, (128, 2, 128, 0)), ("bf16", 128, 0, (64, 3, 128, 4)),
+            ("bf16", 128, 0, (32, 3, 64, 0)), ("bf16", 64, 1, (128, 2, 128, 0)), ("bf16", 128, 0, (64, 3, 128, 0)),
             ("fp16", 64, 2, (32, 3, 64, 4))):
         if config is None:
             default = tiles.gluon_forward(tiles.SM90, head_dim)
@@ -227,7 +227,7 @@ WS_SCRIPT = textwrap.dedent('''
         block = tiles.forward(tiles.target(q.device), 128)["BLOCK_M"]
         tau, start, end, lists, poison = fused.forward_selection((u,), (1024, 512, block))
         args = (q, k, v, u, tau, start, end, lists, poison, 512, "kv", 128 ** -0.5)
-        o, lse = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows)
+        o, lse = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows, producer_warps=0)
         for _ in range(3):                              # a race need not show on the first run
             o_ws, lse_ws = gluon.fused_forward_gluon(*args, keys_per_tile=keys, stages=stages, rows=rows,
                                                      producer_warps=4)
