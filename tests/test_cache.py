@@ -84,6 +84,28 @@ def test_rows_of_different_lengths(topk, window):
         torch.testing.assert_close(got[row], want[0, n:], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("topk,window,max_kept", [(2, 3, 8), (3, 0, "auto"), (1, 5, 2)])
+def test_kept_scores_fill_a_prefix_of_the_buffer(topk, window, max_kept):
+    """What the fused step's scans rely on: after a left-padded prefill and steps with ties, candidates that
+    lose to the whole buffer and a full buffer, the finite kept scores of each row and head fill a prefix of
+    the columns, at most one per candidate the row has seen."""
+    torch.manual_seed(3)
+    lengths = torch.tensor([9, 4, 0])
+    k, v = (torch.randn(3, 9, 2, 4) for _ in range(2))
+    cache = SparseKCache.prefill(k, v, torch.randint(0, 3, (3, 9, 2)).float(), topk=topk, window=window,
+                                 lengths=lengths, max_kept=max_kept)
+    for t in range(40):
+        scores = torch.randint(0, 3, (3, 2)).float()
+        if t % 7 == 3:
+            scores[1, 0] = -1e9                                          # dropped once the buffer is full
+        cache.step(torch.randn(3, 4, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4), scores)
+        finite = torch.isfinite(cache.kept_u)                            # [B, H, C]
+        n_finite = finite.sum(-1, keepdim=True)
+        assert torch.equal(finite, torch.arange(finite.shape[-1]) < n_finite), t
+        seen = (cache.lengths - window).clamp(min=0)                     # candidates each row has seen
+        assert (n_finite[..., 0] <= seen[:, None]).all(), t
+
+
 def test_select_rows_reorders_the_state():
     k, v = (torch.randn(3, 9, 1, 4) for _ in range(2))
     cache = SparseKCache.prefill(k, v, torch.randn(3, 9, 1), topk=2, window=2)

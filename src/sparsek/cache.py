@@ -97,7 +97,9 @@ class SparseKCache:
         # Scores in float32, or float64 when the scores are (the parallel path selects in their precision).
         self.scores = torch.zeros(shape, dtype=score_dtype, device=device)
         self.positions = torch.full(shape, -1, dtype=torch.int64, device=device)      # -1: empty entry
-        # The max_kept best candidate scores, -inf in unused columns (at any column).
+        # The max_kept best candidate scores, -inf in unused columns. The finite ones fill a prefix of the
+        # columns, at most one per candidate so far: prefill writes them first, and a step writes the first
+        # lowest column, the first empty one while any is. The fused step scans only that prefix.
         self.kept_u = torch.full((batch, n_kv_heads, max_kept if topk else 0), -torch.inf, dtype=torch.float64,
                                  device=device)
         # Best score the buffer dropped (-inf: none): tau at or above it means tau is exact.
