@@ -86,9 +86,9 @@ def test_rows_of_different_lengths(topk, window):
 
 @pytest.mark.parametrize("topk,window,max_kept", [(2, 3, 8), (3, 0, "auto"), (1, 5, 2)])
 def test_kept_scores_fill_a_prefix_of_the_buffer(topk, window, max_kept):
-    """What the fused step's scans rely on: after a left-padded prefill and steps with ties, candidates that
-    lose to the whole buffer and a full buffer, the finite kept scores of each row and head fill a prefix of
-    the columns, at most one per candidate the row has seen."""
+    """What a cache step scanning only the filled columns relies on (docs/kernels.md, "Decode step"): after a
+    left-padded prefill and steps with ties, candidates that lose to the whole buffer and a full buffer, the
+    finite kept scores of each row and head fill a prefix of the columns, at most one per candidate so far."""
     torch.manual_seed(3)
     lengths = torch.tensor([9, 4, 0])
     k, v = (torch.randn(3, 9, 2, 4) for _ in range(2))

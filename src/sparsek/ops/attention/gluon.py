@@ -2,8 +2,9 @@
 
 Status (2026-12-05, H100): every config, the warp-specialised one and head dim 256 equal the `tl` forward in
 tests/ops/test_attention_gluon.py, and the attention GPU tests pass with backend "gluon". Against the `tl`
-forward (topk 1024 + window 512, 32k): 1.11-1.15x at head dim 128 and 1.15x at 64 (64-key tiles, 3 stages, a
-4-warp producer partition), 3.5x at 256 (32-key tiles, 2 stages, where the `tl` forward reaches 74 TF/s).
+forward (topk 1024 + window 512): 1.12-1.18x at head dim 128 (8k-128k) and 1.15x at 64 (32k) with 64-key
+tiles, 3 stages and a 4-warp producer partition; 3.5x at 256 (32k; 32-key tiles, 2 stages), where the `tl`
+forward reaches 74 TF/s.
 "auto" takes it on sm_90 (`fused.GLUON_BY_DEFAULT`).
 `fused_forward_gluon` has the signature of `fused.fused_forward`, so the tests compare the two directly.
 

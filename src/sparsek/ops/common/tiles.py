@@ -73,8 +73,8 @@ def gluon_forward(target: Target, head_dim: int) -> dict:
         # (ptxas); 64-key tiles spill. H100, 32k: 3.5x the tl forward; the producer partition was 5% slower.
         return dict(keys_per_tile=32, stages=2, rows=None, producer_warps=0)
     # `python -m sparsek.bench.gluon` on an H100 (D = 128, 8k-128k, docs/kernels.md): 3 stages of 64 keys filled
-    # by a 4-warp producer partition, 11-15% faster than the tl forward; the same ring without the producer 1-3%,
-    # 2 stages, 32-key tiles and 64-row programs slower than either. Head dim 64 (32k): 13% faster than tl.
+    # by a 4-warp producer partition, 1.12-1.18x the tl forward; the same ring without the producer 1.01-1.08x;
+    # 2 stages, 32-key tiles and 64-row programs slower than either. Head dim 64 (32k): 1.15x the tl forward.
     return dict(keys_per_tile=64, stages=3, rows=None, producer_warps=4)
 
 
