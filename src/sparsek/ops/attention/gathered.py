@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..common import compute_dtype
 from ..select import prefix_selection
 from ..select.blocks import block_key_lists
+from . import native
 
 # Queries per block: each query also computes the P - 1 band keys past its window, but a block shares one
 # gather of its list and one batched matmul; 16 was fastest on a 2-core CPU (8 to 64 tried, topk = window
@@ -256,6 +257,14 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     def by_row(x: Tensor) -> Tensor:  # [B, T, Hk, ...] -> [R, T, ...]
         return x.transpose(1, 2).reshape(rows, t_len, *x.shape[3:])
 
+    block = min(BLOCK, t_len)
+    if cdtype == torch.float32 == score_dtype and native.available() and torch.isfinite(k).all() \
+            and torch.isfinite(v).all():
+        lists = block_key_lists(by_row(selection.start), by_row(selection.end), topk, block, backend="auto").long()
+        out = native.native_gathered_attention(q.float(), k.float(), v.float(), u, tau, lists, selection.start,
+                                               selection.end, block, window, gate, scale)
+        return out.to(q.dtype)
+
     def with_sentinel(x: Tensor, value) -> Tensor:  # [R, T, ...] -> [R, T + 1, ...]
         return torch.cat([x, x.new_full((rows, 1, *x.shape[2:]), value)], dim=1)
 
@@ -266,7 +275,6 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     start_rows, end_rows = with_sentinel(start, t_len), with_sentinel(end, t_len)
     q_rows = by_row(q.to(cdtype).view(batch, t_len, n_kv_heads, group, head_dim))                  # [R, T, G, D]
 
-    block = min(BLOCK, t_len)
     lists = block_key_lists(start, end, topk, block, backend="auto").long()                   # [R, NB, K]
     lists = torch.where(lists >= 0, lists, t_len)
     n_keys = lists.shape[-1] + block + min(window, t_len) - 1

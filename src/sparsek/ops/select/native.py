@@ -3,62 +3,30 @@
 PyTorch runs the reference selection as a few hundred small tensor operations whose fixed cost dominates on a
 CPU until rows are thousands of keys long; native.c does one pass per row instead (same results, tested
 against the reference by name). It needs a C compiler (`cc`, or $CC); without one, `available()` is False and
-"auto" keeps the reference. The library is built once per source version into $SPARSEK_CACHE (default
-~/.cache/sparsek) and loaded with ctypes: no torch headers, so the build takes well under a second.
+"auto" keeps the reference. `common.clib` builds it once per source version and loads it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shlex
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..common.clib import build
+
 _SOURCE = Path(__file__).with_name("native.c")
-
-
-def _cache_dir() -> Path:
-    """Where the built library goes: $SPARSEK_CACHE, else $XDG_CACHE_HOME/sparsek or ~/.cache/sparsek. It is
-    loaded from there, so the folder must be writable by its user only."""
-    if folder := os.environ.get("SPARSEK_CACHE"):
-        return Path(folder)
-    if folder := os.environ.get("XDG_CACHE_HOME"):
-        return Path(folder) / "sparsek"
-    return Path.home() / ".cache" / "sparsek"
-
-
 _FLAGS = ["-O2", "-std=c99", "-shared", "-fPIC"]
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The loaded library, or why it could not be built or loaded (the compiler's message)."""
-    if not _SOURCE.is_file():
-        return f"{_SOURCE} is missing from this install"
-    compiler = shlex.split(os.environ.get("CC", "cc"))
-    key = "\0".join([_SOURCE.read_text(), *compiler, *_FLAGS, platform.machine(), platform.system()])
-    try:
-        target = _cache_dir() / f"select_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: processes building at once never load a half-written file.
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                subprocess.run([*compiler, *_FLAGS, "-o", str(built), str(_SOURCE)], check=True,
-                               capture_output=True, text=True, timeout=120)
-                os.replace(built, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:   # RuntimeError: no home folder
-        detail = getattr(error, "stderr", "") or error
-        return f"{' '.join(compiler)} could not build or load {_SOURCE.name}: {detail}".strip()
+    library = build(_SOURCE, [_FLAGS])
+    if isinstance(library, str):
+        return library
     library.sparsek_select_rows.restype = ctypes.c_int
     library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7 \
         + [ctypes.c_int64]

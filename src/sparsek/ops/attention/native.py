@@ -1,0 +1,141 @@
+"""The CPU twin of gathered.py's block attention for float32: native.c, built on first use (`common.clib`).
+
+`native_gathered_attention` takes the tensors `gathered.sparsek_attention_gathered` prepares and returns the
+same output and gradients; the blocks are split between torch's intra-op threads (ctypes lets go of the GIL
+during each call). Without a C compiler `available()` is False and the PyTorch version runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..common import GATE_IDS
+from ..common.clib import build
+
+_SOURCE = Path(__file__).with_name("native.c")
+# -march=native for the vector width of this CPU (the build is cached per machine; without it where the
+# compiler refuses the flag), and fused multiply-adds (ISO C mode turns them off).
+_FLAGS = ["-O3", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC"]
+_FLAG_SETS = [["-march=native", *_FLAGS], _FLAGS]
+
+
+class _Problem(ctypes.Structure):
+    """native.c's struct problem."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "u", "tau", "start", "end", "lists")] + \
+        [(name, ctypes.c_int64) for name in ("rows", "kv_heads", "t_len", "group", "head_dim", "n_slots", "block",
+                                             "window", "gate")] + [("scale", ctypes.c_float)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded library, or why it could not be built or loaded (the compiler's message)."""
+    library = build(_SOURCE, _FLAG_SETS)
+    if isinstance(library, str):
+        return library
+    library.sparsek_gathered_forward.restype = ctypes.c_int
+    library.sparsek_gathered_forward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 2 \
+        + [ctypes.c_int64] * 2
+    library.sparsek_gathered_backward.restype = ctypes.c_int
+    library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 8 \
+        + [ctypes.c_int64] * 2
+    return library
+
+
+def available() -> bool:
+    """Whether the native attention can run here (it compiles on the first call)."""
+    return not isinstance(_library(), str)
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="sparsek-native")
+
+
+# (query, key) pairs per thread below which the blocks run on the calling thread alone: handing work to a
+# second thread costs more than it saves on short rows (2-core CPU, topk = window = 16 and 64).
+_PAIRS_PER_THREAD = 1 << 18
+
+
+def _split(n_items: int, n_pairs: int, work) -> list:
+    """work(first, last) over contiguous parts of range(n_items), part 0 on this thread, one part per
+    _PAIRS_PER_THREAD pairs up to torch.get_num_threads(); the second items of its results, in part order.
+    RuntimeError if a part could not allocate its scratch (work's first item nonzero)."""
+    parts = max(1, min(torch.get_num_threads(), n_items, n_pairs // _PAIRS_PER_THREAD))
+    bounds = [n_items * p // parts for p in range(parts + 1)]
+    futures = [_pool(parts).submit(work, bounds[p], bounds[p + 1]) for p in range(1, parts)]
+    results = [work(bounds[0], bounds[1])] + [f.result() for f in futures]
+    if any(status for status, _ in results):
+        raise RuntimeError("native.c could not allocate its scratch memory")
+    return [extra for _, extra in results]
+
+
+def _pointer(x: Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+class _NativeGathered(torch.autograd.Function):
+    """native_gathered_attention's autograd: q, k, v, u and tau carry gradients; lists, start, end, block,
+    window, gate and scale do not."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, u, tau, lists, start, end, block, window, gate, scale):
+        batch, t_len, n_q_heads, head_dim = q.shape
+        kv_heads = k.shape[2]
+        problem = _Problem(*(x.data_ptr() for x in (q, k, v, u, tau, start, end, lists)), batch * kv_heads,
+                           kv_heads, t_len, n_q_heads // kv_heads, head_dim, lists.shape[-1], block,
+                           min(window, t_len), GATE_IDS[gate], scale)
+        out, lse = torch.empty_like(q), torch.empty(batch * kv_heads, t_len, n_q_heads // kv_heads)
+        library = _library()
+        ctx.n_pairs = batch * t_len * n_q_heads * (lists.shape[-1] + block + min(window, t_len))
+        _split(problem.rows * lists.shape[1], ctx.n_pairs, lambda first, last: (
+            library.sparsek_gathered_forward(ctypes.byref(problem), out.data_ptr(), lse.data_ptr(), first, last),
+            None))
+        ctx.save_for_backward(q, k, v, u, tau, lists, start, end, out, lse)
+        ctx.problem = problem
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, u, tau, lists, start, end, out, lse = ctx.saved_tensors
+        problem, grad_out = ctx.problem, grad_out.contiguous()
+        scores = problem.gate != GATE_IDS["none"] and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        grad_q = torch.empty_like(q)
+        grad_tau = torch.empty_like(tau) if scores else None
+        library = _library()
+
+        def work(first, last):
+            # Key gradients gather from many blocks: each part adds into buffers of its own.
+            grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+            grad_u = torch.zeros_like(u) if scores else None
+            status = library.sparsek_gathered_backward(
+                ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), grad_q.data_ptr(),
+                grad_k.data_ptr(), grad_v.data_ptr(), _pointer(grad_u), _pointer(grad_tau), first, last)
+            return status, (grad_k, grad_v, grad_u)
+
+        parts = _split(problem.rows * lists.shape[1], ctx.n_pairs, work)
+        grad_k, grad_v, grad_u = parts[0]
+        for part_k, part_v, part_u in parts[1:]:
+            grad_k += part_k
+            grad_v += part_v
+            if grad_u is not None:
+                grad_u += part_u
+        return grad_q, grad_k, grad_v, grad_u, grad_tau, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable   # raw pointers into tensors: Dynamo must not trace (or reorder) this call
+def native_gathered_attention(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, lists: Tensor, start: Tensor,
+                              end: Tensor, block: int, window: int, gate: str, scale: float) -> Tensor:
+    """gathered.py's block attention in C, for float32 q, k, v, scores and thresholds with finite k and v.
+
+    q [B, T, Hq, D], k and v [B, T, Hk, D], u (the scores) and tau (the selection's thresholds) [B, T, Hk],
+    start and end [B, T, Hk] int64 (the selection's key ranges), lists [B * Hk, NB, K] int64 (the key lists of
+    blocks of `block` queries; entries outside [0, T) are empty) -> [B, T, Hq, D].
+    """
+    tensors = [x.contiguous() for x in (q, k, v, u, tau, lists, start, end)]
+    return _NativeGathered.apply(*tensors, block, window, gate, scale)

@@ -1,0 +1,54 @@
+"""Build a C file of this package into a shared library on first use and load it with ctypes.
+
+The CPU twins (ops/select/native.c, ops/attention/native.c) use no torch headers, so a build takes a second or
+two with the system's compiler (`cc`, or $CC). Each build goes once per source, compiler and flags into
+$SPARSEK_CACHE (default ~/.cache/sparsek) and is loaded from there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: $SPARSEK_CACHE, else $XDG_CACHE_HOME/sparsek or ~/.cache/sparsek. They are
+    loaded from there, so the folder must be writable by its user only."""
+    if folder := os.environ.get("SPARSEK_CACHE"):
+        return Path(folder)
+    if folder := os.environ.get("XDG_CACHE_HOME"):
+        return Path(folder) / "sparsek"
+    return Path.home() / ".cache" / "sparsek"
+
+
+def build(source: Path, flag_sets: list[list[str]]) -> ctypes.CDLL | str:
+    """source built with the first of flag_sets the compiler accepts, loaded; or why it could not be built or
+    loaded (the compiler's message). The key of the cached build names the source text, compiler and flags."""
+    if not source.is_file():
+        return f"{source} is missing from this install"
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    text = source.read_text()
+    failure = ""
+    for flags in flag_sets:
+        key = "\0".join([text, *compiler, *flags, platform.machine(), platform.system()])
+        try:
+            target = cache_dir() / f"{source.parent.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Build beside the target and rename: processes building at once never load a half-written file.
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    built = Path(tmp) / target.name
+                    subprocess.run([*compiler, *flags, "-o", str(built), str(source)], check=True,
+                                   capture_output=True, text=True, timeout=120)
+                    os.replace(built, target)
+            return ctypes.CDLL(str(target))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:   # RuntimeError: no home folder
+            detail = getattr(error, "stderr", "") or error
+            failure = f"{' '.join(compiler)} could not build or load {source.name}: {detail}".strip()
+    return failure

@@ -1,0 +1,123 @@
+"""The C block attention (ops/attention/native.c), which the gathered path runs for float32 CPU tensors: against
+the float64 reference and the PyTorch gathered path, outputs and all four gradients, with blocks of 4 queries
+(padding columns, partial blocks) and the default 16, split between threads, and the fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsek.ops.attention import gathered
+from sparsek.ops.attention import native as native_attention
+from sparsek.ops.attention.gathered import sparsek_attention_gathered
+from sparsek.ops.attention.reference import sparsek_attention_reference
+
+from .test_attention_gathered import CASES, exact, make_inputs, outputs_and_grads
+
+pytestmark = pytest.mark.skipif(not native_attention.available(), reason="no C compiler: the C attention cannot be "
+                                "built (the gathered path then runs in PyTorch, tested in test_attention_gathered)")
+
+NAMES = ["out", "dq", "dk", "dv", "dscores"]
+
+
+def cotangent_for(inputs):
+    return torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def pytorch_gathered(monkeypatch, inputs, cotangent, **kwargs):
+    """The same call with the C attention unavailable: gathered.py's own PyTorch chunks."""
+    with monkeypatch.context() as m:
+        m.setattr(native_attention, "available", lambda: False)
+        return outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+
+
+def test_float32_runs_in_c(monkeypatch):
+    calls = []
+    original = native_attention.native_gathered_attention
+    monkeypatch.setattr(native_attention, "native_gathered_attention", lambda *a: calls.append(1) or original(*a))
+    sparsek_attention_gathered(*make_inputs(1, 20, 2, 1, 8, dtype=torch.float32), topk=3, window=2)
+    assert calls == [1]
+    sparsek_attention_gathered(*make_inputs(1, 20, 2, 1, 8), topk=3, window=2)          # float64: PyTorch
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("block", [4, 16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, case):
+    """float32 in C: within twice the float32 PyTorch reference's error of the float64 reference (plus 1e-6), and
+    within 1e-5 of the PyTorch gathered path in float32."""
+    monkeypatch.setattr(gathered, "BLOCK", block)
+    batch, t_len, hq, hk, d, topk, window, gate = case
+    kwargs = dict(topk=topk, window=window, gate=gate)
+    inputs = make_inputs(batch, t_len, hq, hk, d, dtype=torch.float32, seed=t_len + topk)
+    cotangent = cotangent_for(inputs)
+    got = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    plain = outputs_and_grads(sparsek_attention_reference, inputs, cotangent, **kwargs)
+    torch_path = pytorch_gathered(monkeypatch, inputs, cotangent, **kwargs)
+    want = exact(inputs, cotangent, **kwargs)
+    for name, g, p, t, w in zip(NAMES, got, plain, torch_path, want):
+        if w is None:
+            assert g is None and gate == "none" and name == "dscores"
+            continue
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        err, err_plain = (g.double() - w).abs().max().item(), (p.double() - w).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6, f"{name}: {err} vs the float32 reference's {err_plain}"
+        torch.testing.assert_close(g, t, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n} against PyTorch: {m}")
+
+
+@pytest.mark.parametrize("gate", ["kv", "v"])
+def test_tied_scores_and_wide_heads(monkeypatch, gate):
+    """Integer scores (ties everywhere), head dim 80 (a partial vector of 16 floats), GQA 3/1."""
+    monkeypatch.setattr(gathered, "BLOCK", 4)
+    kwargs = dict(topk=4, window=3, gate=gate)
+    inputs = make_inputs(2, 29, 3, 1, 80, dtype=torch.float32, seed=5, ties=True)
+    cotangent = cotangent_for(inputs)
+    got = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    for name, g, t in zip(NAMES, got, pytorch_gathered(monkeypatch, inputs, cotangent, **kwargs)):
+        torch.testing.assert_close(g, t, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_threads_split_the_blocks(monkeypatch):
+    """Blocks split between threads, each with its own key-gradient buffers, give the one-thread results."""
+    inputs = make_inputs(2, 150, 4, 2, 16, dtype=torch.float32, seed=3)
+    cotangent = cotangent_for(inputs)
+    kwargs = dict(topk=9, window=7)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(native_attention, "_PAIRS_PER_THREAD", 1)
+    calls = []
+    original = native_attention._split
+    monkeypatch.setattr(native_attention, "_split", lambda n, pairs, work: calls.append(n) or original(n, pairs, work))
+    split = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    assert len(calls) == 2
+    for name, a, b in zip(NAMES, split, one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_half_precision_and_non_finite_keys():
+    """float16 runs in C on float32 copies; a NaN key sends the call to the PyTorch pair path, which keeps it
+    from the queries that do not attend it."""
+    inputs = make_inputs(1, 30, 2, 1, 16, dtype=torch.float16, seed=9)
+    out = sparsek_attention_gathered(*inputs, topk=3, window=2)
+    assert out.dtype == torch.float16
+    want = sparsek_attention_reference(*[x.double() for x in inputs], topk=3, window=2)
+    torch.testing.assert_close(out.double(), want, atol=5e-3, rtol=0)
+    q, k, v, u = make_inputs(1, 27, 4, 2, 8, dtype=torch.float32, seed=13)
+    v[0, -1, 1] = float("nan")
+    out = sparsek_attention_gathered(q, k, v, u, topk=3, window=3)
+    assert torch.isnan(out[0, -1, 2:]).all() and torch.isfinite(out[0, :-1]).all()
+
+
+def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path / "cache"))
+    native_attention._library.cache_clear()
+    try:
+        assert not native_attention.available()
+        inputs = make_inputs(1, 33, 2, 1, 8, dtype=torch.float32, seed=2)
+        out = sparsek_attention_gathered(*inputs, topk=4, window=3)
+        want = sparsek_attention_reference(*[x.double() for x in inputs], topk=4, window=3)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+    finally:
+        native_attention._library.cache_clear()
