@@ -10,9 +10,12 @@ of keys i0 - window + 1 .. i0 + P - 1 that also holds every query's window. Each
 once and attends them with dense, masked products (batched matmuls, not per-query gathers), so a query costs
 O(topk + window + P) instead of the reference's O(T).
 
-Two implementations of the same chunk math:
+Three implementations of the same block math:
 
-* `_GatheredAttention`, used whenever k and v are finite: forward and backward written out (flash-attention's
+* native.c (`native.native_gathered_attention`), for float32 (and half precision, computed in float32) with
+  finite k and v where a C compiler builds it: one block at a time in C, without the PyTorch operations' fixed
+  cost, which dominates short rows.
+* `_GatheredAttention`, used otherwise whenever k and v are finite (float64, or no C compiler): forward and backward written out (flash-attention's
   recipe in PyTorch). Short rows keep each chunk's probabilities for the backward; past _KEEP_ELEMENTS the
   forward keeps only the output and the backward recomputes each chunk's probabilities, so memory stays
   O(chunk * L) as with the reference's checkpointing, but with one recomputation of the logits instead of a

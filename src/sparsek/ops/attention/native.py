@@ -1,8 +1,9 @@
 """The CPU twin of gathered.py's block attention for float32: native.c, built on first use (`common.clib`).
 
-`native_gathered_attention` takes the tensors `gathered.sparsek_attention_gathered` prepares and returns the
-same output and gradients; the blocks are split between torch's intra-op threads (ctypes lets go of the GIL
-during each call). Without a C compiler `available()` is False and the PyTorch version runs.
+`native_gathered_attention` takes the selection that `gathered.sparsek_attention_gathered` computed (thresholds,
+key ranges, block key lists) and returns the same output and gradients as its PyTorch chunks. Large calls split
+the blocks between torch's intra-op threads (ctypes lets go of the GIL during each call). Without a C compiler
+`available()` is False and the PyTorch chunks run.
 """
 
 from __future__ import annotations
