@@ -173,3 +173,18 @@ def test_a_corrupt_cached_library_falls_back(monkeypatch, tmp_path):
         assert torch.equal(prefix_selection(u, 3, 2, backend="auto").tau, prefix_selection(u, 3, 2).tau)
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("pattern", ["normal", "ties"])
+def test_native_threshold_backward_equals_the_pytorch_one(pattern):
+    """The C twin of `prefix.threshold_backward` on the thresholds of real rows (non-decreasing, -inf before
+    the first candidates), windows 0 to beyond T."""
+    from sparsek.ops.select.prefix import threshold_backward
+
+    u = scores(pattern, 300, seed=4).permute(0, 2, 1).reshape(6, 300)
+    grad_tau = torch.randn(6, 300, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for topk, window in ((1, 0), (8, 3), (40, 299), (5, 400)):
+        tau = prefix_selection(u.T[None], topk, window).tau[0].T.contiguous()
+        grad = torch.where(torch.isinf(tau), 0, grad_tau)
+        torch.testing.assert_close(native.threshold_backward_native(u, tau, window, grad),
+                                   threshold_backward(u, tau, window, grad), rtol=0, atol=1e-12)

@@ -194,3 +194,42 @@ void sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows,
         }
     }
 }
+
+/* First i in [0, n) with tau[i] > x (strictly) or >= x, tau non-decreasing (a cummax): searchsorted. */
+static int64_t first_above(const double *tau, int64_t n, double x, int strictly) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (strictly ? tau[mid] > x : tau[mid] >= x) hi = mid; else lo = mid + 1;
+    }
+    return lo;
+}
+
+/* The scores' gradient through the thresholds, as prefix.threshold_backward: u, tau, grad_tau [rows, t_len] ->
+   grad_u [rows, t_len]. Key l is fractional for the queries lo_l <= i < hi_l (a candidate, and
+   tau_i < u_l < tau_i + 1); each fractional key of query i receives grad_tau_i / |F_i|, so grad_u_l is a
+   difference of prefix sums over queries. Scratch: lo, hi t_len int64 each, count t_len + 1 int64, shares
+   t_len + 1 doubles. */
+void sparsek_threshold_backward(const double *u, const double *tau, const double *grad_tau, int64_t rows,
+                                int64_t t_len, int64_t window, double *grad_u, int64_t *lo, int64_t *hi,
+                                int64_t *count, double *shares) {
+    for (int64_t r = 0; r < rows; r++) {
+        const double *ur = u + r * t_len, *tr = tau + r * t_len, *gr = grad_tau + r * t_len;
+        memset(count, 0, (size_t)(t_len + 1) * sizeof(int64_t));
+        for (int64_t l = 0; l < t_len; l++) {
+            int64_t low = first_above(tr, t_len, ur[l] - 1, 1), candidate = l + window < t_len ? l + window : t_len;
+            lo[l] = low > candidate ? low : candidate;
+            int64_t high = first_above(tr, t_len, ur[l], 0);
+            hi[l] = high > lo[l] ? high : lo[l];
+            count[lo[l]]++;
+            count[hi[l]]--;
+        }
+        int64_t covering = 0;
+        shares[0] = 0;
+        for (int64_t i = 0; i < t_len; i++) {
+            covering += count[i];
+            shares[i + 1] = shares[i] + (covering > 0 ? gr[i] / (double)covering : 0);
+        }
+        for (int64_t l = 0; l < t_len; l++) grad_u[r * t_len + l] = shares[hi[l]] - shares[lo[l]];
+    }
+}

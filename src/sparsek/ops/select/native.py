@@ -32,6 +32,9 @@ def _library() -> ctypes.CDLL | str:
         + [ctypes.c_int64]
     library.sparsek_block_lists.restype = None
     library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+    library.sparsek_threshold_backward.restype = None
+    library.sparsek_threshold_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 \
+        + [ctypes.c_void_p] * 5
     return library
 
 
@@ -104,3 +107,19 @@ def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int) ->
     library.sparsek_block_lists(start.data_ptr(), end.data_ptr(), rows, t_len, min(topk, t_len), block, n_slots,
                                 lists.data_ptr(), slot.data_ptr(), victim.data_ptr())
     return lists
+
+
+@torch.compiler.disable
+def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor) -> Tensor:
+    """`prefix.threshold_backward` of CPU rows: u, tau (non-decreasing along each row), grad_tau [R, T] float64
+    -> [R, T] float64."""
+    library = _loaded()
+    u, tau, grad_tau = (x.double().contiguous() for x in (u, tau, grad_tau))
+    rows, t_len = u.shape
+    grad_u = torch.empty_like(u)
+    lo, hi = torch.empty(t_len, dtype=torch.int64), torch.empty(t_len, dtype=torch.int64)
+    count, shares = torch.empty(t_len + 1, dtype=torch.int64), torch.empty(t_len + 1, dtype=torch.float64)
+    library.sparsek_threshold_backward(u.data_ptr(), tau.data_ptr(), grad_tau.data_ptr(), rows, t_len,
+                                       min(window, t_len), grad_u.data_ptr(), lo.data_ptr(), hi.data_ptr(),
+                                       count.data_ptr(), shares.data_ptr())
+    return grad_u

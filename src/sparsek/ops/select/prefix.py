@@ -218,13 +218,17 @@ class _QueryThresholds(torch.autograd.Function):
         else:
             tau, (start, end) = _query_thresholds(u, topk, window, dtype), key_ranges(u, topk, window)
         ctx.save_for_backward(u, tau)
-        ctx.window = window
+        ctx.window, ctx.native = window, native
         ctx.mark_non_differentiable(start, end)
         return tau, start, end
 
     @staticmethod
     def backward(ctx, grad_tau: Tensor, _grad_start, _grad_end):
         u, tau = ctx.saved_tensors
+        if ctx.native:
+            from .native import threshold_backward_native
+
+            return threshold_backward_native(u, tau, ctx.window, grad_tau), None, None, None, None
         return threshold_backward(u, tau, ctx.window, grad_tau), None, None, None, None
 
 
