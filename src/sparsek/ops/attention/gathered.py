@@ -15,12 +15,12 @@ Three implementations of the same block math:
 * native.c (`native.native_gathered_attention`), for float32 (and half precision, computed in float32) with
   finite k and v where a C compiler builds it: one block at a time in C, without the PyTorch operations' fixed
   cost, which dominates short rows.
-* `_GatheredAttention`, used otherwise whenever k and v are finite (float64, or no C compiler): forward and backward written out (flash-attention's
-  recipe in PyTorch). Short rows keep each chunk's probabilities for the backward; past _KEEP_ELEMENTS the
-  forward keeps only the output and the backward recomputes each chunk's probabilities, so memory stays
-  O(chunk * L) as with the reference's checkpointing, but with one recomputation of the logits instead of a
-  second forward plus a whole autograd graph. Either way the mask is applied as one additive
-  bias (0 or -inf) and 0/1 factors built at [R, n, P, L] (shared by the G heads of a KV head) rather than by
+* `_GatheredAttention`, used otherwise whenever k and v are finite (float64, or no C compiler): forward and
+  backward written out (flash-attention's recipe in PyTorch). Short rows keep each chunk's probabilities for
+  the backward; past _KEEP_ELEMENTS the forward keeps only the output and the backward recomputes each chunk's
+  probabilities, so memory stays O(chunk * L) as with the reference's checkpointing, but with one
+  recomputation of the logits instead of a second forward plus a whole autograd graph. Either way the mask is
+  applied as one additive bias (0 or -inf) and 0/1 factors built at [R, n, P, L] (shared by the G heads of a KV head) rather than by
   masked_fill / torch.where at logit size, which are several times slower than arithmetic on a CPU.
 * `_attend_blocks` under plain autograd with per-chunk activation checkpointing, for inputs with NaN/inf in k
   or v: those keys are kept out of the dense products, where 0 * NaN would reach every query of the block
