@@ -20,8 +20,8 @@ Three implementations of the same block math:
   the backward; past _KEEP_ELEMENTS the forward keeps only the output and the backward recomputes each chunk's
   probabilities, so memory stays O(chunk * L) as with the reference's checkpointing, but with one
   recomputation of the logits instead of a second forward plus a whole autograd graph. Either way the mask is
-  applied as one additive bias (0 or -inf) and 0/1 factors built at [R, n, P, L] (shared by the G heads of a KV head) rather than by
-  masked_fill / torch.where at logit size, which are several times slower than arithmetic on a CPU.
+  applied as one additive bias (0 or -inf) and 0/1 factors built at [R, n, P, L] (shared by the G heads of a
+  KV head) rather than by masked_fill / torch.where at logit size, several times slower on a CPU.
 * `_attend_blocks` under plain autograd with per-chunk activation checkpointing, for inputs with NaN/inf in k
   or v: those keys are kept out of the dense products, where 0 * NaN would reach every query of the block
   (their list and band entries point to a zero sentinel key, as empty slots do), and attended one (query, key)
