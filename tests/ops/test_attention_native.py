@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sparsek.ops.attention import gathered
 from sparsek.ops.attention import native as native_attention
@@ -41,12 +42,16 @@ def test_float32_runs_in_c(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("keep", ["saved", "recomputed"])
 @pytest.mark.parametrize("block", [4, 16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, case):
+def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, case, keep):
     """float32 in C: within twice the float32 PyTorch reference's error of the float64 reference (plus 1e-6), and
-    within 1e-5 of the PyTorch gathered path in float32."""
+    within 1e-5 of the PyTorch gathered path in float32; the backward from the forward's saved blocks, and
+    recomputing them (long rows)."""
     monkeypatch.setattr(gathered, "BLOCK", block)
+    if keep == "recomputed":
+        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
     batch, t_len, hq, hk, d, topk, window, gate = case
     kwargs = dict(topk=topk, window=window, gate=gate)
     inputs = make_inputs(batch, t_len, hq, hk, d, dtype=torch.float32, seed=t_len + topk)
@@ -77,8 +82,11 @@ def test_tied_scores_and_wide_heads(monkeypatch, gate):
         torch.testing.assert_close(g, t, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_threads_split_the_blocks(monkeypatch):
+@pytest.mark.parametrize("keep", ["saved", "recomputed"])
+def test_threads_split_the_blocks(monkeypatch, keep):
     """Blocks split between threads, each with its own key-gradient buffers, give the one-thread results."""
+    if keep == "recomputed":
+        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
     inputs = make_inputs(2, 150, 4, 2, 16, dtype=torch.float32, seed=3)
     cotangent = cotangent_for(inputs)
     kwargs = dict(topk=9, window=7)
@@ -93,6 +101,23 @@ def test_threads_split_the_blocks(monkeypatch):
     assert len(calls) == 2
     for name, a, b in zip(NAMES, split, one):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("keep", ["saved", "recomputed"])
+def test_under_activation_checkpointing(monkeypatch, keep):
+    """Checkpointing recomputes the forward before the backward, into new tensors: the same gradients."""
+    if keep == "recomputed":
+        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
+    inputs = make_inputs(1, 70, 4, 2, 16, dtype=torch.float32, seed=8)
+    cotangent = cotangent_for(inputs)
+    kwargs = dict(topk=6, window=5)
+    plain = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+
+    def checkpointed(*args, **kw):
+        return checkpoint(lambda *a: sparsek_attention_gathered(*a, **kw), *args, use_reentrant=False)
+
+    for name, a, b in zip(NAMES, outputs_and_grads(checkpointed, inputs, cotangent, **kwargs), plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_half_precision_and_non_finite_keys():

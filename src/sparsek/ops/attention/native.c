@@ -222,10 +222,9 @@ struct block {
     int64_t r, i0, p_len, m_len, mp, n_keys;
 };
 
-/* Block b of row r: its keys, their row pointers, masks and weights, its query rows, and its logits k q^T
-   (unscaled) in s->logits. */
-static struct block prepare_block(const struct problem *pb, struct scratch *s, int64_t r, int64_t b) {
-    int64_t t_len = pb->t_len, d = pb->head_dim, g = pb->group;
+/* Block b of row r: its keys, and the row pointers of its keys, values and queries. */
+static struct block block_keys(const struct problem *pb, struct scratch *s, int64_t r, int64_t b) {
+    int64_t t_len = pb->t_len, g = pb->group;
     struct block bl = {.r = r, .i0 = b * pb->block};
     bl.p_len = t_len - bl.i0 < pb->block ? t_len - bl.i0 : pb->block;
     bl.m_len = bl.p_len * g;
@@ -242,6 +241,14 @@ static struct block prepare_block(const struct problem *pb, struct scratch *s, i
         s->k_rows[l] = pb->k + kv_at(pb, r, s->keys[l]);
         s->v_rows[l] = pb->v + kv_at(pb, r, s->keys[l]);
     }
+    query_rows(pb, r, bl.i0, bl.m_len, pb->q, s->q_rows);
+    return bl;
+}
+
+/* The block's masks and weights, and its logits k q^T (unscaled), into s->bias, s->weight, s->free_ and
+   s->logits. */
+static void block_logits(const struct problem *pb, struct scratch *s, struct block bl) {
+    int64_t r = bl.r, n = bl.n_keys, g = pb->group;
 
     /* SPEC section 3: i attends j when j is selected at i (start_j <= i < end_j) or lies in i's window
        (j <= i < j + window); both are ranges of the block's query columns m (query i0 + m / G).
@@ -271,10 +278,9 @@ static struct block prepare_block(const struct problem *pb, struct scratch *s, i
             store(s->free_ + l * bl.mp + x, free_);
         }
     }
-    query_rows(pb, r, bl.i0, bl.m_len, pb->q, s->q_rows);
-    gemm(n, bl.mp, d, (struct rows_of){s->k_rows, 1}, transposed(s, s->q_rows, bl.m_len, bl.mp, d),
+    gemm(n, bl.mp, pb->head_dim, (struct rows_of){s->k_rows, 1}, transposed(s, s->q_rows, bl.m_len, bl.mp,
+                                                                            pb->head_dim),
          key_major(s, s->logits, n, bl.mp), 0);
-    return bl;
 }
 
 /* Softmax logits at offset `at` of the block's [L, Mp] matrices: bias + scale * logit, times m_ij under the
@@ -285,14 +291,32 @@ static inline vec logits_at(const struct problem *pb, const struct scratch *s, i
     return z + load(s->bias + at);
 }
 
-/* Blocks first .. last - 1 of the flattened (row, block) order: out (q's shape) and lse [R, T, G]. */
-int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, int64_t first, int64_t last) {
+/* Where a block keeps what its backward needs (`saved`, 4 x L x Mp floats per block, sized for the largest):
+   its logits, m_ij, where m_ij has a gradient, and its probabilities before m_ij. */
+int64_t sparsek_saved_per_block(const struct problem *pb) {
+    return 4 * max_keys(pb) * lanes_up(pb->block * pb->group);
+}
+
+static void point_at_saved(struct scratch *s, float *saved, int64_t n_keys, int64_t mp) {
+    s->logits = saved;
+    s->weight = saved + n_keys * mp;
+    s->free_ = saved + 2 * n_keys * mp;
+    s->probs = saved + 3 * n_keys * mp;
+}
+
+/* Blocks first .. last - 1 of the flattened (row, block) order: out (q's shape) and lse [R, T, G]; with saved
+   (not NULL) each block's state for the backward too. */
+int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, float *saved, int64_t first,
+                             int64_t last) {
     struct scratch s;
     if (scratch_alloc(&s, pb)) return 1;
+    float *probs = s.probs;
     int64_t d = pb->head_dim, n_blocks = (pb->t_len + pb->block - 1) / pb->block;
     for (int64_t item = first; item < last; item++) {
-        struct block bl = prepare_block(pb, &s, item / n_blocks, item % n_blocks);
+        struct block bl = block_keys(pb, &s, item / n_blocks, item % n_blocks);
         int64_t mp = bl.mp, n = bl.n_keys;
+        if (saved) point_at_saved(&s, saved + item * sparsek_saved_per_block(pb), n, mp);
+        block_logits(pb, &s, bl);
         vec top[mp / LANES], total[mp / LANES];                /* per query column: max, then sum */
         for (int64_t x = 0; x < mp; x += LANES) {
             top[x / LANES] = splat(-INFINITY);
@@ -304,24 +328,29 @@ int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, i
                 store(s.probs + l * mp + x, z);
                 top[x / LANES] = blend(z > top[x / LANES], z, top[x / LANES]);
             }
+        /* A column no key reaches (padding past M) gets probabilities 0, not NaN: the backward reads them. */
+        for (int64_t x = 0; x < mp; x += LANES) top[x / LANES] = blend(top[x / LANES] == -INFINITY, splat(0),
+                                                                       top[x / LANES]);
         for (int64_t l = 0; l < n; l++)
             for (int64_t x = 0; x < mp; x += LANES) {
                 vec e = exp_nonpositive(load(s.probs + l * mp + x) - top[x / LANES]);
                 store(s.probs + l * mp + x, e);
                 total[x / LANES] += e;
             }
-        for (int64_t x = 0; x < mp; x += LANES) total[x / LANES] = 1 / total[x / LANES];
+        for (int64_t x = 0; x < mp; x += LANES)
+            total[x / LANES] = blend(total[x / LANES] == 0, splat(0), 1 / total[x / LANES]);
         for (int64_t l = 0; l < n; l++)
             for (int64_t x = 0; x < mp; x += LANES) {
-                vec w = load(s.probs + l * mp + x) * total[x / LANES];
-                if (pb->gate != GATE_NONE) w *= load(s.weight + l * mp + x);
-                store(s.probs + l * mp + x, w);
+                vec p = load(s.probs + l * mp + x) * total[x / LANES];
+                if (saved) store(s.probs + l * mp + x, p);
+                if (pb->gate != GATE_NONE) p *= load(s.weight + l * mp + x);
+                store(probs + l * mp + x, p);           /* p m, for the output */
             }
         int64_t lse0 = (bl.r * pb->t_len + bl.i0) * pb->group;
         for (int64_t m = 0; m < bl.m_len; m++)
             lse[lse0 + m] = top[m / LANES][m % LANES] - logf(total[m / LANES][m % LANES]);
         query_rows(pb, bl.r, bl.i0, bl.m_len, out, s.out_rows);
-        gemm(bl.m_len, d, n, by_query(&s, s.probs, bl.m_len, mp), s.v_rows, (float *const *)s.out_rows, 0);
+        gemm(bl.m_len, d, n, by_query(&s, probs, bl.m_len, mp), s.v_rows, (float *const *)s.out_rows, 0);
     }
     free(s.memory);
     return 0;
@@ -329,17 +358,20 @@ int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, i
 
 /* The gradients of blocks first .. last - 1: grad_q and grad_tau (rows of these blocks) are written; grad_k,
    grad_v (k's shape) and grad_u (u's) are added to (the caller gives each thread its own). grad_u and grad_tau
-   are NULL when the scores need no gradient. */
+   are NULL when the scores need no gradient; saved is the forward's, or NULL to recompute it. */
 int sparsek_gathered_backward(const struct problem *pb, const float *out, const float *grad_out, const float *lse,
-                              float *grad_q, float *grad_k, float *grad_v, float *grad_u, float *grad_tau,
-                              int64_t first, int64_t last) {
+                              float *saved, float *grad_q, float *grad_k, float *grad_v, float *grad_u,
+                              float *grad_tau, int64_t first, int64_t last) {
     struct scratch s;
     if (scratch_alloc(&s, pb)) return 1;
+    float *weighted = s.probs;                                  /* p m, for grad_v */
     int64_t g = pb->group, d = pb->head_dim, n_blocks = (pb->t_len + pb->block - 1) / pb->block;
     int scores = grad_u != NULL && pb->gate != GATE_NONE;
     for (int64_t item = first; item < last; item++) {
-        struct block bl = prepare_block(pb, &s, item / n_blocks, item % n_blocks);
+        struct block bl = block_keys(pb, &s, item / n_blocks, item % n_blocks);
         int64_t mp = bl.mp, n = bl.n_keys, m_len = bl.m_len, lse0 = (bl.r * pb->t_len + bl.i0) * g;
+        if (saved) point_at_saved(&s, saved + item * sparsek_saved_per_block(pb), n, mp);
+        else block_logits(pb, &s, bl);
         query_rows(pb, bl.r, bl.i0, m_len, out, s.out_rows);
         query_rows(pb, bl.r, bl.i0, m_len, grad_out, s.grad_out_rows);
         query_rows(pb, bl.r, bl.i0, m_len, grad_q, (const float **)s.grad_q_rows);
@@ -358,7 +390,8 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
             vec grad_u_l = splat(0);
             for (int64_t x = 0; x < mp; x += LANES) {
                 int64_t at = l * mp + x;
-                vec prob = exp_nonpositive(logits_at(pb, &s, at) - load(s.lse + x));
+                vec prob = saved ? load(s.probs + at)
+                                 : exp_nonpositive(logits_at(pb, &s, at) - load(s.lse + x));
                 vec weight = load(s.weight + at), grad_weighted = load(s.grad + at);
                 vec grad_z = prob * (grad_weighted * weight - load(s.delta + x));
                 vec grad_logit = grad_z * pb->scale;
@@ -370,7 +403,7 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
                     grad_u_l += grad_gap;
                     store(s.grad_tau + x, load(s.grad_tau + x) - grad_gap);
                 }
-                store(s.probs + at, prob * weight);
+                store(weighted + at, prob * weight);
                 store(s.grad + at, grad_logit);
             }
             if (scores) {
@@ -392,7 +425,7 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
             s.grad_v_rows[l] = grad_v + kv_at(pb, bl.r, s.keys[l]);
         }
         gemm(n, d, m_len, by_key(&s, s.grad, n, mp), s.q_rows, s.grad_k_rows, 1);
-        gemm(n, d, m_len, by_key(&s, s.probs, n, mp), s.grad_out_rows, s.grad_v_rows, 1);
+        gemm(n, d, m_len, by_key(&s, weighted, n, mp), s.grad_out_rows, s.grad_v_rows, 1);
     }
     free(s.memory);
     return 0;

@@ -40,11 +40,13 @@ def _library() -> ctypes.CDLL | str:
     if isinstance(library, str):
         return library
     library.sparsek_gathered_forward.restype = ctypes.c_int
-    library.sparsek_gathered_forward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 2 \
+    library.sparsek_gathered_forward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 3 \
         + [ctypes.c_int64] * 2
     library.sparsek_gathered_backward.restype = ctypes.c_int
-    library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 8 \
+    library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 9 \
         + [ctypes.c_int64] * 2
+    library.sparsek_saved_per_block.restype = ctypes.c_int64
+    library.sparsek_saved_per_block.argtypes = [ctypes.POINTER(_Problem)]
     return library
 
 
@@ -76,8 +78,21 @@ def _split(n_items: int, n_pairs: int, work) -> list:
     return [extra for _, extra in results]
 
 
+# Floats (4 bytes each) the forward may keep for the backward: each block's logits, masks and probabilities.
+_SAVED_FLOATS = 1 << 23
+
+
 def _pointer(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
+
+
+def _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale) -> _Problem:
+    """native.c's description of one call: pointers into the (contiguous) tensors, and the shapes."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    return _Problem(*(x.data_ptr() for x in (q, k, v, u, tau, start, end, lists)), batch * kv_heads, kv_heads,
+                    t_len, n_q_heads // kv_heads, head_dim, lists.shape[-1], block, min(window, t_len),
+                    GATE_IDS[gate], scale)
 
 
 class _NativeGathered(torch.autograd.Function):
@@ -86,25 +101,29 @@ class _NativeGathered(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, u, tau, lists, start, end, block, window, gate, scale):
-        batch, t_len, n_q_heads, head_dim = q.shape
-        kv_heads = k.shape[2]
-        problem = _Problem(*(x.data_ptr() for x in (q, k, v, u, tau, start, end, lists)), batch * kv_heads,
-                           kv_heads, t_len, n_q_heads // kv_heads, head_dim, lists.shape[-1], block,
-                           min(window, t_len), GATE_IDS[gate], scale)
-        out, lse = torch.empty_like(q), torch.empty(batch * kv_heads, t_len, n_q_heads // kv_heads)
+        batch, t_len, n_q_heads, _ = q.shape
+        problem = _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale)
+        out, lse = torch.empty_like(q), torch.empty(problem.rows, t_len, problem.group)
         library = _library()
+        n_blocks = problem.rows * lists.shape[1]
+        # The backward recomputes each block's logits and masks, unless the forward can keep them in little memory.
+        saved_floats = n_blocks * library.sparsek_saved_per_block(ctypes.byref(problem))
+        keep = any(ctx.needs_input_grad[:5]) and saved_floats <= _SAVED_FLOATS
+        saved = torch.empty(saved_floats if keep else 0)
         ctx.n_pairs = batch * t_len * n_q_heads * (lists.shape[-1] + block + min(window, t_len))
-        _split(problem.rows * lists.shape[1], ctx.n_pairs, lambda first, last: (
-            library.sparsek_gathered_forward(ctypes.byref(problem), out.data_ptr(), lse.data_ptr(), first, last),
+        _split(n_blocks, ctx.n_pairs, lambda first, last: (library.sparsek_gathered_forward(
+            ctypes.byref(problem), out.data_ptr(), lse.data_ptr(), _pointer(saved if keep else None), first, last),
             None))
-        ctx.save_for_backward(q, k, v, u, tau, lists, start, end, out, lse)
-        ctx.problem = problem
+        ctx.save_for_backward(q, k, v, u, tau, lists, start, end, out, lse, saved)
+        ctx.arguments, ctx.keep = (block, window, gate, scale), keep
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, u, tau, lists, start, end, out, lse = ctx.saved_tensors
-        problem, grad_out = ctx.problem, grad_out.contiguous()
+        q, k, v, u, tau, lists, start, end, out, lse, saved = ctx.saved_tensors
+        # Built again: the saved tensors may be new ones (activation checkpointing recomputes the forward).
+        problem = _problem(q, k, v, u, tau, lists, start, end, *ctx.arguments)
+        grad_out = grad_out.contiguous()
         scores = problem.gate != GATE_IDS["none"] and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         grad_q = torch.empty_like(q)
         grad_tau = torch.empty_like(tau) if scores else None
@@ -115,7 +134,8 @@ class _NativeGathered(torch.autograd.Function):
             grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
             grad_u = torch.zeros_like(u) if scores else None
             status = library.sparsek_gathered_backward(
-                ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), grad_q.data_ptr(),
+                ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
+                _pointer(saved if ctx.keep else None), grad_q.data_ptr(),
                 grad_k.data_ptr(), grad_v.data_ptr(), _pointer(grad_u), _pointer(grad_tau), first, last)
             return status, (grad_k, grad_v, grad_u)
 
