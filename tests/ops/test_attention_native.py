@@ -134,6 +134,16 @@ def test_half_precision_and_non_finite_keys():
     assert torch.isnan(out[0, -1, 2:]).all() and torch.isfinite(out[0, :-1]).all()
 
 
+def test_finite_values_whose_sum_overflows():
+    """The C path is taken where k and v sum to a finite number; values near the float32 limit overflow that sum
+    and go to the PyTorch path, still exact."""
+    q, k, v, u = make_inputs(1, 27, 4, 2, 8, dtype=torch.float32, seed=14)
+    v[0, :, :, 0] = 3e38
+    out = sparsek_attention_gathered(q, k, v, u, topk=3, window=3)
+    want = sparsek_attention_reference(q.double(), k.double(), v.double(), u.double(), topk=3, window=3)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-6)
+
+
 def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path / "cache"))

@@ -7,7 +7,8 @@
 Paths: "sdpa" is full causal attention (torch SDPA, is_causal=True, KV heads repeated for GQA), "reference" the
 dense chunked SparseK reference (O(T^2)), "gather" the gathered SparseK path (O(T * (topk + window))), both
 through `sparsek_attention` with the backend forced. Each timing is the median of --repeats calls of forward
-plus backward (gradients of q, k, v and the scores) after one warm-up. ms / token should stay flat for a
+plus backward (gradients of q, k, v and the scores) after one warm-up; the paths take turns, one call each per
+round, so that a shared machine's drift does not favour one of them. ms / token should stay flat for a
 path linear in T and double with T for a quadratic one (sdpa's is quadratic too, only with a small constant).
 The table is printed last.
 """
@@ -15,11 +16,12 @@ The table is printed last.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
-from sparsek.bench.select import time_call
 from sparsek.ops.attention import sparsek_attention
 from sparsek.ops.common import GATES
 
@@ -40,16 +42,25 @@ def attention_fn(path: str):
     return lambda *inputs, **kw: sparsek_attention(*inputs, backend=path, **kw)
 
 
-def time_fwd_bwd(fn, inputs, repeats: int, **kwargs) -> float:
-    """Median seconds of one forward + backward of fn(*inputs, **kwargs)."""
+def time_fwd_bwd(fns: dict, inputs, repeats: int, **kwargs) -> dict:
+    """Median seconds of one forward + backward of each fn(*inputs, **kwargs), by name. The calls interleave
+    (one of each per round, after one warm-up each), so a shared machine's drift reaches every path alike."""
     cotangent = torch.randn_like(inputs[0])
 
-    def step():
+    def step(fn):
         for x in inputs:
             x.grad = None
         fn(*inputs, **kwargs).backward(cotangent)
 
-    return time_call(step, repeats, "cpu")
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        step(fn)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            step(fn)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -80,11 +91,11 @@ def main() -> None:
                   torch.randn(args.batch, t_len, args.kv_heads, args.head_dim, requires_grad=True),
                   torch.randn(args.batch, t_len, args.kv_heads, args.head_dim, requires_grad=True),
                   torch.randn(args.batch, t_len, args.kv_heads, requires_grad=True)]
+        medians = time_fwd_bwd({path: attention_fn(path) for path in paths}, inputs, args.repeats, topk=args.topk,
+                               window=args.window, gate=args.gate)
         for path in paths:
-            seconds = time_fwd_bwd(attention_fn(path), inputs, args.repeats, topk=args.topk, window=args.window,
-                                   gate=args.gate)
-            results[t_len, path] = seconds
-            print(f"T={t_len:>6} {path:>9}: {seconds * 1e3:9.1f} ms", flush=True)
+            results[t_len, path] = medians[path]
+            print(f"T={t_len:>6} {path:>9}: {medians[path] * 1e3:9.2f} ms", flush=True)
 
     print(f"\nCPU, {torch.get_num_threads()} threads, forward + backward, B={args.batch}, heads={args.heads}/"
           f"{args.kv_heads}, D={args.head_dim}, topk={args.topk}, window={args.window}, gate={args.gate}, "
@@ -98,7 +109,7 @@ def main() -> None:
         cells = [str(t_len)]
         for path in paths:
             seconds = results[t_len, path]
-            cells += [f"{seconds * 1e3:.1f}", f"{seconds * 1e3 / (args.batch * t_len):.4f}"]
+            cells += [f"{seconds * 1e3:.2f}", f"{seconds * 1e3 / (args.batch * t_len):.4f}"]
         if {"sdpa", "gather"} <= set(paths):
             cells.append(f"{results[t_len, 'sdpa'] / results[t_len, 'gather']:.2f}x")
         print("| " + " | ".join(cells) + " |")

@@ -357,14 +357,19 @@ int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, f
 }
 
 /* The gradients of blocks first .. last - 1: grad_q and grad_tau (rows of these blocks) are written; grad_k,
-   grad_v (k's shape) and grad_u (u's) are added to (the caller gives each thread its own). grad_u and grad_tau
-   are NULL when the scores need no gradient; saved is the forward's, or NULL to recompute it. */
+   grad_v (k's shape) and grad_u (u's) are zeroed, then added to (the caller gives each thread its own: zeroing
+   them here keeps torch's thread pool out of the way). grad_u and grad_tau are NULL when the scores need no
+   gradient; saved is the forward's, or NULL to recompute it. */
 int sparsek_gathered_backward(const struct problem *pb, const float *out, const float *grad_out, const float *lse,
                               float *saved, float *grad_q, float *grad_k, float *grad_v, float *grad_u,
                               float *grad_tau, int64_t first, int64_t last) {
     struct scratch s;
     if (scratch_alloc(&s, pb)) return 1;
     float *weighted = s.probs;                                  /* p m, for grad_v */
+    int64_t n_keys = pb->rows * pb->t_len;
+    memset(grad_k, 0, (size_t)(n_keys * pb->head_dim) * sizeof(float));
+    memset(grad_v, 0, (size_t)(n_keys * pb->head_dim) * sizeof(float));
+    if (grad_u) memset(grad_u, 0, (size_t)n_keys * sizeof(float));
     int64_t g = pb->group, d = pb->head_dim, n_blocks = (pb->t_len + pb->block - 1) / pb->block;
     int scores = grad_u != NULL && pb->gate != GATE_NONE;
     for (int64_t item = first; item < last; item++) {

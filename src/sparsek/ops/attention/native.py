@@ -130,9 +130,9 @@ class _NativeGathered(torch.autograd.Function):
         library = _library()
 
         def work(first, last):
-            # Key gradients gather from many blocks: each part adds into buffers of its own.
-            grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-            grad_u = torch.zeros_like(u) if scores else None
+            # Key gradients gather from many blocks: each part adds into buffers of its own (zeroed in C).
+            grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+            grad_u = torch.empty_like(u) if scores else None
             status = library.sparsek_gathered_backward(
                 ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
                 _pointer(saved if ctx.keep else None), grad_q.data_ptr(),
