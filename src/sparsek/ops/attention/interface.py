@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -104,12 +105,18 @@ def sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: 
     all-NaN output instead: checking on the host would make every call wait for the GPU.
     """
     _validate(q, k, v, scores, topk, window, gate, scale, backend)
-    if scores.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or inf")
+    # On the CPU the largest magnitude is one cheap reduction: NaN or inf where any score is, and below
+    # TRITON_SCORE_LIMIT there is nothing to centre.
+    largest = None
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling() and scores.numel():
+        largest = float(scores.detach().abs().max())
+        if not math.isfinite(largest):
+            raise ValueError("scores contain NaN or inf")
 
     if q.shape[0] == 0 or q.shape[1] == 0:                              # nothing to attend (or to divide by)
         return q.new_zeros(q.shape)
-    scores = _centred(scores)
+    if largest is None or largest >= TRITON_SCORE_LIMIT:
+        scores = _centred(scores)
 
     bounds = None if cu_seqlens is None else _validate_cu_seqlens(cu_seqlens, q)
     fused_attention = kernel_for(backend, fused, "sparsek_attention_fused", q)   # "gluon": fused, Gluon forward
