@@ -264,7 +264,8 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     # A finite sum means finite entries (one reduction, cheaper than isfinite); one that overflows only sends
     # finite inputs down the slower path below, which handles them too.
     if cdtype == torch.float32 == score_dtype and native.available() and torch.isfinite(k.sum() + v.sum()):
-        lists = block_key_lists(by_row(selection.start), by_row(selection.end), topk, block, backend="auto").long()
+        lists = block_key_lists(by_row(selection.start), by_row(selection.end), topk, block, backend="auto",
+                                check=False).long()
         out = native.native_gathered_attention(q.float(), k.float(), v.float(), u, tau, lists, selection.start,
                                                selection.end, block, window, gate, scale)
         return out.to(q.dtype)

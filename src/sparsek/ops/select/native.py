@@ -90,15 +90,16 @@ def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor | None
 
 
 @torch.compiler.disable
-def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int) -> Tensor:
+def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int, *, check: bool = True) -> Tensor:
     """`blocks.block_key_lists` of CPU rows (topk >= 1, T >= 1): start, end [R, T] int64 -> [R, NB, K] int32.
-    ValueError unless the ranges could come from a selection's (0 <= start <= end <= T)."""
+    ValueError unless the ranges could come from a selection's (0 <= start <= end <= T); check=False skips
+    that for ranges straight from `prefix_selection`."""
     library = _loaded()
     if start.dtype != torch.int64 or end.dtype != torch.int64 or start.shape != end.shape or start.dim() != 2:
         raise ValueError(f"start and end must be [R, T] int64, got {tuple(start.shape)} {start.dtype} and "
                          f"{tuple(end.shape)} {end.dtype}")
     rows, t_len = start.shape
-    if not ((start >= 0) & (start <= end) & (end <= t_len)).all():
+    if check and not ((start >= 0) & (start <= end) & (end <= t_len)).all():
         raise ValueError("start and end must satisfy 0 <= start <= end <= T (selection ranges)")
     start, end = start.contiguous(), end.contiguous()
     n_slots = max(1, min(topk, t_len))
