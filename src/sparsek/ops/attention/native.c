@@ -3,9 +3,10 @@
    The PyTorch version spends most of its time in the fixed cost of a few hundred small tensor operations; here a
    query block costs its arithmetic. One block at a time: its keys are its list of selected keys, then its window
    band (empty slots and positions before 0 dropped); its logits against all of them come from small matrix
-   products, then SPEC section 3's mask and weight per (query, key), and the softmax. The backward recomputes the
-   probabilities from the forward's log-sum-exp (flash-attention's recipe). The caller splits the blocks between
-   threads; each thread adds its key gradients into buffers of its own.
+   products, then SPEC section 3's mask and weight per (query, key), and the softmax. The backward takes each
+   block's logits, masks and probabilities from the forward where the caller gave memory for them (`saved`), else
+   recomputes them from the forward's log-sum-exp (flash-attention's recipe). The caller splits the blocks
+   between threads; each thread adds its key gradients into buffers of its own.
 
    A block's matrices are held key-major, [L keys, M = P queries x G heads], so the softmax runs down columns with
    whole vectors and no horizontal sums, and the products read k, v, q and the gradients in place through row
@@ -125,7 +126,7 @@ static void gemm(int64_t m_len, int64_t n_len, int64_t k_len, struct rows_of a, 
 }
 
 /* Scratch of one thread, sized for the largest block. Key-major matrices have rows of Mp = M rounded up to
-   LANES floats; the padding columns are computed and never read back. */
+   LANES floats; the padding columns have bias -inf, so probability 0, and no row of q, out or grad_out. */
 struct scratch {
     int64_t *keys;                                     /* [L] positions */
     const float **k_rows, **v_rows;                    /* [L] pointers into k and v */
