@@ -156,3 +156,21 @@ def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
     finally:
         native_attention._library.cache_clear()
+
+
+def test_a_native_build_is_cached_per_cpu(monkeypatch, tmp_path):
+    """-march=native code runs only on the CPU it was built for: a cache folder shared with another machine
+    (another CPU) builds a second library instead of loading the first."""
+    from sparsek.ops.common import clib
+
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path))
+    native_attention._library.cache_clear()
+    try:
+        assert native_attention.available()
+        assert len(list(tmp_path.glob("attention_*.so"))) == 1
+        monkeypatch.setattr(clib, "_cpu", lambda: "another CPU")
+        native_attention._library.cache_clear()
+        assert native_attention.available()
+        assert len(list(tmp_path.glob("attention_*.so"))) == 2
+    finally:
+        native_attention._library.cache_clear()

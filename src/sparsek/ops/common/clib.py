@@ -8,6 +8,7 @@ $SPARSEK_CACHE (default ~/.cache/sparsek) and is loaded from there.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -27,16 +28,29 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "sparsek"
 
 
+@functools.cache
+def _cpu() -> str:
+    """What a -march=native build depends on: the CPU's model and instruction sets (Linux), else its name. A cache
+    folder shared between machines must not hand one CPU's build to another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
 def build(source: Path, flag_sets: list[list[str]]) -> ctypes.CDLL | str:
     """source built with the first of flag_sets the compiler accepts, loaded; or why it could not be built or
-    loaded (the compiler's message). The key of the cached build names the source text, compiler and flags."""
+    loaded (the compiler's message). The key of the cached build names the source text, compiler and flags, and
+    for -march=native the CPU."""
     if not source.is_file():
         return f"{source} is missing from this install"
     compiler = shlex.split(os.environ.get("CC", "cc"))
     text = source.read_text()
     failure = ""
     for flags in flag_sets:
-        key = "\0".join([text, *compiler, *flags, platform.machine(), platform.system()])
+        cpu = _cpu() if "-march=native" in flags else ""
+        key = "\0".join([text, *compiler, *flags, platform.machine(), platform.system(), cpu])
         try:
             target = cache_dir() / f"{source.parent.name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
             if not target.is_file():
