@@ -188,3 +188,20 @@ def test_native_threshold_backward_equals_the_pytorch_one(pattern):
         grad = torch.where(torch.isinf(tau), 0, grad_tau)
         torch.testing.assert_close(native.threshold_backward_native(u, tau, window, grad),
                                    threshold_backward(u, tau, window, grad), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["normal", "bunched"])
+def test_rows_split_between_threads(monkeypatch, pattern):
+    """Rows swept on several threads, each with its own scratch, give the one-thread selection; a part that
+    passes its work budget (bunched rows) sends all rows to the reference's thresholds, as one thread does."""
+    u = scores(pattern, 400, seed=6).permute(0, 2, 1).reshape(6, 400).contiguous()
+    if pattern == "bunched":
+        monkeypatch.setattr(native, "_WORK_PER_PREFIX", 0)      # bunched rows need more than 2 * topk steps
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = native.select_rows_native(u, 8, 4)
+    assert (one[0] is None) == (pattern == "bunched")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(native, "_SWEEP_PER_THREAD", 1)
+    split = native.select_rows_native(u, 8, 4)
+    for a, b in zip(split, one):
+        assert (a is None and b is None) or torch.equal(a, b)

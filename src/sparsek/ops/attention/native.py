@@ -2,7 +2,7 @@
 
 `native_gathered_attention` takes the selection that `gathered.sparsek_attention_gathered` computed (thresholds,
 key ranges, block key lists) and returns the same output and gradients as its PyTorch chunks. Large calls split
-the blocks between torch's intra-op threads (ctypes lets go of the GIL during each call). Without a C compiler
+the blocks between torch's intra-op threads (`clib.in_parts`). Without a C compiler
 `available()` is False and the PyTorch chunks run.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..common import GATE_IDS
-from ..common.clib import build
+from ..common.clib import build, in_parts
 
 _SOURCE = Path(__file__).with_name("native.c")
 # -march=native for the vector width of this CPU (the build is cached per machine; without it where the
@@ -55,24 +54,15 @@ def available() -> bool:
     return not isinstance(_library(), str)
 
 
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="sparsek-native")
-
-
 # (query, key) pairs per thread below which the blocks run on the calling thread alone: handing work to a
 # second thread costs more than it saves on short rows (2-core CPU, topk = window = 16 and 64).
 _PAIRS_PER_THREAD = 1 << 18
 
 
 def _split(n_items: int, n_pairs: int, work) -> list:
-    """work(first, last) over contiguous parts of range(n_items), part 0 on this thread, one part per
-    _PAIRS_PER_THREAD pairs up to torch.get_num_threads(); the second items of its results, in part order.
-    RuntimeError if a part could not allocate its scratch (work's first item nonzero)."""
-    parts = max(1, min(torch.get_num_threads(), n_items, n_pairs // _PAIRS_PER_THREAD))
-    bounds = [n_items * p // parts for p in range(parts + 1)]
-    futures = [_pool(parts).submit(work, bounds[p], bounds[p + 1]) for p in range(1, parts)]
-    results = [work(bounds[0], bounds[1])] + [f.result() for f in futures]
+    """work(first, last) -> (status, extra) over parts of range(n_items), one part per _PAIRS_PER_THREAD pairs
+    (`clib.in_parts`); the extras, in part order. RuntimeError if a part could not allocate its scratch."""
+    results = in_parts(n_items, n_pairs // _PAIRS_PER_THREAD, work)
     if any(status for status, _ in results):
         raise RuntimeError("native.c could not allocate its scratch memory")
     return [extra for _, extra in results]
