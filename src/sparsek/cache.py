@@ -99,7 +99,7 @@ class SparseKCache:
         self.positions = torch.full(shape, -1, dtype=torch.int64, device=device)      # -1: empty entry
         # The max_kept best candidate scores, -inf in unused columns. The finite ones fill a prefix of the
         # columns, at most one per candidate so far: prefill writes them first, and a step writes the first
-        # lowest column, the first empty one while any is.
+        # lowest column, the first empty one while any is. The fused step scans only that prefix.
         self.kept_u = torch.full((batch, n_kv_heads, max_kept if topk else 0), -torch.inf, dtype=torch.float64,
                                  device=device)
         # Best score the buffer dropped (-inf: none): tau at or above it means tau is exact.

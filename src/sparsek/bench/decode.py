@@ -15,7 +15,8 @@ for that token only). Three ways to run a step:
 Two SparseK states per context:
   * synthetic (every batch): random keys, values and scores with the position counters at the context, and
     topk + 1 kept scores; the full cache is filled the same way (a real prefill of 128k x 64 would take
-    minutes). A step's cost does not depend on how full the kept-score buffer is: every step reads all of it;
+    minutes). A step reads the kept-score columns that candidates can have filled by its context (one per
+    candidate, up to max_kept), so the synthetic state costs what a real one at that context does;
   * real (--real-batches): a prefill of random tokens through the converted model, so the kept scores, the
     slots and the window are what decoding really finds; the prefill's time is reported too.
 --sparsek-contexts are timed for SparseK alone (constant memory is the point). A full cache that does not fit

@@ -160,13 +160,16 @@ def cache_step_kernel(
 
     tau = float("-inf")
     if HAS_TOPK:
-        # The kept buffer: the candidate replaces the first lowest score if it beats it.
+        # The kept buffer: the candidate replaces the first lowest score if it beats it. Its finite scores fill
+        # a prefix of the columns, at most one per candidate so far (see SparseKCache), so the scans below stop
+        # after the first min(C, candidates including this one) columns; at least one, which holds the lowest.
         kept_row = KEPT + pid.to(tl.int64) * C
+        n_live = tl.minimum(tl.maximum(t + 1 - WINDOW, 1), C).to(tl.int32)
         offs_c = tl.arange(0, BLOCK_C)
         lowest = tl.min(tl.full([BLOCK_C], float("inf"), tl.float64), 0)
         column = 0                                       # in range even if no score is below +inf
-        for c0 in range(0, C, BLOCK_C):
-            z = tl.load(kept_row + c0 + offs_c, mask=c0 + offs_c < C, other=float("inf"))
+        for c0 in range(0, n_live, BLOCK_C):
+            z = tl.load(kept_row + c0 + offs_c, mask=c0 + offs_c < n_live, other=float("inf"))
             z_min = tl.min(z, 0)
             z_at = tl.min(tl.where(z == z_min, c0 + offs_c, C), 0)
             lower = z_min < lowest                       # strict: an equal later chunk does not move the column
@@ -213,7 +216,7 @@ def cache_step_kernel(
 
         # The kept scores' tau never falls from one step to the next (a step adds a score or replaces the
         # lowest with a higher one), so the last step's is a close first probe.
-        tau = row_threshold(kept_row, C, TOPK, tl.load(TAU_HINT + pid), NEWTON_ITERS, MAX_ITERS, BLOCK_C,
+        tau = row_threshold(kept_row, n_live, TOPK, tl.load(TAU_HINT + pid), NEWTON_ITERS, MAX_ITERS, BLOCK_C,
                             HINTED=True)
         tl.store(TAU_HINT + pid, tau)
         tau = tl.where(t + 1 - WINDOW > TOPK, tau, float("-inf"))   # at most k candidates: every one weighs 1
