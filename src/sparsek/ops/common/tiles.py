@@ -93,6 +93,12 @@ def backward(target: Target, head_dim: int, group: int) -> dict[str, dict]:
     # Band tiles by GQA ratio: 128 keys and 8 warps when a key tile serves several query heads (band pass at
     # 32/8 heads, 128k: 7.8 against 8.7 ms), 64 keys and 4 warps, two programs per SM, when it serves one (at
     # 16/16: 4.4 against 5.2 ms).
+    if head_dim > 128:
+        # Head dim 256: the tiles above spill (band 5.7 KB, list 3.7 KB per thread, ptxas); 8 warps and 64-key
+        # tiles cut that to 0.2-0.4 KB (forward + backward at 32k, 16/16: 41.3 -> 30.6 ms on an H100).
+        return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
+                    band=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+                    list=dict(BLOCK_M=list_block, BLOCK_N=64, SUB_M=16, num_warps=8, num_stages=3))
     band = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8) if group > 1 else dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
     return dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3), band=dict(band, num_stages=3),
                 list=dict(BLOCK_M=list_block, BLOCK_N=128, SUB_M=32, num_warps=8, num_stages=3))
