@@ -27,6 +27,10 @@ SM90_DECODE = dict(attend=dict(BLOCK_N=64, num_warps=4, num_stages=2), combine=d
 SM90_SELECTION = dict(ranks=dict(CHUNK=512), wavelet=dict(CHUNK=512), descend=dict(BLOCK=256), finish=dict(CHUNK=1024),
                       slots=dict(CHUNK=1024), lists=dict(CHUNK=1024, SLOT_TILE=64, BLOCK_CHUNK=32),
                       threshold_backward=dict(CHUNK=1024, SCAN=1024))
+# Head dim 256: 8 warps and 64-key tiles, which do not spill (docs/kernels.md, "Gluon forward").
+SM90_BACKWARD_WIDE = dict(dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
+                          band=dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+                          list=dict(BLOCK_M=128, BLOCK_N=64, SUB_M=16, num_warps=8, num_stages=3))
 
 INTERPRETER_FORWARD = dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)
 INTERPRETER_BACKWARD = dict(dq=dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1),
@@ -49,7 +53,8 @@ ROW_CHUNKS = {0: (1, 1, 1), 1: (1, 1, 1), 5: (8, 8, 8), 100: (128, 128, 128), 10
 def test_sm90_attention_tiles(head_dim, group):
     assert tiles.forward(tiles.SM90, head_dim) == SM90_FORWARD
     band = SM90_BAND_GQA if group > 1 else SM90_BAND_ONE_HEAD
-    assert tiles.backward(tiles.SM90, head_dim, group) == dict(dq=SM90_DQ, band=band, list=SM90_LIST)
+    want = dict(dq=SM90_DQ, band=band, list=SM90_LIST) if head_dim <= 128 else SM90_BACKWARD_WIDE
+    assert tiles.backward(tiles.SM90, head_dim, group) == want
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
