@@ -21,6 +21,14 @@ pytestmark = pytest.mark.skipif(not native_attention.available(), reason="no C c
 NAMES = ["out", "dq", "dk", "dv", "dscores"]
 
 
+@pytest.fixture(params=["saved", "recomputed"])
+def keep(request, monkeypatch):
+    """Both sources of the backward's blocks: kept by the forward, or recomputed (as for long rows)."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
+    return request.param
+
+
 def cotangent_for(inputs):
     return torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -42,7 +50,6 @@ def test_float32_runs_in_c(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("keep", ["saved", "recomputed"])
 @pytest.mark.parametrize("block", [4, 16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, case, keep):
@@ -50,8 +57,6 @@ def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, 
     within 1e-5 of the PyTorch gathered path in float32; the backward from the forward's saved blocks, and
     recomputing them (long rows)."""
     monkeypatch.setattr(gathered, "BLOCK", block)
-    if keep == "recomputed":
-        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
     batch, t_len, hq, hk, d, topk, window, gate = case
     kwargs = dict(topk=topk, window=window, gate=gate)
     inputs = make_inputs(batch, t_len, hq, hk, d, dtype=torch.float32, seed=t_len + topk)
@@ -82,11 +87,8 @@ def test_tied_scores_and_wide_heads(monkeypatch, gate):
         torch.testing.assert_close(g, t, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("keep", ["saved", "recomputed"])
 def test_threads_split_the_blocks(monkeypatch, keep):
     """Blocks split between threads, each with its own key-gradient buffers, give the one-thread results."""
-    if keep == "recomputed":
-        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
     inputs = make_inputs(2, 150, 4, 2, 16, dtype=torch.float32, seed=3)
     cotangent = cotangent_for(inputs)
     kwargs = dict(topk=9, window=7)
@@ -103,11 +105,8 @@ def test_threads_split_the_blocks(monkeypatch, keep):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("keep", ["saved", "recomputed"])
-def test_under_activation_checkpointing(monkeypatch, keep):
+def test_under_activation_checkpointing(keep):
     """Checkpointing recomputes the forward before the backward, into new tensors: the same gradients."""
-    if keep == "recomputed":
-        monkeypatch.setattr(native_attention, "_SAVED_FLOATS", 0)
     inputs = make_inputs(1, 70, 4, 2, 16, dtype=torch.float32, seed=8)
     cotangent = cotangent_for(inputs)
     kwargs = dict(topk=6, window=5)

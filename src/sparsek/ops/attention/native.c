@@ -39,19 +39,15 @@ struct problem {
     float scale;
 };
 
-/* Offsets of row r at position t: of its first query head in q (and out and their gradients), of its keys and
-   values, of its scores (and thresholds, ranges). */
-static int64_t q_at(const struct problem *pb, int64_t r, int64_t t) {
-    return ((r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads) * pb->group * pb->head_dim;
-}
-
-static int64_t kv_at(const struct problem *pb, int64_t r, int64_t t) {
-    return ((r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads) * pb->head_dim;
-}
-
+/* Offsets of row r at position t: of its scores (and thresholds, ranges), the index of the (b, t, h) entry; of its
+   keys and values, D floats per entry; of its first query head in q (and out and their gradients), G x D. */
 static int64_t score_at(const struct problem *pb, int64_t r, int64_t t) {
     return (r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads;
 }
+
+static int64_t kv_at(const struct problem *pb, int64_t r, int64_t t) { return score_at(pb, r, t) * pb->head_dim; }
+
+static int64_t q_at(const struct problem *pb, int64_t r, int64_t t) { return kv_at(pb, r, t) * pb->group; }
 
 static inline vec load(const float *p) { vec x; memcpy(&x, p, sizeof x); return x; }
 static inline void store(float *p, vec x) { memcpy(p, &x, sizeof x); }
