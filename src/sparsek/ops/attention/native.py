@@ -1,9 +1,11 @@
 """The CPU twin of gathered.py's block attention for float32: native.c, built on first use (`common.clib`).
 
-`native_gathered_attention` takes the selection that `gathered.sparsek_attention_gathered` computed (thresholds,
-key ranges, block key lists) and returns the same output and gradients as its PyTorch chunks. Large calls split
-the blocks between torch's intra-op threads (`clib.in_parts`). Without a C compiler
-`available()` is False and the PyTorch chunks run.
+`native_sparsek_attention` runs the whole float32 CPU path as one autograd function: the selection (thresholds,
+key ranges, block key lists) in ops/select/native.c, then the block attention in native.c; its backward runs the
+attention's backward, then the thresholds'. One function instead of the PyTorch composition saves the fixed cost
+of a few dozen small tensor operations and two autograd nodes, which is most of a short row's time. Calls of
+more than _PAIRS_PER_THREAD (query, key) pairs split the blocks between OpenMP threads (torch's own pool) where
+the compiler has OpenMP. Without a C compiler `available()` is False and gathered.py's PyTorch chunks run.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import torch
 from torch import Tensor
 
 from ..common import GATE_IDS
-from ..common.clib import build, in_parts
+from ..common.clib import build
+from ..select import native as native_selection
+from ..select.prefix import native_selection as select_rows
 
 _SOURCE = Path(__file__).with_name("native.c")
 # -march=native for the vector width of this CPU (the build is cached per machine; without it where the
 # compiler refuses the flag), and fused multiply-adds (ISO C mode turns them off).
 _FLAGS = ["-O3", "-ffp-contract=fast", "-std=c99", "-shared", "-fPIC"]
-_FLAG_SETS = [["-march=native", *_FLAGS], _FLAGS]
+_FLAG_SETS = [["-march=native", "-fopenmp", *_FLAGS], ["-march=native", *_FLAGS], _FLAGS]
 
 
 class _Problem(ctypes.Structure):
@@ -40,32 +44,40 @@ def _library() -> ctypes.CDLL | str:
         return library
     library.sparsek_gathered_forward.restype = ctypes.c_int
     library.sparsek_gathered_forward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 3 \
-        + [ctypes.c_int64] * 2
+        + [ctypes.c_int]
     library.sparsek_gathered_backward.restype = ctypes.c_int
     library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 9 \
-        + [ctypes.c_int64] * 2
+        + [ctypes.c_int]
+    library.sparsek_openmp.restype = ctypes.c_int
     library.sparsek_saved_per_block.restype = ctypes.c_int64
     library.sparsek_saved_per_block.argtypes = [ctypes.POINTER(_Problem)]
     return library
 
 
 def available() -> bool:
-    """Whether the native attention can run here (it compiles on the first call)."""
-    return not isinstance(_library(), str)
+    """Whether the native attention can run here (it and the C selection compile on the first call)."""
+    return not isinstance(_library(), str) and native_selection.available()
 
 
-# (query, key) pairs per thread below which the blocks run on the calling thread alone: handing work to a
-# second thread costs more than it saves on short rows (2-core CPU, topk = window = 16 and 64).
-_PAIRS_PER_THREAD = 1 << 18
+def openmp() -> bool:
+    """Whether the native attention splits its blocks between threads (its build has OpenMP)."""
+    return available() and bool(_library().sparsek_openmp())
 
 
-def _split(n_items: int, n_pairs: int, work) -> list:
-    """work(first, last) -> (status, extra) over parts of range(n_items), one part per _PAIRS_PER_THREAD pairs
-    (`clib.in_parts`); the extras, in part order. RuntimeError if a part could not allocate its scratch."""
-    results = in_parts(n_items, n_pairs // _PAIRS_PER_THREAD, work)
-    if any(status for status, _ in results):
-        raise RuntimeError("native.c could not allocate its scratch memory")
-    return [extra for _, extra in results]
+# (query, key) pairs per OpenMP thread: fewer run on fewer threads, as waking a thread costs more than it saves
+# on short rows (2-core CPU, topk = window = 16: two threads pay from T = 128, 24k pairs).
+_PAIRS_PER_THREAD = 1 << 13
+
+
+def _threads(n_pairs: int) -> int:
+    """OpenMP threads for a call over n_pairs (query, key) pairs: one per _PAIRS_PER_THREAD, at most torch's
+    intra-op threads (OpenMP's pool, which torch shares)."""
+    return max(1, min(torch.get_num_threads(), n_pairs // _PAIRS_PER_THREAD))
+
+
+def _check(status: int) -> None:
+    if status:
+        raise MemoryError("native.c could not allocate its scratch memory")
 
 
 # Floats (4 bytes each) the forward may keep for the backward: each block's logits, masks and probabilities.
@@ -85,27 +97,42 @@ def _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale) -> 
                     GATE_IDS[gate], scale)
 
 
-class _NativeGathered(torch.autograd.Function):
-    """native_gathered_attention's autograd: q, k, v, u and tau carry gradients; lists, start, end, block,
-    window, gate and scale do not."""
+def _selection(u: Tensor, topk: int, window: int, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The selection of rows u [R, T] float64 of float32 scores: tau [R, T] float64, start, end [R, T] int64 and
+    the block key lists [R, NB, K] int32 (-1: an empty slot)."""
+    rows, t_len = u.shape
+    if topk == 0:                                     # no thresholds, nothing selected
+        start = (torch.arange(t_len) + window).clamp(max=t_len).expand(rows, t_len).contiguous()
+        return torch.full_like(u, -torch.inf), start, start, torch.full((rows, -(-t_len // block), 1), -1,
+                                                                       dtype=torch.int32)
+    tau, start, end = select_rows(u, topk, window, torch.float32)
+    return tau, start, end, native_selection.block_key_lists_native(start, end, topk, block, check=False)
+
+
+class _NativeSparseK(torch.autograd.Function):
+    """native_sparsek_attention's autograd: q, k, v and the scores carry gradients; topk, window, block, gate
+    and scale do not."""
 
     @staticmethod
-    def forward(ctx, q, k, v, u, tau, lists, start, end, block, window, gate, scale):
+    def forward(ctx, q, k, v, scores, topk, window, block, gate, scale):
         batch, t_len, n_q_heads, _ = q.shape
+        rows = batch * k.shape[2]
+        # [R, T], row-major: a plain .double() of the transposed view would keep its strides.
+        u = scores.transpose(1, 2).to(torch.float64, memory_format=torch.contiguous_format).view(rows, t_len)
+        tau, start, end, lists = _selection(u, topk, window, block)
         problem = _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale)
-        out, lse = torch.empty_like(q), torch.empty(problem.rows, t_len, problem.group)
+        out, lse = torch.empty_like(q), torch.empty(rows, t_len, problem.group)
         library = _library()
-        n_blocks = problem.rows * lists.shape[1]
+        n_blocks = rows * lists.shape[1]
         # The backward recomputes each block's logits and masks, unless the forward can keep them in little memory.
         saved_floats = n_blocks * library.sparsek_saved_per_block(ctypes.byref(problem))
-        keep = any(ctx.needs_input_grad[:5]) and saved_floats <= _SAVED_FLOATS
+        keep = any(ctx.needs_input_grad[:4]) and saved_floats <= _SAVED_FLOATS
         saved = torch.empty(saved_floats if keep else 0)
-        ctx.n_pairs = batch * t_len * n_q_heads * (lists.shape[-1] + block + min(window, t_len))
-        _split(n_blocks, ctx.n_pairs, lambda first, last: (library.sparsek_gathered_forward(
-            ctypes.byref(problem), out.data_ptr(), lse.data_ptr(), _pointer(saved if keep else None), first, last),
-            None))
+        ctx.threads = _threads(batch * t_len * n_q_heads * (lists.shape[-1] + block + min(window, t_len)))
+        _check(library.sparsek_gathered_forward(ctypes.byref(problem), out.data_ptr(), lse.data_ptr(),
+                                                _pointer(saved if keep else None), ctx.threads))
         ctx.save_for_backward(q, k, v, u, tau, lists, start, end, out, lse, saved)
-        ctx.arguments, ctx.keep = (block, window, gate, scale), keep
+        ctx.arguments, ctx.keep, ctx.scores_dtype = (block, window, gate, scale), keep, scores.dtype
         return out
 
     @staticmethod
@@ -114,39 +141,29 @@ class _NativeGathered(torch.autograd.Function):
         # Built again: the saved tensors may be new ones (activation checkpointing recomputes the forward).
         problem = _problem(q, k, v, u, tau, lists, start, end, *ctx.arguments)
         grad_out = grad_out.contiguous()
-        scores = problem.gate != GATE_IDS["none"] and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        scores = problem.gate != GATE_IDS["none"] and ctx.needs_input_grad[3]
         grad_q = torch.empty_like(q)
         grad_tau = torch.empty_like(tau) if scores else None
-        library = _library()
-
-        def work(first, last):
-            # Key gradients gather from many blocks: each part adds into buffers of its own (zeroed in C).
-            grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
-            grad_u = torch.empty_like(u) if scores else None
-            status = library.sparsek_gathered_backward(
-                ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
-                _pointer(saved if ctx.keep else None), grad_q.data_ptr(),
-                grad_k.data_ptr(), grad_v.data_ptr(), _pointer(grad_u), _pointer(grad_tau), first, last)
-            return status, (grad_k, grad_v, grad_u)
-
-        parts = _split(problem.rows * lists.shape[1], ctx.n_pairs, work)
-        grad_k, grad_v, grad_u = parts[0]
-        for part_k, part_v, part_u in parts[1:]:
-            grad_k += part_k
-            grad_v += part_v
-            if grad_u is not None:
-                grad_u += part_u
-        return grad_q, grad_k, grad_v, grad_u, grad_tau, None, None, None, None, None, None, None
+        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+        grad_u = torch.empty_like(u) if scores else None
+        _check(_library().sparsek_gathered_backward(
+            ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
+            _pointer(saved if ctx.keep else None), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
+            _pointer(grad_u), _pointer(grad_tau), ctx.threads))
+        grad_scores = None
+        if scores:
+            # The scores' gradient through the masks (grad_u), plus through the thresholds (SPEC section 3b).
+            native_selection.threshold_backward_native(u, tau, problem.window, grad_tau, out=grad_u)
+            grad_scores = grad_u.view(q.shape[0], -1, q.shape[1]).transpose(1, 2).to(ctx.scores_dtype)
+        return grad_q, grad_k, grad_v, grad_scores, None, None, None, None, None
 
 
 @torch.compiler.disable   # raw pointers into tensors: Dynamo must not trace (or reorder) this call
-def native_gathered_attention(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, lists: Tensor, start: Tensor,
-                              end: Tensor, block: int, window: int, gate: str, scale: float) -> Tensor:
-    """gathered.py's block attention in C, for float32 q, k, v, scores and thresholds with finite k and v.
-
-    q [B, T, Hq, D], k and v [B, T, Hk, D], u (the scores) and tau (the selection's thresholds) [B, T, Hk],
-    start and end [B, T, Hk] int64 (the selection's key ranges), lists [B * Hk, NB, K] int64 (the key lists of
-    blocks of `block` queries; entries outside [0, T) are empty) -> [B, T, Hq, D].
-    """
-    tensors = [x.contiguous() for x in (q, k, v, u, tau, lists, start, end)]
-    return _NativeGathered.apply(*tensors, block, window, gate, scale)
+def native_sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int, gate: str,
+                             scale: float, block: int) -> Tensor:
+    """gathered.py's SparseK attention in C, for float32 q, k, v and scores with finite k and v (validated and
+    centred by `sparsek_attention`): q [B, T, Hq, D], k and v [B, T, Hk, D], scores [B, T, Hk] -> [B, T, Hq, D],
+    with blocks of `block` queries. Raises ValueError where the selection's thresholds would not round to float32
+    (`prefix._check_rounding`)."""
+    q, k, v, scores = (x.contiguous() for x in (q, k, v, scores))
+    return _NativeSparseK.apply(q, k, v, scores, topk, window, block, gate, scale)

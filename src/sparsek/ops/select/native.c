@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Whether key a (score ua, position pa) ranks below key b: lower score, or equal score and older. */
@@ -78,14 +79,28 @@ static double centred(double x, double shift) {
     return c > SPREAD ? SPREAD : c < -SPREAD ? -SPREAD : c;
 }
 
+/* What the sweep found wrong, as bits of sparsek_select_rows' status (prefix.py raises for them). */
+enum { TOO_MUCH_WORK = 1, ROUNDING = 2, SPREAD_EXCEEDED = 4 };
+
+/* Half a unit in the last place of |tau| rounded to the dtype the thresholds are returned in (float32 or
+   float64), as prefix._check_rounding computes it. */
+static double half_unit(double tau, int float32) {
+    if (float32) {
+        float magnitude = (float)fabs(tau);
+        return 0.5 * (double)(nextafterf(magnitude, INFINITY) - magnitude);
+    }
+    return 0.5 * (nextafter(fabs(tau), INFINITY) - fabs(tau));
+}
+
 /* tau of every prefix of one row, as prefix._prefix_thresholds: u [n] and the row's median `shift` -> tau [n]
-   (entry c - 1 for the prefix of length c; -inf while c <= topk), fractional [n] (1 where f is not flat at
-   tau) and error [n] (how far tau may be off: the rounding of adding the shift back, infinite beyond the
-   clamp). The sweep works on u - shift, so that a large common offset does not cancel the differences that
-   decide tau; the flat case's midpoint uses u itself. live: n + 1 scratch. Returns the work done (sweep
-   steps and moved keys), or -1 as soon as it passes max_work. */
-static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t topk, double *tau,
-                              uint8_t *fractional, double *error, double *live, int64_t max_work) {
+   (entry c - 1 for the prefix of length c; -inf while c <= topk). The sweep works on u - shift, so that a large
+   common offset does not cancel the differences that decide tau; the flat case's midpoint uses u itself.
+   Where f is not flat at tau, prefix._check_rounding's test runs here: the error of adding the shift back
+   (infinite beyond the clamp: SPREAD_EXCEEDED) plus the rounding to the returned dtype must stay within
+   tau_rounding (else ROUNDING, and *worst takes the largest such |tau|); those bits go into *status. live:
+   n + 1 scratch. Returns the work done (sweep steps and moved keys), or -1 as soon as it passes max_work. */
+static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t topk, double *tau, int float32,
+                              double tau_rounding, int *status, double *worst, double *live, int64_t max_work) {
     int64_t m = 0, work = 0;                   /* live keys, best first */
     double current = -INFINITY, running = -INFINITY;   /* centred tau of the last prefix; the cummax */
     for (int64_t c = 1; c <= n; c++) {
@@ -101,8 +116,8 @@ static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t 
             m++;
             work += m - lo;
         }
-        fractional[c - 1] = 0;
-        error[c - 1] = 0;
+        double error = 0;
+        int fractional = 0;
         if (c <= topk) {
             tau[c - 1] = -INFINITY;
             continue;
@@ -135,48 +150,67 @@ static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t 
                 work++;
             }
             double absolute = current + shift;
-            error[c - 1] = fabs(current) <= SPREAD - 2 ? fabs(absolute - shift - current) : INFINITY;
+            error = fabs(current) <= SPREAD - 2 ? fabs(absolute - shift - current) : INFINITY;
             t = absolute > theta - 1 ? absolute : theta - 1;
-            fractional[c - 1] = 1;
+            fractional = 1;
         }
         if (work > max_work) return -1;
         running = t > running ? t : running;  /* cummax: rounding must not let tau fall */
         tau[c - 1] = running;
+        if (fractional && isinf(error)) *status |= SPREAD_EXCEEDED;
+        else if (fractional && error + half_unit(running, float32) > tau_rounding) {
+            *status |= ROUNDING;
+            *worst = fabs(running) > *worst ? fabs(running) : *worst;
+        }
         while (m > topk + 1 && centred(live[m - 1], shift) <= current) m--;   /* never above tau again */
     }
     return work;
 }
 
-/* All rows: u [rows, t_len] and each row's median shift [rows] -> tau, fractional and error [rows, t_len]
-   (the first t_len - window entries of a row: the prefixes of its candidates), start and end [rows, t_len].
-   Scratch: live, t_len + 1 doubles; heap, min(topk, t_len) int64. The sweep costs O(topk + live keys) per
-   prefix, and the live keys grow with the row where scores bunch within 1 of each other (an untrained
-   scorer): past max_work in all, the thresholds stop (the ranges are still written) and this returns 1, so
-   that the caller takes the O(T log T) reference for them. */
+/* All rows: u [rows, t_len] and each row's median shift [rows] -> tau [rows, t_len] for every query (-inf before
+   the first candidates, at i < window), start and end [rows, t_len]. The sweep costs O(topk + live keys) per prefix, and the live keys grow with the row
+   where scores bunch within 1 of each other (an untrained scorer): past max_work in all, the thresholds stop
+   (the ranges are still written) and the status has TOO_MUCH_WORK, so that the caller takes the O(T log T)
+   reference for them. Returns the status bits (row_thresholds), 0 when all is well, or -1 where its scratch
+   could not be allocated. */
 int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
-                        int64_t window, double *tau, uint8_t *fractional, double *error, int64_t *start,
-                        int64_t *end, double *live, int64_t *heap, int64_t max_work) {
+                        int64_t window, int float32, double tau_rounding, double *tau, double *worst, int64_t *start,
+                        int64_t *end, int64_t max_work) {
     int64_t n = window < t_len ? t_len - window : 0, work = 0;
+    double *live = malloc((size_t)(t_len + 1) * sizeof(double));
+    int64_t *heap = malloc((size_t)(topk > 0 ? topk : 1) * sizeof(int64_t));
+    if (!live || !heap) {
+        free(live);
+        free(heap);
+        return -1;
+    }
     int status = 0;
     for (int64_t r = 0; r < rows; r++) {
         const double *row = u + r * t_len;
-        if (status == 0) {
-            int64_t done = row_thresholds(row, shift[r], n, topk, tau + r * t_len, fractional + r * t_len,
-                                          error + r * t_len, live, max_work - work);
-            if (done < 0) status = 1; else work += done;
+        double *row_tau = tau + r * t_len;
+        if (!(status & TOO_MUCH_WORK)) {
+            for (int64_t i = 0; i < t_len - n; i++) row_tau[i] = -INFINITY;
+            int64_t done = row_thresholds(row, shift[r], n, topk, row_tau + t_len - n, float32, tau_rounding,
+                                          &status, worst, live, max_work - work);
+            if (done < 0) status |= TOO_MUCH_WORK; else work += done;
         }
         row_ranges(row, t_len, topk, window, start + r * t_len, end + r * t_len, heap);
     }
+    free(live);
+    free(heap);
     return status;
 }
 
 /* Keys selected by the first query of each block, by slot, as blocks.block_key_lists: start, end [rows, t_len]
-   -> lists [rows, n_blocks, n_slots] int32 (-1 for an empty slot; filled here). The first topk keys hold slots
+   -> lists [rows, n_blocks, n_slots] int32 (-1 for an empty slot). The first topk keys hold slots
    0 .. topk - 1; a later key takes the slot of the key it evicts, the one whose range ends where its own
-   starts. slot, victim: t_len int64 scratch each. */
-void sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows, int64_t t_len, int64_t topk,
-                         int64_t block, int64_t n_slots, int32_t *lists, int64_t *slot, int64_t *victim) {
+   starts. Returns 1 where its scratch could not be allocated, else 0. */
+int sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows, int64_t t_len, int64_t topk,
+                        int64_t block, int64_t n_slots, int32_t *lists) {
     int64_t n_blocks = (t_len + block - 1) / block;
+    int64_t *slot = malloc((size_t)(2 * t_len + 1) * sizeof(int64_t)), *victim = slot + t_len;
+    if (!slot) return 1;
+    for (int64_t x = 0; x < rows * n_blocks * n_slots; x++) lists[x] = -1;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t *s = start + r * t_len, *e = end + r * t_len;
         int32_t *out = lists + r * n_blocks * n_slots;
@@ -193,6 +227,8 @@ void sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows,
                 out[b * n_slots + slot[j]] = (int32_t)j;
         }
     }
+    free(slot);
+    return 0;
 }
 
 /* First i in [0, n) with tau[i] > x (strictly) or >= x, tau non-decreasing (a cummax): searchsorted. */
@@ -206,13 +242,18 @@ static int64_t first_above(const double *tau, int64_t n, double x, int strictly)
 }
 
 /* The scores' gradient through the thresholds, as prefix.threshold_backward: u, tau, grad_tau [rows, t_len] ->
-   grad_u [rows, t_len]. Key l is fractional for the queries lo_l <= i < hi_l (a candidate, and
+   added to grad_u [rows, t_len]. Key l is fractional for the queries lo_l <= i < hi_l (a candidate, and
    tau_i < u_l < tau_i + 1); each fractional key of query i receives grad_tau_i / |F_i|, so grad_u_l is a
-   difference of prefix sums over queries. Scratch: lo, hi t_len int64 each, count t_len + 1 int64, shares
-   t_len + 1 doubles. */
-void sparsek_threshold_backward(const double *u, const double *tau, const double *grad_tau, int64_t rows,
-                                int64_t t_len, int64_t window, double *grad_u, int64_t *lo, int64_t *hi,
-                                int64_t *count, double *shares) {
+   difference of prefix sums over queries. Returns 1 where its scratch could not be allocated, else 0. */
+int sparsek_threshold_backward(const double *u, const double *tau, const double *grad_tau, int64_t rows,
+                               int64_t t_len, int64_t window, double *grad_u) {
+    int64_t *lo = malloc((size_t)(3 * t_len + 1) * sizeof(int64_t)), *hi = lo + t_len, *count = hi + t_len;
+    double *shares = malloc((size_t)(t_len + 1) * sizeof(double));
+    if (!lo || !shares) {
+        free(lo);
+        free(shares);
+        return 1;
+    }
     for (int64_t r = 0; r < rows; r++) {
         const double *ur = u + r * t_len, *tr = tau + r * t_len, *gr = grad_tau + r * t_len;
         memset(count, 0, (size_t)(t_len + 1) * sizeof(int64_t));
@@ -230,6 +271,9 @@ void sparsek_threshold_backward(const double *u, const double *tau, const double
             covering += count[i];
             shares[i + 1] = shares[i] + (covering > 0 ? gr[i] / (double)covering : 0);
         }
-        for (int64_t l = 0; l < t_len; l++) grad_u[r * t_len + l] = shares[hi[l]] - shares[lo[l]];
+        for (int64_t l = 0; l < t_len; l++) grad_u[r * t_len + l] += shares[hi[l]] - shares[lo[l]];
     }
+    free(lo);
+    free(shares);
+    return 0;
 }

@@ -28,13 +28,12 @@ def _library() -> ctypes.CDLL | str:
     if isinstance(library, str):
         return library
     library.sparsek_select_rows.restype = ctypes.c_int
-    library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7 \
-        + [ctypes.c_int64]
-    library.sparsek_block_lists.restype = None
-    library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
-    library.sparsek_threshold_backward.restype = None
-    library.sparsek_threshold_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 \
-        + [ctypes.c_void_p] * 5
+    library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 \
+        + [ctypes.c_int, ctypes.c_double] + [ctypes.c_void_p] * 4 + [ctypes.c_int64]
+    library.sparsek_block_lists.restype = ctypes.c_int
+    library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    library.sparsek_threshold_backward.restype = ctypes.c_int
+    library.sparsek_threshold_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     return library
 
 
@@ -65,36 +64,52 @@ _WORK_PER_PREFIX = 256
 _SWEEP_PER_THREAD = 1 << 14
 
 
+# sparsek_select_rows' status bits (native.c).
+TOO_MUCH_WORK, ROUNDING, SPREAD_EXCEEDED = 1, 2, 4
+
+
 @torch.compiler.disable   # raw pointers into tensors: Dynamo must not trace (or reorder) this call
 @torch.no_grad()
-def select_rows_native(u: Tensor, topk: int, window: int) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-    """The selection of CPU rows (finite; topk >= 1), u [R, T] float64 -> what `prefix._prefix_thresholds` gives
-    for the candidate prefixes, tau, fractional (bool) and error, each [R, T - window], and the key ranges
-    start and end [R, T] int64 of `prefix.key_ranges`. tau is None where the rows' scores bunch so that the
-    sweep would cost O(T^2) (the caller then takes the reference's thresholds)."""
+def select_rows_native(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64
+                       ) -> tuple[Tensor, Tensor, Tensor, int, float]:
+    """The selection of CPU rows (finite; topk >= 1), u [R, T] float64 -> tau [R, T] float64 (-inf before the
+    first candidates), the key ranges start and end [R, T] int64 of `prefix.key_ranges`, the status bits and
+    the largest |tau| that fails `prefix._check_rounding` for `dtype` (the dtype tau is returned in).
+
+    Status: ROUNDING and SPREAD_EXCEEDED where that check fails (the caller raises); TOO_MUCH_WORK where the
+    rows' scores bunch so that the sweep would cost O(T^2): tau is then incomplete and the caller takes the
+    reference's thresholds."""
+    from .prefix import _TAU_ROUNDING
+
     library = _loaded()
     u = u.contiguous()
     rows, t_len = u.shape
     topk, window = min(topk, t_len), min(window, t_len)      # same selection; and they fit the C int64
     n = t_len - window
     shift = u.median(dim=1).values.contiguous()       # as the reference: thresholds relative to the row
-    tau, error = torch.empty(rows, t_len, dtype=torch.float64), torch.empty(rows, t_len, dtype=torch.float64)
-    fractional = torch.empty(rows, t_len, dtype=torch.uint8)
+    tau = torch.empty(rows, t_len, dtype=torch.float64)
     start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
 
-    def part(first: int, last: int) -> int:  # rows first .. last - 1, with scratch of their own
-        live = torch.empty(t_len + 1, dtype=torch.float64)
-        heap = torch.empty(max(1, topk), dtype=torch.int64)
+    def part(first: int, last: int) -> tuple[int, float]:  # rows first .. last - 1
+        worst = ctypes.c_double(0)
         at = first * t_len
-        return library.sparsek_select_rows(
+        status = library.sparsek_select_rows(
             u.data_ptr() + 8 * at, shift.data_ptr() + 8 * first, last - first, t_len, topk, window,
-            tau.data_ptr() + 8 * at, fractional.data_ptr() + at, error.data_ptr() + 8 * at,
-            start.data_ptr() + 8 * at, end.data_ptr() + 8 * at, live.data_ptr(), heap.data_ptr(),
-            (last - first) * n * (2 * topk + _WORK_PER_PREFIX))
+            dtype == torch.float32, _TAU_ROUNDING, tau.data_ptr() + 8 * at, ctypes.byref(worst),
+            start.data_ptr() + 8 * at, end.data_ptr() + 8 * at, (last - first) * n * (2 * topk + _WORK_PER_PREFIX))
+        return status, worst.value
 
-    if any(in_parts(rows, rows * n * topk // _SWEEP_PER_THREAD, part)):
-        return None, None, None, start, end
-    return tau[:, :n], fractional[:, :n].bool(), error[:, :n], start, end
+    parts = in_parts(rows, rows * n * topk // _SWEEP_PER_THREAD, part)
+    status = 0
+    for part_status, _ in parts:
+        _check_allocated(part_status < 0)
+        status |= part_status
+    return tau, start, end, status, max(worst for _, worst in parts)
+
+
+def _check_allocated(failed: int) -> None:
+    if failed:
+        raise MemoryError("native.c could not allocate its scratch memory")
 
 
 @torch.compiler.disable
@@ -111,24 +126,21 @@ def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int, *,
         raise ValueError("start and end must satisfy 0 <= start <= end <= T (selection ranges)")
     start, end = start.contiguous(), end.contiguous()
     n_slots = max(1, min(topk, t_len))
-    lists = torch.full((rows, -(-t_len // block), n_slots), -1, dtype=torch.int32)
-    slot, victim = torch.empty(t_len, dtype=torch.int64), torch.empty(t_len, dtype=torch.int64)
-    library.sparsek_block_lists(start.data_ptr(), end.data_ptr(), rows, t_len, min(topk, t_len), block, n_slots,
-                                lists.data_ptr(), slot.data_ptr(), victim.data_ptr())
+    lists = torch.empty((rows, -(-t_len // block), n_slots), dtype=torch.int32)
+    _check_allocated(library.sparsek_block_lists(start.data_ptr(), end.data_ptr(), rows, t_len, min(topk, t_len),
+                                                 block, n_slots, lists.data_ptr()))
     return lists
 
 
 @torch.compiler.disable
-def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor) -> Tensor:
+def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor, out: Tensor | None = None
+                              ) -> Tensor:
     """`prefix.threshold_backward` of CPU rows: u, tau (non-decreasing along each row), grad_tau [R, T] float64
-    -> [R, T] float64."""
+    -> [R, T] float64, added to `out` (contiguous float64) where given."""
     library = _loaded()
     u, tau, grad_tau = (x.double().contiguous() for x in (u, tau, grad_tau))
     rows, t_len = u.shape
-    grad_u = torch.empty_like(u)
-    lo, hi = torch.empty(t_len, dtype=torch.int64), torch.empty(t_len, dtype=torch.int64)
-    count, shares = torch.empty(t_len + 1, dtype=torch.int64), torch.empty(t_len + 1, dtype=torch.float64)
-    library.sparsek_threshold_backward(u.data_ptr(), tau.data_ptr(), grad_tau.data_ptr(), rows, t_len,
-                                       min(window, t_len), grad_u.data_ptr(), lo.data_ptr(), hi.data_ptr(),
-                                       count.data_ptr(), shares.data_ptr())
+    grad_u = torch.zeros_like(u) if out is None else out
+    _check_allocated(library.sparsek_threshold_backward(u.data_ptr(), tau.data_ptr(), grad_tau.data_ptr(), rows,
+                                                        t_len, min(window, t_len), grad_u.data_ptr()))
     return grad_u

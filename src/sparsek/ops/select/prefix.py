@@ -137,21 +137,27 @@ _TAU_ROUNDING = 2.0 ** -10
 def _check_rounding(tau: Tensor, fractional: Tensor, error: Tensor, dtype: torch.dtype) -> None:
     """ValueError where a fractional prefix threshold (tau, fractional, error [R, n], see _prefix_thresholds) is
     too far from its row's median for the clamped sums, or too large to round to `dtype` (the dtype the caller
-    returns it in) within _TAU_ROUNDING."""
+    returns it in) within _TAU_ROUNDING. native.c runs the same test inside its sweep."""
     if (fractional & torch.isinf(error)).any():
-        raise ValueError(f"scores spread too wide: a threshold lies more than {SPREAD:.0f} from its row's "
-                         f"median, beyond what the float64 threshold sums resolve")
+        raise _spread_error()
     # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
     magnitude = tau.abs().to(dtype)
     half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
     # NaN scores (only the fused path's select_rows lets them in) pass: that path turns its output NaN instead.
     bad = fractional & (error + half_unit > _TAU_ROUNDING)
     if bad.any():
-        worst = float(tau[bad].abs().max())
-        raise ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} "
-                         f"rounds it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; "
-                         f"subtract a per-row offset from the scores (SPARSEK is shift invariant) or pass "
-                         f"float64 scores")
+        raise _rounding_error(float(tau[bad].abs().max()), dtype)
+
+
+def _spread_error() -> ValueError:
+    return ValueError(f"scores spread too wide: a threshold lies more than {SPREAD:.0f} from its row's median, "
+                      f"beyond what the float64 threshold sums resolve")
+
+
+def _rounding_error(worst: float, dtype: torch.dtype) -> ValueError:
+    return ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} rounds "
+                      f"it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; subtract a "
+                      f"per-row offset from the scores (SPARSEK is shift invariant) or pass float64 scores")
 
 
 def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -168,17 +174,18 @@ def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = to
     return tau
 
 
-def _native_selection(u: Tensor, topk: int, window: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def native_selection(u: Tensor, topk: int, window: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """`select_rows` by native.c (CPU rows, topk >= 1): u [R, T] float64 -> tau [R, T] float64, start, end [R, T]
-    int64. Raises ValueError where `_check_rounding` does."""
-    from .native import select_rows_native
+    int64. Raises ValueError where `_check_rounding` does for tau returned in `dtype`."""
+    from . import native
 
-    tau_p, fractional, error, start, end = select_rows_native(u, topk, window)
-    if tau_p is None:                                     # bunched scores: the reference's O(T log T) thresholds
+    tau, start, end, status, worst = native.select_rows_native(u, topk, window, dtype)
+    if status & native.TOO_MUCH_WORK:                 # bunched scores: the reference's O(T log T) thresholds
         return _query_thresholds(u, topk, window, dtype), start, end
-    _check_rounding(tau_p, fractional, error, dtype)
-    tau = torch.full_like(u, -torch.inf)
-    tau[:, u.shape[1] - tau_p.shape[1]:] = tau_p
+    if status & native.SPREAD_EXCEEDED:
+        raise _spread_error()
+    if status & native.ROUNDING:
+        raise _rounding_error(worst, dtype)
     return tau, start, end
 
 
@@ -215,7 +222,7 @@ class _QueryThresholds(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, topk: int, window: int, dtype: torch.dtype, native: bool):
         if native:
-            tau, start, end = _native_selection(u, topk, window, dtype)
+            tau, start, end = native_selection(u, topk, window, dtype)
         else:
             tau, (start, end) = _query_thresholds(u, topk, window, dtype), key_ranges(u, topk, window)
         ctx.save_for_backward(u, tau)
