@@ -254,13 +254,11 @@ def sparsek_attention_gathered(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, 
     score_dtype = torch.float64 if torch.float64 in (q.dtype, scores.dtype) else torch.float32
 
     block = min(BLOCK, t_len)
-    # A finite sum means finite entries (one reduction, cheaper than isfinite); one that overflows only sends
-    # finite inputs down the slower path below, which handles them too.
-    finite = cdtype == torch.float32 == score_dtype and torch.isfinite(k.detach().sum() + v.detach().sum())
-    if finite and native.available():
+    if cdtype == torch.float32 == score_dtype and native.available():
         out = native.native_sparsek_attention(q.float(), k.float(), v.float(), scores.float(), topk=topk,
                                               window=window, gate=gate, scale=scale, block=block)
-        return out.to(q.dtype)
+        if out is not None:                                          # else non-finite k or v: the paths below
+            return out.to(q.dtype)
 
     u = scores.to(score_dtype)
     selection = prefix_selection(u, topk, window, backend="auto")

@@ -312,6 +312,18 @@ static void point_at_saved(struct scratch *s, float *saved, int64_t n_keys, int6
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
+/* Whether x[0 .. n) sums to a finite float: then every entry is finite. A sum that overflows sends finite inputs
+   to the caller's slower path, which handles them too (and whose products would not overflow first). */
+int sparsek_finite_sum(const float *x, int64_t n) {
+    vec acc = splat(0);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) acc += load(x + i);
+    float total = 0;
+    for (; i < n; i++) total += x[i];
+    for (int lane = 0; lane < LANES; lane++) total += acc[lane];
+    return isfinite(total);
+}
+
 /* Whether this build splits blocks between threads (compiled with OpenMP). */
 int sparsek_openmp(void) {
 #ifdef _OPENMP

@@ -49,6 +49,8 @@ def _library() -> ctypes.CDLL | str:
     library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 9 \
         + [ctypes.c_int]
     library.sparsek_openmp.restype = ctypes.c_int
+    library.sparsek_finite_sum.restype = ctypes.c_int
+    library.sparsek_finite_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     library.sparsek_saved_per_block.restype = ctypes.c_int64
     library.sparsek_saved_per_block.argtypes = [ctypes.POINTER(_Problem)]
     return library
@@ -160,10 +162,15 @@ class _NativeSparseK(torch.autograd.Function):
 
 @torch.compiler.disable   # raw pointers into tensors: Dynamo must not trace (or reorder) this call
 def native_sparsek_attention(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, *, topk: int, window: int, gate: str,
-                             scale: float, block: int) -> Tensor:
-    """gathered.py's SparseK attention in C, for float32 q, k, v and scores with finite k and v (validated and
-    centred by `sparsek_attention`): q [B, T, Hq, D], k and v [B, T, Hk, D], scores [B, T, Hk] -> [B, T, Hq, D],
-    with blocks of `block` queries. Raises ValueError where the selection's thresholds would not round to float32
-    (`prefix._check_rounding`)."""
+                             scale: float, block: int) -> Tensor | None:
+    """gathered.py's SparseK attention in C, for float32 q, k, v and scores (validated and centred by
+    `sparsek_attention`): q [B, T, Hq, D], k and v [B, T, Hk, D], scores [B, T, Hk] -> [B, T, Hq, D], with blocks
+    of `block` queries; None where k or v do not sum to a finite number (NaN or inf in them, or values near
+    the float32 limit), for the caller's PyTorch path. Raises ValueError where the selection's thresholds would
+    not round to float32 (`prefix._check_rounding`)."""
     q, k, v, scores = (x.contiguous() for x in (q, k, v, scores))
+    library = _library()
+    if not (library.sparsek_finite_sum(k.data_ptr(), k.numel()) and library.sparsek_finite_sum(v.data_ptr(),
+                                                                                                v.numel())):
+        return None
     return _NativeSparseK.apply(q, k, v, scores, topk, window, block, gate, scale)

@@ -1,10 +1,9 @@
-"""Build a C file of this package into a shared library on first use and load it with ctypes; run its calls on
-several threads.
+"""Build a C file of this package into a shared library on first use and load it with ctypes.
 
 The CPU twins (ops/select/native.c, ops/attention/native.c) use no torch headers, so a build takes a second or
 two with the system's compiler (`cc`, or $CC). Each build goes once per source, compiler and flags into
-$SPARSEK_CACHE (default ~/.cache/sparsek) and is loaded from there. ctypes lets go of the GIL during a call, so
-Python threads run C calls in parallel (`in_parts`).
+$SPARSEK_CACHE (default ~/.cache/sparsek) and is loaded from there. The files split their work between threads
+with OpenMP where the compiler has it (-fopenmp: the libgomp torch already loaded, so torch's thread pool).
 """
 
 from __future__ import annotations
@@ -17,10 +16,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 
 def cache_dir() -> Path:
@@ -71,17 +67,3 @@ def build(source: Path, flag_sets: list[list[str]]) -> ctypes.CDLL | str:
             detail = getattr(error, "stderr", "") or error
             failure = f"{' '.join(compiler)} could not build or load {source.name}: {detail}".strip()
     return failure
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="sparsek-native")
-
-
-def in_parts(n_items: int, parts: int, work) -> list:
-    """work(first, last) over contiguous parts of range(n_items): `parts` of them, at most
-    torch.get_num_threads() and n_items and at least 1, part 0 on this thread. Its results, in part order."""
-    parts = max(1, min(torch.get_num_threads(), n_items, parts))
-    bounds = [n_items * p // parts for p in range(parts + 1)]
-    futures = [_pool(parts).submit(work, bounds[p], bounds[p + 1]) for p in range(1, parts)]
-    return [work(bounds[0], bounds[1])] + [f.result() for f in futures]

@@ -168,37 +168,39 @@ static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t 
 }
 
 /* All rows: u [rows, t_len] and each row's median shift [rows] -> tau [rows, t_len] for every query (-inf before
-   the first candidates, at i < window), start and end [rows, t_len]. The sweep costs O(topk + live keys) per prefix, and the live keys grow with the row
-   where scores bunch within 1 of each other (an untrained scorer): past max_work in all, the thresholds stop
-   (the ranges are still written) and the status has TOO_MUCH_WORK, so that the caller takes the O(T log T)
-   reference for them. Returns the status bits (row_thresholds), 0 when all is well, or -1 where its scratch
-   could not be allocated. */
+   the first candidates, at i < window), start and end [rows, t_len], the rows split between `threads` OpenMP
+   threads (one where the build has no OpenMP). The sweep costs O(topk + live keys) per prefix, and the live keys
+   grow with the row where scores bunch within 1 of each other (an untrained scorer): past work_per_row steps a
+   row's thresholds stop (its ranges are still written) and the status has TOO_MUCH_WORK, so that the caller
+   takes the O(T log T) reference for them. Returns the status bits (row_thresholds), 0 when all is well, or -1
+   where scratch could not be allocated. */
 int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
                         int64_t window, int float32, double tau_rounding, double *tau, double *worst, int64_t *start,
-                        int64_t *end, int64_t max_work) {
-    int64_t n = window < t_len ? t_len - window : 0, work = 0;
-    double *live = malloc((size_t)(t_len + 1) * sizeof(double));
-    int64_t *heap = malloc((size_t)(topk > 0 ? topk : 1) * sizeof(int64_t));
-    if (!live || !heap) {
+                        int64_t *end, int64_t work_per_row, int threads) {
+    int64_t n = window < t_len ? t_len - window : 0;
+    int status = 0, failed = 0;
+    double largest = 0;
+#pragma omp parallel num_threads(threads) reduction(| : status, failed) reduction(max : largest)
+    {
+        double *live = malloc((size_t)(t_len + 1) * sizeof(double));
+        int64_t *heap = malloc((size_t)(topk > 0 ? topk : 1) * sizeof(int64_t));
+        failed = !live || !heap;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            const double *row = u + r * t_len;
+            double *row_tau = tau + r * t_len;
+            for (int64_t i = 0; i < t_len - n; i++) row_tau[i] = -INFINITY;
+            if (row_thresholds(row, shift[r], n, topk, row_tau + t_len - n, float32, tau_rounding, &status,
+                               &largest, live, work_per_row) < 0)
+                status |= TOO_MUCH_WORK;
+            row_ranges(row, t_len, topk, window, start + r * t_len, end + r * t_len, heap);
+        }
         free(live);
         free(heap);
-        return -1;
     }
-    int status = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const double *row = u + r * t_len;
-        double *row_tau = tau + r * t_len;
-        if (!(status & TOO_MUCH_WORK)) {
-            for (int64_t i = 0; i < t_len - n; i++) row_tau[i] = -INFINITY;
-            int64_t done = row_thresholds(row, shift[r], n, topk, row_tau + t_len - n, float32, tau_rounding,
-                                          &status, worst, live, max_work - work);
-            if (done < 0) status |= TOO_MUCH_WORK; else work += done;
-        }
-        row_ranges(row, t_len, topk, window, start + r * t_len, end + r * t_len, heap);
-    }
-    free(live);
-    free(heap);
-    return status;
+    *worst = largest;
+    return failed ? -1 : status;
 }
 
 /* Keys selected by the first query of each block, by slot, as blocks.block_key_lists: start, end [rows, t_len]
@@ -244,36 +246,40 @@ static int64_t first_above(const double *tau, int64_t n, double x, int strictly)
 /* The scores' gradient through the thresholds, as prefix.threshold_backward: u, tau, grad_tau [rows, t_len] ->
    added to grad_u [rows, t_len]. Key l is fractional for the queries lo_l <= i < hi_l (a candidate, and
    tau_i < u_l < tau_i + 1); each fractional key of query i receives grad_tau_i / |F_i|, so grad_u_l is a
-   difference of prefix sums over queries. Returns 1 where its scratch could not be allocated, else 0. */
+   difference of prefix sums over queries. Rows split between `threads` OpenMP threads. Returns 1 where scratch
+   could not be allocated, else 0. */
 int sparsek_threshold_backward(const double *u, const double *tau, const double *grad_tau, int64_t rows,
-                               int64_t t_len, int64_t window, double *grad_u) {
-    int64_t *lo = malloc((size_t)(3 * t_len + 1) * sizeof(int64_t)), *hi = lo + t_len, *count = hi + t_len;
-    double *shares = malloc((size_t)(t_len + 1) * sizeof(double));
-    if (!lo || !shares) {
+                               int64_t t_len, int64_t window, double *grad_u, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t *lo = malloc((size_t)(3 * t_len + 1) * sizeof(int64_t)), *hi = lo + t_len, *count = hi + t_len;
+        double *shares = malloc((size_t)(t_len + 1) * sizeof(double));
+        failed = !lo || !shares;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            const double *ur = u + r * t_len, *tr = tau + r * t_len, *gr = grad_tau + r * t_len;
+            memset(count, 0, (size_t)(t_len + 1) * sizeof(int64_t));
+            for (int64_t l = 0; l < t_len; l++) {
+                int64_t low = first_above(tr, t_len, ur[l] - 1, 1);
+                int64_t candidate = l + window < t_len ? l + window : t_len;
+                lo[l] = low > candidate ? low : candidate;
+                int64_t high = first_above(tr, t_len, ur[l], 0);
+                hi[l] = high > lo[l] ? high : lo[l];
+                count[lo[l]]++;
+                count[hi[l]]--;
+            }
+            int64_t covering = 0;
+            shares[0] = 0;
+            for (int64_t i = 0; i < t_len; i++) {
+                covering += count[i];
+                shares[i + 1] = shares[i] + (covering > 0 ? gr[i] / (double)covering : 0);
+            }
+            for (int64_t l = 0; l < t_len; l++) grad_u[r * t_len + l] += shares[hi[l]] - shares[lo[l]];
+        }
         free(lo);
         free(shares);
-        return 1;
     }
-    for (int64_t r = 0; r < rows; r++) {
-        const double *ur = u + r * t_len, *tr = tau + r * t_len, *gr = grad_tau + r * t_len;
-        memset(count, 0, (size_t)(t_len + 1) * sizeof(int64_t));
-        for (int64_t l = 0; l < t_len; l++) {
-            int64_t low = first_above(tr, t_len, ur[l] - 1, 1), candidate = l + window < t_len ? l + window : t_len;
-            lo[l] = low > candidate ? low : candidate;
-            int64_t high = first_above(tr, t_len, ur[l], 0);
-            hi[l] = high > lo[l] ? high : lo[l];
-            count[lo[l]]++;
-            count[hi[l]]--;
-        }
-        int64_t covering = 0;
-        shares[0] = 0;
-        for (int64_t i = 0; i < t_len; i++) {
-            covering += count[i];
-            shares[i + 1] = shares[i] + (covering > 0 ? gr[i] / (double)covering : 0);
-        }
-        for (int64_t l = 0; l < t_len; l++) grad_u[r * t_len + l] += shares[hi[l]] - shares[lo[l]];
-    }
-    free(lo);
-    free(shares);
-    return 0;
+    return failed;
 }

@@ -15,25 +15,28 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..common.clib import build, in_parts
+from ..common.clib import build
 
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O2", "-std=c99", "-shared", "-fPIC"]
+# OpenMP (torch's own thread pool) splits the rows between threads; without it where the compiler refuses it.
+_FLAG_SETS = [["-fopenmp", *_FLAGS], _FLAGS]
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The loaded library, or why it could not be built or loaded (the compiler's message)."""
-    library = build(_SOURCE, [_FLAGS])
+    library = build(_SOURCE, _FLAG_SETS)
     if isinstance(library, str):
         return library
     library.sparsek_select_rows.restype = ctypes.c_int
     library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 \
-        + [ctypes.c_int, ctypes.c_double] + [ctypes.c_void_p] * 4 + [ctypes.c_int64]
+        + [ctypes.c_int, ctypes.c_double] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
     library.sparsek_block_lists.restype = ctypes.c_int
     library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     library.sparsek_threshold_backward.restype = ctypes.c_int
-    library.sparsek_threshold_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    library.sparsek_threshold_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p,
+                                                                                                  ctypes.c_int]
     return library
 
 
@@ -59,9 +62,9 @@ def unavailable_reason() -> str:
 # Sweep steps per prefix beyond which the thresholds go to the O(T log T) reference (see native.c): a trained
 # scorer's rows need about topk + a few; rows whose scores bunch within 1 of each other need up to T.
 _WORK_PER_PREFIX = 256
-# Prefixes x topk (about the sweep's work) per thread below which the rows run on the calling thread alone (2-core
-# CPU: 16 rows of 256 at topk 16 take 0.45 ms on two threads against 0.63 on one; 2 rows of 128 0.14 against 0.05).
-_SWEEP_PER_THREAD = 1 << 14
+# Prefixes x topk (about the sweep's work) per OpenMP thread: fewer run on fewer threads (2-core CPU, topk 16:
+# 2 rows of 128, 3.6k, take 33 us on two threads against 39 on one; 2 rows of 64, 1.5k, 23 us either way).
+_SWEEP_PER_THREAD = 1 << 11
 
 
 # sparsek_select_rows' status bits (native.c).
@@ -90,21 +93,13 @@ def select_rows_native(u: Tensor, topk: int, window: int, dtype: torch.dtype = t
     tau = torch.empty(rows, t_len, dtype=torch.float64)
     start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
 
-    def part(first: int, last: int) -> tuple[int, float]:  # rows first .. last - 1
-        worst = ctypes.c_double(0)
-        at = first * t_len
-        status = library.sparsek_select_rows(
-            u.data_ptr() + 8 * at, shift.data_ptr() + 8 * first, last - first, t_len, topk, window,
-            dtype == torch.float32, _TAU_ROUNDING, tau.data_ptr() + 8 * at, ctypes.byref(worst),
-            start.data_ptr() + 8 * at, end.data_ptr() + 8 * at, (last - first) * n * (2 * topk + _WORK_PER_PREFIX))
-        return status, worst.value
-
-    parts = in_parts(rows, rows * n * topk // _SWEEP_PER_THREAD, part)
-    status = 0
-    for part_status, _ in parts:
-        _check_allocated(part_status < 0)
-        status |= part_status
-    return tau, start, end, status, max(worst for _, worst in parts)
+    worst = ctypes.c_double(0)
+    threads = max(1, min(torch.get_num_threads(), rows, rows * n * topk // _SWEEP_PER_THREAD))
+    status = library.sparsek_select_rows(u.data_ptr(), shift.data_ptr(), rows, t_len, topk, window,
+                                         dtype == torch.float32, _TAU_ROUNDING, tau.data_ptr(), ctypes.byref(worst),
+                                         start.data_ptr(), end.data_ptr(), n * (2 * topk + _WORK_PER_PREFIX), threads)
+    _check_allocated(status < 0)
+    return tau, start, end, status, worst.value
 
 
 def _check_allocated(failed: int) -> None:
@@ -141,6 +136,8 @@ def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Ten
     u, tau, grad_tau = (x.double().contiguous() for x in (u, tau, grad_tau))
     rows, t_len = u.shape
     grad_u = torch.zeros_like(u) if out is None else out
+    # A row costs about 2 T log T steps: split the rows between threads from 2^14 steps each.
+    threads = max(1, min(torch.get_num_threads(), rows, rows * t_len * max(1, t_len.bit_length()) // (1 << 13)))
     _check_allocated(library.sparsek_threshold_backward(u.data_ptr(), tau.data_ptr(), grad_tau.data_ptr(), rows,
-                                                        t_len, min(window, t_len), grad_u.data_ptr()))
+                                                        t_len, min(window, t_len), grad_u.data_ptr(), threads))
     return grad_u
