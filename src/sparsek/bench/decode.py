@@ -178,11 +178,12 @@ def full_cache_rows_fitting(model, context: int) -> int:
 
 
 @torch.no_grad()
-def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple[float, torch.Tensor]:
-    """(ms per new token, the new tokens): generate() at batch 1 from `context` random tokens, timed as the
-    difference between 8 + new_tokens and 8 new tokens, so that the prefill and a new cache's first compiled
-    steps (CUDA graphs recorded at its addresses) cancel out. compiled adds a compile_config (and, for an
-    unconverted model, the static cache transformers compiles with)."""
+def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple[float, torch.Tensor, int]:
+    """(ms per new token, the new tokens, graphs Dynamo compiled): generate() at batch 1 from `context` random
+    tokens, timed as the difference between 8 + new_tokens and 8 new tokens, so that the prefill and a new
+    cache's first compiled steps (CUDA graphs recorded at its addresses) cancel out. compiled adds a
+    compile_config (and, for an unconverted model, the static cache transformers compiles with); transformers
+    falls back to eager steps, with a warning only, where its criteria fail, so the graph count tells."""
     import transformers
 
     torch.manual_seed(1)
@@ -193,7 +194,9 @@ def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple
         kwargs["compile_config"] = transformers.CompileConfig()
         if getattr(model.config, "sparsek", None) is None:
             kwargs["cache_implementation"] = "static"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model.generate(ids, max_new_tokens=new_tokens + 8, **kwargs)         # warm-up: compiles
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     elapsed = []
     for n in (8, new_tokens + 8):
         _sync(model.device)
@@ -201,7 +204,7 @@ def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
         _sync(model.device)
         elapsed.append(time.perf_counter() - start)
-    return (elapsed[1] - elapsed[0]) * 1e3 / new_tokens, out[0, context:]
+    return (elapsed[1] - elapsed[0]) * 1e3 / new_tokens, out[0, context:], graphs
 
 
 def decode_rows(full, sparse, args, ways: tuple) -> list[dict]:
@@ -253,7 +256,9 @@ def generate_rows(full, sparse, args) -> list[dict]:
             for compiled in (False, True) if model.device.type == "cuda" else (False,):
                 key = f"{name}_{'compiled' if compiled else 'eager'}"
                 try:
-                    row[f"{key}_ms"], tokens[key] = time_generate(model, context, args.steps, compiled)
+                    row[f"{key}_ms"], tokens[key], graphs = time_generate(model, context, args.steps, compiled)
+                    if compiled:
+                        row[f"{key}_graphs"] = graphs                    # 0: transformers did not compile
                 except Exception as error:  # noqa: BLE001
                     print(f"  generate {key} T={context}: {type(error).__name__}: {str(error)[:300]}", flush=True)
                     row[f"{key}_ms"] = float("nan")
@@ -261,6 +266,7 @@ def generate_rows(full, sparse, args) -> list[dict]:
             row["sparsek_compiled_equals_eager"] = bool(torch.equal(tokens["sparsek_compiled"],
                                                                     tokens["sparsek_eager"]))
         rows.append(row)
+        print(f"generate T={context}: {row}", flush=True)
     return rows
 
 
