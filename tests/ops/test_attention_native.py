@@ -181,3 +181,31 @@ def test_a_native_build_is_cached_per_cpu(monkeypatch, tmp_path):
         assert len(list(tmp_path.glob("attention_*.so"))) == 2
     finally:
         native_attention._library.cache_clear()
+
+
+def test_bunched_scores_take_the_reference_thresholds(monkeypatch, keep):
+    """Where native.c's sweep gives up (scores bunched within 1, past its work budget), the one-call forward takes
+    the reference's thresholds and still matches the float64 reference."""
+    from sparsek.ops.select import native as native_selection
+
+    monkeypatch.setattr(native_selection, "_WORK_PER_PREFIX", 0)
+    q, k, v, u = make_inputs(2, 40, 4, 2, 8, dtype=torch.float32, seed=21)
+    u = (0.01 * u).detach().requires_grad_()                                 # all within 1 of each other
+    inputs = [q, k, v, u]
+    calls = []
+    original = native_attention._select
+    monkeypatch.setattr(native_attention, "_select", lambda *a: calls.append(1) or original(*a))
+    cotangent = cotangent_for(inputs)
+    kwargs = dict(topk=5, window=3)
+    got = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    assert calls
+    for name, g, w in zip(NAMES, got, exact(inputs, cotangent, **kwargs)):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_thresholds_float32_cannot_hold_raise():
+    """Scores near 2e5 (uncentred): float32 would round tau by 2^-7, so the C selection refuses, as the
+    reference does."""
+    q, k, v, u = make_inputs(1, 30, 2, 1, 8, dtype=torch.float32, seed=4)
+    with pytest.raises(ValueError, match="too large for torch.float32 thresholds"):
+        sparsek_attention_gathered(q, k, v, u + 2e5, topk=3, window=2)

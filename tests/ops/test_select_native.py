@@ -210,3 +210,13 @@ def test_rows_split_between_threads(monkeypatch, pattern):
         assert torch.equal(a, b)
     if pattern == "normal":                                     # complete thresholds
         assert torch.equal(split[0], one[0])
+
+
+@pytest.mark.parametrize("t_len", [1, 2, 7, 128, 301])
+def test_row_medians_are_torch_medians(t_len):
+    """native.c's quickselect: the lower middle value for an even length, as torch.median, ties included."""
+    library = native._library()
+    for u in (torch.randn(3, t_len, dtype=torch.float64), torch.randint(0, 3, (3, t_len)).double()):
+        median = torch.empty(3, dtype=torch.float64)
+        assert library.sparsek_row_medians(u.data_ptr(), 3, t_len, median.data_ptr()) == 0
+        assert torch.equal(median, u.median(dim=1).values)

@@ -180,10 +180,11 @@ def full_cache_rows_fitting(model, context: int) -> int:
 @torch.no_grad()
 def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple[float, torch.Tensor, int]:
     """(ms per new token, the new tokens, graphs Dynamo compiled): generate() at batch 1 from `context` random
-    tokens, timed as the difference between 8 + new_tokens and 8 new tokens, so that the prefill and a new
-    cache's first compiled steps (CUDA graphs recorded at its addresses) cancel out. compiled adds a
-    compile_config (and, for an unconverted model, the static cache transformers compiles with); transformers
-    falls back to eager steps, with a warning only, where its criteria fail, so the graph count tells."""
+    tokens, timed as the difference between 8 + new_tokens and 8 new tokens (the median of three), so that the
+    prefill and a new cache's first compiled steps (CUDA graphs recorded at its addresses) cancel out. compiled
+    adds a compile_config (and, for an unconverted model, the static cache transformers compiles with);
+    transformers falls back to eager steps, with a warning only, where its criteria fail, so the graph count
+    tells."""
     import transformers
 
     torch.manual_seed(1)
@@ -197,14 +198,17 @@ def time_generate(model, context: int, new_tokens: int, compiled: bool) -> tuple
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model.generate(ids, max_new_tokens=new_tokens + 8, **kwargs)         # warm-up: compiles
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-    elapsed = []
-    for n in (8, new_tokens + 8):
-        _sync(model.device)
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        _sync(model.device)
-        elapsed.append(time.perf_counter() - start)
-    return (elapsed[1] - elapsed[0]) * 1e3 / new_tokens, out[0, context:], graphs
+    per_token = []
+    for _ in range(3):                                                     # the median of three differences
+        elapsed = []
+        for n in (8, new_tokens + 8):
+            _sync(model.device)
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            _sync(model.device)
+            elapsed.append(time.perf_counter() - start)
+        per_token.append((elapsed[1] - elapsed[0]) * 1e3 / new_tokens)
+    return statistics.median(per_token), out[0, context:], graphs
 
 
 def decode_rows(full, sparse, args, ways: tuple) -> list[dict]:

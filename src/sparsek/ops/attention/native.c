@@ -514,3 +514,66 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
     free(extra);
     return failed;
 }
+
+/* ops/select/native.c, linked into this library: the selection the one-call entry points below run first. */
+int sparsek_row_medians(const double *u, int64_t rows, int64_t t_len, double *median);
+int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
+                        int64_t window, int float32, double tau_rounding, double *tau, double *worst, int64_t *start,
+                        int64_t *end, int64_t work_per_row, int threads);
+int sparsek_block_lists(const int64_t *start, const int64_t *end, int64_t rows, int64_t t_len, int64_t topk,
+                        int64_t block, int64_t n_slots, int32_t *lists);
+int sparsek_threshold_backward(const double *u, const double *tau, const double *grad_tau, int64_t rows,
+                               int64_t t_len, int64_t window, double *grad_u, int threads);
+
+/* The whole forward from float32 scores [B, T, Hk] (topk >= 1): the rows u, their thresholds, ranges and block
+   key lists into pb's buffers (the caller's, filled here), then sparsek_gathered_forward. Returns
+   sparsek_select_rows' status where it is not 0, before any attention (the caller raises, or takes the
+   reference thresholds and calls sparsek_gathered_forward itself), -1 where memory failed, else 0. */
+int sparsek_forward(const struct problem *pb, const float *scores, int64_t topk, double tau_rounding,
+                    int64_t work_per_row, double *worst, int select_threads, float *out, float *lse, float *saved,
+                    int threads) {
+    int64_t rows = pb->rows, t_len = pb->t_len;
+    double *u = (double *)pb->u;                          /* the caller's buffers, const for the attention */
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < t_len; t++)
+            u[r * t_len + t] = scores[(r / pb->kv_heads * t_len + t) * pb->kv_heads + r % pb->kv_heads];
+    double *shift = malloc((size_t)rows * sizeof(double));
+    if (!shift || sparsek_row_medians(u, rows, t_len, shift)) {
+        free(shift);
+        return -1;
+    }
+    int status = sparsek_select_rows(u, shift, rows, t_len, topk, pb->window, 1, tau_rounding, (double *)pb->tau,
+                                     worst, (int64_t *)pb->start, (int64_t *)pb->end, work_per_row, select_threads);
+    free(shift);
+    if (status) return status;
+    if (sparsek_block_lists(pb->start, pb->end, rows, t_len, topk < t_len ? topk : t_len, pb->block, pb->n_slots,
+                            (int32_t *)pb->lists))
+        return -1;
+    return sparsek_gathered_forward(pb, out, lse, saved, threads) ? -1 : 0;
+}
+
+/* The whole backward: sparsek_gathered_backward, then the thresholds' backward, and the scores' gradient as
+   float32 [B, T, Hk] into grad_scores (NULL where the scores need none). Returns 1 where memory failed. */
+int sparsek_backward(const struct problem *pb, const float *out, const float *grad_out, const float *lse,
+                     float *saved, float *grad_q, float *grad_k, float *grad_v, float *grad_scores, int threads,
+                     int threshold_threads) {
+    int64_t rows = pb->rows, t_len = pb->t_len;
+    double *grad_u = NULL, *grad_tau = NULL;
+    if (grad_scores) {
+        grad_u = malloc(2 * (size_t)(rows * t_len) * sizeof(double));
+        if (!grad_u) return 1;
+        grad_tau = grad_u + rows * t_len;
+    }
+    int failed = sparsek_gathered_backward(pb, out, grad_out, lse, saved, grad_q, grad_k, grad_v, grad_u, grad_tau,
+                                           threads);
+    if (!failed && grad_scores) {
+        failed = sparsek_threshold_backward(pb->u, pb->tau, grad_tau, rows, t_len, pb->window, grad_u,
+                                            threshold_threads);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t t = 0; t < t_len; t++)
+                grad_scores[(r / pb->kv_heads * t_len + t) * pb->kv_heads + r % pb->kv_heads] =
+                    (float)grad_u[r * t_len + t];
+    }
+    free(grad_u);
+    return failed;
+}

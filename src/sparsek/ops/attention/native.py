@@ -20,7 +20,7 @@ from torch import Tensor
 from ..common import GATE_IDS
 from ..common.clib import build
 from ..select import native as native_selection
-from ..select.prefix import native_selection as select_rows
+from ..select.prefix import _TAU_ROUNDING, _query_thresholds, native_gave_up
 
 _SOURCE = Path(__file__).with_name("native.c")
 # -march=native for the vector width of this CPU (the build is cached per machine; without it where the
@@ -39,7 +39,7 @@ class _Problem(ctypes.Structure):
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The loaded library, or why it could not be built or loaded (the compiler's message)."""
-    library = build(_SOURCE, _FLAG_SETS)
+    library = build(_SOURCE, _FLAG_SETS, also=(native_selection.SOURCE,))   # the selection runs in the same call
     if isinstance(library, str):
         return library
     library.sparsek_gathered_forward.restype = ctypes.c_int
@@ -48,6 +48,12 @@ def _library() -> ctypes.CDLL | str:
     library.sparsek_gathered_backward.restype = ctypes.c_int
     library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 9 \
         + [ctypes.c_int]
+    library.sparsek_forward.restype = ctypes.c_int
+    library.sparsek_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
+                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 \
+        + [ctypes.c_int]
+    library.sparsek_backward.restype = ctypes.c_int
+    library.sparsek_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 2
     library.sparsek_openmp.restype = ctypes.c_int
     library.sparsek_finite_sum.restype = ctypes.c_int
     library.sparsek_finite_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64]
@@ -99,42 +105,57 @@ def _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale) -> 
                     GATE_IDS[gate], scale)
 
 
-def _selection(u: Tensor, topk: int, window: int, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The selection of rows u [R, T] float64 of float32 scores: tau [R, T] float64, start, end [R, T] int64 and
-    the block key lists [R, NB, K] int32 (-1: an empty slot)."""
+def _select(problem: _Problem, scores: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
+            lists: Tensor, topk: int, window: int, block: int) -> Tensor:
+    """The selection the one-call forward could not make, into the problem's buffers (u [R, T] float64 rows of
+    the float32 scores [B, T, Hk], tau, start, end, lists): with topk = 0, none; where native.c's sweep gave up
+    on bunched scores (it wrote u, start and end), the reference's thresholds. -> the block key lists."""
     rows, t_len = u.shape
-    if topk == 0:                                     # no thresholds, nothing selected
-        start = (torch.arange(t_len) + window).clamp(max=t_len).expand(rows, t_len).contiguous()
-        return torch.full_like(u, -torch.inf), start, start, torch.full((rows, -(-t_len // block), 1), -1,
-                                                                       dtype=torch.int32)
-    tau, start, end = select_rows(u, topk, window, torch.float32)
-    return tau, start, end, native_selection.block_key_lists_native(start, end, topk, block, check=False)
+    if topk == 0:
+        u.copy_(scores.transpose(1, 2).reshape(rows, t_len))
+        tau.fill_(-torch.inf)
+        start.copy_((torch.arange(t_len) + window).clamp(max=t_len))
+        end.copy_(start)
+        return lists.fill_(-1)
+    tau.copy_(_query_thresholds(u, topk, window, torch.float32))
+    return lists.copy_(native_selection.block_key_lists_native(start, end, topk, block, check=False))
 
 
 class _NativeSparseK(torch.autograd.Function):
     """native_sparsek_attention's autograd: q, k, v and the scores carry gradients; topk, window, block, gate
-    and scale do not."""
+    and scale do not. One C call each way (native.c's sparsek_forward and sparsek_backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scores, topk, window, block, gate, scale):
         batch, t_len, n_q_heads, _ = q.shape
         rows = batch * k.shape[2]
-        # [R, T], row-major: a plain .double() of the transposed view would keep its strides.
-        u = scores.transpose(1, 2).to(torch.float64, memory_format=torch.contiguous_format).view(rows, t_len)
-        tau, start, end, lists = _selection(u, topk, window, block)
+        u, tau = torch.empty(rows, t_len, dtype=torch.float64), torch.empty(rows, t_len, dtype=torch.float64)
+        start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
+        lists = torch.empty(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
         problem = _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale)
         out, lse = torch.empty_like(q), torch.empty(rows, t_len, problem.group)
         library = _library()
-        n_blocks = rows * lists.shape[1]
         # The backward recomputes each block's logits and masks, unless the forward can keep them in little memory.
-        saved_floats = n_blocks * library.sparsek_saved_per_block(ctypes.byref(problem))
+        saved_floats = lists.shape[0] * lists.shape[1] * library.sparsek_saved_per_block(ctypes.byref(problem))
         keep = any(ctx.needs_input_grad[:4]) and saved_floats <= _SAVED_FLOATS
         saved = torch.empty(saved_floats if keep else 0)
         ctx.threads = _threads(batch * t_len * n_q_heads * (lists.shape[-1] + block + min(window, t_len)))
-        _check(library.sparsek_gathered_forward(ctypes.byref(problem), out.data_ptr(), lse.data_ptr(),
-                                                _pointer(saved if keep else None), ctx.threads))
+        status = 1
+        if topk:
+            worst = ctypes.c_double(0)
+            status = library.sparsek_forward(
+                ctypes.byref(problem), scores.data_ptr(), topk, _TAU_ROUNDING,
+                native_selection.work_per_row(t_len, topk, window), ctypes.byref(worst),
+                native_selection.sweep_threads(rows, t_len, topk, window), out.data_ptr(), lse.data_ptr(),
+                _pointer(saved if keep else None), ctx.threads)
+            _check(status < 0)
+            status = status and native_gave_up(status, worst.value, torch.float32)     # or raises ValueError
+        if status:                                             # topk = 0, or bunched scores: selected in Python
+            _select(problem, scores, u, tau, start, end, lists, topk, window, block)
+            _check(library.sparsek_gathered_forward(ctypes.byref(problem), out.data_ptr(), lse.data_ptr(),
+                                                    _pointer(saved if keep else None), ctx.threads))
         ctx.save_for_backward(q, k, v, u, tau, lists, start, end, out, lse, saved)
-        ctx.arguments, ctx.keep, ctx.scores_dtype = (block, window, gate, scale), keep, scores.dtype
+        ctx.arguments, ctx.keep = (block, window, gate, scale), keep
         return out
 
     @staticmethod
@@ -143,20 +164,13 @@ class _NativeSparseK(torch.autograd.Function):
         # Built again: the saved tensors may be new ones (activation checkpointing recomputes the forward).
         problem = _problem(q, k, v, u, tau, lists, start, end, *ctx.arguments)
         grad_out = grad_out.contiguous()
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scores = problem.gate != GATE_IDS["none"] and ctx.needs_input_grad[3]
-        grad_q = torch.empty_like(q)
-        grad_tau = torch.empty_like(tau) if scores else None
-        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
-        grad_u = torch.empty_like(u) if scores else None
-        _check(_library().sparsek_gathered_backward(
+        grad_scores = torch.empty(k.shape[:3]) if scores else None
+        _check(_library().sparsek_backward(
             ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
             _pointer(saved if ctx.keep else None), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
-            _pointer(grad_u), _pointer(grad_tau), ctx.threads))
-        grad_scores = None
-        if scores:
-            # The scores' gradient through the masks (grad_u), plus through the thresholds (SPEC section 3b).
-            native_selection.threshold_backward_native(u, tau, problem.window, grad_tau, out=grad_u)
-            grad_scores = grad_u.view(q.shape[0], -1, q.shape[1]).transpose(1, 2).to(ctx.scores_dtype)
+            _pointer(grad_scores), ctx.threads, native_selection.threshold_backward_threads(*u.shape)))
         return grad_q, grad_k, grad_v, grad_scores, None, None, None, None, None
 
 

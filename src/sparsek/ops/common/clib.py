@@ -40,14 +40,16 @@ def _cpu() -> str:
         return platform.processor()
 
 
-def build(source: Path, flag_sets: list[list[str]]) -> ctypes.CDLL | str:
-    """source built with the first of flag_sets the compiler accepts, loaded; or why it could not be built or
-    loaded (the compiler's message). The key of the cached build names the source text, compiler and flags, and
-    for -march=native the CPU."""
-    if not source.is_file():
-        return f"{source} is missing from this install"
+def build(source: Path, flag_sets: list[list[str]], also: tuple[Path, ...] = ()) -> ctypes.CDLL | str:
+    """source (with the C files `also`, linked into the same library) built with the first of flag_sets the
+    compiler accepts, loaded; or why it could not be built or loaded (the compiler's message). The key of the
+    cached build names the sources' text, compiler and flags, and for -march=native the CPU."""
+    sources = (source, *also)
+    for path in sources:
+        if not path.is_file():
+            return f"{path} is missing from this install"
     compiler = shlex.split(os.environ.get("CC", "cc"))
-    text = source.read_text()
+    text = "\0".join(path.read_text() for path in sources)
     failure = ""
     for flags in flag_sets:
         cpu = _cpu() if "-march=native" in flags else ""
@@ -59,7 +61,7 @@ def build(source: Path, flag_sets: list[list[str]]) -> ctypes.CDLL | str:
                 # Build beside the target and rename: processes building at once never load a half-written file.
                 with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                     built = Path(tmp) / target.name
-                    subprocess.run([*compiler, *flags, "-o", str(built), str(source)], check=True,
+                    subprocess.run([*compiler, *flags, "-o", str(built), *map(str, sources)], check=True,
                                    capture_output=True, text=True, timeout=120)
                     os.replace(built, target)
             return ctypes.CDLL(str(target))

@@ -203,6 +203,37 @@ int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int6
     return failed ? -1 : status;
 }
 
+/* The median of each row, u [rows, t_len] (t_len >= 1) -> median [rows]: for an even t_len the lower middle
+   value, as torch.median. Returns 1 where its scratch could not be allocated, else 0. */
+int sparsek_row_medians(const double *u, int64_t rows, int64_t t_len, double *median) {
+    double *scratch = malloc((size_t)t_len * sizeof(double));
+    if (!scratch) return 1;
+    int64_t want = (t_len - 1) / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(scratch, u + r * t_len, (size_t)t_len * sizeof(double));
+        int64_t lo = 0, hi = t_len - 1;          /* quickselect: the want-th smallest lies in [lo, hi] */
+        while (lo < hi) {
+            double pivot = scratch[lo + (hi - lo) / 2];
+            int64_t i = lo, j = hi;
+            while (i <= j) {
+                while (scratch[i] < pivot) i++;
+                while (scratch[j] > pivot) j--;
+                if (i <= j) {
+                    double t = scratch[i]; scratch[i] = scratch[j]; scratch[j] = t;
+                    i++;
+                    j--;
+                }
+            }
+            if (want <= j) hi = j;
+            else if (want >= i) lo = i;
+            else break;                          /* j < want < i: scratch[want] == pivot */
+        }
+        median[r] = scratch[want];
+    }
+    free(scratch);
+    return 0;
+}
+
 /* Keys selected by the first query of each block, by slot, as blocks.block_key_lists: start, end [rows, t_len]
    -> lists [rows, n_blocks, n_slots] int32 (-1 for an empty slot). The first topk keys hold slots
    0 .. topk - 1; a later key takes the slot of the key it evicts, the one whose range ends where its own

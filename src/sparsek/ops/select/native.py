@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..common.clib import build
 
-_SOURCE = Path(__file__).with_name("native.c")
+SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O2", "-std=c99", "-shared", "-fPIC"]
 # OpenMP (torch's own thread pool) splits the rows between threads; without it where the compiler refuses it.
 _FLAG_SETS = [["-fopenmp", *_FLAGS], _FLAGS]
@@ -26,12 +26,14 @@ _FLAG_SETS = [["-fopenmp", *_FLAGS], _FLAGS]
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The loaded library, or why it could not be built or loaded (the compiler's message)."""
-    library = build(_SOURCE, _FLAG_SETS)
+    library = build(SOURCE, _FLAG_SETS)
     if isinstance(library, str):
         return library
     library.sparsek_select_rows.restype = ctypes.c_int
     library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 \
         + [ctypes.c_int, ctypes.c_double] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
+    library.sparsek_row_medians.restype = ctypes.c_int
+    library.sparsek_row_medians.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     library.sparsek_block_lists.restype = ctypes.c_int
     library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     library.sparsek_threshold_backward.restype = ctypes.c_int
@@ -88,18 +90,29 @@ def select_rows_native(u: Tensor, topk: int, window: int, dtype: torch.dtype = t
     u = u.contiguous()
     rows, t_len = u.shape
     topk, window = min(topk, t_len), min(window, t_len)      # same selection; and they fit the C int64
-    n = t_len - window
-    shift = u.median(dim=1).values.contiguous()       # as the reference: thresholds relative to the row
+    shift = torch.empty(rows, dtype=torch.float64)    # as the reference: thresholds relative to the row median
+    _check_allocated(library.sparsek_row_medians(u.data_ptr(), rows, t_len, shift.data_ptr()))
     tau = torch.empty(rows, t_len, dtype=torch.float64)
     start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
 
     worst = ctypes.c_double(0)
-    threads = max(1, min(torch.get_num_threads(), rows, rows * n * topk // _SWEEP_PER_THREAD))
     status = library.sparsek_select_rows(u.data_ptr(), shift.data_ptr(), rows, t_len, topk, window,
                                          dtype == torch.float32, _TAU_ROUNDING, tau.data_ptr(), ctypes.byref(worst),
-                                         start.data_ptr(), end.data_ptr(), n * (2 * topk + _WORK_PER_PREFIX), threads)
+                                         start.data_ptr(), end.data_ptr(), work_per_row(t_len, topk, window),
+                                         sweep_threads(rows, t_len, topk, window))
     _check_allocated(status < 0)
     return tau, start, end, status, worst.value
+
+
+def work_per_row(t_len: int, topk: int, window: int) -> int:
+    """The sweep steps a row may take before native.c gives up on its thresholds (_WORK_PER_PREFIX)."""
+    return max(0, t_len - window) * (2 * min(topk, t_len) + _WORK_PER_PREFIX)
+
+
+def sweep_threads(rows: int, t_len: int, topk: int, window: int) -> int:
+    """OpenMP threads for the selection of `rows` rows (_SWEEP_PER_THREAD)."""
+    work = rows * max(0, t_len - window) * min(topk, t_len)
+    return max(1, min(torch.get_num_threads(), rows, work // _SWEEP_PER_THREAD))
 
 
 def _check_allocated(failed: int) -> None:
@@ -127,6 +140,11 @@ def block_key_lists_native(start: Tensor, end: Tensor, topk: int, block: int, *,
     return lists
 
 
+def threshold_backward_threads(rows: int, t_len: int) -> int:
+    """OpenMP threads for the thresholds' backward: a row costs about 2 T log T steps; a thread per 2^14."""
+    return max(1, min(torch.get_num_threads(), rows, rows * t_len * max(1, t_len.bit_length()) // (1 << 13)))
+
+
 @torch.compiler.disable
 def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor, out: Tensor | None = None
                               ) -> Tensor:
@@ -136,8 +154,7 @@ def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Ten
     u, tau, grad_tau = (x.double().contiguous() for x in (u, tau, grad_tau))
     rows, t_len = u.shape
     grad_u = torch.zeros_like(u) if out is None else out
-    # A row costs about 2 T log T steps: split the rows between threads from 2^14 steps each.
-    threads = max(1, min(torch.get_num_threads(), rows, rows * t_len * max(1, t_len.bit_length()) // (1 << 13)))
     _check_allocated(library.sparsek_threshold_backward(u.data_ptr(), tau.data_ptr(), grad_tau.data_ptr(), rows,
-                                                        t_len, min(window, t_len), grad_u.data_ptr(), threads))
+                                                        t_len, min(window, t_len), grad_u.data_ptr(),
+                                                        threshold_backward_threads(rows, t_len)))
     return grad_u

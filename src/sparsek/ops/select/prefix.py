@@ -180,13 +180,24 @@ def native_selection(u: Tensor, topk: int, window: int, dtype: torch.dtype) -> t
     from . import native
 
     tau, start, end, status, worst = native.select_rows_native(u, topk, window, dtype)
-    if status & native.TOO_MUCH_WORK:                 # bunched scores: the reference's O(T log T) thresholds
+    if native_gave_up(status, worst, dtype):          # bunched scores: the reference's O(T log T) thresholds
         return _query_thresholds(u, topk, window, dtype), start, end
-    if status & native.SPREAD_EXCEEDED:
-        raise _spread_error()
-    if status & native.ROUNDING:
-        raise _rounding_error(worst, dtype)
     return tau, start, end
+
+
+def native_gave_up(status: int, worst: float, dtype: torch.dtype) -> bool:
+    """What native.c's selection status (and the largest |tau| that failed its rounding check) means: ValueError
+    where `_check_rounding` would raise for thresholds returned in `dtype`; True where the sweep gave up on
+    bunched scores (the caller takes `_query_thresholds`), False where all went well."""
+    from .native import ROUNDING, SPREAD_EXCEEDED, TOO_MUCH_WORK
+
+    if status & TOO_MUCH_WORK:                        # thresholds incomplete: the reference checks them itself
+        return True
+    if status & SPREAD_EXCEEDED:
+        raise _spread_error()
+    if status & ROUNDING:
+        raise _rounding_error(worst, dtype)
+    return False
 
 
 def _fractional_query_ranges(u: Tensor, tau: Tensor, window: int) -> tuple[Tensor, Tensor]:
