@@ -5,8 +5,10 @@
    band (empty slots and positions before 0 dropped); its logits against all of them come from small matrix
    products, then SPEC section 3's mask and weight per (query, key), and the softmax. The backward takes each
    block's logits, masks and probabilities from the forward where the caller gave memory for them (`saved`), else
-   recomputes them from the forward's log-sum-exp (flash-attention's recipe). The caller splits the blocks
-   between threads; each thread adds its key gradients into buffers of its own.
+   recomputes them from the forward's log-sum-exp (flash-attention's recipe). Blocks split between OpenMP
+   threads; in the backward each thread adds its key gradients into buffers of its own. sparsek_forward and
+   sparsek_backward (at the end) run a whole call each way, the selection of ops/select/native.c included, so
+   that Python pays one call's fixed cost in each direction.
 
    A block's matrices are held key-major, [L keys, M = P queries x G heads], so the softmax runs down columns with
    whole vectors and no horizontal sums, and the products read k, v, q and the gradients in place through row

@@ -105,7 +105,7 @@ def _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale) -> 
                     GATE_IDS[gate], scale)
 
 
-def _select(problem: _Problem, scores: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
+def _select(scores: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
             lists: Tensor, topk: int, window: int, block: int) -> Tensor:
     """The selection the one-call forward could not make, into the problem's buffers (u [R, T] float64 rows of
     the float32 scores [B, T, Hk], tau, start, end, lists): with topk = 0, none; where native.c's sweep gave up
@@ -151,7 +151,7 @@ class _NativeSparseK(torch.autograd.Function):
             _check(status < 0)
             status = status and native_gave_up(status, worst.value, torch.float32)     # or raises ValueError
         if status:                                             # topk = 0, or bunched scores: selected in Python
-            _select(problem, scores, u, tau, start, end, lists, topk, window, block)
+            _select(scores, u, tau, start, end, lists, topk, window, block)
             _check(library.sparsek_gathered_forward(ctypes.byref(problem), out.data_ptr(), lse.data_ptr(),
                                                     _pointer(saved if keep else None), ctx.threads))
         ctx.save_for_backward(q, k, v, u, tau, lists, start, end, out, lse, saved)

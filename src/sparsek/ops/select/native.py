@@ -64,8 +64,8 @@ def unavailable_reason() -> str:
 # Sweep steps per prefix beyond which the thresholds go to the O(T log T) reference (see native.c): a trained
 # scorer's rows need about topk + a few; rows whose scores bunch within 1 of each other need up to T.
 _WORK_PER_PREFIX = 256
-# Prefixes x topk (about the sweep's work) per OpenMP thread: fewer run on fewer threads (2-core CPU, topk 16:
-# 2 rows of 128, 3.6k, take 33 us on two threads against 39 on one; 2 rows of 64, 1.5k, 23 us either way).
+# Prefixes x topk (about the sweep's work) per OpenMP thread, rounded up: fewer run on one thread (2-core CPU,
+# topk 16: 2 rows of 128, 3.6k, take 33 us on two threads against 39 on one; 2 rows of 64, 1.5k, 23 us either way).
 _SWEEP_PER_THREAD = 1 << 11
 
 
@@ -112,7 +112,7 @@ def work_per_row(t_len: int, topk: int, window: int) -> int:
 def sweep_threads(rows: int, t_len: int, topk: int, window: int) -> int:
     """OpenMP threads for the selection of `rows` rows (_SWEEP_PER_THREAD)."""
     work = rows * max(0, t_len - window) * min(topk, t_len)
-    return max(1, min(torch.get_num_threads(), rows, work // _SWEEP_PER_THREAD))
+    return max(1, min(torch.get_num_threads(), rows, -(-work // _SWEEP_PER_THREAD)))
 
 
 def _check_allocated(failed: int) -> None:
