@@ -20,7 +20,7 @@ from torch import Tensor
 from ..common import GATE_IDS
 from ..common.clib import build
 from ..select import native as native_selection
-from ..select.prefix import _TAU_ROUNDING, _query_thresholds, native_gave_up
+from ..select.prefix import TAU_ROUNDING, native_gave_up, query_thresholds
 
 _SOURCE = Path(__file__).with_name("native.c")
 # -march=native for the vector width of this CPU (the build is cached per machine; without it where the
@@ -117,7 +117,7 @@ def _select(scores: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
         start.copy_((torch.arange(t_len) + window).clamp(max=t_len))
         end.copy_(start)
         return lists.fill_(-1)
-    tau.copy_(_query_thresholds(u, topk, window, torch.float32))
+    tau.copy_(query_thresholds(u, topk, window, torch.float32))
     return lists.copy_(native_selection.block_key_lists_native(start, end, topk, block, check=False))
 
 
@@ -144,7 +144,7 @@ class _NativeSparseK(torch.autograd.Function):
         if topk:
             worst = ctypes.c_double(0)
             status = library.sparsek_forward(
-                ctypes.byref(problem), scores.data_ptr(), topk, _TAU_ROUNDING,
+                ctypes.byref(problem), scores.data_ptr(), topk, TAU_ROUNDING,
                 native_selection.work_per_row(t_len, topk, window), ctypes.byref(worst),
                 native_selection.sweep_threads(rows, t_len, topk, window), out.data_ptr(), lse.data_ptr(),
                 _pointer(saved if keep else None), ctx.threads)

@@ -84,7 +84,7 @@ def select_rows_native(u: Tensor, topk: int, window: int, dtype: torch.dtype = t
     Status: ROUNDING and SPREAD_EXCEEDED where that check fails (the caller raises); TOO_MUCH_WORK where the
     rows' scores bunch so that the sweep would cost O(T^2): tau is then incomplete and the caller takes the
     reference's thresholds."""
-    from .prefix import _TAU_ROUNDING
+    from .prefix import TAU_ROUNDING
 
     library = _loaded()
     u = u.contiguous()
@@ -97,7 +97,7 @@ def select_rows_native(u: Tensor, topk: int, window: int, dtype: torch.dtype = t
 
     worst = ctypes.c_double(0)
     status = library.sparsek_select_rows(u.data_ptr(), shift.data_ptr(), rows, t_len, topk, window,
-                                         dtype == torch.float32, _TAU_ROUNDING, tau.data_ptr(), ctypes.byref(worst),
+                                         dtype == torch.float32, TAU_ROUNDING, tau.data_ptr(), ctypes.byref(worst),
                                          start.data_ptr(), end.data_ptr(), work_per_row(t_len, topk, window),
                                          sweep_threads(rows, t_len, topk, window))
     _check_allocated(status < 0)
@@ -146,14 +146,13 @@ def threshold_backward_threads(rows: int, t_len: int) -> int:
 
 
 @torch.compiler.disable
-def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor, out: Tensor | None = None
-                              ) -> Tensor:
+def threshold_backward_native(u: Tensor, tau: Tensor, window: int, grad_tau: Tensor) -> Tensor:
     """`prefix.threshold_backward` of CPU rows: u, tau (non-decreasing along each row), grad_tau [R, T] float64
-    -> [R, T] float64, added to `out` (contiguous float64) where given."""
+    -> [R, T] float64."""
     library = _loaded()
     u, tau, grad_tau = (x.double().contiguous() for x in (u, tau, grad_tau))
     rows, t_len = u.shape
-    grad_u = torch.zeros_like(u) if out is None else out
+    grad_u = torch.zeros_like(u)                                 # native.c adds into it
     _check_allocated(library.sparsek_threshold_backward(u.data_ptr(), tau.data_ptr(), grad_tau.data_ptr(), rows,
                                                         t_len, min(window, t_len), grad_u.data_ptr(),
                                                         threshold_backward_threads(rows, t_len)))

@@ -131,20 +131,20 @@ def _prefix_thresholds(u: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
 
 # Largest rounding of tau (to the dtype it is returned in) accepted where the mask is fractional:
 # m_ij = u_j - tau_i moves by as much, so beyond it the masks no longer sum to topk.
-_TAU_ROUNDING = 2.0 ** -10
+TAU_ROUNDING = 2.0 ** -10
 
 
 def _check_rounding(tau: Tensor, fractional: Tensor, error: Tensor, dtype: torch.dtype) -> None:
     """ValueError where a fractional prefix threshold (tau, fractional, error [R, n], see _prefix_thresholds) is
     too far from its row's median for the clamped sums, or too large to round to `dtype` (the dtype the caller
-    returns it in) within _TAU_ROUNDING. native.c runs the same test inside its sweep."""
+    returns it in) within TAU_ROUNDING. native.c runs the same test inside its sweep."""
     if (fractional & torch.isinf(error)).any():
         raise _spread_error()
     # Add the worst rounding to `dtype` by magnitude (half a unit at tau), so the check does not depend on luck.
     magnitude = tau.abs().to(dtype)
     half_unit = 0.5 * (torch.nextafter(magnitude, torch.full_like(magnitude, torch.inf)) - magnitude).double()
     # NaN scores (only the fused path's select_rows lets them in) pass: that path turns its output NaN instead.
-    bad = fractional & (error + half_unit > _TAU_ROUNDING)
+    bad = fractional & (error + half_unit > TAU_ROUNDING)
     if bad.any():
         raise _rounding_error(float(tau[bad].abs().max()), dtype)
 
@@ -156,11 +156,11 @@ def _spread_error() -> ValueError:
 
 def _rounding_error(worst: float, dtype: torch.dtype) -> ValueError:
     return ValueError(f"scores too large for {dtype} thresholds: |tau| reaches {worst:.4g}, where {dtype} rounds "
-                      f"it by more than {_TAU_ROUNDING} and the soft masks would not sum to topk; subtract a "
+                      f"it by more than {TAU_ROUNDING} and the soft masks would not sum to topk; subtract a "
                       f"per-row offset from the scores (SPARSEK is shift invariant) or pass float64 scores")
 
 
-def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64) -> Tensor:
+def query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """tau_i for every query, u [R, T] float64 -> [R, T] float64: the prefix of length i - window + 1.
 
     Raises ValueError where `_check_rounding` does.
@@ -174,21 +174,21 @@ def _query_thresholds(u: Tensor, topk: int, window: int, dtype: torch.dtype = to
     return tau
 
 
-def native_selection(u: Tensor, topk: int, window: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _native_selection(u: Tensor, topk: int, window: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """`select_rows` by native.c (CPU rows, topk >= 1): u [R, T] float64 -> tau [R, T] float64, start, end [R, T]
     int64. Raises ValueError where `_check_rounding` does for tau returned in `dtype`."""
     from . import native
 
     tau, start, end, status, worst = native.select_rows_native(u, topk, window, dtype)
     if native_gave_up(status, worst, dtype):          # bunched scores: the reference's O(T log T) thresholds
-        return _query_thresholds(u, topk, window, dtype), start, end
+        return query_thresholds(u, topk, window, dtype), start, end
     return tau, start, end
 
 
 def native_gave_up(status: int, worst: float, dtype: torch.dtype) -> bool:
     """What native.c's selection status (and the largest |tau| that failed its rounding check) means: ValueError
     where `_check_rounding` would raise for thresholds returned in `dtype`; True where the sweep gave up on
-    bunched scores (the caller takes `_query_thresholds`), False where all went well."""
+    bunched scores (the caller takes `query_thresholds`), False where all went well."""
     from .native import ROUNDING, SPREAD_EXCEEDED, TOO_MUCH_WORK
 
     if status & TOO_MUCH_WORK:                        # thresholds incomplete: the reference checks them itself
@@ -233,9 +233,9 @@ class _QueryThresholds(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, topk: int, window: int, dtype: torch.dtype, native: bool):
         if native:
-            tau, start, end = native_selection(u, topk, window, dtype)
+            tau, start, end = _native_selection(u, topk, window, dtype)
         else:
-            tau, (start, end) = _query_thresholds(u, topk, window, dtype), key_ranges(u, topk, window)
+            tau, (start, end) = query_thresholds(u, topk, window, dtype), key_ranges(u, topk, window)
         ctx.save_for_backward(u, tau)
         ctx.window, ctx.native = window, native
         ctx.mark_non_differentiable(start, end)
@@ -336,7 +336,7 @@ def prefix_selection(scores: Tensor, topk: int, window: int, *, backend: str = "
 
 
 # Scores below this magnitude keep |tau| < 2^15, where rounding tau to float32 (the Triton selection's) moves a mask
-# entry by at most half a unit, 2^-10 (_TAU_ROUNDING); the reference checks each threshold instead.
+# entry by at most half a unit, 2^-10 (TAU_ROUNDING); the reference checks each threshold instead.
 TRITON_SCORE_LIMIT = 2.0 ** 14
 
 
@@ -379,6 +379,6 @@ def select_rows(u: Tensor, topk: int, window: int) -> tuple[Tensor, Tensor, Tens
     if u.shape[1] == 0 or topk == 0:
         tau = torch.full_like(u, -torch.inf)
     else:
-        tau = _query_thresholds(u, topk, window)
+        tau = query_thresholds(u, topk, window)
     start, end = key_ranges(u, topk, window)
     return tau, start, end
