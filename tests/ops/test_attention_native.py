@@ -209,3 +209,19 @@ def test_thresholds_float32_cannot_hold_raise():
     q, k, v, u = make_inputs(1, 30, 2, 1, 8, dtype=torch.float32, seed=4)
     with pytest.raises(ValueError, match="too large for torch.float32 thresholds"):
         sparsek_attention_gathered(q, k, v, u + 2e5, topk=3, window=2)
+
+
+def test_a_linked_source_is_part_of_the_build_key(monkeypatch, tmp_path):
+    """The attention library links ops/select/native.c in: editing that file alone must build a new library,
+    not load the cached one with the old selection."""
+    from sparsek.ops.common import clib
+
+    main, linked = tmp_path / "main.c", tmp_path / "linked.c"
+    main.write_text("int linked_value(void);\nint value(void) { return linked_value(); }\n")
+    linked.write_text("int linked_value(void) { return 1; }\n")
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path / "cache"))
+    flags = [["-O1", "-shared", "-fPIC"]]
+    assert clib.build(main, flags, also=(linked,)).value() == 1
+    linked.write_text("int linked_value(void) { return 2; }\n")
+    assert clib.build(main, flags, also=(linked,)).value() == 2
+    assert len(list((tmp_path / "cache").glob("*.so"))) == 2
