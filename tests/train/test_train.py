@@ -131,11 +131,13 @@ def test_cli_train_resumes_from_the_run_folder_alone(tmp_path, corpus_dir, capsy
 def test_cli_compare(tmp_path, corpus_dir, capsys):
     from sparsek.cli import main
     out = tmp_path / "compare"
-    main(["compare", "--out-dir", str(out), "--data", str(corpus_dir), "--attention", "sparsek_window,window",
-          "--steps", "4", "--batch-size", "2", "--context", "32", "--budget", "8", "--d-model", "32",
-          "--eval-tokens", "128", "--sample-tokens", "40", "--no-progress", "--device", "cpu"])
+    args = ["compare", "--out-dir", str(out), "--data", str(corpus_dir), "--attention", "sparsek_window,window",
+            "--steps", "4", "--batch-size", "2", "--context", "32", "--budget", "8", "--d-model", "32",
+            "--eval-tokens", "128", "--sample-tokens", "40", "--no-progress", "--device", "cpu"]
+    main(args)
     printed = capsys.readouterr().out
     assert "| sparsek_window |" in printed and "| window |" in printed and "Sample from sparsek_window" in printed
+    assert "already holds a finished run" not in printed
     rows = json.loads((out / "results.json").read_text())
     assert [r["attention"] for r in rows] == ["sparsek_window", "window"] and all(r["finished"] for r in rows)
     for name in ("results.md", "loss.png", "position.png", "sample.txt"):
@@ -144,3 +146,7 @@ def test_cli_compare(tmp_path, corpus_dir, capsys):
 
     model = load_model(out / "sparsek_window")
     assert model.config.attention == "sparsek_window" and not model.training
+
+    main(args)                        # again: both runs are finished, and the table says their rows are old
+    printed = capsys.readouterr().out
+    assert printed.count("already holds a finished run, reported as it was") == 2

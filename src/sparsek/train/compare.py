@@ -40,6 +40,9 @@ def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, ou
     rows = []
     for variant in variants:
         run_config = dataclasses.replace(config, run_dir=str(out_dir / variant))
+        if _already_trained(run_config):     # its row (tokens/s included) is that earlier run's, not this code's
+            print(f"{variant}: {run_config.run_dir} already holds a finished run, reported as it was; pass "
+                  f"--overwrite (or another --out-dir) to train it again")
         summary = train(run_config, dataclasses.replace(model_config, attention=variant))
         rows.append({"attention": variant, **{k: v for k, v in summary.items() if k != "loss_by_position"}})
     finished = [row["attention"] for row in rows if row.get("finished")]
@@ -67,6 +70,16 @@ def compare(variants: list[str], config: TrainConfig, model_config: LMConfig, ou
               f"keys per layer and head):\n{text}")
         (out_dir / "sample.txt").write_text(text)
     return rows
+
+
+def _already_trained(config: TrainConfig) -> bool:
+    """Whether config.run_dir holds a run that reached config.steps, which train() resumes without training."""
+    if config.overwrite or not (Path(config.run_dir) / checkpoint.STATE_FILE).is_file():
+        return False
+    try:
+        return checkpoint.load_state(config.run_dir)["step"] >= config.steps
+    except (OSError, ValueError, KeyError):    # a torn or foreign folder: train() says what is wrong with it
+        return False
 
 
 def format_table(rows: list[dict], model_config: LMConfig) -> str:
