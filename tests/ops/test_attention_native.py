@@ -225,3 +225,45 @@ def test_a_linked_source_is_part_of_the_build_key(monkeypatch, tmp_path):
     linked.write_text("int linked_value(void) { return 2; }\n")
     assert clib.build(main, flags, also=(linked,)).value() == 2
     assert len(list((tmp_path / "cache").glob("*.so"))) == 2
+
+
+def test_fewer_threads_than_asked(monkeypatch, tmp_path):
+    """Key gradients are summed over the threads that ran, not the threads asked for: a build without OpenMP
+    asked for two (or an OpenMP team cut short by OMP_THREAD_LIMIT) gives the one-thread gradients."""
+    inputs = make_inputs(1, 200, 4, 2, 16, dtype=torch.float32, seed=12)
+    cotangent = cotangent_for(inputs)
+    kwargs = dict(topk=9, window=7)
+    want = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    monkeypatch.setattr(native_attention, "_FLAG_SETS", [f for f in native_attention._FLAG_SETS if "-fopenmp" not in f])
+    monkeypatch.setenv("SPARSEK_CACHE", str(tmp_path))
+    native_attention._library.cache_clear()
+    try:
+        assert native_attention.available() and not native_attention.openmp()
+        monkeypatch.setattr(native_attention, "_threads", lambda pairs: 2)
+        got = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, **kwargs)
+    finally:
+        native_attention._library.cache_clear()
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_topk_far_beyond_t_is_full_causal_attention():
+    """topk >= T selects every key: 2^61 (whose heap size would wrap around) gives the topk = T result."""
+    inputs = make_inputs(1, 30, 2, 1, 8, dtype=torch.float32, seed=6)
+    want = sparsek_attention_gathered(*inputs, topk=30, window=2)
+    torch.testing.assert_close(sparsek_attention_gathered(*inputs, topk=2 ** 61, window=2), want, atol=0, rtol=0)
+
+
+def test_under_another_default_dtype(monkeypatch):
+    """The C path's buffers are float32 whatever torch's default dtype: float64 there gives the same gradients."""
+    inputs = make_inputs(1, 40, 4, 2, 8, dtype=torch.float32, seed=7)
+    cotangent = cotangent_for(inputs)
+    want = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, topk=5, window=3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = outputs_and_grads(sparsek_attention_gathered, inputs, cotangent, topk=5, window=3)
+    finally:
+        torch.set_default_dtype(default)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")

@@ -214,9 +214,12 @@ def test_rows_split_between_threads(monkeypatch, pattern):
 
 @pytest.mark.parametrize("t_len", [1, 2, 7, 128, 301])
 def test_row_medians_are_torch_medians(t_len):
-    """native.c's quickselect: the lower middle value for an even length, as torch.median, ties included."""
+    """native.c's quickselect over each row's first n entries (its candidates, as prefix._prefix_thresholds
+    centres them): the lower middle value for an even n, as torch.median, ties included; 0 for n = 0."""
     library = native._library()
     for u in (torch.randn(3, t_len, dtype=torch.float64), torch.randint(0, 3, (3, t_len)).double()):
-        median = torch.empty(3, dtype=torch.float64)
-        assert library.sparsek_row_medians(u.data_ptr(), 3, t_len, median.data_ptr()) == 0
-        assert torch.equal(median, u.median(dim=1).values)
+        for n in {t_len, t_len // 2, 1, 0}:
+            median = torch.empty(3, dtype=torch.float64)
+            assert library.sparsek_row_medians(u.data_ptr(), 3, t_len, n, median.data_ptr()) == 0
+            want = u[:, :n].median(dim=1).values if n else torch.zeros(3, dtype=torch.float64)
+            assert torch.equal(median, want), n

@@ -312,6 +312,7 @@ static void point_at_saved(struct scratch *s, float *saved, int64_t n_keys, int6
 #include <omp.h>
 #else
 static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
 #endif
 
 /* Whether x[0 .. n) sums to a finite float: then every entry is finite. A sum that overflows sends finite inputs
@@ -484,7 +485,7 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        int id = omp_get_thread_num();
+        int id = omp_get_thread_num(), team = omp_get_num_threads();   /* OpenMP may give fewer than asked */
         char *mine = id ? extra + (size_t)(id - 1) * per_thread : NULL;
         double *my_u = grad_u == NULL ? NULL : id ? (double *)mine : grad_u;
         float *my_k = id ? (float *)(mine + (size_t)n_keys * sizeof(double)) : grad_k, *my_v = id ? my_k + kv : grad_v;
@@ -499,7 +500,7 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
             if (ready) backward_block(pb, &s, item, out, grad_out, lse, saved, grad_q, my_k, my_v, my_u, grad_tau);
         if (ready) free(s.memory);
         /* the implicit barrier above: every thread's buffers are complete */
-        int others = threads - 1;
+        int others = team - 1;                  /* only the buffers of threads that ran were zeroed */
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < kv; e++)
             for (int t = 0; t < others; t++) {
@@ -518,7 +519,7 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
 }
 
 /* ops/select/native.c, linked into this library: the selection the one-call entry points below run first. */
-int sparsek_row_medians(const double *u, int64_t rows, int64_t t_len, double *median);
+int sparsek_row_medians(const double *u, int64_t rows, int64_t t_len, int64_t n, double *median);
 int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
                         int64_t window, int float32, double tau_rounding, double *tau, double *worst, int64_t *start,
                         int64_t *end, int64_t work_per_row, int threads);
@@ -535,12 +536,13 @@ int sparsek_forward(const struct problem *pb, const float *scores, int64_t topk,
                     int64_t work_per_row, double *worst, int select_threads, float *out, float *lse, float *saved,
                     int threads) {
     int64_t rows = pb->rows, t_len = pb->t_len;
+    if (topk > t_len) topk = t_len;                       /* the same selection: every key */
     double *u = (double *)pb->u;                          /* the caller's buffers, const for the attention */
     for (int64_t r = 0; r < rows; r++)
         for (int64_t t = 0; t < t_len; t++)
             u[r * t_len + t] = scores[(r / pb->kv_heads * t_len + t) * pb->kv_heads + r % pb->kv_heads];
     double *shift = malloc((size_t)rows * sizeof(double));
-    if (!shift || sparsek_row_medians(u, rows, t_len, shift)) {
+    if (!shift || sparsek_row_medians(u, rows, t_len, t_len - pb->window, shift)) {
         free(shift);
         return -1;
     }
@@ -548,8 +550,7 @@ int sparsek_forward(const struct problem *pb, const float *scores, int64_t topk,
                                      worst, (int64_t *)pb->start, (int64_t *)pb->end, work_per_row, select_threads);
     free(shift);
     if (status) return status;
-    if (sparsek_block_lists(pb->start, pb->end, rows, t_len, topk < t_len ? topk : t_len, pb->block, pb->n_slots,
-                            (int32_t *)pb->lists))
+    if (sparsek_block_lists(pb->start, pb->end, rows, t_len, topk, pb->block, pb->n_slots, (int32_t *)pb->lists))
         return -1;
     return sparsek_gathered_forward(pb, out, lse, saved, threads) ? -1 : 0;
 }
@@ -562,7 +563,7 @@ int sparsek_backward(const struct problem *pb, const float *out, const float *gr
     int64_t rows = pb->rows, t_len = pb->t_len;
     double *grad_u = NULL, *grad_tau = NULL;
     if (grad_scores) {
-        grad_u = malloc(2 * (size_t)(rows * t_len) * sizeof(double));
+        grad_u = calloc(2 * (size_t)(rows * t_len), sizeof(double));    /* grad_tau stays 0 under gate "none" */
         if (!grad_u) return 1;
         grad_tau = grad_u + rows * t_len;
     }

@@ -80,7 +80,7 @@ _PAIRS_PER_THREAD = 1 << 13
 def _threads(n_pairs: int) -> int:
     """OpenMP threads for a call over n_pairs (query, key) pairs: one per _PAIRS_PER_THREAD, at most torch's
     intra-op threads (OpenMP's pool, which torch shares)."""
-    return max(1, min(torch.get_num_threads(), n_pairs // _PAIRS_PER_THREAD))
+    return max(1, min(torch.get_num_threads() if openmp() else 1, n_pairs // _PAIRS_PER_THREAD))
 
 
 def _check(status: int) -> None:
@@ -133,12 +133,12 @@ class _NativeSparseK(torch.autograd.Function):
         start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
         lists = torch.empty(rows, -(-t_len // block), max(1, min(topk, t_len)), dtype=torch.int32)
         problem = _problem(q, k, v, u, tau, lists, start, end, block, window, gate, scale)
-        out, lse = torch.empty_like(q), torch.empty(rows, t_len, problem.group)
+        out, lse = torch.empty_like(q), torch.empty(rows, t_len, problem.group, dtype=torch.float32)
         library = _library()
         # The backward recomputes each block's logits and masks, unless the forward can keep them in little memory.
         saved_floats = lists.shape[0] * lists.shape[1] * library.sparsek_saved_per_block(ctypes.byref(problem))
         keep = any(ctx.needs_input_grad[:4]) and saved_floats <= _SAVED_FLOATS
-        saved = torch.empty(saved_floats if keep else 0)
+        saved = torch.empty(saved_floats if keep else 0, dtype=torch.float32)
         ctx.threads = _threads(batch * t_len * n_q_heads * (lists.shape[-1] + block + min(window, t_len)))
         status = 1
         if topk:
@@ -166,7 +166,7 @@ class _NativeSparseK(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scores = problem.gate != GATE_IDS["none"] and ctx.needs_input_grad[3]
-        grad_scores = torch.empty(k.shape[:3]) if scores else None
+        grad_scores = torch.empty(k.shape[:3], dtype=torch.float32) if scores else None
         _check(_library().sparsek_backward(
             ctypes.byref(problem), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
             _pointer(saved if ctx.keep else None), grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),

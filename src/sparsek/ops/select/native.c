@@ -177,7 +177,9 @@ static int64_t row_thresholds(const double *u, double shift, int64_t n, int64_t 
 int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int64_t t_len, int64_t topk,
                         int64_t window, int float32, double tau_rounding, double *tau, double *worst, int64_t *start,
                         int64_t *end, int64_t work_per_row, int threads) {
-    int64_t n = window < t_len ? t_len - window : 0;
+    if (topk > t_len) topk = t_len;              /* the same selection (topk >= T: every key), and a heap of T */
+    if (window > t_len) window = t_len;
+    int64_t n = t_len - window;
     int status = 0, failed = 0;
     double largest = 0;
 #pragma omp parallel num_threads(threads) reduction(| : status, failed) reduction(max : largest)
@@ -203,15 +205,20 @@ int sparsek_select_rows(const double *u, const double *shift, int64_t rows, int6
     return failed ? -1 : status;
 }
 
-/* The median of each row, u [rows, t_len] (t_len >= 1) -> median [rows]: for an even t_len the lower middle
-   value, as torch.median. Returns 1 where its scratch could not be allocated, else 0. */
-int sparsek_row_medians(const double *u, int64_t rows, int64_t t_len, double *median) {
-    double *scratch = malloc((size_t)t_len * sizeof(double));
+/* The median of the first n entries of each row, u [rows, t_len] -> median [rows] (0 where n = 0): for an even
+   n the lower middle value, as torch.median. prefix._prefix_thresholds centres a row's sums on the median of
+   its candidates, the first t_len - window keys. Returns 1 where its scratch could not be allocated, else 0. */
+int sparsek_row_medians(const double *u, int64_t rows, int64_t t_len, int64_t n, double *median) {
+    double *scratch = malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
     if (!scratch) return 1;
-    int64_t want = (t_len - 1) / 2;
+    int64_t want = n > 0 ? (n - 1) / 2 : 0;
     for (int64_t r = 0; r < rows; r++) {
-        memcpy(scratch, u + r * t_len, (size_t)t_len * sizeof(double));
-        int64_t lo = 0, hi = t_len - 1;          /* quickselect: the want-th smallest lies in [lo, hi] */
+        if (n <= 0) {
+            median[r] = 0;
+            continue;
+        }
+        memcpy(scratch, u + r * t_len, (size_t)n * sizeof(double));
+        int64_t lo = 0, hi = n - 1;              /* quickselect: the want-th smallest lies in [lo, hi] */
         while (lo < hi) {
             double pivot = scratch[lo + (hi - lo) / 2];
             int64_t i = lo, j = hi;

@@ -33,7 +33,7 @@ def _library() -> ctypes.CDLL | str:
     library.sparsek_select_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 \
         + [ctypes.c_int, ctypes.c_double] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
     library.sparsek_row_medians.restype = ctypes.c_int
-    library.sparsek_row_medians.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    library.sparsek_row_medians.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     library.sparsek_block_lists.restype = ctypes.c_int
     library.sparsek_block_lists.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     library.sparsek_threshold_backward.restype = ctypes.c_int
@@ -90,8 +90,8 @@ def select_rows_native(u: Tensor, topk: int, window: int, dtype: torch.dtype = t
     u = u.contiguous()
     rows, t_len = u.shape
     topk, window = min(topk, t_len), min(window, t_len)      # same selection; and they fit the C int64
-    shift = torch.empty(rows, dtype=torch.float64)    # as the reference: thresholds relative to the row median
-    _check_allocated(library.sparsek_row_medians(u.data_ptr(), rows, t_len, shift.data_ptr()))
+    shift = torch.empty(rows, dtype=torch.float64)    # as the reference: relative to the candidates' median
+    _check_allocated(library.sparsek_row_medians(u.data_ptr(), rows, t_len, t_len - window, shift.data_ptr()))
     tau = torch.empty(rows, t_len, dtype=torch.float64)
     start, end = torch.empty(rows, t_len, dtype=torch.int64), torch.empty(rows, t_len, dtype=torch.int64)
 
