@@ -45,9 +45,12 @@ struct problem {
    (b, t, h) entry; of its first query head in q (and out and their gradients), G x D. */
 static int64_t score_at(const struct problem *pb, int64_t r, int64_t t) { return r * pb->t_len + t; }
 
-static int64_t kv_at(const struct problem *pb, int64_t r, int64_t t) {
-    return ((r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads) * pb->head_dim;
+/* The (b, t, h) entry of row r = b * Hk + h at position t in a [B, T, Hk] tensor (the caller's scores). */
+static int64_t entry_at(const struct problem *pb, int64_t r, int64_t t) {
+    return (r / pb->kv_heads * pb->t_len + t) * pb->kv_heads + r % pb->kv_heads;
 }
+
+static int64_t kv_at(const struct problem *pb, int64_t r, int64_t t) { return entry_at(pb, r, t) * pb->head_dim; }
 
 static int64_t q_at(const struct problem *pb, int64_t r, int64_t t) { return kv_at(pb, r, t) * pb->group; }
 
@@ -488,7 +491,8 @@ int sparsek_gathered_backward(const struct problem *pb, const float *out, const 
         int id = omp_get_thread_num(), team = omp_get_num_threads();   /* OpenMP may give fewer than asked */
         char *mine = id ? extra + (size_t)(id - 1) * per_thread : NULL;
         double *my_u = grad_u == NULL ? NULL : id ? (double *)mine : grad_u;
-        float *my_k = id ? (float *)(mine + (size_t)n_keys * sizeof(double)) : grad_k, *my_v = id ? my_k + kv : grad_v;
+        float *my_k = id ? (float *)(mine + (size_t)n_keys * sizeof(double)) : grad_k;
+        float *my_v = id ? my_k + kv : grad_v;
         memset(my_k, 0, (size_t)kv * sizeof(float));
         memset(my_v, 0, (size_t)kv * sizeof(float));
         if (my_u) memset(my_u, 0, (size_t)n_keys * sizeof(double));
@@ -540,7 +544,7 @@ int sparsek_forward(const struct problem *pb, const float *scores, int64_t topk,
     double *u = (double *)pb->u;                          /* the caller's buffers, const for the attention */
     for (int64_t r = 0; r < rows; r++)
         for (int64_t t = 0; t < t_len; t++)
-            u[r * t_len + t] = scores[(r / pb->kv_heads * t_len + t) * pb->kv_heads + r % pb->kv_heads];
+            u[score_at(pb, r, t)] = scores[entry_at(pb, r, t)];
     double *shift = malloc((size_t)rows * sizeof(double));
     if (!shift || sparsek_row_medians(u, rows, t_len, t_len - pb->window, shift)) {
         free(shift);
@@ -574,8 +578,7 @@ int sparsek_backward(const struct problem *pb, const float *out, const float *gr
                                             threshold_threads);
         for (int64_t r = 0; r < rows; r++)
             for (int64_t t = 0; t < t_len; t++)
-                grad_scores[(r / pb->kv_heads * t_len + t) * pb->kv_heads + r % pb->kv_heads] =
-                    (float)grad_u[r * t_len + t];
+                grad_scores[entry_at(pb, r, t)] = (float)grad_u[score_at(pb, r, t)];
     }
     free(grad_u);
     return failed;
