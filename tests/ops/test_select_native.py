@@ -194,7 +194,7 @@ def test_native_threshold_backward_equals_the_pytorch_one(pattern):
 
 @pytest.mark.parametrize("pattern", ["normal", "bunched"])
 def test_rows_split_between_threads(monkeypatch, pattern):
-    """Rows swept on several threads, each with its own scratch, give the one-thread selection; a part that
+    """Rows swept on several OpenMP threads, each with its own scratch, give the one-thread selection; a row that
     passes its work budget (bunched rows) sends all rows to the reference's thresholds, as one thread does."""
     u = scores(pattern, 400, seed=6).permute(0, 2, 1).reshape(6, 400).contiguous()
     if pattern == "bunched":

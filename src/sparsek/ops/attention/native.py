@@ -20,7 +20,7 @@ from torch import Tensor
 from ..common import GATE_IDS
 from ..common.clib import build
 from ..select import native as native_selection
-from ..select.prefix import TAU_ROUNDING, native_gave_up, query_thresholds
+from ..select.prefix import TAU_ROUNDING, key_ranges, native_gave_up, query_thresholds
 
 _SOURCE = Path(__file__).with_name("native.c")
 # -march=native for the vector width of this CPU (the build is cached per machine; without it where the
@@ -44,9 +44,6 @@ def _library() -> ctypes.CDLL | str:
         return library
     library.sparsek_gathered_forward.restype = ctypes.c_int
     library.sparsek_gathered_forward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 3 \
-        + [ctypes.c_int]
-    library.sparsek_gathered_backward.restype = ctypes.c_int
-    library.sparsek_gathered_backward.argtypes = [ctypes.POINTER(_Problem)] + [ctypes.c_void_p] * 9 \
         + [ctypes.c_int]
     library.sparsek_forward.restype = ctypes.c_int
     library.sparsek_forward.argtypes = [ctypes.POINTER(_Problem), ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
@@ -114,8 +111,9 @@ def _select(scores: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
     if topk == 0:
         u.copy_(scores.transpose(1, 2).reshape(rows, t_len))
         tau.fill_(-torch.inf)
-        start.copy_((torch.arange(t_len) + window).clamp(max=t_len))
-        end.copy_(start)
+        no_keys, _ = key_ranges(u, 0, window)                   # start = end: no key is ever selected
+        start.copy_(no_keys)
+        end.copy_(no_keys)
         return lists.fill_(-1)
     tau.copy_(query_thresholds(u, topk, window, torch.float32))
     return lists.copy_(native_selection.block_key_lists_native(start, end, topk, block, check=False))

@@ -37,8 +37,7 @@ def selection_slots(start: Tensor, end: Tensor, topk: int) -> Tensor:
     return torch.where(ever_selected, parent, -1)
 
 
-def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backend: str = "reference",
-                    check: bool = True) -> Tensor:
+def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backend: str = "reference") -> Tensor:
     """Keys selected by the first query of each block, by slot.
 
     Args:
@@ -47,8 +46,6 @@ def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backen
         topk: the selection budget; block: queries per block.
         backend: "reference" (this function, in PyTorch), or "auto": its twin in ops/select/native.c for CPU
             rows where that builds (see `prefix_selection`), else the reference.
-        check: the native twin refuses ranges no selection gives (ValueError); False skips that check for
-            ranges straight from `prefix_selection`.
 
     Returns:
         [R, NB, K] int32: entry (r, b, s) is the key in slot s at query b * block, or -1 for an empty slot.
@@ -60,7 +57,7 @@ def block_key_lists(start: Tensor, end: Tensor, topk: int, block: int, *, backen
         from . import native
 
         if native.available():
-            return native.block_key_lists_native(start, end, topk, block, check=check)
+            return native.block_key_lists_native(start, end, topk, block)
     n_blocks = -(-t_len // block)
     n_slots = max(1, min(topk, t_len))
     lists = torch.full((rows, n_blocks, n_slots), -1, dtype=torch.int32, device=start.device)
