@@ -216,5 +216,5 @@ def test_custom_ops_fake_versions_match_the_real_ones():
     forward_args = (q, k, v, scores, 4, 4, "kv", 0.25, "auto")
     torch.library.opcheck(fused.attention_forward_op, forward_args, test_utils=utils)
     o, lse, u, tau, start, end, lists = fused.attention_forward_op(*forward_args)
-    backward_args = (torch.randn_like(o), q, k, v, o, lse, u, tau, start, end, lists, 4, 4, "kv", 0.25)
+    backward_args = (torch.randn_like(o), q, k, v, o, lse, u, tau, start, end, lists, 4, 4, "kv", 0.25, "auto")
     torch.library.opcheck(fused.attention_backward_op, backward_args, test_utils=utils)

@@ -67,6 +67,28 @@ SCRIPT = textwrap.dedent('''
               "cp.async", len(re.findall(r"cp\\.async\\.c[ag]", ptx)),
               "producer", len(re.findall(r"cp\\.async\\.mbarrier\\.arrive", ptx)),
               "releases", len(releases), "fenced", fenced)
+    # The dq pass: the forward's default configs, and one without the producer.
+    fn = gluon.sparsek_bwd_dq_gluon_kernel
+    for dtype, head_dim, gate, config in (("bf16", 128, 0, None), ("fp16", 64, 1, None), ("bf16", 256, 2, None),
+                                          ("bf16", 128, 1, (64, 3, 128, 0))):
+        if config is None:
+            default = tiles.gluon_dq(tiles.SM90, head_dim)
+            config = (default["keys_per_tile"], default["stages"], default["rows"] or 128, default["producer_warps"])
+        keys, stages, rows, producer = config
+        x = "*" + dtype
+        pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32", DO=x, OUT=x,
+                        LSE="*fp32", DELTA="*fp32", DQ=x, DTAU="*fp32")
+        constexprs = dict(GATE=gate, LIST_BLOCK=128, BLOCK_M=rows, BLOCK_N=keys, HEAD_DIM=head_dim, STAGES=stages,
+                          NUM_WARPS=rows // 16, PRODUCER_WARPS=producer)
+        signature = {name: "constexpr" if name in constexprs else ("i32",) * 3 if name.endswith("_strides") else
+                     pointers.get(name, "fp32" if name == "scale" else "i32") for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in pointers}
+        attrs.update({(i, j): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                      if name.endswith("_strides") for j in range(3)})
+        ptx = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=rows // 16)).asm["ptx"]
+        print("compiled-dq", dtype, head_dim, gate, producer, "wgmma", len(re.findall(r"wgmma\\.mma_async", ptx)),
+              "producer", len(re.findall(r"cp\\.async\\.mbarrier\\.arrive", ptx)))
 ''')
 
 
@@ -78,7 +100,7 @@ def test_gluon_forward_compiles_for_sm90():
     assert result.returncode == 0, result.stderr[-3000:]
     if result.stdout.startswith("SKIP"):
         pytest.skip(result.stdout.strip())
-    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled")]
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled ")]
     assert len(lines) == 8
     for line in lines:                          # both products are wgmma, and K, V arrive by cp.async
         assert int(line[line.index("wgmma") + 1]) > 0 and int(line[line.index("cp.async") + 1]) > 0
@@ -86,6 +108,11 @@ def test_gluon_forward_compiles_for_sm90():
         assert (int(line[line.index("producer") + 1]) > 0) == (line[4] == "4")
         releases = int(line[line.index("releases") + 1])
         assert releases == int(line[line.index("fenced") + 1]) and (releases > 0) == (line[4] == "4")
+    dq_lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled-dq")]
+    assert len(dq_lines) == 4
+    for line in dq_lines:                       # three products per tile, all wgmma
+        assert int(line[line.index("wgmma") + 1]) >= 3
+        assert (int(line[line.index("producer") + 1]) > 0) == (line[4] == "4")
 
 
 def _gluon_runs_here() -> bool:
@@ -160,6 +187,52 @@ def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, producer,
                                              producer_warps=producer)
     torch.testing.assert_close(lse_gl, lse_tl, atol=2e-3, rtol=0)
     torch.testing.assert_close(o_gl.float(), o_tl.float(), atol=4e-3, rtol=1.6e-2)
+
+
+@pytest.mark.skipif(not _gluon_runs_here(), reason="needs an sm_90 GPU and Triton 3.6's Gluon API")
+@pytest.mark.parametrize("t_len, heads, head_dim, gate, topk, window, dtype, config", [
+    (1000, (4, 4), 128, "kv", 256, 128, torch.bfloat16, {}),
+    (4096, (8, 2), 128, "v", 256, 128, torch.bfloat16, {}),
+    (2500, (4, 1), 64, "none", 256, 128, torch.bfloat16, {}),
+    (4096, (4, 4), 64, "kv", 200, 100, torch.float16, {}),     # slots not a multiple of the 64-key tile
+    (1500, (4, 2), 128, "kv", 256, 0, torch.bfloat16, {}),     # no window
+    (300, (2, 2), 128, "v", 64, 4096, torch.bfloat16, {}),     # the window covers every key
+    (100, (4, 4), 64, "kv", 512, 32, torch.bfloat16, {}),      # one partial block, topk > T
+    (2000, (4, 2), 256, "kv", 256, 128, torch.bfloat16, {}),   # head dim 256
+    (2450, (4, 2), 128, "kv", 256, 128, torch.bfloat16, dict(producer_warps=0)),
+    (2450, (4, 2), 128, "v", 256, 128, torch.bfloat16, dict(keys_per_tile=32, rows=64, producer_warps=4)),
+    (2500, (4, 2), 128, "kv", 256, 128, torch.bfloat16, dict(rows=64, stages=2, producer_warps=0)),
+    (50, (4, 2), 128, "kv", 256, 32, torch.bfloat16, dict(keys_per_tile=128, stages=2, producer_warps=0)),
+])
+def test_gluon_dq_pass_equals_the_tl_dq_pass(t_len, heads, head_dim, gate, topk, window, dtype, config):
+    from sparsek.ops.attention import fused, gluon
+    from sparsek.ops.common import tiles
+
+    torch.manual_seed(3)
+    n_q_heads, n_kv_heads = heads
+    q = torch.randn(2, t_len, n_q_heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(2, t_len, n_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    u = fused.score_rows(torch.randn(2, t_len, n_kv_heads, device="cuda"))
+    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
+    tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
+    scale = head_dim ** -0.5
+    o, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
+    do = torch.randn_like(q)
+    args = (do, q, k, v, o, lse, u, tau, start, end, lists, min(window, t_len), gate, scale)
+    dq_tl, dtau_tl, delta_tl = fused.dq_pass(*args)
+    dq_gl, dtau_gl, delta_gl = gluon.dq_pass_gluon(*args, **config)
+    assert torch.isfinite(dq_gl).all() and torch.isfinite(dtau_gl).all()
+    torch.testing.assert_close(delta_gl, delta_tl, atol=1e-5, rtol=1e-5)   # the same fp32 sum, in another order
+    # dS rounds to 16 bits before dS K in both kernels; a step of difference in fp32 dS can flip that rounding.
+    # A wrong mask, gate or tile moves dq by a good fraction of its largest value.
+    torch.testing.assert_close(dq_gl.float(), dq_tl.float(), atol=2 ** -7 * dq_tl.float().abs().max().item(),
+                               rtol=1.6e-2)
+    if gate == "none":
+        assert (dtau_gl == 0).all()
+    else:
+        assert dtau_tl.abs().max() > 0
+        torch.testing.assert_close(dtau_gl, dtau_tl, atol=1e-3 * dtau_tl.abs().max().item(), rtol=1e-2)
 
 
 def _qkv_scores(t_len=40, heads=2, head_dim=16):

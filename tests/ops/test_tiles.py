@@ -66,6 +66,14 @@ def test_gluon_forward_config(head_dim):
     assert tiles.gluon_forward(tiles.SM90, head_dim) == want
 
 
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_gluon_dq_config(head_dim):
+    # The forward's configs (not yet timed for the dq pass): its Q and dO tiles fit beside them at each head dim.
+    want = dict(keys_per_tile=64, stages=3, rows=None, producer_warps=4) if head_dim <= 128 else \
+        dict(keys_per_tile=32, stages=2, rows=None, producer_warps=0)
+    assert tiles.gluon_dq(tiles.SM90, head_dim) == want
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", GROUPS)
 def test_interpreter_attention_tiles(head_dim, group):

@@ -9,9 +9,12 @@ A config is `keys x stages[/rows][+ws]`: keys per tile, shared-memory ring stage
 lists' block of 128 when left out; 64 splits each block between two programs) and, with +ws, a producer
 partition of 4 warps that fills the ring (`gl.warp_specialize`); "default" is `tiles.gluon_forward`'s. Each
 Gluon row says how far its output lies from the tl forward's (max |difference|; about one bf16 rounding step
-is expected). On each tl row, "f+b" is `sparsek_attention_fused` forward + backward with backend "triton"
-(the tl forward) and "gluon" (the Gluon forward in its default config); the backward kernels are the same.
-Medians of `triton.testing.do_bench` in ms, TF/s the effective forward rate 4 T (topk + window) D Hq / time;
+is expected). The dq rows time the backward's dq pass the same way: the tl kernel against Gluon configs
+(`--dq-configs`), on the tl forward's output, with max |dq - tl|. On each tl row, "f+b" is
+`sparsek_attention_fused` forward + backward with backend "triton" (the tl forward and dq pass) and "gluon"
+(the Gluon forward and dq pass in their default configs); the list and band passes are the same.
+Medians of `triton.testing.do_bench` in ms, TF/s the effective rate: 4 T (topk + window) D Hq / time for the
+forward, 6 T (topk + window) D Hq for the dq pass;
 the table is printed last, and every row goes to <out>/results.json as it is measured. Needs an sm_90 GPU
 and Triton 3.6.
 """
@@ -76,6 +79,23 @@ def bench_shape(hq: int, hk: int, t_len: int, configs: list[str], args) -> list[
     for row in rows:
         row["tflops"] = flop / row["ms"] / 1e9
 
+    # The dq pass, tl against the Gluon configs, on the tl forward's o and lse.
+    o, lse = fused.fused_forward(*inputs)
+    do = torch.randn_like(q)
+    dq_args = (do, q, k, v, o, lse, u, tau, start, end, lists, min(args.window, t_len), "kv", d ** -0.5)
+    dq_tl = fused.dq_pass(*dq_args)[0]
+    dq_flop = flop * 3 // 2                            # Q K^T, dO V^T and dS K over the same pairs
+    dq_rows = [dict(shape=shape, T=t_len, kernel="dq tl", ms=ms(lambda: fused.dq_pass(*dq_args)), err=0.0)]
+    for config in args.dq_configs.split(",") if args.dq_configs else []:
+        options = parse_config(config)
+        dq = gluon.dq_pass_gluon(*dq_args, **options)[0]
+        dq_rows.append(dict(shape=shape, T=t_len, kernel=f"dq gluon {config}",
+                            err=(dq.float() - dq_tl.float()).abs().max().item(),
+                            ms=ms(lambda options=options: gluon.dq_pass_gluon(*dq_args, **options))))
+    for row in dq_rows:
+        row["tflops"] = dq_flop / row["ms"] / 1e9
+    rows += dq_rows
+
     grads = [x.clone().requires_grad_() for x in (q, k, v, scores)]
     cotangent = torch.randn_like(q)
 
@@ -94,6 +114,8 @@ def main() -> None:
                         help="comma-separated Hq/Hk@T")
     parser.add_argument("--configs", default="default,64x2,32x3/64,64x3+ws,64x2+ws,32x4+ws,32x3/64+ws",
                         help="comma-separated keys x stages[/rows][+ws], or default (tiles.gluon_forward)")
+    parser.add_argument("--dq-configs", default="default,64x3,32x3+ws,64x2/64",
+                        help="the same for the dq pass (tiles.gluon_dq's default); empty: no dq rows")
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
@@ -113,12 +135,12 @@ def main() -> None:
         print(f"[{shape}] done", flush=True)
 
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}; topk {args.topk} + window {args.window}, "
-          f"D {args.head_dim}, bf16, gate kv, median ms; f+b: sparsek_attention_fused, tl / Gluon forward")
-    print(f"{'heads':>6} {'T':>7} {'forward':>16} {'ms':>8} {'TF/s':>6} {'max |o - tl|':>12} {'f+b tl':>8} "
+          f"D {args.head_dim}, bf16, gate kv, median ms; f+b: sparsek_attention_fused, tl / Gluon forward and dq")
+    print(f"{'heads':>6} {'T':>7} {'kernel':>20} {'ms':>8} {'TF/s':>6} {'max |x - tl|':>12} {'f+b tl':>8} "
           f"{'f+b gluon':>9}")
     for r in rows:
         fb = f"{r['fb_tl']:8.3f} {r['fb_gluon']:9.3f}" if "fb_tl" in r else ""
-        print(f"{r['shape']:>6} {r['T']:>7} {r['kernel']:>16} {r['ms']:8.3f} {r['tflops']:6.0f} {r['err']:12.2e} {fb}")
+        print(f"{r['shape']:>6} {r['T']:>7} {r['kernel']:>20} {r['ms']:8.3f} {r['tflops']:6.0f} {r['err']:12.2e} {fb}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ FORWARD_BACKENDS = ("auto", "triton", "gluon")
 # Whether "auto" takes the Gluon forward where it runs: on since the attention GPU tests passed with backend
 # "gluon" (H100, 2026-12-05). False puts every shape back on the tl forward.
 GLUON_BY_DEFAULT = True
+# Whether "auto" also takes the Gluon dq pass (`gluon.dq_pass_gluon`) where the Gluon forward runs; backend
+# "gluon" always does.
+GLUON_DQ_BY_DEFAULT = False
 
 
 def on_sm90(q: Tensor) -> bool:
@@ -92,6 +95,14 @@ def choose_forward(q: Tensor, backend: str, *others: Tensor) -> str:
         _GLUON_VERSION_WARNED = True
         warnings.warn(f"sparsek: the Gluon forward is off ({problem}); using the tl forward", stacklevel=3)
     return "tl"
+
+
+def choose_dq(q: Tensor, backend: str, *others: Tensor) -> str:
+    """The dq pass's kernel: "gluon" where `choose_forward` takes the Gluon forward, unless backend is "auto"
+    and GLUON_DQ_BY_DEFAULT is off; else "tl". The list and band passes are tl kernels either way."""
+    if backend == "auto" and not GLUON_DQ_BY_DEFAULT:
+        return "tl"
+    return choose_forward(q, backend, *others)
 
 
 def _forward_selection(u: Tensor, topk: int, window: int,
@@ -148,12 +159,16 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
 
 
 def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor, tau: Tensor,
-                   start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str, scale: float,
+                   backend: str = "triton") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32).
-    lists: the forward's block key lists."""
+    lists: the forward's block key lists; backend picks the dq pass's kernel (`choose_dq`)."""
     window = min(window, q.shape[1])             # same pairs; keeps the kernels' int32 index math small
-    dq, dtau, delta = dq_pass(do, q, k, v, o, lse, u, tau, start, end, lists, window, gate, scale)
+    if choose_dq(q, backend, k, v) == "gluon":
+        from .gluon import dq_pass_gluon
+        dq, dtau, delta = dq_pass_gluon(do, q, k, v, o, lse, u, tau, start, end, lists, window, gate, scale)
+    else:
+        dq, dtau, delta = dq_pass(do, q, k, v, o, lse, u, tau, start, end, lists, window, gate, scale)
     # The list pass writes the sums of listed keys to float32 scratch; the band pass adds them to its own and
     # stores dk, dv in the dtype of k, v.
     scratch = list_pass(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
@@ -279,15 +294,17 @@ def _(q, k, v, scores, topk, window, gate, scale, backend):
 @torch.library.custom_op("sparsek::attention_backward", mutates_args=())
 def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor,
                           tau: Tensor, start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str,
-                          scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv and dscores [B, T, Hk] float32 (zeros for gate "none"), the tau path included."""
+                          scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv and dscores [B, T, Hk] float32 (zeros for gate "none"), the tau path included. backend
+    picks the dq pass's kernel (`choose_dq`)."""
     with _on_device_of(q):
-        return _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale)
+        return _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale,
+                                   backend)
 
 
-def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
+def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale, backend):
     dq, dk, dv, du, dtau = fused_backward(do.contiguous(), q, k, v, o, lse, u, tau, start, end, lists,
-                                          topk, window, gate, scale)
+                                          topk, window, gate, scale, backend)
     batch, t_len = q.shape[:2]
     n_kv_heads = k.shape[2]
     if gate == "none":
@@ -298,7 +315,7 @@ def _attention_backward(do, q, k, v, o, lse, u, tau, start, end, lists, topk, wi
 
 
 @attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale):
+def _(do, q, k, v, o, lse, u, tau, start, end, lists, topk, window, gate, scale, backend):
     batch, t_len = q.shape[:2]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(batch, t_len, k.shape[2], dtype=torch.float32))
@@ -315,13 +332,13 @@ class FusedSparseKAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse, u, tau, start, end, lists = attention_forward_op(q, k, v, scores, topk, window, gate, scale, backend)
         ctx.save_for_backward(q, k, v, o, lse, u, tau, start, end, lists)
-        ctx.config = (topk, window, gate, scale, scores.dtype)
+        ctx.config = (topk, window, gate, scale, scores.dtype, backend)
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor):
-        topk, window, gate, scale, score_dtype = ctx.config
-        dq, dk, dv, dscores = attention_backward_op(do, *ctx.saved_tensors, topk, window, gate, scale)
+        topk, window, gate, scale, score_dtype, backend = ctx.config
+        dq, dk, dv, dscores = attention_backward_op(do, *ctx.saved_tensors, topk, window, gate, scale, backend)
         dscores = dscores.to(score_dtype) if gate != "none" else None
         return dq, dk, dv, dscores, None, None, None, None, None
 

@@ -108,11 +108,10 @@ def _inside_every_window(t, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M: gl.const
 
 
 @gluon.jit
-def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW, qk_scale2, GATE: gl.constexpr,
-                  band_keys=None):
-    """Mask, gate and online-softmax step of one tile's scores s [BLOCK_M, BLOCK_N] -> (p, alpha, m, l), with
-    the tile's u, start and end read from its ring stage, and its keys too unless `band_keys` gives them
-    (band_lo + the tile's offset, up to band_hi: only band tiles take the full mask).
+def _tile_weight(s, ring, stage, is_list, inside, offs_m, tau, WINDOW, band_keys=None):
+    """The mask of one tile's scores s [BLOCK_M, BLOCK_N] (float32, s's layout), with the tile's u, start and
+    end read from its ring stage, and its keys too unless `band_keys` gives them (band_lo + the tile's offset,
+    up to band_hi: only band tiles take the full mask).
 
     Key j is allowed for query i when it is in i's window (weight 1) or i selects it, start_j <= i < end_j
     (weight clip(u_j - tau_i, 0, 1)). A listed key lies before the block's first window and was selected by
@@ -142,6 +141,14 @@ def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW
         in_window = (behind >= 0) & (behind < WINDOW) & (j >= 0)
         selected = (start_j <= i) & (i < end_j)
         weight = gl.where(in_window, 1.0, gl.where(selected, gl.minimum(gl.maximum(gap, 0.0), 1.0), -1.0))
+    return weight
+
+
+@gluon.jit
+def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW, qk_scale2, GATE: gl.constexpr,
+                  band_keys=None):
+    """Mask, gate and online-softmax step of one tile's scores s [BLOCK_M, BLOCK_N] -> (p, alpha, m, l)."""
+    weight = _tile_weight(s, ring, stage, is_list, inside, offs_m, tau, WINDOW, band_keys)
     if GATE == 0:
         s = s * (weight * qk_scale2)
     else:
@@ -373,6 +380,197 @@ def sparsek_fwd_gluon_kernel(
         ], [PRODUCER_WARPS], [PRODUCER_REGISTERS])
 
 
+@gluon.jit
+def _dq_tile(s, dp, ring, stage, is_list, inside, offs_m, tau, lse2, delta, WINDOW, scale, qk_scale2,
+             GATE: gl.constexpr, band_keys=None):
+    """One tile of the dq pass, from its scores s = Q K^T and dp = dO V^T [BLOCK_M, BLOCK_N] (float32): dS, the
+    factor of dq = dS K, and the tile's share of dtau [BLOCK_M] (-sum of dm over its fractional keys), as
+    `kernels._bwd_tile` computes them. A fractional key is one whose weight lies strictly between 0 and 1:
+    only a selected key can be one (the window's weigh 1)."""
+    weight = _tile_weight(s, ring, stage, is_list, inside, offs_m, tau, WINDOW, band_keys)
+    lse2 = gl.expand_dims(lse2, 1)
+    delta = gl.expand_dims(delta, 1)
+    if GATE == 0:
+        p = gl.exp2(s * (weight * qk_scale2) - lse2)
+    else:
+        p = gl.exp2(s * qk_scale2 - lse2)
+    p = gl.where(weight >= 0.0, p, 0.0)                   # where, not a product: exp2 may overflow off the mask
+    if GATE == 2:                                          # a hard selection: no mask factors, no dm
+        ds = p * (dp - delta) * scale
+        dtau = gl.zeros_like(tau)
+    else:
+        dlogit = p * (weight * dp - delta)
+        if GATE == 0:
+            ds = dlogit * (weight * scale)
+            dm = p * dp + dlogit * scale * s
+        else:
+            ds = dlogit * scale
+            dm = p * dp
+        fractional = (weight > 0.0) & (weight < 1.0)
+        dtau = -gl.sum(gl.where(fractional, dm, 0.0), 1)
+    return ds, dtau
+
+
+@gluon.jit
+def _dq_tiles(q_smem, do_smem, ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, b, hq,
+              row, r0, pid_bh, TAU, OUT, DO, LSE, DELTA, DQ, DTAU, stride_kt, stride_vt, stride_ob, stride_ot,
+              stride_oh, T, N_SLOTS, WINDOW, scale, GATE: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr,
+              PRODUCER: gl.constexpr):
+    """dq, dtau and delta of rows [r0, r0 + BLOCK_M) over the forward's tiles, fed by the same ring as
+    `_attend_tiles` (PRODUCER: see there).
+
+    Each step issues Q K^T and dO V^T of tile t and dS K of tile t - 1 as asynchronous wgmma, waits for the
+    first two only, and computes tile t's dS while tile t - 1's product with K is still on the tensor cores."""
+    k_ring, v_ring = ring[0], ring[1]
+    dtype: gl.constexpr = k_ring.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
+    meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    # delta = rowsum(dO * O), which the other two passes read, and dO into shared memory for dO V^T.
+    offs_ml = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    offs_dl = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    rows_ok = gl.expand_dims(offs_ml < T, 1)
+    row_offs = (b.to(gl.int64) * stride_ob + hq * stride_oh + gl.expand_dims(offs_ml.to(gl.int64), 1) * stride_ot
+                + gl.expand_dims(offs_dl, 0))
+    do = gl.load(DO + row_offs, mask=rows_ok, other=0.0)
+    delta = gl.sum(do.to(gl.float32) * gl.load(OUT + row_offs, mask=rows_ok, other=0.0).to(gl.float32), 1)
+    gl.store(DELTA + pid_bh.to(gl.int64) * T + offs_ml, delta, mask=offs_ml < T)
+    do_smem.store(do)
+    fence_async_shared()
+    gl.thread_barrier()                                # every warp's dO rows are in place for the wgmma
+
+    if not PRODUCER:
+        for p in gl.static_range(STAGES - 1):
+            _issue_tile(ring, p, p, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src, stride_kt, stride_vt,
+                        BLOCK_N, HEAD_DIM, ld, meta)
+
+    offs_m = r0 + gl.arange(0, BLOCK_M, layout=rows_s)
+    tau = gl.load(TAU + row.to(gl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
+    lse2 = gl.load(LSE + pid_bh.to(gl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = gl.convert_layout(delta, rows_s)
+    qk_scale2 = (scale * 1.4426950408889634).to(gl.float32)   # log2(e): the forward's softmax runs in base 2
+    scale = scale.to(gl.float32)
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    band_keys = None
+    if PRODUCER:
+        band_keys = (band_lo - n_list_tiles * BLOCK_N, band_hi)
+
+    # Tile 0 alone: there is no earlier dS K to overlap.
+    if PRODUCER:
+        mbarrier.wait(ready.index(0), 0)
+        fence_async_shared()
+    else:
+        async_copy.wait_group(STAGES - 2)
+        _tile_landed()
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    dp = warpgroup_mma(do_smem, v_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s, dp, _, _, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp, q_smem, do_smem, k_ring.index(0),
+                                                                     v_ring.index(0)))
+    inside = _inside_every_window(0, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
+    ds, dtau = _dq_tile(s, dp, ring, 0, 0 < n_list_tiles, inside, offs_m, tau, lse2, delta, WINDOW, scale,
+                        qk_scale2, GATE, band_keys)
+    ds16 = gl.convert_layout(ds.to(dtype), ds_layout)
+    if not PRODUCER:
+        _issue_tile(ring, STAGES - 1, STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src,
+                    stride_kt, stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
+
+    for t in range(1, n_tiles):
+        stage = t % STAGES
+        prev = (t - 1) % STAGES
+        if PRODUCER:
+            mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+            fence_async_shared()
+        else:
+            async_copy.wait_group(STAGES - 2)
+            _tile_landed()
+        k_t = k_ring.index(stage)
+        v_t = v_ring.index(stage)
+        k_prev = k_ring.index(prev)
+        s = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp = warpgroup_mma(do_smem, v_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds16, k_prev, dq, is_async=True)
+        s, dp, _, _, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(s, dp, q_smem, do_smem, k_t, v_t))
+        inside = _inside_every_window(t, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
+        if PRODUCER:
+            band_keys = (band_lo + (t - n_list_tiles) * BLOCK_N, band_hi)
+        ds, dtau_t = _dq_tile(s, dp, ring, stage, t < n_list_tiles, inside, offs_m, tau, lse2, delta, WINDOW,
+                              scale, qk_scale2, GATE, band_keys)
+        dtau += dtau_t
+        dq, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16, k_prev))
+        if PRODUCER:
+            gl.thread_barrier()                        # every warp is done with stage `prev`
+            mbarrier.arrive(empty.index(prev), count=1)
+        ds16 = gl.convert_layout(ds.to(dtype), ds_layout)
+        if not PRODUCER:
+            gl.thread_barrier()
+            _issue_tile(ring, prev, t + STAGES - 1, n_list_tiles, list_base, N_SLOTS, band_lo, band_hi, src,
+                        stride_kt, stride_vt, BLOCK_N, HEAD_DIM, ld, meta)
+
+    k_last = k_ring.index(gl.maximum(n_tiles - 1, 0) % STAGES)
+    dq = warpgroup_mma(ds16, k_last, dq, is_async=True)
+    dq, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16, k_last))
+    if not PRODUCER:
+        async_copy.wait_group(0)
+
+    offs_mo = r0 + gl.arange(0, BLOCK_M, layout=rows_o)
+    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    dq_ptrs = (DQ + b.to(gl.int64) * stride_ob + hq * stride_oh + gl.expand_dims(offs_mo.to(gl.int64), 1) * stride_ot
+               + gl.expand_dims(offs_do, 0))
+    gl.store(dq_ptrs, dq.to(dtype), mask=gl.expand_dims(offs_mo < T, 1))
+    gl.store(DTAU + pid_bh.to(gl.int64) * T + offs_m, dtau, mask=offs_m < T)
+
+
+@gluon.jit
+def sparsek_bwd_dq_gluon_kernel(
+    Q, K, V, U, TAU, START, END, LISTS, DO, OUT, LSE, DELTA, DQ, DTAU,
+    q_strides, k_strides, v_strides, o_strides,
+    T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, scale,
+    GATE: gl.constexpr, LIST_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+):
+    """The dq pass of `kernels.sparsek_bwd_dq_kernel` (same outputs: dq, dtau and delta) over the forward's
+    tiles and ring (`sparsek_fwd_gluon_kernel`). OUT, DO and DQ share o_strides."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
+    b, hq, row, r0, q_smem, ring, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles = _setup(
+        Q, K, V, U, START, END, LISTS, stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        T, N_SLOTS, N_BLOCKS, WINDOW, H_Q, GROUP, LIST_BLOCK, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS)
+    pid_bh = gl.program_id(1)
+    do_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [BLOCK_M, HEAD_DIM], q_smem.type.layout)
+    if PRODUCER_WARPS == 0:
+        _dq_tiles(q_smem, do_smem, ring, None, None, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, b, hq,
+                  row, r0, pid_bh, TAU, OUT, DO, LSE, DELTA, DQ, DTAU, stride_kt, stride_vt, stride_ob, stride_ot,
+                  stride_oh, T, N_SLOTS, WINDOW, scale, GATE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS, False)
+    else:
+        async_copy.wait_group(0)
+        gl.thread_barrier()
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_dq_tiles, (q_smem, do_smem, ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi,
+                         n_tiles, b, hq, row, r0, pid_bh, TAU, OUT, DO, LSE, DELTA, DQ, DTAU, stride_kt, stride_vt,
+                         stride_ob, stride_ot, stride_oh, T, N_SLOTS, WINDOW, scale, GATE, BLOCK_M, BLOCK_N,
+                         HEAD_DIM, STAGES, NUM_WARPS, True)),
+            (_produce, (ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles, stride_kt,
+                        stride_vt, N_SLOTS, BLOCK_N, HEAD_DIM, STAGES, PRODUCER_WARPS)),
+        ], [PRODUCER_WARPS], [PRODUCER_REGISTERS])
+
+
 def cannot_run(q: Tensor, *others: Tensor) -> str | None:
     """Why the Gluon forward cannot run on q [B, T, Hq, D] (and `others`, such as k and v), or None when it
     can: Triton 3.6, an sm_90 GPU, bf16 or fp16, head dim 64, 128 or 256, the forward's query blocks a multiple of
@@ -394,10 +592,57 @@ def cannot_run(q: Tensor, *others: Tensor) -> str | None:
     return None
 
 
-def shared_bytes(keys_per_tile: int, stages: int, rows: int, head_dim: int) -> int:
-    """Shared memory of one program: Q [rows, D] and a ring of stages of K and V tiles plus their keys' int32 /
-    float32 key, u, start and end (16-bit q, k, v)."""
-    return rows * head_dim * 2 + stages * (2 * keys_per_tile * head_dim * 2 + 4 * 4 * keys_per_tile)
+def dq_pass_gluon(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor, tau: Tensor,
+                  start: Tensor, end: Tensor, lists: Tensor, window: int, gate: str, scale: float,
+                  **config) -> tuple[Tensor, Tensor, Tensor]:
+    """`fused.dq_pass` through the Gluon kernel: dq (dtype of q), dtau and delta [B * Hq, T] (float32), from the
+    forward's selection and lists (as in `fused_forward_gluon`); do and o [B, T, Hq, D]. Window already clamped
+    to T. config overrides `tiles.gluon_dq` (keys_per_tile, stages, rows, producer_warps: see
+    `fused_forward_gluon`)."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    do, o = do.contiguous(), o.contiguous()           # the kernel reads both, and writes dq, with one set of strides
+    problem = cannot_run(q, k, v, do, o)
+    if problem is not None:
+        raise ValueError(f"the Gluon dq pass cannot run: {problem}")
+    block_m = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
+    keys_per_tile, stages, rows, producer_warps = _config(tiles.gluon_dq(tiles.target(q.device), head_dim), config,
+                                                          block_m, head_dim, 2)
+    warps = rows // 16
+    dq = empty_output(q.shape, q.dtype, q.device)
+    dtau = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
+    delta = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)
+    sparsek_bwd_dq_gluon_kernel[(triton.cdiv(t_len, rows), batch * n_q_heads)](
+        q, k, v, u, tau, start, end, lists, do, o, lse, delta, dq, dtau, *grouped_strides(q, k, v, do), t_len,
+        lists.shape[2], lists.shape[1], window, n_q_heads, n_q_heads // k.shape[2], scale, GATE=GATE_IDS[gate],
+        LIST_BLOCK=block_m, BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
+        PRODUCER_WARPS=producer_warps, num_warps=warps, **({"maxnreg": 128} if producer_warps and rows == 64 else {}))
+    return dq, dtau, delta
+
+
+def shared_bytes(keys_per_tile: int, stages: int, rows: int, head_dim: int, row_tiles: int = 1) -> int:
+    """Shared memory of one program: row_tiles tiles [rows, D] (Q; Q and dO in the dq pass) and a ring of stages
+    of K and V tiles plus their keys' int32 / float32 key, u, start and end (16-bit q, k, v)."""
+    return row_tiles * rows * head_dim * 2 + stages * (2 * keys_per_tile * head_dim * 2 + 4 * 4 * keys_per_tile)
+
+
+def _config(defaults: dict, config: dict, block_m: int, head_dim: int,
+            row_tiles: int) -> tuple[int, int, int, int]:
+    """(keys per tile, stages, rows, producer warps): `defaults` (from ops/common/tiles.py) updated by the
+    caller's config, checked against what the kernels take and sm_90's shared memory."""
+    if not set(config) <= set(defaults):
+        raise ValueError(f"unknown Gluon settings {sorted(set(config) - set(defaults))}; "
+                         f"the settings are {sorted(defaults)}")
+    defaults = dict(defaults, **config)
+    keys_per_tile, stages, producer_warps = defaults["keys_per_tile"], defaults["stages"], defaults["producer_warps"]
+    rows = defaults["rows"] or block_m
+    if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows or producer_warps not in (0, 4):
+        raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2, rows a multiple of 64 dividing {block_m} "
+                         f"and producer_warps 0 or 4, got {keys_per_tile}, {stages}, {rows}, {producer_warps}")
+    needed = shared_bytes(keys_per_tile, stages, rows, head_dim, row_tiles)
+    if needed > SM90_SHARED_BYTES:
+        raise ValueError(f"keys_per_tile {keys_per_tile}, stages {stages} and rows {rows} need {needed} bytes of "
+                         f"shared memory at D = {head_dim}; sm_90 gives a program at most {SM90_SHARED_BYTES}")
+    return keys_per_tile, stages, rows, producer_warps
 
 
 def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start: Tensor, end: Tensor,
@@ -419,20 +664,8 @@ def fused_forward_gluon(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor,
     block_m = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]       # the lists' query block
     if lists.shape[1] != triton.cdiv(t_len, block_m):
         raise ValueError(f"lists of {lists.shape[1]} blocks do not match query blocks of {block_m} at T = {t_len}")
-    defaults = tiles.gluon_forward(tiles.target(q.device), head_dim)
-    if not set(config) <= set(defaults):
-        raise ValueError(f"unknown Gluon forward settings {sorted(set(config) - set(defaults))}; "
-                         f"the settings are {sorted(defaults)}")
-    defaults.update(config)
-    keys_per_tile, stages, producer_warps = defaults["keys_per_tile"], defaults["stages"], defaults["producer_warps"]
-    rows = defaults["rows"] or block_m
-    if keys_per_tile not in (32, 64, 128) or stages < 2 or rows % 64 or block_m % rows or producer_warps not in (0, 4):
-        raise ValueError(f"need keys_per_tile 32, 64 or 128, stages >= 2, rows a multiple of 64 dividing {block_m} "
-                         f"and producer_warps 0 or 4, got {keys_per_tile}, {stages}, {rows}, {producer_warps}")
-    if shared_bytes(keys_per_tile, stages, rows, head_dim) > SM90_SHARED_BYTES:
-        raise ValueError(f"keys_per_tile {keys_per_tile}, stages {stages} and rows {rows} need "
-                         f"{shared_bytes(keys_per_tile, stages, rows, head_dim)} bytes of shared memory at D = "
-                         f"{head_dim}; sm_90 gives a program at most {SM90_SHARED_BYTES}")
+    keys_per_tile, stages, rows, producer_warps = _config(tiles.gluon_forward(tiles.target(q.device), head_dim),
+                                                          config, block_m, head_dim, 1)
     warps = rows // 16                                 # a warpgroup (4 warps) per 64 query rows of the wgmma
     o = empty_output(q.shape, q.dtype, q.device)
     lse = empty_output((batch * n_q_heads, t_len), torch.float32, q.device)

@@ -78,6 +78,15 @@ def gluon_forward(target: Target, head_dim: int) -> dict:
     return dict(keys_per_tile=64, stages=3, rows=None, producer_warps=4)
 
 
+def gluon_dq(target: Target, head_dim: int) -> dict:
+    """The Gluon dq pass's config on sm_90 (`gluon.dq_pass_gluon`), in the settings of `gluon_forward`."""
+    if head_dim > 128:
+        # Not yet timed on a GPU: the forward's 32-key tiles and 2 stages (Q and dO take 128 KB at head dim 256).
+        return dict(keys_per_tile=32, stages=2, rows=None, producer_warps=0)
+    # Not yet timed on a GPU: the forward's default.
+    return dict(keys_per_tile=64, stages=3, rows=None, producer_warps=4)
+
+
 def backward(target: Target, head_dim: int, group: int) -> dict[str, dict]:
     """Tiles of the dq, band and list passes for `group` query heads per KV head. The list pass walks the
     forward's list blocks (its BLOCK_M is the forward's), which fix which (query, key) pairs belong to the band
