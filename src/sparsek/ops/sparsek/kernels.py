@@ -8,6 +8,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _probe_chunk(d, f, n_right, n_left, gap_right, gap_left):
+    """`_probe`'s sums, per lane, plus one chunk of d = z - t (-inf for padding: no mass, no breakpoint, no
+    NaN)."""
+    right = (d > 0) & (d <= 1)
+    left = (d >= 0) & (d < 1)
+    f += tl.minimum(tl.maximum(d, 0.0), 1.0)
+    n_right += right.to(tl.int32)
+    n_left += left.to(tl.int32)
+    # Right of t the next breakpoint of a free entry is z itself, of an entry clipped at 1 it is z - 1; left of
+    # t it is z - 1 for an entry free on the left and z for one below t.
+    gap_right = tl.minimum(gap_right, tl.where(right, d, tl.where(d > 1, d - 1.0, float("inf"))))
+    gap_left = tl.minimum(gap_left, tl.where(d < 0, -d, tl.where(left, 1.0 - d, float("inf"))))
+    return f, n_right, n_left, gap_right, gap_left
+
+
+@triton.jit
 def _probe(z_row, C, t, BLOCK: tl.constexpr):
     """f(t) = sum_i clip(z_i - t, 0, 1) and the linear pieces of f on either side of t: the number of entries
     free just right of t (0 < z - t <= 1) and just left of it (0 <= z - t < 1), and the distance from t to the
@@ -20,16 +36,7 @@ def _probe(z_row, C, t, BLOCK: tl.constexpr):
     gap_left = tl.full([BLOCK], float("inf"), dtype=tl.float64)
     for c0 in range(0, C, BLOCK):
         z = tl.load(z_row + c0 + offs, mask=c0 + offs < C, other=float("-inf"))
-        d = z - t                                    # -inf for padding: no mass, no breakpoint, no NaN
-        right = (d > 0) & (d <= 1)
-        left = (d >= 0) & (d < 1)
-        f += tl.minimum(tl.maximum(d, 0.0), 1.0)
-        n_right += right.to(tl.int32)
-        n_left += left.to(tl.int32)
-        # Right of t the next breakpoint of a free entry is z itself, of an entry clipped at 1 it is z - 1;
-        # left of t it is z - 1 for an entry free on the left and z for one below t.
-        gap_right = tl.minimum(gap_right, tl.where(right, d, tl.where(d > 1, d - 1.0, float("inf"))))
-        gap_left = tl.minimum(gap_left, tl.where(d < 0, -d, tl.where(left, 1.0 - d, float("inf"))))
+        f, n_right, n_left, gap_right, gap_left = _probe_chunk(z - t, f, n_right, n_left, gap_right, gap_left)
     # Separate reductions rather than one tl.reduce over a tuple: the interpreter runs a tuple reduce element
     # by element in Python.
     return (tl.sum(f, 0), tl.sum(n_right, 0), tl.sum(n_left, 0), tl.min(gap_right, 0), tl.min(gap_left, 0))
@@ -56,16 +63,30 @@ def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.c
     z_max = tl.full([BLOCK], float("-inf"), dtype=tl.float64)
     z_min = tl.full([BLOCK], float("inf"), dtype=tl.float64)
     n_finite = tl.zeros([BLOCK], dtype=tl.int32)
+    # With HINTED, the same scan also probes the hint (`_probe`'s sums, in its order): when the hint lies inside
+    # the bracket it is the first probe, and that saves a pass over the row.
+    f_h = tl.zeros([BLOCK], dtype=tl.float64)
+    n_right_h = tl.zeros([BLOCK], dtype=tl.int32)
+    n_left_h = tl.zeros([BLOCK], dtype=tl.int32)
+    gap_right_h = tl.full([BLOCK], float("inf"), dtype=tl.float64)
+    gap_left_h = tl.full([BLOCK], float("inf"), dtype=tl.float64)
+    at = tl.where(tl.abs(hint) < float("inf"), hint, 0.0)   # a hint that is not finite is never probed: no NaN
     for c0 in range(0, C, BLOCK):
         z = tl.load(z_row + c0 + offs, mask=c0 + offs < C, other=float("-inf"))
         finite = z > float("-inf")
         z_max = tl.maximum(z_max, z)
         z_min = tl.minimum(z_min, tl.where(finite, z, float("inf")))
         n_finite += finite.to(tl.int32)
+        if HINTED:
+            f_h, n_right_h, n_left_h, gap_right_h, gap_left_h = _probe_chunk(
+                z - at, f_h, n_right_h, n_left_h, gap_right_h, gap_left_h)
     z_max = tl.max(z_max, 0)
     z_min = tl.min(z_min, 0)
     n_finite = tl.sum(n_finite, 0)
     no_threshold = K >= n_finite
+    if HINTED:
+        hinted = (tl.sum(f_h, 0), tl.sum(n_right_h, 0), tl.sum(n_left_h, 0), tl.min(gap_right_h, 0),
+                  tl.min(gap_left_h, 0))
 
     # Bracket [lo, hi] with f(lo) >= K > f(hi): f(min - 2) = #finite > K and f(max) = 0 < K.
     lo = z_min - 2.0
@@ -85,7 +106,13 @@ def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.c
         p = tl.where(use_guess, guess, lo + 0.5 * (hi - lo))
         p = tl.minimum(tl.maximum(p, lo), hi)
         collapsed = (p <= lo) | (p >= hi)            # no double left strictly inside the bracket
-        f, n_right, n_left, gap_right, gap_left = _probe(z_row, C, p, BLOCK)
+        if HINTED:
+            if (it == 0) & use_guess:                  # p is the hint itself (strictly inside the bracket)
+                f, n_right, n_left, gap_right, gap_left = hinted
+            else:
+                f, n_right, n_left, gap_right, gap_left = _probe(z_row, C, p, BLOCK)
+        else:
+            f, n_right, n_left, gap_right, gap_left = _probe(z_row, C, p, BLOCK)
         above = f >= K
         # The root of the piece right (left) of p; it is the root of f when it lies within that piece.
         step_right = (f - K) / tl.maximum(n_right, 1)
