@@ -6,7 +6,8 @@
 
 Stages: selection (thresholds + key ranges, alone and graphed together with the block-128 lists), the forward
 kernel, the backward's dq, list and band passes (on the forward's lists; each with its outputs and scratch, as
-the attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Medians of
+the attention runs it) and the threshold backward (graphed up to 2^19 scores, as in the attention). Where the
+Gluon kernels run (sm_90, Triton 3.6), the Gluon forward and dq pass are timed too, on the same inputs. Medians of
 triton.testing.do_bench in ms; a table is printed last, then each kernel's effective rate in TFLOP/s
 (`effective_tflops`: the matmul FLOPs over the pairs a query attends, as the forward's 4 T (topk + window) D
 Hq). `--once` times nothing and prints nothing: the selection, the forward and the three backward passes then
@@ -54,6 +55,12 @@ def breakdown(t_len: int, heads: int, kv_heads: int, head_dim: int, topk: int, w
     # Each backward pass as the attention runs it, its outputs allocated inside (as there).
     row["bwd dq pass"] = ms(lambda: fused.dq_pass(grad_out, q, k, v, out, lse, u, tau, start, end, lists, window,
                                                   "kv", scale))
+    if fused.choose_forward(q, "auto", k, v) == "gluon":        # sm_90 with Triton 3.6: the Gluon kernels too
+        from sparsek.ops.attention import gluon
+        row["fwd gluon"] = ms(lambda: gluon.fused_forward_gluon(q, k, v, u, tau, start, end, lists, poison, window,
+                                                                "kv", scale))
+        row["bwd dq gluon"] = ms(lambda: gluon.dq_pass_gluon(grad_out, q, k, v, out, lse, u, tau, start, end, lists,
+                                                             window, "kv", scale))
     _, dtau, delta = fused.dq_pass(grad_out, q, k, v, out, lse, u, tau, start, end, lists, window, "kv", scale)
     row["bwd list pass"] = ms(lambda: fused.list_pass(grad_out, q, k, v, lse, delta, u, tau, end, lists, topk, window,
                                                       "kv", scale))
@@ -78,7 +85,8 @@ def effective_tflops(row: dict, heads: int, head_dim: int, topk: int, window: in
              "bwd dq pass": 3 * per_matmul * (selected + in_window),
              "bwd list pass": 4 * per_matmul * selected,
              "bwd band pass": 4 * per_matmul * in_window}
-    return {name: flop / (row[name] * 1e-3) / 1e12 for name, flop in flops.items()}
+    flops["fwd gluon"], flops["bwd dq gluon"] = flops["fwd kernel"], flops["bwd dq pass"]
+    return {name: flop / (row[name] * 1e-3) / 1e12 for name, flop in flops.items() if name in row}
 
 
 def main() -> None:
