@@ -228,11 +228,11 @@ def test_gluon_dq_pass_equals_the_tl_dq_pass(t_len, heads, head_dim, gate, topk,
     # A wrong mask, gate or tile moves dq by a good fraction of its largest value.
     torch.testing.assert_close(dq_gl.float(), dq_tl.float(), atol=2 ** -7 * dq_tl.float().abs().max().item(),
                                rtol=1.6e-2)
-    if gate == "none":
-        assert (dtau_gl == 0).all()
-    else:
+    # dtau is 0 for gate "none" and wherever no selected key has a fractional mask (at most topk candidates,
+    # or a window that covers every key); the first cases have plenty.
+    torch.testing.assert_close(dtau_gl, dtau_tl, atol=1e-3 * dtau_tl.abs().max().item(), rtol=1e-2)
+    if gate != "none" and t_len > 2 * (topk + window):
         assert dtau_tl.abs().max() > 0
-        torch.testing.assert_close(dtau_gl, dtau_tl, atol=1e-3 * dtau_tl.abs().max().item(), rtol=1e-2)
 
 
 def _qkv_scores(t_len=40, heads=2, head_dim=16):
