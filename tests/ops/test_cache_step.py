@@ -68,6 +68,7 @@ def inputs(batch, t_len, heads, group, dim, *, ties, dtype=torch.float32, seed=0
 
 @pytest.mark.parametrize("topk,window,max_kept,ties,gate", [
     (4, 3, "auto", True, "kv"),      # ties everywhere: slot eviction and the kept buffer's first-lowest column
+    (4, 2, 16, True, "v"),           # a full kept buffer (two interpreter chunks) with tied lowest scores
     (3, 0, 5, False, "v"),           # no window, and a kept buffer so small that it drops scores
     (0, 4, "auto", False, "kv"),     # window only
     (1, 1, 2, False, "none"),        # the smallest budget, max_kept = topk + 1

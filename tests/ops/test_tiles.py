@@ -97,10 +97,11 @@ def test_threshold_and_cache_step_chunks(n_columns):
     interpreter_chunk, gpu_chunk, kept_chunk = ROW_CHUNKS[n_columns]
     assert tiles.threshold(tiles.INTERPRETER, n_columns) == dict(BLOCK=interpreter_chunk, num_warps=1)
     assert tiles.threshold(tiles.SM90, n_columns) == dict(BLOCK=gpu_chunk, num_warps=4)
-    # The cache step scans its slots and entries with the threshold's chunk rule; on sm_90 its kept scores in
-    # chunks of up to 2048, with 8 warps (the H200 sweep in tiles.cache_step).
+    # The cache step scans its slots and entries with the threshold's chunk rule; its kept scores in chunks of
+    # at most 8 in the interpreter (so that tests see several) and up to 2048 on sm_90, with 8 warps (the H200
+    # sweep in tiles.cache_step).
     assert tiles.cache_step(tiles.INTERPRETER, n_columns, 5, 4100) == dict(
-        BLOCK_C=interpreter_chunk, BLOCK_K=8, BLOCK_N=8192, num_warps=1)
+        BLOCK_C=min(8, interpreter_chunk), BLOCK_K=8, BLOCK_N=8192, num_warps=1)
     assert tiles.cache_step(tiles.SM90, n_columns, 5, 4100) == dict(
         BLOCK_C=kept_chunk, BLOCK_K=8, BLOCK_N=1024, num_warps=8)
 

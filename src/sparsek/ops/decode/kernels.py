@@ -165,16 +165,18 @@ def cache_step_kernel(
         # after the first min(C, candidates including this one) columns; at least one, which holds the lowest.
         kept_row = KEPT + pid.to(tl.int64) * C
         n_live = tl.minimum(tl.maximum(t + 1 - WINDOW, 1), C).to(tl.int32)
+        # Each lane keeps its lowest score and that score's first column; two reductions after the loop (not two
+        # per chunk) then give the first lowest column.
         offs_c = tl.arange(0, BLOCK_C)
-        lowest = tl.min(tl.full([BLOCK_C], float("inf"), tl.float64), 0)
-        column = 0                                       # in range even if no score is below +inf
+        lane_min = tl.full([BLOCK_C], float("inf"), tl.float64)
+        lane_at = tl.zeros([BLOCK_C], tl.int32)          # in range even if no score is below +inf
         for c0 in range(0, n_live, BLOCK_C):
             z = tl.load(kept_row + c0 + offs_c, mask=c0 + offs_c < n_live, other=float("inf"))
-            z_min = tl.min(z, 0)
-            z_at = tl.min(tl.where(z == z_min, c0 + offs_c, C), 0)
-            lower = z_min < lowest                       # strict: an equal later chunk does not move the column
-            column = tl.where(lower, z_at, column)
-            lowest = tl.where(lower, z_min, lowest)
+            lower = z < lane_min                         # strict: a lane's later equal score does not move it
+            lane_at = tl.where(lower, c0 + offs_c, lane_at)
+            lane_min = tl.where(lower, z, lane_min)
+        lowest = tl.min(lane_min, 0)
+        column = tl.min(tl.where(lane_min == lowest, lane_at, C), 0)
         u_kept = tl.where(present, cand_u.to(tl.float64), float("-inf"))
         enters = u_kept > lowest
         tl.debug_barrier()                               # every warp has read the buffer before one writes it
