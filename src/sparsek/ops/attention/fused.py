@@ -160,7 +160,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, u: Tensor, tau: Tensor, start
 
 def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, u: Tensor, tau: Tensor,
                    start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str, scale: float,
-                   backend: str = "triton") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32).
     lists: the forward's block key lists; backend picks the dq pass's kernel (`choose_dq`)."""
     window = min(window, q.shape[1])             # same pairs; keeps the kernels' int32 index math small
