@@ -252,19 +252,20 @@ def test_backend_triton_and_auto_off_cuda_take_the_tl_forward(monkeypatch):
 
 
 def test_the_dq_pass_follows_the_forward_and_its_own_switch(monkeypatch):
-    """The Gluon dq pass runs where the Gluon forward does: always for backend "gluon", and for "auto" only
-    while GLUON_DQ_BY_DEFAULT is on. The CPU tensor stands in for one the Gluon kernels take."""
+    """The Gluon dq pass runs where the Gluon forward does (backend "gluon", or "auto" while GLUON_BY_DEFAULT
+    is on), and only while GLUON_DQ is on. The CPU tensor stands in for one the Gluon kernels take."""
     from sparsek.ops.attention import fused, gluon
 
     q = _qkv_scores()[0]
     monkeypatch.setattr(gluon, "cannot_run", lambda *tensors: None)
     monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", True)
-    for switch, auto in ((False, "tl"), (True, "gluon")):
-        monkeypatch.setattr(fused, "GLUON_DQ_BY_DEFAULT", switch)
-        assert fused.choose_dq(q, "auto") == auto
-        assert fused.choose_dq(q, "gluon") == "gluon" and fused.choose_dq(q, "triton") == "tl"
+    for switch, want in ((False, "tl"), (True, "gluon")):
+        monkeypatch.setattr(fused, "GLUON_DQ", switch)
+        assert fused.choose_dq(q, "auto") == want and fused.choose_dq(q, "gluon") == want
+        assert fused.choose_dq(q, "triton") == "tl"
     monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", False)          # no Gluon forward by default: no Gluon dq
     assert fused.choose_dq(q, "auto") == "tl"
+
 
 def test_backend_gluon_says_why_it_cannot_run():
     from sparsek import sparsek_attention

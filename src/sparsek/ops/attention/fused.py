@@ -56,9 +56,9 @@ FORWARD_BACKENDS = ("auto", "triton", "gluon")
 # Whether "auto" takes the Gluon forward where it runs: on since the attention GPU tests passed with backend
 # "gluon" (H100, 2026-12-05). False puts every shape back on the tl forward.
 GLUON_BY_DEFAULT = True
-# Whether "auto" also takes the Gluon dq pass (`gluon.dq_pass_gluon`) where the Gluon forward runs; backend
-# "gluon" always does.
-GLUON_DQ_BY_DEFAULT = False
+# Whether the backward takes the Gluon dq pass (`gluon.dq_pass_gluon`) wherever the forward takes the Gluon
+# forward (backend "auto" or "gluon"). Off until its GPU tests pass: `gluon.dq_pass_gluon` can be called alone.
+GLUON_DQ = False
 
 
 def on_sm90(q: Tensor) -> bool:
@@ -98,11 +98,9 @@ def choose_forward(q: Tensor, backend: str, *others: Tensor) -> str:
 
 
 def choose_dq(q: Tensor, backend: str, *others: Tensor) -> str:
-    """The dq pass's kernel: "gluon" where `choose_forward` takes the Gluon forward, unless backend is "auto"
-    and GLUON_DQ_BY_DEFAULT is off; else "tl". The list and band passes are tl kernels either way."""
-    if backend == "auto" and not GLUON_DQ_BY_DEFAULT:
-        return "tl"
-    return choose_forward(q, backend, *others)
+    """The dq pass's kernel: "gluon" where `choose_forward` takes the Gluon forward while GLUON_DQ is on, else
+    "tl". The list and band passes are tl kernels either way."""
+    return choose_forward(q, backend, *others) if GLUON_DQ else "tl"
 
 
 def _forward_selection(u: Tensor, topk: int, window: int,
