@@ -97,6 +97,7 @@ def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.c
     if HINTED:
         guess = tl.minimum(tl.maximum(hint, lo), hi)
     found = n_finite < 0
+    unique = found       # the certified root lies well inside its linear piece: f is flat nowhere near it
     done = no_threshold
     it = 0
     while (it < MAX_ITERS) & (done == 0):
@@ -122,6 +123,12 @@ def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.c
         certified_right = above & (n_right > 0) & (step_right <= gap_right)
         certified_left = (f < K) & (n_left > 0) & (step_left <= gap_left)
         flat = above & (n_right == 0) & (f == K)    # f == K on a whole interval right of p
+        # A root further than `margin` from both ends of its piece (which holds no breakpoint and has slope -n < 0)
+        # is where f crosses K strictly, so f is flat at K nowhere: the flat check below would keep it. The
+        # margin stands well above the rounding of f (a sum of up to C terms in [0, 1]) and of the distances.
+        margin = 1e-6 * (1.0 + tl.abs(p))
+        unique = tl.where(certified_right, (step_right > margin) & (step_right < gap_right - margin),
+                          certified_left & (step_left > margin) & (step_left < gap_left - margin))
         lo = tl.where(above, p, lo)
         hi = tl.where(above, hi, p)
         tau_lo = tl.where(above, root_right, tau_lo)
@@ -133,11 +140,20 @@ def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.c
         it += 1
     t = tl.where(found, answer, tl.minimum(tl.maximum(tau_lo, lo), hi))
     t = tl.where(no_threshold, 0.0, t)
+    if unique & (no_threshold == 0):                # the usual decode step: no pass over the row left
+        tau = t
+    else:
+        tau = _flat_midpoint(z_row, C, K, t, BLOCK)
+    return tl.where(no_threshold, float("-inf"), tau)
 
-    # Flat f (integer K with a gap of at least 1 under the K-th largest value theta): the reference returns the
-    # midpoint of [z_(K+1), theta - 1]. At any s with exactly K entries above it, those are the top K, so
-    # min{z > s} and max{z <= s} are exactly theta and z_(K+1). t lies in or at an end of the flat interval
-    # (up to rounding), and then t or t + 1 is such an s.
+
+@triton.jit
+def _flat_midpoint(z_row, C, K, t, BLOCK: tl.constexpr):
+    """tau from the search's root t: t itself, or where f is flat at K (integer K with a gap of at least 1
+    under the K-th largest value theta) the midpoint of [z_(K+1), theta - 1], as the reference returns. At any
+    s with exactly K entries above it, those are the top K, so min{z > s} and max{z <= s} are exactly theta and
+    z_(K+1). t lies in or at an end of the flat interval (up to rounding), and then t or t + 1 is such an s."""
+    offs = tl.arange(0, BLOCK)
     s = t + 1.0
     n_above_t = tl.zeros([BLOCK], dtype=tl.int32)
     n_above_s = tl.zeros([BLOCK], dtype=tl.int32)
@@ -160,5 +176,4 @@ def row_threshold(z_row, C, K, hint, NEWTON_ITERS: tl.constexpr, MAX_ITERS: tl.c
     theta = tl.where(at_t, next_t, tl.where(matched, next_s, t))
     below = tl.where(at_t, prev_t, tl.where(matched, prev_s, t))
     flat = theta - below >= 1.0
-    tau = tl.where(flat, 0.5 * (below + theta - 1.0), t)
-    return tl.where(no_threshold, float("-inf"), tau)
+    return tl.where(flat, 0.5 * (below + theta - 1.0), t)
