@@ -187,23 +187,22 @@ def cache_step_kernel(
         # The slots: the candidate takes the worst one if it is at least as good (ties to the newer key).
         slot_u = SCORES + entry_row + WINDOW
         slot_pos = POSITIONS + entry_row + WINDOW
+        # Among the lowest scores, the oldest slot, and the first of the empty ones: one int64 key per slot,
+        # (position + 1) * TOPK + slot, orders both at once (positions are distinct, empty slots hold -1).
         offs_k = tl.arange(0, BLOCK_K)
         worst_u = tl.min(tl.full([BLOCK_K], float("inf"), SCORES.dtype.element_ty), 0)
-        worst_pos = tl.min(tl.full([BLOCK_K], 9223372036854775807, tl.int64), 0)
-        worst = 0
+        worst_key = tl.min(tl.full([BLOCK_K], 9223372036854775807, tl.int64), 0)
         for s0 in range(0, TOPK, BLOCK_K):
             s_ok = s0 + offs_k < TOPK
             u = tl.load(slot_u + s0 + offs_k, mask=s_ok, other=0.0)
             p = tl.load(slot_pos + s0 + offs_k, mask=s_ok, other=-1)
             live_u = tl.where(s_ok, tl.where(p >= 0, u, float("-inf")), float("inf"))
             u_min = tl.min(live_u, 0)
-            tied = live_u == u_min
-            p_min = tl.min(tl.where(tied, p, 9223372036854775807), 0)
-            at = tl.min(tl.where(tied & (p == p_min), s0 + offs_k, TOPK), 0)
-            worse = (u_min < worst_u) | ((u_min == worst_u) & (p_min < worst_pos))
-            worst = tl.where(worse, at, worst)
-            worst_pos = tl.where(worse, p_min, worst_pos)
+            key = tl.min(tl.where(live_u == u_min, (p + 1) * TOPK + s0 + offs_k, 9223372036854775807), 0)
+            worse = (u_min < worst_u) | ((u_min == worst_u) & (key < worst_key))
+            worst_key = tl.where(worse, key, worst_key)
             worst_u = tl.where(worse, u_min, worst_u)
+        worst = worst_key % TOPK                         # the key is >= 0 whenever a slot exists (TOPK >= 1)
         tl.debug_barrier()                               # every warp has read the slots before they change
         filling = cand_pos < TOPK                        # while the slots fill, candidate j takes slot j
         slot = tl.where(filling, cand_pos, worst)
