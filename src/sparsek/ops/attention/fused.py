@@ -57,8 +57,8 @@ FORWARD_BACKENDS = ("auto", "triton", "gluon")
 # "gluon" (H100, 2026-12-05). False puts every shape back on the tl forward.
 GLUON_BY_DEFAULT = True
 # Whether the backward takes the Gluon dq pass (`gluon.dq_pass_gluon`) wherever the forward takes the Gluon
-# forward (backend "auto" or "gluon"). Off until its GPU tests pass: `gluon.dq_pass_gluon` can be called alone.
-GLUON_DQ = False
+# forward (backend "auto" or "gluon"): on since the attention GPU tests passed with it (H100, 2026-12-06).
+GLUON_DQ = True
 
 
 def on_sm90(q: Tensor) -> bool:
