@@ -167,6 +167,31 @@ def _softmax_tile(s, ring, stage, is_list, inside, m_i, l_i, offs_m, tau, WINDOW
 
 
 @gluon.jit
+def _wait_for_tile(ready, t, STAGES: gl.constexpr, PRODUCER: gl.constexpr):
+    """Until tile t is in its ring stage and visible to the wgmma: the producer's `ready` mbarrier (PRODUCER),
+    or this thread's cp.async groups (tile t's group done once at most STAGES - 2 later ones are pending)."""
+    if PRODUCER:
+        mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
+        fence_async_shared()
+    else:
+        async_copy.wait_group(STAGES - 2)
+        _tile_landed()
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
+    """The ring's `ready` (one cp.async arrive per producer thread) and `empty` (one arrive by the consumers)
+    mbarriers, one per stage, initialised."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()
+    return ready, empty
+
+
+@gluon.jit
 def _tile_landed():
     """After this thread's `wait_group`: every thread's copies have landed and are visible to the wgmma
     (async proxy)."""
@@ -261,12 +286,7 @@ def _attend_tiles(q_smem, ring, ready, empty, src, list_base, n_list_tiles, band
         band_keys = (band_lo - n_list_tiles * BLOCK_N, band_hi)
 
     # Tile 0 alone: its scores and P (there is no earlier P V to overlap), then the copy of tile STAGES - 1.
-    if PRODUCER:
-        mbarrier.wait(ready.index(0), 0)
-        fence_async_shared()
-    else:
-        async_copy.wait_group(STAGES - 2)
-        _tile_landed()
+    _wait_for_tile(ready, 0, STAGES, PRODUCER)
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, q_smem, k_ring.index(0)))
     inside = _inside_every_window(0, n_list_tiles, band_lo, r0, WINDOW, BLOCK_M, BLOCK_N)
@@ -280,12 +300,7 @@ def _attend_tiles(q_smem, ring, ready, empty, src, list_base, n_list_tiles, band
     for t in range(1, n_tiles):
         stage = t % STAGES
         prev = (t - 1) % STAGES
-        if PRODUCER:
-            mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-            fence_async_shared()
-        else:
-            async_copy.wait_group(STAGES - 2)          # tile t has landed (groups up to t + STAGES - 2 issued)
-            _tile_landed()
+        _wait_for_tile(ready, t, STAGES, PRODUCER)
         k_t = k_ring.index(stage)
         v_prev = v_ring.index(prev)
         s = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -367,12 +382,7 @@ def sparsek_fwd_gluon_kernel(
     else:
         async_copy.wait_group(0)                       # Q, before the warps part ways
         gl.thread_barrier()
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)   # one cp.async arrive per producer thread
-            mbarrier.init(empty.index(i), count=1)                    # one arrive by the attending warps
-        fence_async_shared()
+        ready, empty = _ring_barriers(STAGES, PRODUCER_WARPS)
         gl.warp_specialize([
             (_attend_tiles, (q_smem, ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi, n_tiles,
                              b, hq, row, r0, pid_bh, TAU, OUT, LSE, POISON, stride_kt, stride_vt, stride_ob,
@@ -389,7 +399,7 @@ def _dq_tile(s, dp, ring, stage, is_list, inside, offs_m, tau, lse2, delta, WIND
     """One tile of the dq pass, from its scores s = Q K^T and dp = dO V^T [BLOCK_M, BLOCK_N] (float32): dS, the
     factor of dq = dS K, and the tile's share of dtau [BLOCK_M] (-sum of dm over its fractional keys), as
     `kernels._bwd_tile` computes them. A fractional key is one whose weight lies strictly between 0 and 1:
-    only a selected key can be one (the window's weigh 1)."""
+    only a selected key can be one (a key in the window weighs 1)."""
     weight = _tile_weight(s, ring, stage, is_list, inside, offs_m, tau, WINDOW, band_keys)
     lse2 = gl.expand_dims(lse2, 1)
     delta = gl.expand_dims(delta, 1)
@@ -468,12 +478,7 @@ def _dq_tiles(q_smem, do_smem, ring, ready, empty, src, list_base, n_list_tiles,
         band_keys = (band_lo - n_list_tiles * BLOCK_N, band_hi)
 
     # Tile 0 alone: there is no earlier dS K to overlap.
-    if PRODUCER:
-        mbarrier.wait(ready.index(0), 0)
-        fence_async_shared()
-    else:
-        async_copy.wait_group(STAGES - 2)
-        _tile_landed()
+    _wait_for_tile(ready, 0, STAGES, PRODUCER)
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     dp = warpgroup_mma(do_smem, v_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s, dp, _, _, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp, q_smem, do_smem, k_ring.index(0),
@@ -489,12 +494,7 @@ def _dq_tiles(q_smem, do_smem, ring, ready, empty, src, list_base, n_list_tiles,
     for t in range(1, n_tiles):
         stage = t % STAGES
         prev = (t - 1) % STAGES
-        if PRODUCER:
-            mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
-            fence_async_shared()
-        else:
-            async_copy.wait_group(STAGES - 2)
-            _tile_landed()
+        _wait_for_tile(ready, t, STAGES, PRODUCER)
         k_t = k_ring.index(stage)
         v_t = v_ring.index(stage)
         k_prev = k_ring.index(prev)
@@ -558,12 +558,7 @@ def sparsek_bwd_dq_gluon_kernel(
     else:
         async_copy.wait_group(0)
         gl.thread_barrier()
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
-            mbarrier.init(empty.index(i), count=1)
-        fence_async_shared()
+        ready, empty = _ring_barriers(STAGES, PRODUCER_WARPS)
         gl.warp_specialize([
             (_dq_tiles, (q_smem, do_smem, ring, ready, empty, src, list_base, n_list_tiles, band_lo, band_hi,
                          n_tiles, b, hq, row, r0, pid_bh, TAU, OUT, DO, LSE, DELTA, DQ, DTAU, stride_kt, stride_vt,
