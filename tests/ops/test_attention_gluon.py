@@ -67,10 +67,13 @@ SCRIPT = textwrap.dedent('''
               "cp.async", len(re.findall(r"cp\\.async\\.c[ag]", ptx)),
               "producer", len(re.findall(r"cp\\.async\\.mbarrier\\.arrive", ptx)),
               "releases", len(releases), "fenced", fenced)
-    # The dq pass: the forward's default configs, and one without the producer.
+    # The dq pass: the forward's default configs, and one without the producer. A launch specialises integer
+    # arguments equal to 1 to constants (GROUP = 1: one query head per KV head); compile that too, as a constant
+    # can take another lowering path.
     fn = gluon.sparsek_bwd_dq_gluon_kernel
-    for dtype, head_dim, gate, config in (("bf16", 128, 0, None), ("fp16", 64, 1, None), ("bf16", 256, 2, None),
-                                          ("bf16", 128, 1, (64, 3, 128, 0))):
+    for dtype, head_dim, gate, config, group_one in (
+            ("bf16", 128, 0, None, False), ("fp16", 64, 1, None, False), ("bf16", 256, 2, None, False),
+            ("bf16", 128, 1, (64, 3, 128, 0), False), ("bf16", 128, 0, None, True), ("bf16", 256, 1, None, True)):
         if config is None:
             default = tiles.gluon_dq(tiles.SM90, head_dim)
             config = (default["keys_per_tile"], default["stages"], default["rows"] or 128, default["producer_warps"])
@@ -79,7 +82,7 @@ SCRIPT = textwrap.dedent('''
         pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", START="*i32", END="*i32", LISTS="*i32", DO=x, OUT=x,
                         LSE="*fp32", DELTA="*fp32", DQ=x, DTAU="*fp32")
         constexprs = dict(GATE=gate, LIST_BLOCK=128, BLOCK_M=rows, BLOCK_N=keys, HEAD_DIM=head_dim, STAGES=stages,
-                          NUM_WARPS=rows // 16, PRODUCER_WARPS=producer)
+                          NUM_WARPS=rows // 16, PRODUCER_WARPS=producer, **({"GROUP": 1} if group_one else {}))
         signature = {name: "constexpr" if name in constexprs else ("i32",) * 3 if name.endswith("_strides") else
                      pointers.get(name, "fp32" if name == "scale" else "i32") for name in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in pointers}
@@ -109,7 +112,7 @@ def test_gluon_forward_compiles_for_sm90():
         releases = int(line[line.index("releases") + 1])
         assert releases == int(line[line.index("fenced") + 1]) and (releases > 0) == (line[4] == "4")
     dq_lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled-dq")]
-    assert len(dq_lines) == 4
+    assert len(dq_lines) == 6
     for line in dq_lines:                       # three products per tile, all wgmma
         assert int(line[line.index("wgmma") + 1]) >= 3
         assert (int(line[line.index("producer") + 1]) > 0) == (line[4] == "4")
