@@ -18,8 +18,8 @@ integers 2 to 4, scores spread over 16 decades about 17.
 Where f is flat at k (integer k with a gap of at least 1 under the k-th largest value theta) every point of
 [z_(k+1), theta - 1] solves it; like the reference the kernel returns the midpoint, from the exact k-th and
 (k+1)-th largest values found by one last pass. That pass is skipped when the certified root lies well inside
-its linear piece, where f crosses k strictly and so cannot be flat. No host synchronisation and no data-dependent shapes: it can
-be captured in a CUDA graph.
+its linear piece, where f crosses k strictly and so cannot be flat. No host synchronisation and no
+data-dependent shapes: it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
