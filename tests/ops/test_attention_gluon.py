@@ -92,6 +92,24 @@ SCRIPT = textwrap.dedent('''
                              options=dict(num_warps=rows // 16)).asm["ptx"]
         print("compiled-dq", dtype, head_dim, gate, producer, "wgmma", len(re.findall(r"wgmma\\.mma_async", ptx)),
               "producer", len(re.findall(r"cp\\.async\\.mbarrier\\.arrive", ptx)))
+    # The list pass (GROUP is never specialised: see the kernel), plain stores and atomic flushes.
+    fn = gluon.sparsek_bwd_list_gluon_kernel
+    for dtype, head_dim, gate, atomic in (("bf16", 128, 0, False), ("fp16", 64, 1, True), ("bf16", 128, 2, True)):
+        config = tiles.gluon_list(tiles.SM90, head_dim)
+        x = "*" + dtype
+        pointers = dict(Q=x, K=x, V=x, U="*fp32", TAU="*fp32", END="*i32", LISTS="*i32", DO=x, LSE="*fp32",
+                        DELTA="*fp32", DK="*fp32", DV="*fp32", DU="*fp32")
+        constexprs = dict(GATE=gate, LIST_BLOCK=128, BLOCK_N=config["slots"], SUB_M=config["rows"],
+                          HEAD_DIM=head_dim, STAGES=config["stages"], NUM_WARPS=config["slots"] // 16, ATOMIC=atomic)
+        signature = {name: "constexpr" if name in constexprs else ("i32",) * 3 if name.endswith("_strides") else
+                     pointers.get(name, "fp32" if name == "scale" else "i32") for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in pointers}
+        attrs.update({(i, j): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                      if name.endswith("_strides") for j in range(3)})
+        ptx = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=config["slots"] // 16)).asm["ptx"]
+        print("compiled-list", dtype, head_dim, gate, atomic, "wgmma", len(re.findall(r"wgmma\\.mma_async", ptx)),
+              "atomics", len(re.findall(r"\\b(red|atom)\\.global", ptx)))
 ''')
 
 
@@ -111,6 +129,11 @@ def test_gluon_forward_compiles_for_sm90():
         assert (int(line[line.index("producer") + 1]) > 0) == (line[4] == "4")
         releases = int(line[line.index("releases") + 1])
         assert releases == int(line[line.index("fenced") + 1]) and (releases > 0) == (line[4] == "4")
+    list_lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled-list")]
+    assert len(list_lines) == 3
+    for line in list_lines:                     # four products per step, all wgmma; atomics only when asked
+        assert int(line[line.index("wgmma") + 1]) >= 4
+        assert (int(line[line.index("atomics") + 1]) > 0) == (line[4] == "True")
     dq_lines = [line.split() for line in result.stdout.splitlines() if line.startswith("compiled-dq")]
     assert len(dq_lines) == 6
     for line in dq_lines:                       # three products per tile, all wgmma
@@ -238,6 +261,53 @@ def test_gluon_dq_pass_equals_the_tl_dq_pass(t_len, heads, head_dim, gate, topk,
         assert dtau_tl.abs().max() > 0
 
 
+@pytest.mark.skipif(not _gluon_runs_here(), reason="needs an sm_90 GPU and Triton 3.6's Gluon API")
+@pytest.mark.parametrize("batch, t_len, heads, head_dim, gate, topk, window, config", [
+    (2, 4096, (4, 4), 128, "kv", 256, 128, {}),          # 16 programs: blocks split, atomic adds
+    (2, 4096, (8, 2), 128, "v", 256, 128, {}),
+    (2, 2500, (4, 1), 64, "none", 256, 128, {}),
+    (2, 4096, (8, 4), 128, "kv", 2048, 128, {}),         # 128 programs: one per slot tile, plain stores
+    (1, 1500, (4, 2), 128, "kv", 200, 0, {}),            # no window; slots not a multiple of the tile
+    (1, 100, (4, 4), 64, "kv", 512, 32, {}),             # one partial block, topk > T
+    (2, 3000, (16, 1), 128, "kv", 256, 128, dict(slots=64, rows=64, stages=2)),
+    (1, 3000, (4, 4), 128, "v", 256, 128, dict(rows=64, stages=2)),
+])
+def test_gluon_list_pass_equals_the_tl_list_pass(batch, t_len, heads, head_dim, gate, topk, window, config):
+    from sparsek.ops.attention import fused, gluon
+    from sparsek.ops.common import tiles
+
+    torch.manual_seed(4)
+    n_q_heads, n_kv_heads = heads
+    q = torch.randn(batch, t_len, n_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, t_len, n_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    u = fused.score_rows(torch.randn(batch, t_len, n_kv_heads, device="cuda"))
+    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
+    tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
+    scale = head_dim ** -0.5
+    o, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
+    do = torch.randn_like(q)
+    window = min(window, t_len)
+    _, _, delta = fused.dq_pass(do, q, k, v, o, lse, u, tau, start, end, lists, window, gate, scale)
+    args = (do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
+    want = fused.list_pass(*args)
+    got = gluon.list_pass_gluon(*args, **config)
+    # Only the rows of listed keys are written (the others may hold anything).
+    rows = batch * n_kv_heads
+    listed = torch.zeros(rows, t_len + 1, dtype=torch.bool, device="cuda")
+    flat = lists.reshape(rows, -1).long()
+    listed.scatter_(1, torch.where(flat >= 0, flat, t_len), True)
+    listed = listed[:, :t_len]
+    assert listed.any()
+    by_key = listed.view(batch, n_kv_heads, t_len).permute(0, 2, 1)          # [B, T, Hk], the rows of dk, dv
+    for name, g, w in (("dk", got[0][by_key], want[0][by_key]), ("dv", got[1][by_key], want[1][by_key]),
+                       ("du", got[2][listed], want[2][listed])):
+        assert torch.isfinite(g).all(), name
+        # The same float32 sums of products of 16-bit factors (P^T m and dS^T rounded to 16 bits in both), in
+        # another order: a wrong mask, key or flush moves them by far more.
+        torch.testing.assert_close(g, w, atol=2 ** -7 * w.abs().max().item() + 1e-6, rtol=1.6e-2, msg=name)
+
+
 def _qkv_scores(t_len=40, heads=2, head_dim=16):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, t_len, heads, head_dim) for _ in range(3))
@@ -269,6 +339,19 @@ def test_the_dq_pass_follows_the_forward_and_its_own_switch(monkeypatch):
     monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", False)          # no Gluon forward by default: no Gluon dq
     assert fused.choose_dq(q, "auto") == "tl"
 
+
+def test_the_list_pass_stays_tl_until_switched_on(monkeypatch):
+    """The Gluon list pass runs only while GLUON_LIST is on, where the Gluon forward runs, at head dims with a
+    config (up to 128)."""
+    from sparsek.ops.attention import fused, gluon
+
+    q = _qkv_scores()[0]                                          # head dim 16
+    monkeypatch.setattr(gluon, "cannot_run", lambda *tensors: None)
+    monkeypatch.setattr(fused, "GLUON_BY_DEFAULT", True)
+    assert fused.GLUON_LIST is False and fused.choose_list(q, "gluon") == "tl"
+    monkeypatch.setattr(fused, "GLUON_LIST", True)
+    assert fused.choose_list(q, "auto") == "gluon" and fused.choose_list(q, "triton") == "tl"
+    assert fused.choose_list(torch.zeros(1, 4, 1, 256), "gluon") == "tl"     # no config at head dim 256
 
 def test_backend_gluon_says_why_it_cannot_run():
     from sparsek import sparsek_attention

@@ -74,6 +74,13 @@ def test_gluon_dq_config(head_dim):
         dict(keys_per_tile=32, stages=2, rows=None, producer_warps=0)
     assert tiles.gluon_dq(tiles.SM90, head_dim) == want
 
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_gluon_list_config(head_dim):
+    # 128 slots, 32 query rows per step, 3 stages: no spill up to head dim 128 (ptxas); none at 256.
+    want = dict(slots=128, rows=32, stages=3) if head_dim <= 128 else None
+    assert tiles.gluon_list(tiles.SM90, head_dim) == want
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", GROUPS)
 def test_interpreter_attention_tiles(head_dim, group):

@@ -3,6 +3,7 @@ through each backend.
 
     python -m sparsek.bench.gluon                                      # 16/16 at 8k, 32k, 128k and 64/4 at 32k
     python -m sparsek.bench.gluon --configs 64x3,32x3/64,64x3+ws --shapes 16/16@32768
+    python -m sparsek.bench.gluon --dq-configs "" --list        # also the list pass, tl against Gluon
 
 Both forwards run on the same selection (topk 1024 + window 512 by default, D = 128, bf16, gate "kv", B = 1).
 A config is `keys x stages[/rows][+ws]`: keys per tile, shared-memory ring stages, query rows per program (the
@@ -96,6 +97,21 @@ def bench_shape(hq: int, hk: int, t_len: int, configs: list[str], args) -> list[
         row["tflops"] = dq_flop / row["ms"] / 1e9
     rows += dq_rows
 
+    # The list pass, tl against Gluon (default config), on the same delta; max |dk - tl| over listed keys.
+    if tiles.gluon_list(tiles.SM90, d) is not None and args.list:
+        _, _, delta = fused.dq_pass(*dq_args)
+        list_args = (do, q, k, v, lse, delta, u, tau, end, lists, args.topk, min(args.window, t_len), "kv", d ** -0.5)
+        dk_tl = fused.list_pass(*list_args)[0]
+        listed = dk_tl.abs().sum(-1) > 0
+        dk_gl = gluon.list_pass_gluon(*list_args)[0]
+        list_flop = 8 * t_len * min(args.topk, t_len) * d * hq      # 4 products over the selected pairs
+        for kernel, fn, err in (
+                ("list tl", lambda: fused.list_pass(*list_args), 0.0),
+                ("list gluon", lambda: gluon.list_pass_gluon(*list_args),
+                 (dk_gl[listed] - dk_tl[listed]).abs().max().item())):
+            t = ms(fn)
+            rows.append(dict(shape=shape, T=t_len, kernel=kernel, ms=t, err=err, tflops=list_flop / t / 1e9))
+
     grads = [x.clone().requires_grad_() for x in (q, k, v, scores)]
     cotangent = torch.randn_like(q)
 
@@ -116,6 +132,7 @@ def main() -> None:
                         help="comma-separated keys x stages[/rows][+ws], or default (tiles.gluon_forward)")
     parser.add_argument("--dq-configs", default="default,64x3,32x3+ws,64x2/64",
                         help="the same for the dq pass (tiles.gluon_dq's default); empty: no dq rows")
+    parser.add_argument("--list", action="store_true", help="also time the list pass, tl against Gluon")
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))

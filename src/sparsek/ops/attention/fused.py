@@ -59,6 +59,8 @@ GLUON_BY_DEFAULT = True
 # Whether the backward takes the Gluon dq pass (`gluon.dq_pass_gluon`) wherever the forward takes the Gluon
 # forward (backend "auto" or "gluon"): on since the attention GPU tests passed with it (H100, 2026-12-06).
 GLUON_DQ = True
+# The same for the Gluon list pass (`gluon.list_pass_gluon`, head dim 64 and 128): off until its GPU tests pass.
+GLUON_LIST = False
 
 
 def on_sm90(q: Tensor) -> bool:
@@ -101,6 +103,14 @@ def choose_dq(q: Tensor, backend: str, *others: Tensor) -> str:
     """The dq pass's kernel: "gluon" where `choose_forward` takes the Gluon forward while GLUON_DQ is on, else
     "tl". The list and band passes are tl kernels either way."""
     return choose_forward(q, backend, *others) if GLUON_DQ else "tl"
+
+
+def choose_list(q: Tensor, backend: str, *others: Tensor) -> str:
+    """The list pass's kernel: "gluon" where `choose_forward` takes the Gluon forward while GLUON_LIST is on
+    and the Gluon list pass has a config for the head dim, else "tl"."""
+    if not GLUON_LIST or tiles.gluon_list(tiles.SM90, q.shape[-1]) is None:
+        return "tl"
+    return choose_forward(q, backend, *others)
 
 
 def _forward_selection(u: Tensor, topk: int, window: int,
@@ -160,7 +170,8 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
                    start: Tensor, end: Tensor, lists: Tensor, topk: int, window: int, gate: str, scale: float,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (dtypes of q, k, v), the direct score gradient du [R, T] and dtau [B * Hq, T] (float32).
-    lists: the forward's block key lists; backend picks the dq pass's kernel (`choose_dq`)."""
+    lists: the forward's block key lists; backend picks the dq and list passes' kernels (`choose_dq`,
+    `choose_list`)."""
     window = min(window, q.shape[1])             # same pairs; keeps the kernels' int32 index math small
     if choose_dq(q, backend, k, v) == "gluon":
         from .gluon import dq_pass_gluon
@@ -169,7 +180,11 @@ def fused_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
         dq, dtau, delta = dq_pass(do, q, k, v, o, lse, u, tau, start, end, lists, window, gate, scale)
     # The list pass writes the sums of listed keys to float32 scratch; the band pass adds them to its own and
     # stores dk, dv in the dtype of k, v.
-    scratch = list_pass(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
+    if choose_list(q, backend, k, v) == "gluon":
+        from .gluon import list_pass_gluon
+        scratch = list_pass_gluon(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
+    else:
+        scratch = list_pass(do, q, k, v, lse, delta, u, tau, end, lists, topk, window, gate, scale)
     dk, dv, du = band_pass(do, q, k, v, lse, delta, u, tau, start, end, scratch, window, gate, scale)
     return dq, dk, dv, du, dtau
 

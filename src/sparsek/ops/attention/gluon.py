@@ -10,6 +10,9 @@ forward reaches 74 TF/s.
 `fused_forward_gluon` has the signature of `fused.fused_forward`, so the tests compare the two directly.
 The dq pass (`dq_pass_gluon`, 2026-12-06, H100) equals the `tl` one (`fused.dq_pass`) in the same tests and
 runs 1.27-1.32x faster; the backward takes it with the Gluon forward (`fused.GLUON_DQ`).
+The list pass (`list_pass_gluon`) is a first version, off (`fused.GLUON_LIST`): on an H100 it equalled the `tl`
+list pass in 6 of 8 test cases; the other two did not compile before GROUP was kept from being specialised,
+and that change, like its speed, has not run on a GPU.
 
 Same contract as `kernels.sparsek_fwd_kernel` (see that module's docstring): query block [i0, i0 + BLOCK_M) of
 one query head attends its list (the keys selected at i0) and then its band (i0 - w, i0 + BLOCK_M), with the
@@ -39,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from ..common import GATE_IDS, LOG2E, interpreting, tiles
-from .fused import empty_output, grouped_strides, on_sm90
+from .fused import empty_output, grouped_strides, list_pass_chunks, on_sm90
 
 PRODUCER_REGISTERS = gl.constexpr(48)  # per producer thread (addresses and copies): 40 spills at 64-key tiles
 SM90_SHARED_BYTES = 232448   # the most shared memory one program may opt into on sm_90 (227 KiB)
@@ -569,6 +572,225 @@ def sparsek_bwd_dq_gluon_kernel(
         ], [PRODUCER_WARPS], [PRODUCER_REGISTERS])
 
 
+@gluon.jit
+def _fill_list_step(ring, kv, st, n_steps, blk_hi, sources, slot0, b, hk, stride_qb, stride_qt, stride_qh,
+                    stride_ob, stride_ot, stride_oh, stride_kt, stride_vt, T, N_SLOTS, H_Q, GROUP,
+                    SUBS: gl.constexpr, LIST_BLOCK: gl.constexpr, SUB_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, ld: gl.constexpr, meta: gl.constexpr):
+    """Start the copies of list-pass step st into ring stage st % STAGES, as one commit group: the step's Q and
+    dO rows [SUB_M, D] and their lse, delta and tau; on the first step of a block also the block's K and V rows
+    (gathered by its list) and their keys' u and end, into the block's half of `kv`. A step past the last
+    copies nothing (every row masked)."""
+    q_ring, do_ring, lse_ring, delta_ring, tau_ring = ring
+    k_kv, v_kv, u_kv, end_kv = kv
+    LISTS_ROW, Q, DO, K_BASE, V_BASE, LSE, DELTA, U_ROW, END_ROW, TAU_ROW = sources
+    stage = st % STAGES
+    per_block = GROUP * SUBS
+    valid = st < n_steps
+    blk = blk_hi - 1 - st // per_block                   # blocks last first, as the tl pass walks them
+    hq = hk * GROUP + (st // SUBS) % GROUP
+    bh = (b * H_Q + hq).to(gl.int64)
+    first = blk * LIST_BLOCK + (st % SUBS) * SUB_M
+    rows = first + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, ld))
+    ok = (rows < T) & valid
+    _copy_rows(q_ring.index(stage), Q + b.to(gl.int64) * stride_qb + hq * stride_qh, rows, ok, stride_qt, HEAD_DIM,
+               ld)
+    _copy_rows(do_ring.index(stage), DO + b.to(gl.int64) * stride_ob + hq * stride_oh, rows, ok, stride_ot,
+               HEAD_DIM, ld)
+    rows_m = first + gl.arange(0, SUB_M, layout=meta)
+    ok_m = (rows_m < T) & valid
+    rows_m = gl.where(ok_m, rows_m, 0)
+    async_copy.async_copy_global_to_shared(lse_ring.index(stage), LSE + bh * T + rows_m, mask=ok_m)
+    async_copy.async_copy_global_to_shared(delta_ring.index(stage), DELTA + bh * T + rows_m, mask=ok_m)
+    async_copy.async_copy_global_to_shared(tau_ring.index(stage), TAU_ROW + rows_m, mask=ok_m)
+    if valid & (st % per_block == 0):
+        half = (st // per_block) % 2
+        slots = slot0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+        keys = gl.load(LISTS_ROW + blk.to(gl.int64) * N_SLOTS + slots, mask=slots < N_SLOTS, other=-1)
+        _copy_rows(k_kv.index(half), K_BASE, keys, keys >= 0, stride_kt, HEAD_DIM, ld)
+        _copy_rows(v_kv.index(half), V_BASE, keys, keys >= 0, stride_vt, HEAD_DIM, ld)
+        slots_m = slot0 + gl.arange(0, BLOCK_N, layout=meta)
+        keys_m = gl.load(LISTS_ROW + blk.to(gl.int64) * N_SLOTS + slots_m, mask=slots_m < N_SLOTS, other=-1)
+        listed = keys_m >= 0
+        keys_m = gl.where(listed, keys_m, 0)
+        async_copy.async_copy_global_to_shared(u_kv.index(half), U_ROW + keys_m, mask=listed)
+        async_copy.async_copy_global_to_shared(end_kv.index(half), END_ROW + keys_m, mask=listed)  # 0: empty slot
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _list_tile(s_t, dp_t, kv, half, stage, ring, offs_q, du, scale, qk_scale2, GATE: gl.constexpr):
+    """One step's factors from S^T = K Q^T and dP^T = V dO^T [BLOCK_N keys, SUB_M queries] (float32): P^T times
+    the mask (the factor of dV = P^T dO), dS^T (of dK = dS^T Q), and du plus the step's mask gradients over the
+    keys' fractional pairs, as `kernels._bwd_tile` with KEYS_AS_ROWS. Query i keeps listed key j while
+    i < end_j, with weight clip(u_j - tau_i, 0, 1)."""
+    _, _, lse_ring, delta_ring, tau_ring = ring
+    _, _, u_kv, end_kv = kv
+    rows: gl.constexpr = gl.SliceLayout(1, s_t.type.layout)
+    cols: gl.constexpr = gl.SliceLayout(0, s_t.type.layout)
+    u_j = gl.expand_dims(u_kv.index(half).load(rows), 1)
+    end_j = gl.expand_dims(end_kv.index(half).load(rows), 1)
+    tau = gl.expand_dims(tau_ring.index(stage).load(cols), 0)
+    lse2 = gl.expand_dims(lse_ring.index(stage).load(cols), 0)
+    delta = gl.expand_dims(delta_ring.index(stage).load(cols), 0)
+    weight = gl.where(gl.expand_dims(offs_q, 0) < end_j, gl.minimum(gl.maximum(u_j - tau, 0.0), 1.0), -1.0)
+    if GATE == 0:
+        p = gl.exp2(s_t * (weight * qk_scale2) - lse2)
+    else:
+        p = gl.exp2(s_t * qk_scale2 - lse2)
+    p = gl.where(weight >= 0.0, p, 0.0)
+    if GATE == 2:
+        pw = p
+        ds = p * (dp_t - delta) * scale
+    else:
+        dlogit = p * (weight * dp_t - delta)
+        pw = p * weight
+        if GATE == 0:
+            ds = dlogit * (weight * scale)
+            dm = p * dp_t + dlogit * scale * s_t
+        else:
+            ds = dlogit * scale
+            dm = p * dp_t
+        du += gl.sum(gl.where((weight > 0.0) & (weight < 1.0), dm, 0.0), 1)
+    return pw, ds, du
+
+
+@gluon.jit
+def _flush_list_slots(DK, DV, DU, keys, dk, dv, du, flush, dkv_base, du_base, stride_kt, HEAD_DIM: gl.constexpr,
+                      ATOMIC: gl.constexpr):
+    """`kernels._flush_slots` on wgmma accumulators: the sums dk, dv [BLOCK_N, D] and du [BLOCK_N] of the slots
+    in `flush` go to their keys' rows of the float32 scratch (atomic adds when programs share a slot tile)."""
+    acc: gl.constexpr = dk.type.layout
+    rows = gl.convert_layout(gl.where(flush, keys, 0).to(gl.int64), gl.SliceLayout(1, acc))
+    mask = gl.expand_dims(gl.convert_layout(flush, gl.SliceLayout(1, acc)), 1)
+    offs = dkv_base + gl.expand_dims(rows, 1) * stride_kt + gl.expand_dims(gl.arange(0, HEAD_DIM,
+                                                                                      layout=gl.SliceLayout(0, acc)), 0)
+    du_rows = gl.where(flush, keys, 0).to(gl.int64)
+    if ATOMIC:
+        gl.atomic_add(DK + offs, dk, mask=mask, sem="relaxed")
+        gl.atomic_add(DV + offs, dv, mask=mask, sem="relaxed")
+        gl.atomic_add(DU + du_base + du_rows, du, mask=flush, sem="relaxed")
+    else:
+        gl.store(DK + offs, dk, mask=mask)
+        gl.store(DV + offs, dv, mask=mask)
+        gl.store(DU + du_base + du_rows, du, mask=flush)
+
+
+# GROUP stays a runtime value: specialised to the constant 1 (one query head per KV head), the kernel fails an
+# assertion in Triton 3.6's ConvertTritonGPUToLLVM with 32-query steps (compile-only on sm_90; the same kernel
+# with GROUP = 1 as a runtime value compiles, and 64-query steps compile either way).
+@gluon.jit(do_not_specialize=["GROUP"])
+def sparsek_bwd_list_gluon_kernel(
+    Q, K, V, U, TAU, END, LISTS, DO, LSE, DELTA, DK, DV, DU,
+    q_strides, k_strides, v_strides, o_strides,
+    T, N_SLOTS, N_BLOCKS, BLOCKS_PER_PROGRAM, WINDOW, H_Q, GROUP, scale,
+    GATE: gl.constexpr, LIST_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, SUB_M: gl.constexpr,
+    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, ATOMIC: gl.constexpr,
+):
+    """The list pass of `kernels.sparsek_bwd_list_kernel` (same grid, scratch and flushes): BLOCK_N slots of one
+    selection row walk its list blocks, last first, as a sequence of steps (block, query head of the group,
+    SUB_M queries of the block). Each step's Q and dO rows stream through a ring of STAGES shared-memory
+    stages by cp.async, STAGES - 1 steps ahead; each block's K and V rows, gathered by its list, fill one half
+    of a double buffer with the block's first step. Keys are the wgmma rows: S^T = K Q^T and dP^T = V dO^T,
+    then dV += (P^T m) dO and dK += dS^T Q, accumulated in registers while a slot holds the same key."""
+    stride_qb, stride_qt, stride_qh = q_strides
+    stride_kb, stride_kt, stride_kh = k_strides
+    stride_vb, stride_vt, stride_vh = v_strides
+    stride_ob, stride_ot, stride_oh = o_strides
+    dtype: gl.constexpr = Q.dtype.element_ty
+    SUBS: gl.constexpr = LIST_BLOCK // SUB_M
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, SUB_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1], [1, 0])
+    meta: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    keys_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    pid_s = gl.program_id(0)
+    pid_r = gl.program_id(1)
+    pid_c = gl.program_id(2)
+    h_k = H_Q // GROUP
+    b = pid_r // h_k
+    hk = pid_r % h_k
+    slot0 = pid_s * BLOCK_N
+    k_base = K + b.to(gl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(gl.int64) * stride_vb + hk * stride_vh
+    dkv_base = b.to(gl.int64) * stride_kb + hk * stride_kh
+    du_base = pid_r.to(gl.int64) * T
+    lists_row = LISTS + pid_r.to(gl.int64) * N_BLOCKS * N_SLOTS
+    blk_lo = pid_c * BLOCKS_PER_PROGRAM
+    blk_hi = gl.minimum(blk_lo + BLOCKS_PER_PROGRAM, N_BLOCKS)
+    blk_lo = gl.maximum(blk_lo, gl.cdiv(slot0 + WINDOW, LIST_BLOCK))   # lists still empty in these slots
+    n_steps = gl.maximum(blk_hi - blk_lo, 0) * (GROUP * SUBS)
+
+    row_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([SUB_M, HEAD_DIM], dtype)
+    kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    vec_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    ring = (gl.allocate_shared_memory(dtype, [STAGES, SUB_M, HEAD_DIM], row_sl),
+            gl.allocate_shared_memory(dtype, [STAGES, SUB_M, HEAD_DIM], row_sl),
+            gl.allocate_shared_memory(gl.float32, [STAGES, SUB_M], vec_sl),
+            gl.allocate_shared_memory(gl.float32, [STAGES, SUB_M], vec_sl),
+            gl.allocate_shared_memory(gl.float32, [STAGES, SUB_M], vec_sl))
+    kv = (gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_sl),
+          gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_sl),
+          gl.allocate_shared_memory(gl.float32, [2, BLOCK_N], vec_sl),
+          gl.allocate_shared_memory(gl.int32, [2, BLOCK_N], vec_sl))
+    sources = (lists_row, Q, DO, k_base, v_base, LSE, DELTA, U + du_base, END + du_base, TAU + du_base)
+    for p in gl.static_range(STAGES - 1):
+        _fill_list_step(ring, kv, p, n_steps, blk_hi, sources, slot0, b, hk, stride_qb, stride_qt, stride_qh,
+                        stride_ob, stride_ot, stride_oh, stride_kt, stride_vt, T, N_SLOTS, H_Q, GROUP, SUBS,
+                        LIST_BLOCK, SUB_M, BLOCK_N, HEAD_DIM, STAGES, ld, meta)
+
+    qk_scale2 = (scale * 1.4426950408889634).to(gl.float32)   # log2(e): the softmax runs in base 2
+    scale = scale.to(gl.float32)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=acc_layout)
+    du = gl.zeros([BLOCK_N], gl.float32, layout=keys_layout)
+    held = gl.full([BLOCK_N], -1, gl.int32, layout=keys_layout)   # the key each slot accumulates for
+    s_zero = gl.zeros([BLOCK_N, SUB_M], gl.float32, layout=s_layout)
+    slots = slot0 + gl.arange(0, BLOCK_N, layout=keys_layout)
+    for st in range(0, n_steps):
+        stage = st % STAGES
+        block_step = st // (GROUP * SUBS)
+        half = block_step % 2
+        blk = blk_hi - 1 - block_step
+        if st % (GROUP * SUBS) == 0:                   # a new block: flush the slots whose key changes
+            keys = gl.load(lists_row + blk.to(gl.int64) * N_SLOTS + slots, mask=slots < N_SLOTS, other=-1)
+            changed = keys != held
+            _flush_list_slots(DK, DV, DU, held, dk, dv, du, changed & (held >= 0), dkv_base, du_base, stride_kt,
+                              HEAD_DIM, ATOMIC)
+            zero = gl.expand_dims(gl.convert_layout(changed, gl.SliceLayout(1, acc_layout)), 1)
+            dk = gl.where(zero, 0.0, dk)
+            dv = gl.where(zero, 0.0, dv)
+            du = gl.where(changed, 0.0, du)
+            held = keys
+        async_copy.wait_group(STAGES - 2)              # step st has landed (groups up to st + STAGES - 2 issued)
+        _tile_landed()
+        q_t = ring[0].index(stage)
+        do_t = ring[1].index(stage)
+        k_t = kv[0].index(half)
+        v_t = kv[1].index(half)
+        s_t = warpgroup_mma(k_t, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v_t, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s_t, dp_t, _, _, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, dp_t, k_t, v_t, q_t, do_t))
+        first = blk * LIST_BLOCK + (st % SUBS) * SUB_M
+        offs_q = first + gl.arange(0, SUB_M, layout=gl.SliceLayout(0, s_layout))
+        pw, ds, du = _list_tile(s_t, dp_t, kv, half, stage, ring, offs_q, du, scale, qk_scale2, GATE)
+        pw16 = gl.convert_layout(pw.to(dtype), op_layout)
+        ds16 = gl.convert_layout(ds.to(dtype), op_layout)
+        dv = warpgroup_mma(pw16, do_t, dv, is_async=True)
+        dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
+        dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, q_t, do_t))
+        gl.thread_barrier()                            # no warp still reads stage `stage`: refill it
+        _fill_list_step(ring, kv, st + STAGES - 1, n_steps, blk_hi, sources, slot0, b, hk, stride_qb, stride_qt,
+                        stride_qh, stride_ob, stride_ot, stride_oh, stride_kt, stride_vt, T, N_SLOTS, H_Q, GROUP,
+                        SUBS, LIST_BLOCK, SUB_M, BLOCK_N, HEAD_DIM, STAGES, ld, meta)
+    async_copy.wait_group(0)                           # no copy may outlive the kernel's shared memory
+    _flush_list_slots(DK, DV, DU, held, dk, dv, du, held >= 0, dkv_base, du_base, stride_kt, HEAD_DIM, ATOMIC)
+
+
 def cannot_run(q: Tensor, *others: Tensor) -> str | None:
     """Why the Gluon forward cannot run on q [B, T, Hq, D] (and `others`, such as k and v), or None when it
     can: Triton 3.6, an sm_90 GPU, bf16 or fp16, head dim 64, 128 or 256, the forward's query blocks a multiple of
@@ -615,6 +837,53 @@ def dq_pass_gluon(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         LIST_BLOCK=block_m, BLOCK_M=rows, BLOCK_N=keys_per_tile, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
         PRODUCER_WARPS=producer_warps, num_warps=warps, **({"maxnreg": 128} if producer_warps and rows == 64 else {}))
     return dq, dtau, delta
+
+
+def list_pass_gluon(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, u: Tensor, tau: Tensor,
+                    end: Tensor, lists: Tensor, topk: int, window: int, gate: str, scale: float,
+                    **config) -> tuple[Tensor, Tensor, Tensor]:
+    """`fused.list_pass` through the Gluon kernel: float32 dk, dv (shape of k) and du [R, T] of the pairs in the
+    block lists, written only in the rows of listed keys (same grid and scratch). config overrides
+    `tiles.gluon_list`: slots (keys per program: 64 or 128), rows (queries per step: 32 or 64) and stages."""
+    batch, t_len, n_q_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    do = do.contiguous()
+    problem = cannot_run(q, k, v, do)
+    if problem is not None:
+        raise ValueError(f"the Gluon list pass cannot run: {problem}")
+    if topk == 0:                       # no key is listed and the band pass reads no scratch row
+        empty = torch.empty(1, dtype=torch.float32, device=k.device)
+        return empty, empty, empty
+    block_m = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
+    settings = tiles.gluon_list(tiles.target(q.device), head_dim)
+    if settings is None:
+        raise ValueError(f"the Gluon list pass has no config at head dim {head_dim}")
+    if not set(config) <= set(settings):
+        raise ValueError(f"unknown Gluon list settings {sorted(set(config) - set(settings))}")
+    settings.update(config)
+    slots, rows, stages = settings["slots"], settings["rows"], settings["stages"]
+    group = n_q_heads // n_kv_heads
+    if slots not in (64, 128) or rows not in (32, 64) or stages < 2 or stages - 1 > group * (block_m // rows):
+        raise ValueError(f"need slots 64 or 128, rows 32 or 64 and 2 <= stages <= 1 + steps per block, got "
+                         f"{slots}, {rows}, {stages}")
+    needed = 2 * 2 * slots * head_dim * 2 + stages * 2 * rows * head_dim * 2 + 2 * 8 * slots + 3 * 4 * stages * rows
+    if needed > SM90_SHARED_BYTES:
+        raise ValueError(f"slots {slots}, rows {rows} and {stages} stages need {needed} bytes of shared memory at "
+                         f"D = {head_dim}; sm_90 gives a program at most {SM90_SHARED_BYTES}")
+    n_blocks, n_slots = lists.shape[1], lists.shape[2]
+    slot_tiles = triton.cdiv(n_slots, slots)
+    # the tl pass's split of the blocks between programs
+    chunks, blocks_per_program = list_pass_chunks(n_blocks, slot_tiles * batch * n_kv_heads, tiles.sm_count(q.device))
+    scratch = torch.zeros if chunks > 1 else empty_output
+    dk_list, dv_list = (scratch(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))
+    du_list = scratch((batch * n_kv_heads, t_len), dtype=torch.float32, device=k.device)
+    warps = slots // 16
+    sparsek_bwd_list_gluon_kernel[(slot_tiles, batch * n_kv_heads, chunks)](
+        q, k, v, u, tau, end, lists, do, lse, delta, dk_list, dv_list, du_list, *grouped_strides(q, k, v, do),
+        t_len, n_slots, n_blocks, blocks_per_program, window, n_q_heads, group, scale, GATE=GATE_IDS[gate],
+        LIST_BLOCK=block_m, BLOCK_N=slots, SUB_M=rows, HEAD_DIM=head_dim, STAGES=stages, NUM_WARPS=warps,
+        ATOMIC=chunks > 1, num_warps=warps)
+    return dk_list, dv_list, du_list
 
 
 def shared_bytes(keys_per_tile: int, stages: int, rows: int, head_dim: int, row_tiles: int = 1) -> int:

@@ -90,6 +90,17 @@ def gluon_dq(target: Target, head_dim: int) -> dict:
     return dict(keys_per_tile=64, stages=3, rows=None, producer_warps=4)
 
 
+def gluon_list(target: Target, head_dim: int) -> dict | None:
+    """The Gluon list pass's config on sm_90 (`gluon.list_pass_gluon`): slots per program (the keys of its
+    wgmma rows, 16 per warp), query rows per step and ring stages; None where it has none (head dim 256: its
+    dK and dV accumulators spill, 5 KB per thread at 64 slots and 32 rows, ptxas)."""
+    if head_dim > 128:
+        return None
+    # ptxas (sm_90a): 128 slots with 64 rows per step spill 0.8 KB; 32 rows and 3 stages none (255 registers,
+    # 176 KB of shared memory). Not yet timed on a GPU.
+    return dict(slots=128, rows=32, stages=3)
+
+
 def backward(target: Target, head_dim: int, group: int) -> dict[str, dict]:
     """Tiles of the dq, band and list passes for `group` query heads per KV head. The list pass walks the
     forward's list blocks (its BLOCK_M is the forward's), which fix which (query, key) pairs belong to the band
