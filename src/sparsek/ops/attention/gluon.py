@@ -397,33 +397,46 @@ def sparsek_fwd_gluon_kernel(
 
 
 @gluon.jit
-def _dq_tile(s, dp, ring, stage, is_list, inside, offs_m, tau, lse2, delta, WINDOW, scale, qk_scale2,
-             GATE: gl.constexpr, band_keys=None):
-    """One tile of the dq pass, from its scores s = Q K^T and dp = dO V^T [BLOCK_M, BLOCK_N] (float32): dS, the
-    factor of dq = dS K, and the tile's share of dtau [BLOCK_M] (-sum of dm over its fractional keys), as
-    `kernels._bwd_tile` computes them. A fractional key is one whose weight lies strictly between 0 and 1:
-    only a selected key can be one (a key in the window weighs 1)."""
-    weight = _tile_weight(s, ring, stage, is_list, inside, offs_m, tau, WINDOW, band_keys)
-    lse2 = gl.expand_dims(lse2, 1)
-    delta = gl.expand_dims(delta, 1)
+def _softmax_grad(s, dp, weight, lse2, delta, scale, qk_scale2, GATE: gl.constexpr):
+    """The recomputed softmax of one tile and its gradients, as `kernels._bwd_tile`: from the scores s = Q K^T,
+    dp = dO V^T and the mask weight (-1: not allowed), all float32 of one shape in either orientation (queries
+    or keys as rows), with lse2 and delta broadcast to it -> (p m, the factor of dV; dS, of dQ and dK; dm, the
+    gradient of the mask, unused for gate "none")."""
     if GATE == 0:
         p = gl.exp2(s * (weight * qk_scale2) - lse2)
     else:
         p = gl.exp2(s * qk_scale2 - lse2)
     p = gl.where(weight >= 0.0, p, 0.0)                   # where, not a product: exp2 may overflow off the mask
     if GATE == 2:                                          # a hard selection: no mask factors, no dm
+        pw = p
         ds = p * (dp - delta) * scale
-        dtau = gl.zeros_like(tau)
+        dm = p
     else:
         dlogit = p * (weight * dp - delta)
+        pw = p * weight
         if GATE == 0:
             ds = dlogit * (weight * scale)
             dm = p * dp + dlogit * scale * s
         else:
             ds = dlogit * scale
             dm = p * dp
-        fractional = (weight > 0.0) & (weight < 1.0)
-        dtau = -gl.sum(gl.where(fractional, dm, 0.0), 1)
+    return pw, ds, dm
+
+
+@gluon.jit
+def _dq_tile(s, dp, ring, stage, is_list, inside, offs_m, tau, lse2, delta, WINDOW, scale, qk_scale2,
+             GATE: gl.constexpr, band_keys=None):
+    """One tile of the dq pass, from its scores s = Q K^T and dp = dO V^T [BLOCK_M, BLOCK_N] (float32): dS, the
+    factor of dq = dS K, and the tile's share of dtau [BLOCK_M] (-sum of dm over its fractional keys). A
+    fractional key is one whose weight lies strictly between 0 and 1: only a selected key can be one (a key in
+    the window weighs 1)."""
+    weight = _tile_weight(s, ring, stage, is_list, inside, offs_m, tau, WINDOW, band_keys)
+    _, ds, dm = _softmax_grad(s, dp, weight, gl.expand_dims(lse2, 1), gl.expand_dims(delta, 1), scale, qk_scale2,
+                              GATE)
+    if GATE == 2:
+        dtau = gl.zeros_like(tau)
+    else:
+        dtau = -gl.sum(gl.where((weight > 0.0) & (weight < 1.0), dm, 0.0), 1)
     return ds, dtau
 
 
@@ -634,23 +647,8 @@ def _list_tile(s_t, dp_t, kv, half, stage, ring, offs_q, du, scale, qk_scale2, G
     lse2 = gl.expand_dims(lse_ring.index(stage).load(cols), 0)
     delta = gl.expand_dims(delta_ring.index(stage).load(cols), 0)
     weight = gl.where(gl.expand_dims(offs_q, 0) < end_j, gl.minimum(gl.maximum(u_j - tau, 0.0), 1.0), -1.0)
-    if GATE == 0:
-        p = gl.exp2(s_t * (weight * qk_scale2) - lse2)
-    else:
-        p = gl.exp2(s_t * qk_scale2 - lse2)
-    p = gl.where(weight >= 0.0, p, 0.0)
-    if GATE == 2:
-        pw = p
-        ds = p * (dp_t - delta) * scale
-    else:
-        dlogit = p * (weight * dp_t - delta)
-        pw = p * weight
-        if GATE == 0:
-            ds = dlogit * (weight * scale)
-            dm = p * dp_t + dlogit * scale * s_t
-        else:
-            ds = dlogit * scale
-            dm = p * dp_t
+    pw, ds, dm = _softmax_grad(s_t, dp_t, weight, lse2, delta, scale, qk_scale2, GATE)
+    if GATE != 2:
         du += gl.sum(gl.where((weight > 0.0) & (weight < 1.0), dm, 0.0), 1)
     return pw, ds, du
 
