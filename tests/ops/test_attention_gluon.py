@@ -141,6 +141,22 @@ def test_gluon_forward_compiles_for_sm90():
         assert (int(line[line.index("producer") + 1]) > 0) == (line[4] == "4")
 
 
+def _selected_inputs(batch, t_len, heads, head_dim, topk, window, dtype, seed):
+    """Random q, k, v and scores on the GPU (heads = (query, KV)) and their selection as the forward makes it:
+    (q, k, v, u, tau, start, end, lists, poison)."""
+    from sparsek.ops.attention import fused
+    from sparsek.ops.common import tiles
+
+    torch.manual_seed(seed)
+    n_q_heads, n_kv_heads = heads
+    q = torch.randn(batch, t_len, n_q_heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(batch, t_len, n_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    u = fused.score_rows(torch.randn(batch, t_len, n_kv_heads, device="cuda"))
+    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
+    return (q, k, v, u, *fused.forward_selection((u,), (topk, window, block)))
+
+
 def _gluon_runs_here() -> bool:
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return False
@@ -165,17 +181,8 @@ def _gluon_runs_here() -> bool:
 ])
 def test_gluon_forward_equals_the_tl_forward(t_len, heads, head_dim, gate, topk, window, dtype):
     from sparsek.ops.attention import fused, gluon
-    from sparsek.ops.common import tiles
 
-    torch.manual_seed(0)
-    n_q_heads, n_kv_heads = heads
-    q = torch.randn(2, t_len, n_q_heads, head_dim, device="cuda", dtype=dtype)
-    k = torch.randn(2, t_len, n_kv_heads, head_dim, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
-    u = fused.score_rows(torch.randn(2, t_len, n_kv_heads, device="cuda"))
-    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
-    tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
-    args = (q, k, v, u, tau, start, end, lists, poison, window, gate, head_dim ** -0.5)
+    args = (*_selected_inputs(2, t_len, heads, head_dim, topk, window, dtype, seed=0), window, gate, head_dim ** -0.5)
     o_tl, lse_tl = fused.fused_forward(*args)
     o_gl, lse_gl = gluon.fused_forward_gluon(*args)
     assert torch.isfinite(o_gl).all()
@@ -232,16 +239,9 @@ def test_gluon_tuning_configs_equal_the_tl_forward(keys, stages, rows, producer,
 ])
 def test_gluon_dq_pass_equals_the_tl_dq_pass(t_len, heads, head_dim, gate, topk, window, dtype, config):
     from sparsek.ops.attention import fused, gluon
-    from sparsek.ops.common import tiles
 
-    torch.manual_seed(3)
-    n_q_heads, n_kv_heads = heads
-    q = torch.randn(2, t_len, n_q_heads, head_dim, device="cuda", dtype=dtype)
-    k = torch.randn(2, t_len, n_kv_heads, head_dim, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
-    u = fused.score_rows(torch.randn(2, t_len, n_kv_heads, device="cuda"))
-    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
-    tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
+    q, k, v, u, tau, start, end, lists, poison = _selected_inputs(2, t_len, heads, head_dim, topk, window, dtype,
+                                                                  seed=3)
     scale = head_dim ** -0.5
     o, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
     do = torch.randn_like(q)
@@ -274,16 +274,10 @@ def test_gluon_dq_pass_equals_the_tl_dq_pass(t_len, heads, head_dim, gate, topk,
 ])
 def test_gluon_list_pass_equals_the_tl_list_pass(batch, t_len, heads, head_dim, gate, topk, window, config):
     from sparsek.ops.attention import fused, gluon
-    from sparsek.ops.common import tiles
 
-    torch.manual_seed(4)
-    n_q_heads, n_kv_heads = heads
-    q = torch.randn(batch, t_len, n_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(batch, t_len, n_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    u = fused.score_rows(torch.randn(batch, t_len, n_kv_heads, device="cuda"))
-    block = tiles.forward(tiles.target(q.device), head_dim)["BLOCK_M"]
-    tau, start, end, lists, poison = fused.forward_selection((u,), (topk, window, block))
+    q, k, v, u, tau, start, end, lists, poison = _selected_inputs(batch, t_len, heads, head_dim, topk, window,
+                                                                  torch.bfloat16, seed=4)
+    n_kv_heads = heads[1]
     scale = head_dim ** -0.5
     o, lse = fused.fused_forward(q, k, v, u, tau, start, end, lists, poison, window, gate, scale)
     do = torch.randn_like(q)
